@@ -1,0 +1,100 @@
+"""``sam-bench <command> [hydra overrides]``: a dispatcher in front of each command's @hydra.main.
+
+The command word is removed from ``sys.argv`` and the rest is left to Hydra, so overrides,
+``-m/--multirun``, ``--cfg job`` and ``--help`` all work as with any Hydra app.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+USAGE = """usage: sam-bench <command> [hydra overrides]
+
+commands:
+  train    train one model (or a sweep with -m); e.g.
+             sam-bench train model=wrn dataset=cifar100
+             sam-bench train -m optimizer=sgd,sam optimizer.rho=0.02,0.05
+  report   collect result.json files under the run roots and write tables to results/; e.g.
+             sam-bench report runs=[multirun] out=results
+
+`sam-bench <command> --help` lists the config groups and every key of the command.
+"""
+
+
+def _sanitize_dirname(overrides: str) -> str:
+    """Hydra's override_dirname as one safe path component ('defaults' when there are none)."""
+    return overrides.replace("/", "_").replace(" ", "") or "defaults"
+
+
+def _register() -> None:
+    from omegaconf import OmegaConf
+
+    from sam_bench.schema import register_configs
+
+    register_configs()
+    if not OmegaConf.has_resolver("run_dirname"):
+        OmegaConf.register_new_resolver("run_dirname", _sanitize_dirname)
+
+
+def _fail(message: str) -> None:
+    print(f"sam-bench: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def train() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from sam_bench.errors import SamBenchError
+    from sam_bench.paths import config_dir
+
+    _register()
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+    def _train(cfg) -> None:
+        from sam_bench.engine.trainer import fit
+
+        try:
+            fit(cfg, HydraConfig.get().runtime.output_dir)
+        except SamBenchError as e:
+            _fail(str(e))
+
+    _train()
+
+
+def report() -> None:
+    import hydra
+
+    from sam_bench.errors import SamBenchError
+    from sam_bench.paths import config_dir
+
+    _register()
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="report")
+    def _report(cfg) -> None:
+        from sam_bench.report import write_report
+
+        try:
+            table = write_report([str(r) for r in cfg.runs], cfg.out)
+        except SamBenchError as e:
+            _fail(str(e))
+        if cfg.print_table:
+            print(table)
+
+    _report()
+
+
+COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return
+    command = args[0]
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see sam-bench --help)")
+    sys.argv = [f"sam-bench {command}", *args[1:]]
+    COMMANDS[command]()

@@ -1,0 +1,80 @@
+"""Fashion-MNIST from torchvision's layout, Debian's package, or torchvision's download.
+
+Lookup order: ``<root>/FashionMNIST/raw/`` (torchvision's layout); else the gzip IDX files of a
+system directory (Debian's ``dataset-fashion-mnist`` installs them in
+``/usr/share/datasets/fashion-mnist``), extracted once into that layout; else torchvision's
+checksummed download. torchvision then reads the IDX files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+
+import torch
+from torchvision.datasets import FashionMNIST
+
+from sam_bench.errors import DataError
+
+_GZ_FILES = [name for name, _ in FashionMNIST.resources]
+
+
+def _raw_dir(root: str) -> str:
+    return os.path.join(root, "FashionMNIST", "raw")
+
+
+def _missing_raw(root: str) -> list[str]:
+    return [f for f in (os.path.splitext(g)[0] for g in _GZ_FILES) if not os.path.isfile(os.path.join(_raw_dir(root), f))]
+
+
+def _extract_from(system_dir: str, root: str) -> None:
+    """Decompress the four ``.gz`` files into torchvision's raw folder (atomic per file)."""
+    raw = _raw_dir(root)
+    os.makedirs(raw, exist_ok=True)
+    for gz in _GZ_FILES:
+        src, dst = os.path.join(system_dir, gz), os.path.join(raw, os.path.splitext(gz)[0])
+        fd, tmp = tempfile.mkstemp(dir=raw, prefix=".tmp-")
+        try:
+            with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(tmp, dst)
+        except (OSError, EOFError) as e:
+            os.unlink(tmp)
+            raise DataError(f"fashion_mnist: cannot decompress {src} ({e}); reinstall the package (apt-get install --reinstall dataset-fashion-mnist)") from e
+
+
+def load_fashion_mnist(root: str, system_dir: str | None, download: bool) -> tuple[torch.Tensor, ...]:
+    """Train and test images as uint8 (N, 1, 28, 28) and labels as int64."""
+    if _missing_raw(root):
+        if system_dir and all(os.path.isfile(os.path.join(system_dir, g)) for g in _GZ_FILES):
+            _extract_from(system_dir, root)
+        elif download:
+            try:
+                FashionMNIST(root, train=True, download=True)
+            except Exception as e:
+                raise DataError(
+                    f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))} and the download from "
+                    f"{FashionMNIST.mirrors[0]} failed ({type(e).__name__}: {e}). Install Debian's dataset-fashion-mnist "
+                    "(apt-get install dataset-fashion-mnist) or copy the gzip IDX files there."
+                ) from e
+        else:
+            raise DataError(
+                f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))}; install "
+                "dataset-fashion-mnist (apt-get) or run with dataset.download=true"
+            )
+    out: list[torch.Tensor] = []
+    for train in (True, False):
+        try:
+            ds = FashionMNIST(root, train=train, download=False)
+        except Exception as e:  # truncated / corrupt IDX file
+            split = "train" if train else "t10k"
+            raise DataError(
+                f"fashion_mnist: {os.path.abspath(_raw_dir(root))}/{split}-*-ubyte is unreadable ({type(e).__name__}: {e}); "
+                "delete the FashionMNIST folder to re-extract or re-download it"
+            ) from e
+        if ds.data.shape[1:] != (28, 28) or len(ds.data) != len(ds.targets):
+            raise DataError(f"fashion_mnist: {_raw_dir(root)} holds images of shape {tuple(ds.data.shape)}; expected (N, 28, 28) with one label each")
+        out += [ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64)]
+    return tuple(out)

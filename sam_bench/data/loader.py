@@ -1,0 +1,78 @@
+"""A GPU-resident loader: the whole uint8 dataset lives on the device, batches are gathered and
+augmented there (airbench style). Shuffling and augmentation draw from generators seeded by
+(seed, epoch, step), so any step of any epoch can be reproduced without saving RNG state.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from sam_bench.data.gpu_augment import flip_pad_crop, normalize
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (splitmix-style), stable across runs and platforms."""
+    h = 0
+    for k in keys:
+        h = ((h ^ (k + _MIX + (h << 6) + (h >> 2))) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+class DeviceLoader:
+    """Batches of normalised float images and labels from uint8 tensors already on ``device``."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        *,
+        train: bool,
+        augment: bool = False,
+        pad: int = 4,
+        seed: int = 0,
+        channels_last: bool = False,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.train, self.augment, self.pad, self.seed = train, augment, pad, seed
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=images.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.generator = torch.Generator(device=images.device)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        """Steps per epoch: training drops the last partial batch (as the official code)."""
+        n = self.num_examples
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.mean, self.std).contiguous(memory_format=self.memory_format)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the batches of ``epoch`` from ``start_step`` on (same batches on every call)."""
+        if not self.train:
+            for i in range(start_step, len(self)):
+                sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                yield self._prepare(self.images[sl]), self.labels[sl]
+            return
+        g = self.generator
+        g.manual_seed(derived_seed(self.seed, epoch))
+        order = torch.randperm(self.num_examples, device=self.images.device, generator=g)
+        for i in range(start_step, len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                g.manual_seed(derived_seed(self.seed, epoch, i + 1))
+                x = flip_pad_crop(x, self.pad, g)
+            yield self._prepare(x), self.labels[idx]

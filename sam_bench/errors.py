@@ -1,0 +1,17 @@
+"""Errors the CLI reports as one clear line (no traceback) with a non-zero exit."""
+
+
+class SamBenchError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+
+class ConfigError(SamBenchError, ValueError):
+    """A bad setting."""
+
+
+class DataError(SamBenchError):
+    """A dataset that is missing, corrupt or cannot be downloaded."""
+
+
+class CheckpointError(SamBenchError):
+    """A checkpoint that cannot be used to resume."""

@@ -1,0 +1,22 @@
+"""Where the config tree lives: the copy shipped inside the wheel, or the repository's conf/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra config tree.
+
+    An editable install or a source checkout uses the repository's top-level ``conf/``; a regular
+    wheel carries the same tree as ``sam_bench/conf`` (hatchling force-include).
+    """
+    for candidate in (_PACKAGE_DIR.parent / "conf", _PACKAGE_DIR / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"sam-bench config tree not found next to {_PACKAGE_DIR} (looked for conf/train.yaml); "
+        "reinstall the package with `pip install .`"
+    )

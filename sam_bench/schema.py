@@ -1,0 +1,204 @@
+"""Typed configs: Hydra validates every override against these dataclasses.
+
+A wrong type (``optimizer.rho=abc``), an unknown key (``optimizer.rhoo=0.1``) or a value outside an
+enum (``optimizer.bn=sometimes``) fails at composition with a message that names the key. Checks
+that relate several values (ρ ≥ 0, m divides the batch, ...) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from sam_bench.errors import ConfigError
+
+
+class Augment(str, Enum):
+    none = "none"
+    basic = "basic"  # flip + 4-px reflect pad + random crop, as the official code
+
+
+class WeightDecayMode(str, Enum):
+    loss = "loss"  # 0.5·wd·‖w‖² inside the loss: enters the ascent gradient (official code)
+    decoupled = "decoupled"  # weight decay of the base optimizer, applied in the descent only
+
+
+class BNMode(str, Enum):
+    clean = "clean"  # running statistics from the first (clean) pass only (official code)
+    both = "both"  # both passes update the running statistics
+    frozen = "frozen"  # BatchNorm in eval mode for both passes (finetuning)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # cifar10 | cifar100 | fashion_mnist | synthetic
+    root: str = "${data_root}"
+    num_classes: int = MISSING
+    in_chans: int = 3
+    image_size: int = 32
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
+    augment: Augment = Augment.basic
+    pad: int = 4  # padding (reflect) before the random crop
+    download: bool = True
+    train_subset: Optional[int] = None  # use the first N training images (quick runs)
+    test_subset: Optional[int] = None
+    # Fashion-MNIST: a directory of the gzip IDX files (Debian's dataset-fashion-mnist)
+    system_dir: Optional[str] = None
+    # synthetic only
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
+    data_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING  # a timm registry name, e.g. wide_resnet_cifar
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING  # sgd | sam ; sgd is SAM with rho = 0 (one pass per step)
+    rho: float = 0.05
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    weight_decay_mode: WeightDecayMode = WeightDecayMode.loss
+    grad_clip: Optional[float] = 5.0  # global-norm clip of the final gradient; null = none
+    bn: BNMode = BNMode.clean
+    rng_replay: bool = True  # dropout & co draw the same numbers in both passes
+    schedule: str = "cosine"  # cosine (per step, to 0) | constant
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 200
+    batch_size: int = 256
+    eval_batch_size: int = 1000
+    eval_every: int = 1  # evaluate on the test set every N epochs (and always after the last)
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    label_smoothing: float = 0.0
+    log_every_steps: int = 50
+    progress: bool = True  # tqdm bar, silent when stderr is not a TTY
+    checkpoint: bool = True  # full state every epoch (atomic), resumed on re-run
+    num_threads: Optional[int] = None  # CPU threads; null = torch's default
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    seed: int = 0
+    data_root: str = "data"
+    name: str = ""  # experiment name shown by the reporter (paper presets set it)
+
+
+@dataclass
+class ReportConfig:
+    runs: List[str] = field(default_factory=lambda: ["runs", "multirun"])
+    out: str = "results"
+    print_table: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="report_schema", node=ReportConfig)
+    cs.store(group="schema", name="dataset", node=DatasetConfig)
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="optimizer", node=OptimizerConfig)
+    cs.store(group="schema", name="trainer", node=TrainerConfig)
+
+
+# Keys that change where or how visibly a run executes, not what it computes: excluded from the
+# config hash (resume check) and from the reporter's grouping.
+NON_SEMANTIC_KEYS = (
+    "data_root",
+    "dataset.root",
+    "dataset.system_dir",
+    "dataset.download",
+    "trainer.device",
+    "trainer.progress",
+    "trainer.log_every_steps",
+    "trainer.num_threads",
+    "trainer.eval_batch_size",
+    "trainer.compile",
+    "trainer.checkpoint",
+)
+
+
+def semantic_config(config: dict, drop: tuple[str, ...] = NON_SEMANTIC_KEYS) -> dict:
+    """A copy of a plain config without the keys in ``drop`` (dotted paths)."""
+    out = copy.deepcopy(config)
+    for key in drop:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of the semantic config."""
+    blob = json.dumps(semantic_config(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def validate(cfg: Any) -> None:
+    """Checks that relate values or bound them; raises :class:`ConfigError` naming key and fix."""
+    opt, tr, ds = cfg.optimizer, cfg.trainer, cfg.dataset
+    if opt.name not in ("sgd", "sam"):
+        raise ConfigError(f"optimizer.name={opt.name!r} is unknown: use optimizer=sgd or optimizer=sam")
+    if opt.rho < 0:
+        raise ConfigError(f"optimizer.rho={opt.rho} is negative: rho is a radius, use a value >= 0 (paper grid: 0.01-0.5)")
+    if opt.lr <= 0:
+        raise ConfigError(f"optimizer.lr={opt.lr} must be > 0")
+    if opt.weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay={opt.weight_decay} must be >= 0")
+    if opt.grad_clip is not None and opt.grad_clip <= 0:
+        raise ConfigError(f"optimizer.grad_clip={opt.grad_clip} must be > 0, or null for no clipping")
+    if not 0 <= opt.momentum < 1:
+        raise ConfigError(f"optimizer.momentum={opt.momentum} must be in [0, 1)")
+    if opt.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optimizer.schedule={opt.schedule!r} is unknown: use cosine or constant")
+    if tr.epochs < 1:
+        raise ConfigError(f"trainer.epochs={tr.epochs} must be >= 1")
+    if tr.eval_every < 1:
+        raise ConfigError(f"trainer.eval_every={tr.eval_every} must be >= 1 (epochs between test evaluations)")
+    if tr.batch_size < 1 or tr.eval_batch_size < 1:
+        raise ConfigError("trainer.batch_size and trainer.eval_batch_size must be >= 1")
+    if not 0 <= tr.label_smoothing < 1:
+        raise ConfigError(f"trainer.label_smoothing={tr.label_smoothing} must be in [0, 1)")
+    if len(ds.mean) != ds.in_chans or len(ds.std) != ds.in_chans:
+        raise ConfigError(f"dataset.mean/std need {ds.in_chans} values (dataset.in_chans), got {len(ds.mean)}/{len(ds.std)}")

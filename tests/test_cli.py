@@ -1,0 +1,139 @@
+"""The CLI end to end in subprocesses: train, multirun, report, resume, bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sam_bench_cmd
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "dataset=synthetic",
+    "dataset.train_size=256",
+    "dataset.test_size=128",
+    "model=wrn",
+    "model.kwargs.depth=10",
+    "model.kwargs.width=1",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=64",
+    "trainer.epochs=2",
+    "trainer.progress=false",
+]
+
+
+def run(args, env, check=True, timeout=300):
+    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_help_lists_commands(cli_env):
+    out = run(["--help"], cli_env).stdout
+    assert "train" in out and "report" in out
+    hydra_help = run(["train", "--help"], cli_env).stdout
+    assert "optimizer: sam, sgd" in hydra_help and "dataset: cifar10, cifar100, fashion_mnist, synthetic" in hydra_help
+
+
+def test_cfg_job_prints_composed_config(cli_env):
+    out = run(["train", "--cfg", "job", "optimizer=sgd", "optimizer.lr=0.3"], cli_env).stdout
+    assert "name: sgd" in out and "lr: 0.3" in out and "rho: 0.0" in out
+
+
+def test_train_writes_result_and_artifacts(cli_env, tmp_path):
+    run(["train", *TINY, f"hydra.run.dir={tmp_path / 'one'}"], cli_env)
+    result = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert result["status"] == "complete" and result["epochs"] == 2 and result["steps"] == 16
+    assert 0 <= result["final_test_error"] <= 100
+    for key in ("config", "seed", "git_commit", "versions", "device", "wall_time_s", "images_per_s", "peak_memory_mb"):
+        assert key in result
+    assert result["config"]["optimizer"]["name"] == "sam" and result["device"] == "cpu"
+    lines = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert (tmp_path / "one" / "checkpoint.pt").exists() and any((tmp_path / "one" / "tb").iterdir())
+    # re-running a finished run does nothing and says so
+    again = run(["train", *TINY, f"hydra.run.dir={tmp_path / 'one'}"], cli_env)
+    assert "nothing to do" in again.stdout
+
+
+def test_multirun_sgd_and_sam_then_report(cli_env, tmp_path):
+    run(["train", "-m", *TINY, "trainer.epochs=1", "optimizer=sgd,sam", "optimizer.rho=0.1"], cli_env)
+    results = sorted((tmp_path / "multirun").rglob("result.json"))
+    assert len(results) == 2
+    by_name = {json.loads(p.read_text())["config"]["optimizer"]["name"]: json.loads(p.read_text()) for p in results}
+    assert by_name["sgd"]["config"]["optimizer"]["rho"] == 0.0  # SGD ignores rho
+    assert by_name["sam"]["config"]["optimizer"]["rho"] == 0.1
+    out_dir = tmp_path / "results"
+    rep = run(["report", f"runs=[{tmp_path / 'multirun'}]", f"out={out_dir}"], cli_env)
+    table = (out_dir / "summary.md").read_text()
+    assert table in rep.stdout + "\n" or "| synthetic |" in rep.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "synthetic" in line]
+    assert len(rows) == 2
+    assert any("| sgd | 0 |" in r for r in rows) and any("| sam | 0.1 |" in r for r in rows)
+    assert (out_dir / "summary.csv").read_text().count("\n") == 3
+
+
+def test_killed_run_resumes_to_the_same_result(cli_env, tmp_path):
+    args = [*TINY, "trainer.epochs=3", "dataset.train_size=512"]
+    run(["train", *args, f"hydra.run.dir={tmp_path / 'clean'}"], cli_env)
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen(sam_bench_cmd() + ["train", *args, f"hydra.run.dir={victim}"], env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (victim / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (victim / "result.json").exists(), "the run finished before it could be killed"
+    resumed = run(["train", *args, f"hydra.run.dir={victim}"], cli_env)
+    assert "resuming" in resumed.stdout
+    clean = json.loads((tmp_path / "clean" / "result.json").read_text())
+    again = json.loads((victim / "result.json").read_text())
+    assert again["final_test_error"] == clean["final_test_error"]
+    assert again["final_test_loss"] == clean["final_test_loss"]
+    assert [json.loads(x) ["train_loss"] for x in (victim / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["train_loss"] for x in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model=resnet9000", "Could not find 'model/resnet9000'"),
+        ("dataset=imagenet21k", "Could not find 'dataset/imagenet21k'"),
+        ("optimizer.rho=-0.1", "optimizer.rho=-0.1 is negative"),
+        ("optimizer.rho=abc", "Value 'abc' of type 'str' could not be converted to Float"),
+        ("optimizer.rhoo=0.1", "Key 'rhoo' not in 'OptimizerConfig'"),
+        ("trainer.batch_size=100000", "exceeds the 256 training images"),
+        ("trainer.device=cuda", "CUDA is not available"),
+    ],
+)
+def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, message):
+    if override == "trainer.device=cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is present")
+    proc = run(["train", *TINY, override, f"hydra.run.dir={tmp_path / 'bad'}"], cli_env, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_names_directory_file_and_url(cli_env, tmp_path):
+    proc = run(["train", "dataset=cifar10", "dataset.download=false", f"data_root={tmp_path / 'empty'}",
+                f"hydra.run.dir={tmp_path / 'bad'}"], cli_env, check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert str(tmp_path / "empty" / "cifar-10-batches-py" / "data_batch_1") in line
+    assert "cifar-10-python.tar.gz" in line and "Traceback" not in proc.stderr
+
+
+def test_unknown_command(cli_env):
+    proc = run(["trian"], cli_env, check=False)
+    assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr

@@ -1,0 +1,144 @@
+"""Loaders on files written in the real on-disk formats; the GPU-style batch augmentation."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import CIFAR10, CIFAR100
+
+from datafiles import patch_cifar_md5, write_cifar, write_fashion_mnist_gz
+from sam_bench.data import DeviceLoader
+from sam_bench.data.cifar import load_cifar
+from sam_bench.data.fashion_mnist import load_fashion_mnist
+from sam_bench.data.gpu_augment import flip_pad_crop, normalize
+from sam_bench.data.synthetic import make_synthetic
+from sam_bench.errors import DataError
+
+
+@pytest.mark.parametrize("name,cls", [("cifar10", CIFAR10), ("cifar100", CIFAR100)])
+def test_cifar_loader_reads_torchvision_format(tmp_path, monkeypatch, name, cls):
+    md5 = write_cifar(tmp_path, name)
+    patch_cifar_md5(monkeypatch, cls, md5)
+    train_x, train_y, test_x, test_y = load_cifar(name, str(tmp_path), download=False)
+    assert train_x.dtype == torch.uint8 and train_x.shape == (100, 3, 32, 32)
+    assert test_x.shape == (30, 3, 32, 32) and train_y.dtype == torch.int64
+    # pixel (r, g, b) of image 0 at row 1, col 2 equals the raw pickle's planes
+    first = "data_batch_1" if name == "cifar10" else "train"
+    raw = pickle.loads((tmp_path / cls.base_folder / first).read_bytes(), encoding="latin1")
+    row = raw["data"][0]
+    assert [int(train_x[0, c, 1, 2]) for c in range(3)] == [int(row[c * 1024 + 1 * 32 + 2]) for c in range(3)]
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    assert train_y[:5].tolist() == raw[label_key][:5]
+
+
+def test_cifar_missing_file_is_a_clear_error(tmp_path, monkeypatch):
+    md5 = write_cifar(tmp_path)
+    patch_cifar_md5(monkeypatch, CIFAR10, md5)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"data_batch_3 is missing.*cifar-10-python.tar.gz"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_cifar_corrupt_file_fails_its_checksum(tmp_path, monkeypatch):
+    md5 = write_cifar(tmp_path)
+    patch_cifar_md5(monkeypatch, CIFAR10, md5)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    with pytest.raises(DataError, match=r"test_batch fails its md5 checksum"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_fashion_mnist_from_system_gz_files(tmp_path):
+    arrays = write_fashion_mnist_gz(tmp_path / "system")
+    train_x, train_y, test_x, test_y = load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
+    assert train_x.shape == (64, 1, 28, 28) and train_x.dtype == torch.uint8
+    assert np.array_equal(train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(test_y.numpy(), arrays["t10k-labels-idx1-ubyte"].astype(np.int64))
+    assert (tmp_path / "root" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # torchvision's layout
+
+
+def test_fashion_mnist_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte is missing.*dataset-fashion-mnist"):
+        load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "nowhere"), download=False)
+
+
+def test_fashion_mnist_truncated_file_is_a_clear_error(tmp_path):
+    write_fashion_mnist_gz(tmp_path / "system")
+    load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
+    raw = tmp_path / "root" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"t10k-\*-ubyte is unreadable"):
+        load_fashion_mnist(str(tmp_path / "root"), None, download=False)
+
+
+def test_synthetic_is_seeded_and_learnable_shape():
+    a = make_synthetic(64, 16, 10, 3, 32, seed=3)
+    b = make_synthetic(64, 16, 10, 3, 32, seed=3)
+    c = make_synthetic(64, 16, 10, 3, 32, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert a[0].dtype == torch.uint8 and a[0].shape == (64, 3, 32, 32)
+    # class means differ far more than noise: nearest-class-mean on train separates test well
+    x, y, tx, ty = make_synthetic(2000, 500, 10, 3, 32, seed=0)
+    means = torch.stack([x[y == k].float().mean(0) for k in range(10)])
+    pred = torch.cdist(tx.float().flatten(1), means.flatten(1)).argmin(1)
+    assert (pred == ty).float().mean() > 0.9
+
+
+def reference_flip_pad_crop(img: torch.Tensor, flip: bool, dy: int, dx: int, pad: int) -> torch.Tensor:
+    """One image, the slow obvious way: flip, reflect-pad, crop."""
+    if flip:
+        img = img.flip(-1)
+    padded = F.pad(img.float()[None], (pad, pad, pad, pad), mode="reflect")[0]
+    h, w = img.shape[-2:]
+    return padded[:, pad + dy : pad + dy + h, pad + dx : pad + dx + w].to(img.dtype)
+
+
+def test_flip_pad_crop_equals_per_image_reference():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    out = flip_pad_crop(images, 4, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # replay the same draws
+    dy = torch.randint(-4, 5, (32, 1), generator=g)
+    dx = torch.randint(-4, 5, (32, 1), generator=g)
+    flip = torch.rand((32, 1), generator=g) < 0.5
+    for i in range(32):
+        want = reference_flip_pad_crop(images[i], bool(flip[i]), int(dy[i]), int(dx[i]), 4)
+        assert torch.equal(out[i], want), i
+    assert 4 < int(flip.sum()) < 28 and len(set(dy.flatten().tolist())) > 3
+
+
+def test_flip_pad_crop_is_deterministic_per_seed():
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    a = flip_pad_crop(images, 4, torch.Generator().manual_seed(1))
+    b = flip_pad_crop(images, 4, torch.Generator().manual_seed(1))
+    c = flip_pad_crop(images, 4, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_normalize_matches_definition():
+    x = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    mean, std = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.25, 0.2])
+    want = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x, mean, std), want)
+
+
+def test_device_loader_epochs_are_reproducible_and_drop_last():
+    x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(50)
+    loader = DeviceLoader(x, y, 16, [0.5] * 3, [0.25] * 3, train=True, augment=True, pad=2, seed=7)
+    assert len(loader) == 3
+    e0 = list(loader.epoch(0))
+    again = list(loader.epoch(0))
+    e1 = list(loader.epoch(1))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e0, again))
+    assert not torch.equal(e0[0][1], e1[0][1])
+    labels = torch.cat([b[1] for b in e0])
+    assert len(labels) == 48 and len(set(labels.tolist())) == 48  # a permutation, last partial batch dropped
+    # resuming at step 2 yields exactly the remaining batch
+    tail = list(loader.epoch(0, start_step=2))
+    assert len(tail) == 1 and torch.equal(tail[0][0], e0[2][0])
+    test = DeviceLoader(x, y, 16, [0.5] * 3, [0.25] * 3, train=False)
+    assert len(test) == 4 and torch.equal(torch.cat([b[1] for b in test.epoch(0)]), y)

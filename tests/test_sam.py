@@ -1,0 +1,233 @@
+"""SAM against an independent float64 reference written from the paper / official code."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sam_bench.engine.step import train_step
+from sam_bench.optim import SAM, batchnorm_modules
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+LR, MOMENTUM, WD, RHO, EPS_BN = 0.1, 0.9, 5e-4, 0.05, 1e-5
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    ).double()
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+# ---- the reference: plain tensors, hand-written forward, hand-written Nesterov SGD ----------
+
+def ref_loss(w: list[torch.Tensor], x, y) -> torch.Tensor:
+    conv, gamma, beta, fc_w, fc_b = w
+    h = F.conv2d(x, conv, padding=1)
+    mean = h.mean(dim=(0, 2, 3), keepdim=True)
+    var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    h = (h - mean) / torch.sqrt(var + EPS_BN) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    h = torch.relu(h).mean(dim=(2, 3))
+    return F.cross_entropy(h @ fc_w.T + fc_b, y)
+
+
+def ref_grad(w, x, y, l2: float):
+    w = [t.detach().requires_grad_(True) for t in w]
+    loss = ref_loss(w, x, y) + 0.5 * l2 * sum((t * t).sum() for t in w)
+    return [g.detach() for g in torch.autograd.grad(loss, w)]
+
+
+def ref_sam_steps(w, steps: int, rho: float, mode: str, clip: float | None):
+    """Algorithm 1 of the paper with the official code's details, float64."""
+    w = [t.detach().clone() for t in w]
+    v = [torch.zeros_like(t) for t in w]
+    for s in range(steps):
+        x, y = batch(s)
+        l2 = WD if mode == "loss" else 0.0
+        if rho > 0:
+            g = ref_grad(w, x, y, l2)
+            norm = math.sqrt(sum(float((t * t).sum()) for t in g))
+            eps = [rho * t / norm for t in g]
+            g = ref_grad([a + e for a, e in zip(w, eps)], x, y, l2)
+        else:
+            g = ref_grad(w, x, y, l2)
+        if clip is not None:
+            norm = math.sqrt(sum(float((t * t).sum()) for t in g))
+            g = [t * min(1.0, clip / norm) for t in g]
+        if mode == "decoupled":
+            g = [t + WD * a for t, a in zip(g, w)]
+        for i in range(len(w)):  # Nesterov: v <- mu v + g ; w <- w - lr (g + mu v)
+            v[i] = MOMENTUM * v[i] + g[i]
+            w[i] = w[i] - LR * (g[i] + MOMENTUM * v[i])
+    return w
+
+
+def model_weights(model):
+    conv, bn, fc = model[0], model[1], model[5]
+    return [conv.weight, bn.weight, bn.bias, fc.weight, fc.bias]
+
+
+def run_optimizer(model, steps: int, rho: float, mode: str, clip: float | None):
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=WD, weight_decay_mode=mode,
+              grad_clip=clip, lr=LR, momentum=MOMENTUM, nesterov=True)
+    bn = batchnorm_modules(model)
+    for s in range(steps):
+        x, y = batch(s)
+        train_step(model, opt, x, y, F.cross_entropy, lambda: torch.autocast("cpu", enabled=False), bn)
+    return opt
+
+
+@pytest.mark.parametrize("mode", ["loss", "decoupled"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_sam_matches_float64_reference(mode, clip):
+    model = tiny_model()
+    expected = ref_sam_steps(model_weights(model), steps=4, rho=RHO, mode=mode, clip=clip)
+    run_optimizer(model, steps=4, rho=RHO, mode=mode, clip=clip)
+    for got, want in zip(model_weights(model), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-10)
+
+
+def test_clipping_is_active_in_the_clip_test():
+    """Guard for the test above: a 0.5 clip must actually change the trajectory."""
+    model = tiny_model()
+    a = ref_sam_steps(model_weights(model), 2, RHO, "loss", None)
+    b = ref_sam_steps(model_weights(model), 2, RHO, "loss", 0.5)
+    assert max(float((x - y).abs().max()) for x, y in zip(a, b)) > 1e-4
+
+
+def test_rho_zero_is_torch_sgd_bit_for_bit():
+    model_a, model_b = tiny_model(), tiny_model()
+    sam = SAM(model_a.parameters(), torch.optim.SGD, rho=0.0, weight_decay=WD, lr=LR, momentum=MOMENTUM, nesterov=True)
+    sgd = torch.optim.SGD(model_b.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
+    assert not sam.two_pass
+    for s in range(5):
+        x, y = batch(s)
+        train_step(model_a, sam, x, y, F.cross_entropy, lambda: torch.autocast("cpu", enabled=False))
+        sgd.zero_grad()
+        F.cross_entropy(model_b(x), y).backward()
+        sgd.step()
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_rho_zero_matches_reference_sgd():
+    model = tiny_model()
+    expected = ref_sam_steps(model_weights(model), steps=3, rho=0.0, mode="loss", clip=5.0)
+    run_optimizer(model, steps=3, rho=0.0, mode="loss", clip=5.0)
+    for got, want in zip(model_weights(model), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-12)
+
+
+def test_bn_running_stats_come_from_the_clean_pass_only():
+    model = tiny_model()
+    clean = copy.deepcopy(model).train()
+    x, y = batch(0)
+    clean(x)  # the clean pass alone
+    run_optimizer(model, steps=1, rho=RHO, mode="loss", clip=None)
+    bn, ref = model[1], clean[1]
+    assert torch.equal(bn.running_mean, ref.running_mean)
+    assert torch.equal(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+    assert bn.track_running_stats  # restored after the perturbed pass
+
+
+def test_zero_gradient_gives_zero_perturbation_not_nan():
+    p = nn.Parameter(torch.ones(3))
+    opt = SAM([p], torch.optim.SGD, rho=0.05, lr=0.1)
+    p.grad = torch.zeros(3)
+    opt.first_step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    p.grad = torch.zeros(3)
+    opt.second_step()
+    assert torch.isfinite(p).all()
+
+
+def test_weights_restored_exactly_before_the_base_step():
+    p = nn.Parameter(torch.tensor([0.3, -1.7, 2.2]))
+    w0 = p.detach().clone()
+    opt = SAM([p], torch.optim.SGD, rho=0.5, lr=0.0)  # lr 0: the step must leave w unchanged
+    p.grad = torch.tensor([1.0, 2.0, -0.5])
+    opt.first_step(zero_grad=True)
+    assert not torch.equal(p.detach(), w0)
+    p.grad = torch.tensor([0.1, 0.1, 0.1])
+    opt.second_step()
+    assert torch.equal(p.detach(), w0)
+
+
+def test_perturbation_has_norm_rho_over_all_parameters():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    opt = SAM([{"params": [a]}, {"params": [b]}], torch.optim.SGD, rho=0.2, lr=0.1)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
+    opt.first_step()
+    assert torch.allclose(a.detach(), torch.tensor([0.12, 0.0]))
+    assert torch.allclose(b.detach(), torch.tensor([0.0, 0.16, 0.0]))
+
+
+def test_state_dict_carries_momentum_and_resumes_identically():
+    model_a = tiny_model()
+    opt_a = run_optimizer(model_a, steps=2, rho=RHO, mode="loss", clip=5.0)
+    sd = copy.deepcopy(opt_a.state_dict())
+    assert any("momentum_buffer" in s for s in sd["base_optimizer"]["state"].values())
+    model_b = copy.deepcopy(model_a)
+    opt_b = SAM(model_b.parameters(), torch.optim.SGD, rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    opt_b.load_state_dict(sd)
+    for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+        x, y = batch(7)
+        train_step(model, opt, x, y, F.cross_entropy, lambda: torch.autocast("cpu", enabled=False), batchnorm_modules(model))
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_param_groups_are_shared_with_the_base_optimizer():
+    p = nn.Parameter(torch.ones(2))
+    opt = SAM([p], torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.param_groups[0]["lr"] = 0.01
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_step_with_closure_equals_first_and_second_step():
+    model_a, model_b = tiny_model(), tiny_model()
+    kw = dict(rho=RHO, weight_decay=WD, lr=LR, momentum=MOMENTUM, nesterov=True)
+    opt_a = SAM(model_a.parameters(), torch.optim.SGD, **kw)
+    opt_b = SAM(model_b.parameters(), torch.optim.SGD, **kw)
+    x, y = batch(0)
+    F.cross_entropy(model_a(x), y).backward()
+    opt_a.step(lambda: F.cross_entropy(model_a(x), y).backward())
+    F.cross_entropy(model_b(x), y).backward()
+    opt_b.first_step(zero_grad=True)
+    F.cross_entropy(model_b(x), y).backward()
+    opt_b.second_step(zero_grad=True)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_arguments_are_rejected():
+    p = [nn.Parameter(torch.ones(1))]
+    with pytest.raises(ValueError, match="rho"):
+        SAM(p, torch.optim.SGD, rho=-0.1, lr=0.1)
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        SAM(p, torch.optim.SGD, weight_decay_mode="sometimes", lr=0.1)
+    with pytest.raises(ValueError, match="closure"):
+        SAM(p, torch.optim.SGD, rho=0.1, lr=0.1).step()
