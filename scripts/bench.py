@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Training throughput of sam-bench against the practical peak of the machine.
+
+For each model × batch × precision × compile setting it times the real training step of the
+trainer (GPU-resident data, batched augmentation, the SAM step) for SGD, SAM and m-SAM, and the
+"common PyTorch SAM loop" (a DataLoader with per-image CPU transforms, eager fp32, the usual
+two-pass SAM with BN momentum set to 0) as most SAM repositories train. It also measures the
+practical peak (a large bf16 matmul on CUDA, fp32 on CPU) and reports MFU against it.
+
+    python scripts/bench.py                                   # CPU: a small WRN-16-4 grid
+    python scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 --out bench.json
+
+Prints a table; --out writes every figure as JSON. Figures are per step: images/s counts the
+training images of the batch, whatever the number of passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+
+import sam_bench.models  # noqa: E402,F401  (registers the CIFAR models)
+from sam_bench.data.loader import DeviceLoader  # noqa: E402
+from sam_bench.engine.precision import autocast  # noqa: E402
+from sam_bench.engine.step import train_step  # noqa: E402
+from sam_bench.optim import SAM, batchnorm_modules  # noqa: E402
+
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def practical_peak(device: torch.device) -> tuple[float, str]:
+    """FLOP/s of a large matmul: bf16 8192³ on CUDA, fp32 2048³ on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0), f"{str(dtype).split('.')[-1]} matmul {n}^3"
+
+
+def forward_flops(arch: str, num_classes: int, image: int) -> float:
+    """Forward FLOPs per image (2 per multiply-add), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, num_classes=num_classes)
+        x = torch.randn(1, 3, image, image)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return float(counter.get_total_flops())
+
+
+def make_optimizer(model: nn.Module, rho: float) -> SAM:
+    return SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True)
+
+
+def time_ours(arch, batch, precision, compile_model, rho, m, device, steps, warmup, pool) -> dict:
+    """The trainer's own path: DeviceLoader (augment on device) + train_step."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile_model else model
+    opt = make_optimizer(model, rho)
+    images = torch.randint(0, 256, (pool, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (pool,), device=device)
+    loader = DeviceLoader(images, labels, batch, CIFAR_MEAN, CIFAR_STD, train=True, augment=True, channels_last=channels_last)
+    bn = batchnorm_modules(model)
+    amp = lambda: autocast(device, precision)  # noqa: E731
+    step_kwargs = {"m": m} if m else {}
+    model.train()
+
+    def run(n: int, epoch: int) -> None:
+        done = 0
+        while done < n:
+            for x, y in loader.epoch(epoch):
+                train_step(forward, opt, x, y, F.cross_entropy, amp, bn, None, **step_kwargs)
+                done += 1
+                if done == n:
+                    return
+            epoch += 1
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run(warmup, 0)
+    sync(device)
+    t0 = time.perf_counter()
+    run(steps, 100)
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"step_ms": 1000 * dt, "images_per_s": batch / dt, "peak_memory_mb": peak}
+
+
+class _UInt8CIFAR(torch.utils.data.Dataset):
+    """In-memory CIFAR-shaped images handed out as PIL images, as torchvision.datasets.CIFAR10 does."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def time_reference(arch, batch, device, steps, warmup, pool, workers) -> dict:
+    """The common PyTorch SAM loop: DataLoader + CPU transforms, eager fp32, BN momentum trick."""
+    import numpy as np
+    from torchvision import transforms
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10).to(device)
+    opt = make_optimizer(model, 0.05)
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    rng = np.random.default_rng(0)
+    ds = _UInt8CIFAR(rng.integers(0, 256, (pool, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, pool), tf)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                                     pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    bns = batchnorm_modules(model)
+    model.train()
+
+    def step(x, y):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        momenta = [b.momentum for b in bns]
+        for b in bns:
+            b.momentum = 0.0
+        F.cross_entropy(model(x), y).backward()
+        for b, mom in zip(bns, momenta):
+            b.momentum = mom
+        opt.second_step(zero_grad=True)
+
+    def run(n):
+        done = 0
+        while done < n:
+            for x, y in dl:
+                step(x, y)
+                done += 1
+                if done == n:
+                    return
+
+    run(warmup)
+    sync(device)
+    t0 = time.perf_counter()
+    run(steps)
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    return {"step_ms": 1000 * dt, "images_per_s": batch / dt}
+
+
+def parse_list(text: str, cast=str) -> list:
+    return [cast(t) for t in text.split(",") if t]
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="wrn28_10" if cuda else "wrn16_4")
+    p.add_argument("--batch", default="256" if cuda else "64")
+    p.add_argument("--precision", default="bf16" if cuda else "fp32", help="comma list of bf16,fp32")
+    p.add_argument("--compile", default="1" if cuda else "0", help="comma list of 0,1")
+    p.add_argument("--m", type=int, default=32, help="m of the m-SAM row (0: skip the row)")
+    p.add_argument("--compile-msam", type=int, default=0, help="also compile the m-SAM row (long first compile)")
+    p.add_argument("--steps", type=int, default=30 if cuda else 3)
+    p.add_argument("--warmup", type=int, default=10 if cuda else 1)
+    p.add_argument("--reference", type=int, default=1, help="also time the common PyTorch SAM loop")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak, peak_what = practical_peak(device)
+    dev_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"
+    print(f"device: {dev_name} | torch {torch.__version__} | practical peak {peak / 1e12:.1f} TFLOP/s ({peak_what})", flush=True)
+    rows = []
+    for arch in parse_list(args.models):
+        fwd = forward_flops(arch, 10, 32)
+        for batch in parse_list(args.batch, int):
+            pool = max(4 * batch, 2048)
+            for precision in parse_list(args.precision):
+                for comp in parse_list(args.compile, int):
+                    modes = [("sgd", 0.0, None), ("sam", 0.05, None)]
+                    if args.m and args.m < batch and (not comp or args.compile_msam):
+                        modes.append((f"m-sam (m={args.m})", 0.05, args.m))
+                    for name, rho, m in modes:
+                        try:
+                            r = time_ours(arch, batch, precision, bool(comp), rho, m, device, args.steps, args.warmup, pool)
+                        except TypeError as e:  # an m-SAM step is not available in this build
+                            print(f"  {name}: skipped ({e})", flush=True)
+                            continue
+                        passes = 2 if rho > 0 else 1
+                        flops = 3 * fwd * passes * batch / (r["step_ms"] / 1000)
+                        rows.append({"model": arch, "batch": batch, "precision": precision, "compile": bool(comp), "optimizer": name,
+                                     **r, "model_tflops": flops / 1e12, "mfu": flops / peak})
+                        print(f"  {arch} b{batch} {precision} compile={comp} {name}: {r['step_ms']:.1f} ms/step {r['images_per_s']:.0f} img/s", flush=True)
+            if args.reference:
+                r = time_reference(arch, batch, device, max(args.steps // 2, 2), max(args.warmup // 2, 1), pool, args.workers)
+                flops = 6 * fwd * batch / (r["step_ms"] / 1000)
+                rows.append({"model": arch, "batch": batch, "precision": "fp32", "compile": False, "optimizer": "sam (reference loop)",
+                             **r, "peak_memory_mb": None, "model_tflops": flops / 1e12, "mfu": flops / peak})
+    by_key = {(r["model"], r["batch"], r["precision"], r["compile"], r["optimizer"]): r for r in rows}
+    header = f"{'model':10} {'batch':>5} {'prec':5} {'compile':7} {'optimizer':22} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak MB':>8}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        mem = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "-"
+        print(f"{r['model']:10} {r['batch']:>5} {r['precision']:5} {str(r['compile']):7} {r['optimizer']:22} {r['step_ms']:9.1f} "
+              f"{r['images_per_s']:9.0f} {r['model_tflops']:8.2f} {100 * r['mfu']:5.1f}% {mem:>8}")
+    ratios = []
+    for (arch, batch, prec, comp, opt), r in by_key.items():
+        if opt == "sam":
+            sgd = by_key.get((arch, batch, prec, comp, "sgd"))
+            msam = by_key.get((arch, batch, prec, comp, f"m-sam (m={args.m})"))
+            ref = by_key.get((arch, batch, "fp32", False, "sam (reference loop)"))
+            line = {"model": arch, "batch": batch, "precision": prec, "compile": comp,
+                    "sam_over_sgd": r["step_ms"] / sgd["step_ms"] if sgd else None,
+                    "msam_over_sam": msam["step_ms"] / r["step_ms"] if msam else None,
+                    "sam_speedup_vs_reference": r["images_per_s"] / ref["images_per_s"] if ref else None,
+                    "sam_epoch_s_50k": 50000 / r["images_per_s"]}
+            ratios.append(line)
+            print(f"{arch} b{batch} {prec} compile={comp}: SAM/SGD {line['sam_over_sgd'] or float('nan'):.2f}  "
+                  f"m-SAM/SAM {line['msam_over_sam'] or float('nan'):.2f}  SAM vs reference loop x{line['sam_speedup_vs_reference'] or float('nan'):.2f}  "
+                  f"SAM epoch (50k) {line['sam_epoch_s_50k']:.1f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "peak_flops": peak, "peak_what": peak_what,
+                                              "rows": rows, "ratios": ratios, "argv": sys.argv[1:]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
