@@ -46,7 +46,7 @@ def create_timm_model(arch: str, num_classes: int, in_chans: int, **kwargs: Any)
     try:
         return timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except (OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise ConfigError(
             f"pretrained weights for model.arch={arch!r} ({pretrained_source(arch)}) could not be loaded: "
             f"{first}. Downloading them needs network access to Hugging Face once (they are then cached); "
