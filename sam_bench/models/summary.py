@@ -41,12 +41,14 @@ def default_input(arch: str) -> tuple[int, int]:
     return (cfg.input_size[-1], cfg.num_classes) if cfg is not None else (224, 1000)
 
 
-def count(arch: str, input_size: int, num_classes: int, in_chans: int = 3, **kwargs: Any) -> tuple[int, int]:
-    """(parameters, forward FLOPs for one image) of ``arch`` built on the meta device."""
+def count(arch: str, input_size: int, num_classes: int, in_chans: int = 3, flops: bool = True, **kwargs: Any) -> tuple[int, int]:
+    """(parameters, forward FLOPs for one image; 0 unless ``flops``) of ``arch`` on the meta device."""
     kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
     with torch.device("meta"):
         model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **kwargs).eval()
         params = sum(p.numel() for p in model.parameters())
+        if not flops:
+            return params, 0
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(torch.empty(1, in_chans, input_size, input_size))
     return params, counter.get_total_flops()
