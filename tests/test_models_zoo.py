@@ -512,3 +512,37 @@ def test_bad_architecture_arguments_are_config_errors():
         build_model("resnet_cifar", 10, 3, depth=33)
     with pytest.raises(ConfigError, match="no pretrained weights exist"):
         build_model("shake_shake_mini", 10, 3, pretrained=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA RNG under SAM's rewind needs a GPU")
+@pytest.mark.parametrize("name", ["shake_shake_mini", "pyramidnet_shakedrop_mini"])
+def test_inductor_compiled_shake_models_replay_on_cuda(name):
+    """Inductor draws its own random numbers, seeded from the CUDA generator: rewinding that
+    generator must still replay the same shake coefficients (bf16, channels_last, fullgraph)."""
+    torch._dynamo.reset()
+    dev = torch.device("cuda")
+    model = build_model(name, 10, 3).to(dev).to(memory_format=torch.channels_last).train()
+    set_bn_eval(batchnorm_modules(model))  # compare shake draws, not BN running updates
+    compiled = torch.compile(model, fullgraph=True)
+    shake = [m for m in model.modules() if hasattr(m, "true_gradient")]
+    x = torch.randn(16, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
+
+    def run(true_gradient: bool) -> torch.Tensor:
+        for m in shake:
+            m.true_gradient = true_gradient
+        with torch.autocast("cuda", torch.bfloat16):
+            return compiled(x).float()
+
+    state = torch.cuda.get_rng_state(dev)
+    first = run(True)
+    first.sum().backward()
+    torch.cuda.set_rng_state(state, dev)
+    second = run(False)
+    second.sum().backward()
+    assert torch.equal(first, second)
+    assert not torch.equal(run(False), second)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        torch.testing.assert_close(compiled(x).float(), model(x).float(), rtol=0.05, atol=0.05)
