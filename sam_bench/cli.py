@@ -85,7 +85,20 @@ def report() -> None:
     _report()
 
 
-COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report}
+def models() -> None:
+    """Print every registered sam-bench model and every model config with parameters and GFLOPs."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print("usage: sam-bench models   (parameters in M and forward GFLOPs of every model and model config)")
+        return
+    if len(sys.argv) > 1:
+        _fail(f"models takes no arguments, got {' '.join(sys.argv[1:])!r}")
+    from sam_bench.models.summary import summary
+    from sam_bench.paths import config_dir
+
+    print(summary(config_dir()), end="")
+
+
+COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report, "models": models}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,50 +1,65 @@
 """CIFAR WideResNet WRN-d-k as the official SAM code (``sam_jax/models/wide_resnet.py``).
 
-Pre-activation blocks; the shortcut of a block that changes width or resolution is the identity,
-average-pooled to the new resolution and zero-padded to the new width (no 1x1 convolution), so
-WRN-28-10 has fewer parameters than the 36.5 M of Zagoruyko & Komodakis' 1x1-shortcut variant.
-No dropout by default; Kaiming-normal fan-out init; BN eps 1e-5, momentum 0.1 (flax's 0.9).
+Pre-activation blocks. ``shortcut="official"`` (default): the shortcut of a block that changes
+width or resolution is the identity, average-pooled to the new resolution and zero-padded to the
+new width (no 1x1 convolution), so WRN-28-10 has 36.2 M parameters, fewer than the 36.5 M of
+Zagoruyko & Komodakis' 1x1-shortcut network (``shortcut="conv1x1"``, which feeds the activated
+input to the 1x1 convolution as their code does). No dropout by default; ``bn=False`` removes
+every BatchNorm (the Hessian study trains WRN-40-10 without BN). Kaiming-normal fan-out init,
+dense U[-1/√K, 1/√K]; BN eps 1e-5, momentum 0.1 (flax's 0.9).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
+from sam_bench.models.common import batchnorm, conv1x1, conv3x3, no_pretrained, official_init
+
 __all__ = ["WideResNet", "wide_resnet_cifar"]
 
-
-def _bn_relu(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1), nn.ReLU(inplace=True))
+SHORTCUTS = ("official", "conv1x1")
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+def _bn_relu(channels: int, bn: bool = True) -> nn.Sequential:
+    return nn.Sequential(batchnorm(channels, bn), nn.ReLU(inplace=True))
 
 
 class WideResNetBlock(nn.Module):
-    """BN-ReLU-conv-BN-ReLU-conv, plus the (pooled, zero-padded) input.
+    """BN-ReLU-conv-BN-ReLU-conv, plus the (pooled, zero-padded or 1x1-projected) input.
 
     ``activate_before_residual`` (first block of the first group) feeds the activated input to
-    the shortcut as well, as the official code does.
+    the shortcut as well, as the official code does; the conv1x1 shortcut always takes the
+    activated input (Zagoruyko & Komodakis).
     """
 
-    def __init__(self, cin: int, cout: int, stride: int, activate_before_residual: bool, dropout: float):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        activate_before_residual: bool,
+        dropout: float,
+        shortcut: str = "official",
+        bn: bool = True,
+    ):
         super().__init__()
-        self.activate_before_residual = activate_before_residual
-        self.init_bn = _bn_relu(cin)
-        self.conv1 = _conv3x3(cin, cout, stride)
-        self.bn2 = _bn_relu(cout)
+        self.init_bn = _bn_relu(cin, bn)
+        self.conv1 = conv3x3(cin, cout, stride)
+        self.bn2 = _bn_relu(cout, bn)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = _conv3x3(cout, cout)
+        self.conv2 = conv3x3(cout, cout)
         self.stride = stride
         self.pad_channels = cout - cin
+        changes_shape = cin != cout or stride != 1
+        self.proj = conv1x1(cin, cout, stride) if (shortcut == "conv1x1" and changes_shape) else None
+        self.activate_before_residual = activate_before_residual or self.proj is not None
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.proj is not None:
+            return self.proj(x)
         if self.pad_channels == 0 and self.stride == 1:
             return x
         if self.stride > 1:
@@ -70,38 +85,30 @@ class WideResNet(nn.Module):
         num_classes: int = 10,
         in_chans: int = 3,
         dropout: float = 0.0,
+        shortcut: str = "official",
+        bn: bool = True,
     ):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, 40, ...), got {depth}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"WideResNet shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
         n = (depth - 4) // 6
         widths = [16 * width, 32 * width, 64 * width]
         self.num_classes = num_classes
         self.num_features = widths[-1]
-        self.init_conv = _conv3x3(in_chans, 16)
+        self.init_conv = conv3x3(in_chans, 16)
         blocks, cin = [], 16
         for g, cout in enumerate(widths):
             for i in range(n):
                 stride = 2 if (g > 0 and i == 0) else 1
-                blocks.append(WideResNetBlock(cin, cout, stride, activate_before_residual=(g == 0 and i == 0), dropout=dropout))
+                first = g == 0 and i == 0
+                blocks.append(WideResNetBlock(cin, cout, stride, first, dropout, shortcut, bn))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.final_bn = _bn_relu(cin)
+        self.final_bn = _bn_relu(cin, bn)
         self.fc = nn.Linear(cin, num_classes)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                # official dense_layer_init_fn: U[-1/sqrt(fan_in), 1/sqrt(fan_in)], zero bias
-                bound = 1.0 / math.sqrt(m.in_features)
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
+        official_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_bn(self.blocks(self.init_conv(x)))
@@ -112,11 +119,7 @@ class WideResNet(nn.Module):
 
 
 def _wrn(depth: int, width: int, pretrained: bool = False, **kwargs) -> WideResNet:
-    if pretrained:
-        raise ValueError("no pretrained weights exist for the CIFAR WideResNets; use pretrained=False")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)
+    kwargs = no_pretrained(f"WRN-{depth}-{width}", pretrained, kwargs)
     return WideResNet(depth=depth, width=width, **kwargs)
 
 
@@ -133,6 +136,25 @@ def wrn28_10(pretrained: bool = False, **kwargs) -> WideResNet:
 
 
 @register_model
+def wrn40_2(pretrained: bool = False, **kwargs) -> WideResNet:
+    """WRN-40-2 (second-order ablation, App. C.4)."""
+    return _wrn(40, 2, pretrained, **kwargs)
+
+
+@register_model
+def wrn40_10(pretrained: bool = False, **kwargs) -> WideResNet:
+    """WRN-40-10."""
+    return _wrn(40, 10, pretrained, **kwargs)
+
+
+@register_model
+def wrn40_10_nobn(pretrained: bool = False, **kwargs) -> WideResNet:
+    """WRN-40-10 without BatchNorm (Hessian spectra, Fig. 3 left)."""
+    kwargs.setdefault("bn", False)
+    return _wrn(40, 10, pretrained, **kwargs)
+
+
+@register_model
 def wrn16_4(pretrained: bool = False, **kwargs) -> WideResNet:
     return _wrn(16, 4, pretrained, **kwargs)
 
@@ -145,4 +167,11 @@ def wrn16_2(pretrained: bool = False, **kwargs) -> WideResNet:
 @register_model
 def wrn_mini(pretrained: bool = False, **kwargs) -> WideResNet:
     """WRN-10-1 (78 k parameters): for fast tests."""
+    return _wrn(10, 1, pretrained, **kwargs)
+
+
+@register_model
+def wrn_nobn_mini(pretrained: bool = False, **kwargs) -> WideResNet:
+    """WRN-10-1 without BatchNorm: for fast tests of the no-BN path."""
+    kwargs.setdefault("bn", False)
     return _wrn(10, 1, pretrained, **kwargs)
