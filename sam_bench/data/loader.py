@@ -9,7 +9,8 @@ from typing import Iterator
 
 import torch
 
-from sam_bench.data.gpu_augment import flip_pad_crop, normalize
+from sam_bench.data.autoaugment import BatchAutoAugment
+from sam_bench.data.gpu_augment import cutout, flip_pad_crop, normalize
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -38,6 +39,9 @@ class DeviceLoader:
         pad: int = 4,
         seed: int = 0,
         channels_last: bool = False,
+        cutout: int | None = None,
+        cutout_per_image: bool = False,
+        autoaugment: str | None = None,
     ):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
@@ -46,6 +50,14 @@ class DeviceLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=images.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=images.device)
+        self.cutout, self.cutout_per_image = cutout, cutout_per_image
+        # AutoAugment's per-image choices are drawn on the CPU (see autoaugment.py): no host sync
+        self.autoaugment = BatchAutoAugment(autoaugment) if autoaugment else None
+        self.cpu_generator = torch.Generator()
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
 
     @property
     def num_examples(self) -> int:
@@ -72,7 +84,12 @@ class DeviceLoader:
         for i in range(start_step, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx]
+            g.manual_seed(derived_seed(self.seed, epoch, i + 1))
+            if self.autoaugment is not None:  # on uint8, before flip/crop (official order)
+                x = self.autoaugment(x, self.cpu_generator.manual_seed(derived_seed(self.seed, epoch, i + 1, 1)))
             if self.augment:
-                g.manual_seed(derived_seed(self.seed, epoch, i + 1))
                 x = flip_pad_crop(x, self.pad, g)
-            yield self._prepare(x), self.labels[idx]
+            x = self._prepare(x)
+            if self.cutout:  # after normalisation, fill 0 (official)
+                x = cutout(x, self.cutout, self.cutout_per_image, g)
+            yield x, self.labels[idx]
