@@ -323,3 +323,34 @@ def test_streamed_datasets_reject_in_memory_options(imagenet_root):
     cfg = synthetic_cfg(name="imagenet", root=str(imagenet_root), val_size=10)
     with pytest.raises(ConfigError, match="streamed"):
         build_data(cfg, 4, 4, torch.device("cpu"), 0, False)
+
+
+# ---------------------------------------------------------------- CUDA (scripts/gpu_check.sh; skipped without a GPU)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_augmentations_match_cpu_and_are_seeded():
+    x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aa = BatchAutoAugment("cifar10")
+    cpu = aa(x, torch.Generator().manual_seed(4))
+    gpu = aa(x.cuda(), torch.Generator().manual_seed(4))  # same CPU-drawn plan, ops run on the GPU
+    assert gpu.is_cuda and gpu.dtype == torch.uint8
+    assert (gpu.cpu().int() - cpu.int()).abs().max() <= 1  # same ops; float rounding may differ by 1
+    kw = dict(train=True, augment=True, cutout=16, autoaugment="cifar10")
+    a = list(DeviceLoader(x.cuda(), torch.arange(256).cuda(), 64, [0.5] * 3, [0.25] * 3, seed=1, **kw).epoch(0))
+    b = list(DeviceLoader(x.cuda(), torch.arange(256).cuda(), 64, [0.5] * 3, [0.25] * 3, seed=1, **kw).epoch(0))
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b)) and a[0][0].is_cuda
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_jpeg_decode_stream(imagenet_root):
+    train, test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True, num_workers=2), 4, 4, torch.device("cuda"), 0, False)
+    xb, yb = next(iter(train.epoch(0)))
+    assert xb.is_cuda and xb.shape == (4, 3, 16, 16) and yb.is_cuda
+    cpu_test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True), 4, 4, torch.device("cpu"), 0, False)[1]
+    g, c = next(iter(test.epoch(0)))[0].cpu(), next(iter(cpu_test.epoch(0)))[0]
+    assert (g - c).abs().mean() < 0.05 and (g - c).abs().max() < 0.5  # nvJPEG vs libjpeg: a few levels (1 level = 0.016)
