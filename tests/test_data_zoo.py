@@ -348,9 +348,24 @@ def test_cuda_augmentations_match_cpu_and_are_seeded():
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_jpeg_decode_stream(imagenet_root):
-    train, test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True, num_workers=2), 4, 4, torch.device("cuda"), 0, False)
+    train, test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True, num_workers=0), 4, 4, torch.device("cuda"), 0, False)
     xb, yb = next(iter(train.epoch(0)))
     assert xb.is_cuda and xb.shape == (4, 3, 16, 16) and yb.is_cuda
     cpu_test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True), 4, 4, torch.device("cpu"), 0, False)[1]
     g, c = next(iter(test.epoch(0)))[0].cpu(), next(iter(cpu_test.epoch(0)))[0]
     assert (g - c).abs().mean() < 0.05 and (g - c).abs().max() < 0.5  # nvJPEG vs libjpeg: a few levels (1 level = 0.016)
+
+
+def test_autoaugment_is_drawn_per_image_per_epoch_and_resumes(monkeypatch):
+    import sam_bench.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "AUTOAUGMENT_CHUNK", 16)  # several chunks on a small set
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    loader = DeviceLoader(x, torch.arange(40), 8, [0.5] * 3, [0.25] * 3, train=True, autoaugment="cifar10", seed=3)
+    e0, e1 = loader.autoaugmented(0).clone(), loader.autoaugmented(1).clone()
+    assert e0.shape == x.shape and not torch.equal(e0, e1)  # a fresh draw each epoch
+    assert not torch.equal(e0[:16], e0[16:32])  # chunks draw differently (inputs differ anyway)
+    full = list(loader.epoch(0))
+    fresh = DeviceLoader(x, torch.arange(40), 8, [0.5] * 3, [0.25] * 3, train=True, autoaugment="cifar10", seed=3)
+    tail = list(fresh.epoch(0, start_step=3))  # a resumed run recomputes the same augmented images
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[3:], tail))
