@@ -2,12 +2,16 @@
 
 Policy set: torchvision's ``AutoAugmentPolicy.CIFAR10`` (and SVHN / IMAGENET): the 25 sub-policies
 printed in the AutoAugment paper (Cubuk et al. 2019, App. A), with torchvision's magnitude ranges
-and fill 0. The official SAM code instead samples from all 95 sub-policies of the AutoAugment
-authors' ``good_policies()`` (the 5 searched policies concatenated), with cutout_const=100,
-translate_const=250 and fill 128. We use torchvision's set because it is the one the paper cites
-and describes, is maintained and tested upstream, and keeps every op in one library; the 95-policy
-variant is a different (stronger) augmentation that would need hand-written ops. Expect
-AutoAugment numbers to differ slightly from the paper's Table 1 for that reason.
+and fill 0. The official SAM code (google-research/sam ``autoaugment/autoaugment.py``, a fork of
+the TPU EfficientNet one; read for this docstring) differs: ``distort_image_with_autoaugment``
+picks one of ``policies.policy_cifar()`` (all 95 sub-policies of the AutoAugment authors' set,
+as the issue notes; the list itself was not re-read here) with
+``HParams(cutout_const=100, translate_const=250)``, fill 128 for geometric ops, and its own
+level->argument maps (enhance factors 0.1-1.9, translation up to 250 px, which moves a 32-px
+CIFAR image fully out of frame). We use torchvision's set because it is the policy the paper cites
+and describes, its ops are maintained and tested upstream, and its magnitudes are scaled to the
+image size; reproducing the official set would need hand-written ops with those TPU-specific
+constants. Expect the AutoAugment rows of Table 1 to differ slightly for that reason.
 
 torchvision's v2 ``AutoAugment`` applied to a batched tensor draws ONE sub-policy, coin and sign
 for the whole batch. Here each image draws its own sub-policy index, two coins and two signs from

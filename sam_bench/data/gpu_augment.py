@@ -2,7 +2,8 @@
 
 The official "Basic" CIFAR augmentation is: random horizontal flip, then 4-pixel REFLECT padding,
 then a random crop back to the original size. Flip, pad and crop are fused into one index map per
-image and applied with two ``gather`` calls on the uint8 batch.
+image and applied with two ``gather`` calls on the uint8 batch. Cutout (DeVries & Taylor 2017) runs
+after normalisation as a broadcast mask, so no step needs a host sync.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def cutout(images: torch.Tensor, size: int, per_image: bool = False, generator: 
     The official code (google-research/sam ``augmentation.cutout``) draws ONE centre per batch, so
     every image of a batch loses the same square; ``per_image=True`` draws a centre per image
     (DeVries & Taylor 2017). Fill 0 after normalisation is the dataset mean. No host sync.
+    Rows/cols ``[c - size//2, c - size//2 + size)``: for even sizes (16) exactly the official
+    ``[c - L//2, c + L//2)``; an odd size keeps its full length here (the official code drops one).
     """
     n, _, h, w = images.shape
     k = n if per_image else 1
