@@ -428,3 +428,30 @@ def test_validate_rejects_bad_data_options(compose_train):
     ]:
         with pytest.raises(ConfigError, match=match):
             validate(compose_train(overrides))
+
+
+def test_finetune_builds_stream_loaders_from_torchvision_classes(monkeypatch, tmp_path):
+    """The wiring (splits concatenated, transforms at the model's resolution, class count check)
+    with torchvision's FakeData standing in for a downloaded dataset class."""
+    from torchvision.datasets import FakeData
+
+    import sam_bench.data.finetune as ft
+
+    calls = []
+
+    class Fake(FakeData):
+        def __init__(self, root, split, transform, download, **kw):
+            calls.append((root, split, download, kw))
+            super().__init__(size={"train": 6, "val": 4, "test": 5}[split], image_size=(3, 40, 50), num_classes=7, transform=transform, random_offset=len(split))
+
+    monkeypatch.setitem(ft.FINETUNE, "flowers102", (Fake, ("train", "val"), "test", {"flag": 1}, 7))
+    cfg = SimpleNamespace(name="flowers102", root=str(tmp_path), num_classes=7, image_size=24, resize=28, mean=[0.5] * 3, std=[0.25] * 3,
+                          num_workers=0, download=False)
+    train, test = build_finetune(cfg, 4, 4, torch.device("cpu"), 0, False)
+    assert [c[1] for c in calls] == ["train", "val", "test"] and calls[0][3] == {"flag": 1}
+    assert train.num_examples == 10 and len(train) == 2 and test.num_examples == 5 and len(test) == 2
+    x, y = next(iter(train.epoch(0)))
+    assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.cat([b[0] for b in test.epoch(0)]).shape == (5, 3, 24, 24)
+    with pytest.raises(DataError, match="has 7 classes"):
+        build_finetune(SimpleNamespace(**{**vars(cfg), "num_classes": 102}), 4, 4, torch.device("cpu"), 0, False)
