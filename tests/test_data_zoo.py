@@ -455,3 +455,14 @@ def test_finetune_builds_stream_loaders_from_torchvision_classes(monkeypatch, tm
     assert torch.cat([b[0] for b in test.epoch(0)]).shape == (5, 3, 24, 24)
     with pytest.raises(DataError, match="has 7 classes"):
         build_finetune(SimpleNamespace(**{**vars(cfg), "num_classes": 102}), 4, 4, torch.device("cpu"), 0, False)
+
+
+def test_stream_loader_shards_across_ranks(imagenet_root):
+    """Under DDP each rank reads a disjoint shard (DistributedSampler); together they cover the set."""
+    train, _ = build_imagenet(imagenet_cfg(imagenet_root), 1, 1, torch.device("cpu"), 0, False)
+    seen = []
+    for rank in (0, 1):
+        train.world, train.rank = 2, rank  # what torch.distributed would report
+        assert train.num_examples == 5 and len(train) == 5
+        seen.append([int(i) for i in train._sampler(0)])
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(10))
