@@ -50,9 +50,28 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class NoiseMode(str, Enum):
+    uniform = "uniform"  # replaced by a uniformly random class, may keep the true one (Jiang et al. 2019)
+    exclusive = "exclusive"  # exactly rate*N labels moved to a different class
+    asymmetric = "asymmetric"  # CIFAR-10 pair flips: truck->automobile, bird->airplane, deer->horse, cat<->dog
+
+
+class AutoAugmentPolicyName(str, Enum):
+    cifar10 = "cifar10"
+    svhn = "svhn"
+    imagenet = "imagenet"
+
+
+@dataclass
+class LabelNoiseConfig:
+    rate: float = 0.0  # 0 = clean labels
+    mode: NoiseMode = NoiseMode.uniform
+    seed: int = 0  # its own seed: every optimizer/rho of a sweep sees the same noisy labels
+
+
 @dataclass
 class DatasetConfig:
-    name: str = MISSING  # cifar10 | cifar100 | fashion_mnist | synthetic
+    name: str = MISSING  # see conf/dataset/ (sam_bench.data.DATASETS)
     root: str = "${data_root}"
     num_classes: int = MISSING
     in_chans: int = 3
@@ -61,6 +80,16 @@ class DatasetConfig:
     std: List[float] = MISSING
     augment: Augment = Augment.basic
     pad: int = 4  # padding (reflect) before the random crop
+    cutout: Optional[int] = None  # square size (16 in the paper), after normalisation, fill 0
+    cutout_per_image: bool = False  # official: one patch location per batch
+    autoaugment: Optional[AutoAugmentPolicyName] = None  # torchvision policy, before flip/crop
+    val_size: Optional[int] = None  # hold out the LAST N training images (official 5000)
+    label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
+    svhn_extra: bool = True  # SVHN: train on train + extra (Table 5)
+    # streamed datasets (ImageNet, finetuning sets)
+    resize: int = 256  # eval: short side resized to this, then centre crop image_size
+    num_workers: int = 8
+    gpu_decode: bool = False  # ImageNet: decode JPEGs with nvJPEG on the device
     download: bool = True
     train_subset: Optional[int] = None  # use the first N training images (quick runs)
     test_subset: Optional[int] = None
@@ -153,6 +182,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.eval_batch_size",
     "trainer.compile",
     "trainer.checkpoint",
+    "dataset.num_workers",
 )
 
 
@@ -200,5 +230,15 @@ def validate(cfg: Any) -> None:
         raise ConfigError("trainer.batch_size and trainer.eval_batch_size must be >= 1")
     if not 0 <= tr.label_smoothing < 1:
         raise ConfigError(f"trainer.label_smoothing={tr.label_smoothing} must be in [0, 1)")
+    if ds.cutout is not None and not 0 < ds.cutout <= ds.image_size:
+        raise ConfigError(f"dataset.cutout={ds.cutout} must be in [1, image_size={ds.image_size}], or null for no cutout")
+    if ds.val_size is not None and ds.val_size < 1:
+        raise ConfigError(f"dataset.val_size={ds.val_size} must be >= 1, or null for no validation split")
+    if not 0.0 <= ds.label_noise.rate <= 1.0:
+        raise ConfigError(f"dataset.label_noise.rate={ds.label_noise.rate} must be in [0, 1] (paper: 0.2-0.8)")
+    if ds.label_noise.rate > 0 and str(getattr(ds.label_noise.mode, "value", ds.label_noise.mode)) == "asymmetric" and ds.num_classes != 10:
+        raise ConfigError("dataset.label_noise.mode=asymmetric is the CIFAR-10 pair flip; use uniform or exclusive for other datasets")
+    if ds.label_noise.rate > 0 and not ds.val_size:
+        raise ConfigError("dataset.label_noise needs dataset.val_size (e.g. 5000): the best epoch is chosen on held-out noisy labels, never on the test set")
     if len(ds.mean) != ds.in_chans or len(ds.std) != ds.in_chans:
         raise ConfigError(f"dataset.mean/std need {ds.in_chans} values (dataset.in_chans), got {len(ds.mean)}/{len(ds.std)}")

@@ -62,3 +62,39 @@ def write_fashion_mnist_gz(directory: Path, n_train: int = 64, n_test: int = 32,
         with gzip.open(directory / f"{name}.gz", "wb") as f:
             f.write(idx_bytes(arr))
     return arrays
+
+
+def write_svhn(directory: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """torchvision's SVHN ``<split>_32x32.mat`` files (X: H,W,C,N uint8; y: N,1 in 1..10, 10 = digit 0).
+
+    Returns {split: (X, y, md5)}.
+    """
+    import scipy.io
+
+    sizes = sizes or {"train": 24, "extra": 16, "test": 12}
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n in sizes.items():
+        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, size=(n, 1)).astype(np.uint8)
+        path = directory / f"{split}_32x32.mat"
+        scipy.io.savemat(str(path), {"X": x, "y": y})
+        out[split] = (x, y, hashlib.md5(path.read_bytes()).hexdigest())
+    return out
+
+
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("n01", "n02"), per_class: int = 3, size: tuple[int, int] = (40, 30), seed: int = 0) -> list[Path]:
+    """An ImageFolder tree of small RGB JPEGs written with PIL; returns the files written."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            path = root / c / f"{c}_{i}.JPEG"
+            Image.fromarray(arr).save(path, format="JPEG", quality=90)
+            files.append(path)
+    return files

@@ -9,9 +9,11 @@ from typing import Iterator
 
 import torch
 
-from sam_bench.data.gpu_augment import flip_pad_crop, normalize
+from sam_bench.data.autoaugment import BatchAutoAugment
+from sam_bench.data.gpu_augment import cutout, flip_pad_crop, normalize
 
 _MIX = 0x9E3779B97F4A7C15
+AUTOAUGMENT_CHUNK = 8192  # images per AutoAugment call: its ~50 op launches are paid per call
 
 
 def derived_seed(*keys: int) -> int:
@@ -38,6 +40,9 @@ class DeviceLoader:
         pad: int = 4,
         seed: int = 0,
         channels_last: bool = False,
+        cutout: int | None = None,
+        cutout_per_image: bool = False,
+        autoaugment: str | None = None,
     ):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
@@ -46,6 +51,15 @@ class DeviceLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=images.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=images.device)
+        self.cutout, self.cutout_per_image = cutout, cutout_per_image
+        # AutoAugment's per-image choices are drawn on the CPU (see autoaugment.py): no host sync
+        self.autoaugment = BatchAutoAugment(autoaugment) if autoaugment else None
+        self.cpu_generator = torch.Generator()
+        self._augmented: tuple[int, torch.Tensor] | None = None  # (epoch, AutoAugmented training set)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
 
     @property
     def num_examples(self) -> int:
@@ -59,6 +73,22 @@ class DeviceLoader:
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std).contiguous(memory_format=self.memory_format)
 
+    def autoaugmented(self, epoch: int) -> torch.Tensor:
+        """The whole training set through AutoAugment for ``epoch`` (uint8, on the device).
+
+        One fresh draw per image per epoch, as a per-image transform in a DataLoader would give,
+        but in chunks of AUTOAUGMENT_CHUNK images so the per-call launch cost is amortised.
+        Seeded by (seed, epoch, chunk): resuming mid-epoch recomputes the same images.
+        """
+        if self._augmented is None or self._augmented[0] != epoch:
+            self._augmented = None  # free last epoch's copy first
+            chunks = []
+            for c, start in enumerate(range(0, self.num_examples, AUTOAUGMENT_CHUNK)):
+                g = self.cpu_generator.manual_seed(derived_seed(self.seed, epoch, c, 1))
+                chunks.append(self.autoaugment(self.images[start : start + AUTOAUGMENT_CHUNK], g))
+            self._augmented = (epoch, torch.cat(chunks))
+        return self._augmented[1]
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the batches of ``epoch`` from ``start_step`` on (same batches on every call)."""
         if not self.train:
@@ -69,10 +99,15 @@ class DeviceLoader:
         g = self.generator
         g.manual_seed(derived_seed(self.seed, epoch))
         order = torch.randperm(self.num_examples, device=self.images.device, generator=g)
+        # AutoAugment on uint8, before flip/crop (official order)
+        source = self.autoaugmented(epoch) if self.autoaugment is not None else self.images
         for i in range(start_step, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.images[idx]
+            x = source[idx]
+            g.manual_seed(derived_seed(self.seed, epoch, i + 1))
             if self.augment:
-                g.manual_seed(derived_seed(self.seed, epoch, i + 1))
                 x = flip_pad_crop(x, self.pad, g)
-            yield self._prepare(x), self.labels[idx]
+            x = self._prepare(x)
+            if self.cutout:  # after normalisation, fill 0 (official)
+                x = cutout(x, self.cutout, self.cutout_per_image, g)
+            yield x, self.labels[idx]

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sam_bench.data import DataBundle, DeviceLoader, build_data
+from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.precision import autocast, resolve_device, resolve_precision
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
@@ -87,7 +88,7 @@ def train_one_epoch(
     model.train()
     if bn_eval:
         set_bn_eval(bn_eval)
-    device = loader.images.device
+    device = loader.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -111,7 +112,7 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader: DeviceLoader, amp) -> dict[str, float]:
     """Test loss and error (%) over the whole split, in eval mode."""
     model.eval()
-    device = loader.images.device
+    device = loader.device
     loss_sum = torch.zeros((), device=device)
     errors = torch.zeros((), device=device, dtype=torch.long)
     for images, labels in loader.epoch(0):
@@ -147,6 +148,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     channels_last = tr.channels_last and device.type == "cuda"
     data: DataBundle = build_data(cfg.dataset, tr.batch_size, tr.eval_batch_size, device, cfg.seed, channels_last)
+    if data.noise is not None:
+        noise_file, noise_sha = data.noise.save(run_dir)
+        log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
+                 data.noise.seed, 100 * data.noise.realised_rate, noise_file.name, noise_sha[:12])
     model = build_model(cfg.model.arch, data.num_classes, data.in_chans, **cfg.model.kwargs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -190,6 +195,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             last_epoch = epoch + 1 == tr.epochs
             evaluated = last_epoch or (epoch + 1) % tr.eval_every == 0
             eval_stats = evaluate(forward, data.test, amp) if evaluated else {"test_loss": None, "test_error": None}
+            if data.val is not None:  # held-out split every epoch (model selection); test stays for the report
+                eval_stats.update({k.replace("test_", "val_"): v for k, v in evaluate(forward, data.val, amp).items()})
             record = {
                 "epoch": epoch + 1,
                 "step": global_step,
@@ -201,12 +208,14 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             }
             history.append(record)
             test_msg = f"test loss {record['test_loss']:.4f} err {record['test_error']:.2f}%" if evaluated else "(no test eval)"
+            if record.get("val_error") is not None:
+                test_msg += f"  val err {record['val_error']:.2f}%"
             log.info(
                 "epoch %d/%d  train loss %.4f err %.2f%%  %s  %.1fs (%.0f img/s)",
                 epoch + 1, tr.epochs, record["train_loss"], record["train_error"], test_msg, epoch_time, record["images_per_s"],
             )
-            for key in ("train_loss", "train_error", "test_loss", "test_error", "lr", "images_per_s"):
-                if record[key] is not None:
+            for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error", "lr", "images_per_s"):
+                if record.get(key) is not None:
                     writer.add_scalar(key.replace("_", "/", 1), record[key], epoch + 1)
             if cfg.optimizer.rho > 0:
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), epoch + 1)
@@ -250,6 +259,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(device),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if data.noise is not None:
+        fitted = 100.0 - evaluate(forward, data.noisy_train, amp)["test_error"] if data.noisy_train is not None else None
+        result.update(noise_summary(history, fitted, data.noise, noise_sha))
     atomic_write_json(run_dir / RESULT_FILE, result)
     log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
     return result

@@ -1,0 +1,49 @@
+"""The finetuning datasets of Table 3 that torchvision provides, at the model's resolution.
+
+Each comes from its torchvision class under ``<data_root>`` (checksummed download where the
+dataset's host still serves it; Stanford Cars must be placed by hand, see torchvision's docs).
+Training: Inception crop + flip to ``image_size``; evaluation: resize to ``resize`` + centre crop,
+as for ImageNet. Streamed by :class:`StreamLoader` with the same interface as the CIFAR loader.
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import datasets as tvd
+
+from sam_bench.data.imagenet import eval_transform, train_transform
+from sam_bench.data.stream import StreamLoader
+from sam_bench.errors import DataError
+
+# name -> (torchvision class, training splits, test split, extra kwargs, classes)
+FINETUNE = {
+    "flowers102": (tvd.Flowers102, ("train", "val"), "test", {}, 102),
+    "oxford_pets": (tvd.OxfordIIITPet, ("trainval",), "test", {"target_types": "category"}, 37),
+    "stanford_cars": (tvd.StanfordCars, ("train",), "test", {}, 196),
+    "fgvc_aircraft": (tvd.FGVCAircraft, ("trainval",), "test", {"annotation_level": "variant"}, 100),
+    "food101": (tvd.Food101, ("train",), "test", {}, 101),
+}
+
+
+def _open(name: str, split: str, root: str, download: bool, transform) -> Dataset:
+    cls, _, _, kwargs, _ = FINETUNE[name]
+    try:
+        return cls(root, split=split, transform=transform, download=download, **kwargs)
+    except Exception as e:  # torchvision: RuntimeError("Dataset not found or corrupted ..."), network errors
+        raise DataError(f"{name}: the {split!r} split under {root} is missing or corrupt ({type(e).__name__}: {e}); run with dataset.download=true or place {cls.__name__}'s files there") from e
+
+
+def build_finetune(ds, batch_size: int, eval_batch_size: int, device, seed: int, channels_last: bool):
+    """(train, test) StreamLoaders for ``ds.name`` at ``ds.image_size``."""
+    _, train_splits, test_split, _, classes = FINETUNE[ds.name]
+    if ds.num_classes != classes:
+        raise DataError(f"{ds.name} has {classes} classes; dataset.num_classes={ds.num_classes}")
+    tt = train_transform(ds.image_size)
+    parts = [_open(ds.name, s, ds.root, ds.download, tt) for s in train_splits]
+    train_ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    test_ds = _open(ds.name, test_split, ds.root, ds.download, eval_transform(ds.image_size, ds.resize))
+    common = dict(device=device, seed=seed, num_workers=ds.num_workers, channels_last=channels_last)
+    return (
+        StreamLoader(train_ds, batch_size, list(ds.mean), list(ds.std), train=True, **common),
+        StreamLoader(test_ds, eval_batch_size, list(ds.mean), list(ds.std), train=False, **common),
+    )

@@ -1,0 +1,468 @@
+"""Augmentations (cutout, AutoAugment), validation split, label noise, SVHN, ImageFolder streaming."""
+
+import hashlib
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import SVHN
+
+from datafiles import write_image_folder, write_svhn
+from sam_bench.data import DeviceLoader, build_data, split_validation
+from sam_bench.data.autoaugment import BatchAutoAugment
+from sam_bench.data.finetune import build_finetune
+from sam_bench.data.gpu_augment import cutout, flip_pad_crop
+from sam_bench.data.imagenet import build_imagenet
+from sam_bench.data.noisy import CIFAR10_PAIRS, NoisyLabels, make_noisy_labels, noise_summary
+from sam_bench.data.svhn import load_svhn
+from sam_bench.errors import ConfigError, DataError
+
+# ---------------------------------------------------------------- cutout
+
+
+def reference_cutout_mask(h: int, w: int, cy: int, cx: int, size: int) -> np.ndarray:
+    """The obvious loop: pixels within [c - size//2, c - size//2 + size) on both axes."""
+    m = np.zeros((h, w), dtype=bool)
+    for r in range(h):
+        for c in range(w):
+            if cy - size // 2 <= r < cy - size // 2 + size and cx - size // 2 <= c < cx - size // 2 + size:
+                m[r, c] = True
+    return m
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_cutout_matches_reference_and_clips_at_borders(per_image):
+    x = torch.randn(64, 3, 32, 32, dtype=torch.float64) + 5.0  # no natural zeros
+    out = cutout(x, 16, per_image, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # replay the draws
+    k = 64 if per_image else 1
+    cy = torch.randint(0, 32, (k, 1), generator=g).flatten().tolist()
+    cx = torch.randint(0, 32, (k, 1), generator=g).flatten().tolist()
+    areas = set()
+    for i in range(64):
+        j = i if per_image else 0
+        want = reference_cutout_mask(32, 32, cy[j], cx[j], 16)
+        got = (out[i] == 0).numpy()
+        assert (got == want[None]).all(), i  # the same square on every channel
+        assert torch.equal(out[i][~torch.from_numpy(want).expand(3, -1, -1)], x[i][~torch.from_numpy(want).expand(3, -1, -1)])
+        areas.add(int(want.sum()))
+    if per_image:
+        assert len(set(zip(cy, cx))) > 50  # locations differ per image
+        assert len(areas) > 1 and max(areas) == 256  # some squares clipped at a border, some whole
+    else:
+        zero = out == 0
+        assert all(torch.equal(zero[0], zero[i]) for i in range(64))  # one location per batch
+
+
+def test_cutout_centre_is_uniform():
+    x = torch.ones(4000, 1, 8, 8)
+    out = cutout(x, 1, True, torch.Generator().manual_seed(0))  # size 1: the zero pixel is the centre
+    counts = (out == 0).sum(0).flatten().double()
+    assert counts.sum() == 4000
+    expected = 4000 / 64
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 63 + 5 * math.sqrt(2 * 63)  # chi-square with 63 dof, far tail
+
+
+# ---------------------------------------------------------------- flip + crop statistics
+
+
+def test_flip_and_crop_offsets_are_uniform():
+    n, pad = 3000, 4
+    rows = torch.arange(32).view(1, 32, 1).expand(1, 32, 32)
+    cols = torch.arange(32).view(1, 1, 32).expand(1, 32, 32)
+    coded = torch.cat([rows, cols, torch.zeros(1, 32, 32, dtype=torch.long)]).to(torch.uint8)
+    out = flip_pad_crop(coded.expand(n, 3, 32, 32).contiguous(), pad, torch.Generator().manual_seed(0)).long()
+    centre_row, centre_col, next_col = out[:, 0, 16, 16], out[:, 1, 16, 16], out[:, 1, 16, 17]
+    flipped = next_col < centre_col
+    dy = centre_row - 16
+    dx = torch.where(flipped, 31 - centre_col, centre_col) - 16
+    sd = math.sqrt(n * 0.25)
+    assert abs(flipped.sum().item() - n / 2) < 4 * sd
+    for d in (dy, dx):
+        counts = torch.bincount(d + pad, minlength=2 * pad + 1).double()
+        assert len(counts) == 2 * pad + 1 and (counts > 0).all()
+        expected = n / (2 * pad + 1)
+        assert ((counts - expected) ** 2 / expected).sum() < 8 + 5 * 4  # chi-square, 8 dof
+
+
+# ---------------------------------------------------------------- AutoAugment
+
+
+def test_autoaugment_changes_images_keeps_dtype_shape_and_is_seeded():
+    x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8)
+    aa = BatchAutoAugment("cifar10")
+    a = aa(x, torch.Generator().manual_seed(1))
+    b = aa(x, torch.Generator().manual_seed(1))
+    c = aa(x, torch.Generator().manual_seed(2))
+    assert a.dtype == torch.uint8 and a.shape == x.shape and a.device == x.device
+    changed = (a != x).flatten(1).any(1).float().mean().item()
+    assert 0.3 < changed < 1.0  # some sub-policies skip both ops, most change the image
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_autoaugment_randomness_is_per_image_and_equals_single_image_ops():
+    """Identical inputs must come out different (per-image draws), and each output must equal the
+    sequence of torchvision ops its own draws name, applied to that image alone."""
+    one = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    x = one.expand(48, 3, 32, 32).contiguous()
+    aa = BatchAutoAugment("cifar10")
+    out = aa(x, torch.Generator().manual_seed(5))
+    assert len({o.numpy().tobytes() for o in out}) > 8
+    plan = aa.plan(48, 32, 32, torch.Generator().manual_seed(5))
+    for i in range(48):
+        want = one.clone()
+        for groups in plan:
+            for name, magnitude, idx in groups:
+                if i in idx.tolist():
+                    want = aa.aa._apply_image_or_video_transform(want, name, magnitude, interpolation=aa.aa.interpolation, fill=aa.aa._fill)
+        assert torch.equal(out[i : i + 1], want), i
+
+
+def test_loader_with_all_augmentations_is_seeded():
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(40)
+    kw = dict(train=True, augment=True, cutout=16, autoaugment="cifar10")
+    a = list(DeviceLoader(x, y, 16, [0.5] * 3, [0.25] * 3, seed=1, **kw).epoch(0))
+    b = list(DeviceLoader(x, y, 16, [0.5] * 3, [0.25] * 3, seed=1, **kw).epoch(0))
+    c = list(DeviceLoader(x, y, 16, [0.5] * 3, [0.25] * 3, seed=2, **kw).epoch(0))
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+    assert a[0][0].dtype == torch.float32 and (a[0][0] == 0).flatten(1).sum(1).min() >= 8 * 8  # a cutout in every image
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def synthetic_cfg(**over):
+    cfg = dict(
+        name="synthetic", root="", num_classes=10, in_chans=3, image_size=8, mean=[0.5] * 3, std=[0.25] * 3, augment="basic", pad=2,
+        download=False, train_subset=None, test_subset=None, system_dir=None, train_size=200, test_size=50, data_seed=0,
+        cutout=None, cutout_per_image=False, autoaugment=None, val_size=None,
+        label_noise=SimpleNamespace(rate=0.0, mode="uniform", seed=0), svhn_extra=True, resize=10, num_workers=0, gpu_decode=False,
+    )
+    cfg.update(over)
+    return SimpleNamespace(**cfg)
+
+
+def test_validation_split_holds_out_the_last_images():
+    x, y = torch.arange(100).view(100, 1), torch.arange(100)
+    (tx, ty), (vx, vy) = split_validation(x, y, 10)
+    assert torch.equal(ty, torch.arange(90)) and torch.equal(vy, torch.arange(90, 100)) and torch.equal(vx[:, 0], vy)
+    assert split_validation(x, y, None)[1] is None
+    with pytest.raises(ConfigError, match="val_size=100"):
+        split_validation(x, y, 100)
+
+
+def test_build_data_val_loader():
+    data = build_data(synthetic_cfg(val_size=40), 32, 64, torch.device("cpu"), 0, False)
+    assert data.val is not None and data.val.num_examples == 40 and data.train.num_examples == 160
+    assert build_data(synthetic_cfg(), 32, 64, torch.device("cpu"), 0, False).val is None
+
+
+# ---------------------------------------------------------------- label noise
+
+
+def test_exclusive_noise_flips_exactly_rate_n_to_other_classes():
+    y = torch.randint(0, 10, (5000,), generator=torch.Generator().manual_seed(0))
+    for rate in (0.2, 0.4, 0.6, 0.8):
+        nl = make_noisy_labels(y, 10, rate, "exclusive", seed=1)
+        assert abs(int(nl.corrupted.sum()) - rate * 5000) <= 1
+        assert torch.equal(nl.clean, y)
+
+
+def test_uniform_noise_rate_within_binomial_tolerance():
+    n, k, rate = 20000, 10, 0.4
+    y = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(0))
+    nl = make_noisy_labels(y, k, rate, "uniform", seed=7)
+    p = rate * (k - 1) / k  # a replaced label keeps its class with probability 1/K
+    assert abs(int(nl.corrupted.sum()) - n * p) < 4 * math.sqrt(n * p * (1 - p))
+    # corrupted labels are uniform over the other classes
+    counts = torch.bincount((nl.noisy[nl.corrupted] - nl.clean[nl.corrupted]) % k, minlength=k)[1:].double()
+    expected = counts.sum() / (k - 1)
+    assert ((counts - expected) ** 2 / expected).sum() < 8 + 5 * 4
+
+
+def test_asymmetric_noise_only_flips_cifar10_pairs():
+    y = torch.arange(10).repeat(1000)
+    nl = make_noisy_labels(y, 10, 0.4, "asymmetric", seed=0)
+    src = nl.clean[nl.corrupted]
+    assert all(int(d) == CIFAR10_PAIRS[int(s)] for s, d in zip(src, nl.noisy[nl.corrupted]))
+    n_src = 1000 * len(CIFAR10_PAIRS)
+    assert abs(len(src) - 0.4 * n_src) < 4 * math.sqrt(n_src * 0.24)
+    with pytest.raises(ConfigError, match="asymmetric"):
+        make_noisy_labels(torch.arange(100), 100, 0.4, "asymmetric", 0)
+
+
+def test_noise_is_deterministic_seeds_differ_and_file_reloads(tmp_path):
+    y = torch.randint(0, 100, (3000,), generator=torch.Generator().manual_seed(0))
+    a = make_noisy_labels(y, 100, 0.6, "uniform", seed=3)
+    b = make_noisy_labels(y, 100, 0.6, "uniform", seed=3)
+    c = make_noisy_labels(y, 100, 0.6, "uniform", seed=4)
+    assert torch.equal(a.noisy, b.noisy) and not torch.equal(a.noisy, c.noisy)
+    path, sha = a.save(tmp_path)
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    back = NoisyLabels.load(path)
+    assert torch.equal(back.noisy, a.noisy) and torch.equal(back.clean, y) and back.mode == "uniform" and back.rate == 0.6
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(DataError, match="noisy_labels.pt"):
+        NoisyLabels.load(path)
+
+
+def test_noise_is_independent_of_run_seed_and_split():
+    a = build_data(synthetic_cfg(val_size=40, label_noise=SimpleNamespace(rate=0.5, mode="exclusive", seed=9)), 32, 64, torch.device("cpu"), 0, False)
+    b = build_data(synthetic_cfg(val_size=40, label_noise=SimpleNamespace(rate=0.5, mode="exclusive", seed=9)), 32, 64, torch.device("cpu"), 123, False)
+    assert torch.equal(a.train.labels, b.train.labels) and torch.equal(a.val.labels, b.val.labels)
+    assert torch.equal(torch.cat([a.train.labels, a.val.labels]), a.noise.noisy)
+    assert a.noisy_train.num_examples == int(a.noise.corrupted[:160].sum())
+    assert not torch.equal(a.val.labels, a.noise.clean[160:])  # validation labels are noisy too
+
+
+def test_noise_summary_picks_best_validation_epoch():
+    history = [
+        {"epoch": 1, "val_error": 50.0, "test_error": 40.0},
+        {"epoch": 2, "val_error": 30.0, "test_error": 20.0},
+        {"epoch": 3, "val_error": 30.0, "test_error": 25.0},
+        {"epoch": 4, "val_error": 45.0, "test_error": 35.0},
+    ]
+    nl = make_noisy_labels(torch.arange(10).repeat(10), 10, 0.2, "exclusive", 0)
+    s = noise_summary(history, 12.5, nl, "abc")
+    assert s["best_val_epoch"] == 2 and s["clean_test_error_at_best_val"] == 20.0 and s["clean_test_error_final"] == 35.0
+    assert s["realised_noise_rate"] == pytest.approx(0.2) and s["fitted_noisy_labels_pct"] == 12.5
+
+
+# ---------------------------------------------------------------- SVHN
+
+
+def test_svhn_reads_mat_files_train_plus_extra(tmp_path, monkeypatch):
+    files = write_svhn(tmp_path / "svhn")
+    monkeypatch.setattr(SVHN, "split_list", {s: [u, f, files[s][2]] for s, (u, f, _) in SVHN.split_list.items()})
+    train_x, train_y, test_x, test_y = load_svhn(str(tmp_path), download=False, extra=True)
+    assert train_x.shape == (40, 3, 32, 32) and train_x.dtype == torch.uint8 and test_x.shape == (12, 3, 32, 32)
+    x, y, _ = files["extra"]
+    assert [int(train_x[24 + 2, c, 5, 7]) for c in range(3)] == [int(x[5, 7, c, 2]) for c in range(3)]  # X is H, W, C, N
+    want = np.concatenate([files["train"][1][:, 0], y[:, 0]]).astype(np.int64) % 10  # label 10 is digit 0
+    assert np.array_equal(train_y.numpy(), want) and train_y.max() <= 9
+    assert load_svhn(str(tmp_path), download=False, extra=False)[0].shape[0] == 24
+
+
+def test_svhn_missing_and_corrupt_files_are_clear_errors(tmp_path, monkeypatch):
+    files = write_svhn(tmp_path / "svhn")
+    monkeypatch.setattr(SVHN, "split_list", {s: [u, f, files[s][2]] for s, (u, f, _) in SVHN.split_list.items()})
+    path = tmp_path / "svhn" / "extra_32x32.mat"
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(DataError, match=r"extra_32x32.mat fails its md5 checksum"):
+        load_svhn(str(tmp_path), download=False)
+    path.unlink()
+    with pytest.raises(DataError, match=r"extra_32x32.mat is missing"):
+        load_svhn(str(tmp_path), download=False)
+
+
+# ---------------------------------------------------------------- ImageNet / ImageFolder streaming
+
+
+def imagenet_cfg(root, **over):
+    cfg = dict(root=str(root), num_classes=2, image_size=16, resize=20, mean=[0.5] * 3, std=[0.25] * 3, num_workers=0, gpu_decode=False)
+    cfg.update(over)
+    return SimpleNamespace(**cfg)
+
+
+@pytest.fixture
+def imagenet_root(tmp_path):
+    write_image_folder(tmp_path / "imagenet" / "train", per_class=5)
+    write_image_folder(tmp_path / "imagenet" / "val", per_class=2, size=(30, 40), seed=1)
+    return tmp_path
+
+
+@pytest.mark.parametrize("gpu_decode", [False, True])
+def test_imagenet_folder_loader_interface(imagenet_root, gpu_decode):
+    train, test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=gpu_decode), 4, 3, torch.device("cpu"), 0, False)
+    assert len(train) == 2 and train.num_examples == 10 and len(test) == 2 and test.num_examples == 4
+    batches = list(train.epoch(0))
+    assert len(batches) == 2 and batches[0][0].shape == (4, 3, 16, 16) and batches[0][0].dtype == torch.float32
+    assert batches[0][0].min() >= -2.0 - 1e-6 and batches[0][0].max() <= 2.0 + 1e-6  # (x/255 - 0.5)/0.25
+    order = torch.cat([b[1] for b in batches])
+    again = torch.cat([b[1] for b in train.epoch(0)])
+    assert torch.equal(order, again)  # same seed, same order
+    tail = torch.cat([b[1] for b in train.epoch(0, start_step=1)])
+    assert torch.equal(tail, order[4:])  # resume mid-epoch
+    ev = list(test.epoch(0))
+    assert torch.equal(torch.cat([b[1] for b in ev]), torch.tensor([0, 0, 1, 1]))
+    a, b = torch.cat([x for x, _ in ev]), torch.cat([x for x, _ in test.epoch(0)])
+    assert torch.equal(a, b)  # evaluation is deterministic
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_imagenet_truncated_jpeg_names_the_file(imagenet_root, workers):
+    bad = imagenet_root / "imagenet" / "val" / "n02" / "n02_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])
+    _, test = build_imagenet(imagenet_cfg(imagenet_root, num_workers=workers), 4, 4, torch.device("cpu"), 0, False)
+    with pytest.raises(DataError, match=r"n02_1.JPEG is unreadable") as e:
+        list(test.epoch(0))
+    assert "\n" not in str(e.value)
+
+
+def test_imagenet_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"imagenet/train is missing"):
+        build_imagenet(imagenet_cfg(tmp_path), 4, 4, torch.device("cpu"), 0, False)
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"one sub-folder of images per class"):
+        build_imagenet(imagenet_cfg(tmp_path), 4, 4, torch.device("cpu"), 0, False)
+
+
+def test_finetune_missing_dataset_names_it(tmp_path):
+    cfg = SimpleNamespace(name="flowers102", root=str(tmp_path), num_classes=102, image_size=32, resize=36, mean=[0.5] * 3,
+                          std=[0.25] * 3, num_workers=0, download=False)
+    with pytest.raises(DataError, match=r"flowers102: the 'train' split under .* is missing or corrupt"):
+        build_finetune(cfg, 4, 4, torch.device("cpu"), 0, False)
+
+
+def test_streamed_datasets_reject_in_memory_options(imagenet_root):
+    cfg = synthetic_cfg(name="imagenet", root=str(imagenet_root), val_size=10)
+    with pytest.raises(ConfigError, match="streamed"):
+        build_data(cfg, 4, 4, torch.device("cpu"), 0, False)
+
+
+# ---------------------------------------------------------------- CUDA (scripts/gpu_check.sh; skipped without a GPU)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_augmentations_match_cpu_and_are_seeded():
+    x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aa = BatchAutoAugment("cifar10")
+    cpu = aa(x, torch.Generator().manual_seed(4))
+    gpu = aa(x.cuda(), torch.Generator().manual_seed(4))  # same CPU-drawn plan, ops run on the GPU
+    assert gpu.is_cuda and gpu.dtype == torch.uint8
+    assert (gpu.cpu().int() - cpu.int()).abs().max() <= 1  # same ops; float rounding may differ by 1
+    kw = dict(train=True, augment=True, cutout=16, autoaugment="cifar10")
+    a = list(DeviceLoader(x.cuda(), torch.arange(256).cuda(), 64, [0.5] * 3, [0.25] * 3, seed=1, **kw).epoch(0))
+    b = list(DeviceLoader(x.cuda(), torch.arange(256).cuda(), 64, [0.5] * 3, [0.25] * 3, seed=1, **kw).epoch(0))
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b)) and a[0][0].is_cuda
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_jpeg_decode_stream(imagenet_root):
+    train, test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True, num_workers=0), 4, 4, torch.device("cuda"), 0, False)
+    xb, yb = next(iter(train.epoch(0)))
+    assert xb.is_cuda and xb.shape == (4, 3, 16, 16) and yb.is_cuda
+    cpu_test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True), 4, 4, torch.device("cpu"), 0, False)[1]
+    g, c = next(iter(test.epoch(0)))[0].cpu(), next(iter(cpu_test.epoch(0)))[0]
+    # nvJPEG and libjpeg upsample chroma differently; on these random-noise JPEGs the mean gap
+    # measured 0.081 (about 5 grey levels) on an H200; a wrong channel order or crop is > 0.5
+    assert (g - c).abs().mean() < 0.15
+
+
+def test_autoaugment_is_drawn_per_image_per_epoch_and_resumes(monkeypatch):
+    import sam_bench.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "AUTOAUGMENT_CHUNK", 16)  # several chunks on a small set
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    loader = DeviceLoader(x, torch.arange(40), 8, [0.5] * 3, [0.25] * 3, train=True, autoaugment="cifar10", seed=3)
+    e0, e1 = loader.autoaugmented(0).clone(), loader.autoaugmented(1).clone()
+    assert e0.shape == x.shape and not torch.equal(e0, e1)  # a fresh draw each epoch
+    assert not torch.equal(e0[:16], e0[16:32])  # chunks draw differently (inputs differ anyway)
+    full = list(loader.epoch(0))
+    fresh = DeviceLoader(x, torch.arange(40), 8, [0.5] * 3, [0.25] * 3, train=True, autoaugment="cifar10", seed=3)
+    tail = list(fresh.epoch(0, start_step=3))  # a resumed run recomputes the same augmented images
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[3:], tail))
+
+
+# ---------------------------------------------------------------- trainer integration (in-process, tiny)
+
+
+@pytest.fixture
+def compose_train():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sam_bench.cli import _register
+    from sam_bench.paths import config_dir
+
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        yield lambda overrides=(): compose(config_name="train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+TINY = [
+    "dataset=synthetic", "dataset.train_size=192", "dataset.test_size=64", "dataset.val_size=64", "model=wrn",
+    "model.kwargs.depth=10", "model.kwargs.width=1", "trainer.batch_size=32", "trainer.eval_batch_size=64",
+    "trainer.epochs=2", "trainer.progress=false", "trainer.checkpoint=false", "trainer.device=cpu",
+]
+
+
+def test_fit_records_validation_and_label_noise(compose_train, tmp_path):
+    import json
+
+    from sam_bench.engine.trainer import fit
+
+    cfg = compose_train(TINY + ["dataset.label_noise.rate=0.5", "dataset.label_noise.mode=exclusive", "dataset.label_noise.seed=4",
+                                "dataset.cutout=8", "dataset.autoaugment=cifar10"])
+    result = fit(cfg, tmp_path / "run")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["val_error"] is not None and m["test_error"] is not None for m in metrics)
+    saved = NoisyLabels.load(tmp_path / "run" / "noisy_labels.pt")
+    assert result["noisy_labels_sha256"] == hashlib.sha256((tmp_path / "run" / "noisy_labels.pt").read_bytes()).hexdigest()
+    assert result["realised_noise_rate"] == pytest.approx(0.5, abs=1 / 192) and saved.seed == 4
+    best = min(metrics, key=lambda m: (m["val_error"], m["epoch"]))
+    assert result["best_val_epoch"] == best["epoch"] and result["clean_test_error_at_best_val"] == best["test_error"]
+    assert result["clean_test_error_final"] == metrics[-1]["test_error"]
+    assert 0.0 <= result["fitted_noisy_labels_pct"] <= 100.0
+
+
+def test_validate_rejects_bad_data_options(compose_train):
+    from sam_bench.schema import validate
+
+    for overrides, match in [
+        (["dataset=cifar10_noisy", "dataset.val_size=null"], "needs dataset.val_size"),
+        (["dataset=cifar100_noisy", "dataset.label_noise.mode=asymmetric"], "asymmetric"),
+        (["dataset.cutout=40"], "dataset.cutout=40"),
+        (["dataset.label_noise.rate=1.5", "dataset.val_size=5000"], "label_noise.rate"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            validate(compose_train(overrides))
+
+
+def test_finetune_builds_stream_loaders_from_torchvision_classes(monkeypatch, tmp_path):
+    """The wiring (splits concatenated, transforms at the model's resolution, class count check)
+    with torchvision's FakeData standing in for a downloaded dataset class."""
+    from torchvision.datasets import FakeData
+
+    import sam_bench.data.finetune as ft
+
+    calls = []
+
+    class Fake(FakeData):
+        def __init__(self, root, split, transform, download, **kw):
+            calls.append((root, split, download, kw))
+            super().__init__(size={"train": 6, "val": 4, "test": 5}[split], image_size=(3, 40, 50), num_classes=7, transform=transform, random_offset=len(split))
+
+    monkeypatch.setitem(ft.FINETUNE, "flowers102", (Fake, ("train", "val"), "test", {"flag": 1}, 7))
+    cfg = SimpleNamespace(name="flowers102", root=str(tmp_path), num_classes=7, image_size=24, resize=28, mean=[0.5] * 3, std=[0.25] * 3,
+                          num_workers=0, download=False)
+    train, test = build_finetune(cfg, 4, 4, torch.device("cpu"), 0, False)
+    assert [c[1] for c in calls] == ["train", "val", "test"] and calls[0][3] == {"flag": 1}
+    assert train.num_examples == 10 and len(train) == 2 and test.num_examples == 5 and len(test) == 2
+    x, y = next(iter(train.epoch(0)))
+    assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.cat([b[0] for b in test.epoch(0)]).shape == (5, 3, 24, 24)
+    with pytest.raises(DataError, match="has 7 classes"):
+        build_finetune(SimpleNamespace(**{**vars(cfg), "num_classes": 102}), 4, 4, torch.device("cpu"), 0, False)
+
+
+def test_stream_loader_shards_across_ranks(imagenet_root):
+    """Under DDP each rank reads a disjoint shard (DistributedSampler); together they cover the set."""
+    train, _ = build_imagenet(imagenet_cfg(imagenet_root), 1, 1, torch.device("cpu"), 0, False)
+    seen = []
+    for rank in (0, 1):
+        train.world, train.rank = 2, rank  # what torch.distributed would report
+        assert train.num_examples == 5 and len(train) == 5
+        seen.append([int(i) for i in train._sampler(0)])
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(10))
