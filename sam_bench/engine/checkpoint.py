@@ -129,7 +129,7 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
         try:
             good.append((read_checkpoint(path), path))
         except Exception as e:  # truncated, corrupt, foreign file
-            first_line = str(e).splitlines()[0] if str(e) else ""
+            first_line = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # torch's first sentence says it
             errors.append(f"{path} ({type(e).__name__}: {first_line})")
             log.warning("checkpoint %s is unreadable (%s: %s); using an older one if any", path, type(e).__name__, first_line)
     if good:
