@@ -361,7 +361,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
             if tr.checkpoint:
                 save(epoch + 1, global_step, None)
             write_metrics(run_dir, history)
-            stop_if_preempted(epoch + 1, global_step, None)
+            if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
+                stop_if_preempted(epoch + 1, global_step, None)
     writer.close()
 
     last = history[-1]
