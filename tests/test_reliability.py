@@ -44,6 +44,15 @@ TINY = [
 TIMING_KEYS = ("epoch_time_s", "images_per_s")
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """fit() sets the thread count and deterministic mode process-wide; keep them local to a test."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def _state(step: int) -> dict:
     g = torch.Generator().manual_seed(step)
     return {
@@ -207,6 +216,8 @@ def test_killed_anywhere_resumes_bit_exactly(compose_train, tmp_path):
         assert code == (PREEMPTED_EXIT_CODE if fault.endswith(":TERM") else -signal.SIGKILL), (fault, code)
         assert not (victim / "result.json").exists()
         progress.append(_newest_step(victim))  # never an unreadable checkpoint
+    first_kill = int(faults[0].split("@")[1])
+    assert progress[0] == 2 * ((first_kill - 1) // 2), (faults[0], progress)  # the mid-epoch checkpoints
     assert progress == sorted(progress) and 0 < progress[-1] < 18, progress
     assert _run_child(cfg, victim) == 0
     assert not list(victim.glob(".checkpoint.next.pt.*.tmp"))  # half-written temporaries were cleaned up
@@ -241,6 +252,26 @@ def test_changed_training_labels_refuse_to_resume(compose_train, tmp_path):
     ckpt.save_checkpoint(tmp_path, {k: v for k, v in state.items() if k != "checksum"})
     with pytest.raises(CheckpointError, match="different training labels"):
         fit(compose_train([*TINY, "trainer.epochs=1"]), tmp_path)
+
+
+def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path, monkeypatch):
+    """A GradScaler attached as ``optimizer.scaler`` (fp16) is saved and restored with the rest."""
+    import sam_bench.engine.trainer as trainer
+
+    build, init_scale = trainer.build_optimizer, {"value": 1234.0}
+
+    def with_scaler(opt_cfg, model):
+        opt = build(opt_cfg, model)
+        opt.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale["value"])
+        return opt
+
+    monkeypatch.setattr(trainer, "build_optimizer", with_scaler)
+    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    assert _run_child(cfg, tmp_path, "step@2:TERM") == PREEMPTED_EXIT_CODE
+    assert ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"] == 1234.0
+    init_scale["value"] = 1.0  # the resumed run builds a fresh scaler; the checkpoint must win
+    fit(cfg, tmp_path)
+    assert ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)["scaler"]["scale"] == 1234.0
 
 
 # ---------------------------------------------------------------- the CLI: SIGTERM and bad input
