@@ -326,6 +326,8 @@ BAD_INPUTS = [
      "reading zip archive: not a ZIP archive). Delete the run directory to start over"),
     ("unwritable_output_dir", ["hydra.run.dir={run}/x/run"], _file_in_the_way,
      "sam-bench: error: output directory {run}/x/run is not writable (Not a directory); choose a writable place with hydra.run.dir=/path/to/dir"),
+    ("unwritable_sweep_dir", ["-m", "hydra.sweep.dir={run}/x/sweep"], _file_in_the_way,
+     "sam-bench: error: output directory {run}/x/sweep is not writable (Not a directory); choose a writable place with hydra.sweep.dir=/path/to/dir"),
     ("diverged", ["optimizer.lr=1e30", "optimizer.grad_clip=null"], None,
      "sam-bench: error: non-finite training loss or gradient at step 2 (epoch 1); nothing after the last good checkpoint "
      "(none written yet) was saved. Lower optimizer.lr or set optimizer.grad_clip, then train into a new run directory"),
@@ -339,8 +341,10 @@ def test_bad_input_one_line_and_exit_2(cli_env, tmp_path, name, overrides, setup
     if setup is not None:
         setup(run)
     overrides = [o.format(run=run) for o in overrides]
-    dir_args = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={run}"]
-    proc = _cli([*TINY, "trainer.log_every_steps=1", *overrides, *dir_args], cli_env)
+    dir_args = [] if any(o.startswith(("hydra.run.dir", "hydra.sweep.dir")) for o in overrides) else [f"hydra.run.dir={run}"]
+    flags = [o for o in overrides if o.startswith("-")]  # -m goes before the overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
+    proc = _cli([*flags, *TINY, "trainer.log_every_steps=1", *overrides, *dir_args], cli_env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == line.format(run=run)
     assert "Traceback" not in proc.stderr
