@@ -53,12 +53,22 @@ def train() -> None:
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def _train(cfg) -> None:
+        from sam_bench.schema import validate
+
+        try:
+            validate(cfg)  # before importing torch: a bad value fails in well under a second
+        except SamBenchError as e:
+            _fail(str(e))
+        from sam_bench.engine.signals import PREEMPTED_EXIT_CODE, Preempted
         from sam_bench.engine.trainer import fit
 
         try:
             fit(cfg, HydraConfig.get().runtime.output_dir)
         except SamBenchError as e:
             _fail(str(e))
+        except Preempted as e:
+            print(f"sam-bench: preempted: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     _train()
 

@@ -15,3 +15,7 @@ class DataError(SamBenchError):
 
 class CheckpointError(SamBenchError):
     """A checkpoint that cannot be used to resume."""
+
+
+class TrainingDiverged(SamBenchError):
+    """A non-finite loss, gradient or weight: the run stops before writing that state anywhere."""

@@ -137,6 +137,8 @@ class TrainerConfig:
     log_every_steps: int = 50
     progress: bool = True  # tqdm bar, silent when stderr is not a TTY
     checkpoint: bool = True  # full state every epoch (atomic), resumed on re-run
+    checkpoint_every_steps: Optional[int] = None  # also a recovery checkpoint every N steps; null = epoch ends only
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns, slower on CUDA
     num_threads: Optional[int] = None  # CPU threads; null = torch's default
 
 
@@ -183,6 +185,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.compile",
     "trainer.checkpoint",
     "dataset.num_workers",
+    "trainer.checkpoint_every_steps",
 )
 
 
@@ -228,6 +231,16 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"trainer.eval_every={tr.eval_every} must be >= 1 (epochs between test evaluations)")
     if tr.batch_size < 1 or tr.eval_batch_size < 1:
         raise ConfigError("trainer.batch_size and trainer.eval_batch_size must be >= 1")
+    if tr.log_every_steps < 1:
+        raise ConfigError(f"trainer.log_every_steps={tr.log_every_steps} must be >= 1")
+    if tr.checkpoint_every_steps is not None and tr.checkpoint_every_steps < 1:
+        raise ConfigError(f"trainer.checkpoint_every_steps={tr.checkpoint_every_steps} must be >= 1, or null for epoch ends only")
+    # batch vs dataset size, when known without loading the data (fail in the first second)
+    n_train = ds.train_size if ds.name == "synthetic" else None
+    if ds.train_subset:
+        n_train = min(ds.train_subset, n_train or ds.train_subset)
+    if n_train is not None and tr.batch_size > n_train:
+        raise ConfigError(f"trainer.batch_size={tr.batch_size} exceeds the {n_train} training images of {ds.name}; lower trainer.batch_size")
     if not 0 <= tr.label_smoothing < 1:
         raise ConfigError(f"trainer.label_smoothing={tr.label_smoothing} must be in [0, 1)")
     if ds.cutout is not None and not 0 < ds.cutout <= ds.image_size:

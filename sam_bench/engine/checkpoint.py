@@ -3,10 +3,14 @@
 ``checkpoint.pt`` is the newest; the one before it is kept as ``checkpoint.prev.pt`` so a file
 damaged after its write (or a crash between the two renames) still leaves a good one to resume
 from. Files hold plain containers and tensors only: ``torch.load(weights_only=True)`` reads them.
+
+``torch.load`` notices a truncated file but not a flipped byte inside tensor data, so every file
+carries a SHA-256 of its content (``checksum``), recomputed on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -15,55 +19,121 @@ from typing import Any
 
 import torch
 
+from sam_bench.engine.faults import fault_point
 from sam_bench.errors import CheckpointError
-from sam_bench.tracking.results import atomic_write_bytes
+from sam_bench.tracking.results import fsync_dir
 
 log = logging.getLogger(__name__)
 
+FORMAT = 2
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+NEXT = ".checkpoint.next.pt"
 REQUIRED_KEYS = ("format", "epoch", "step", "model", "optimizer", "rng", "history", "config_hash")
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    """Serialise, write atomically, then rotate: the old newest becomes the previous."""
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a nested structure of dicts, sequences, tensors and scalars (order-stable)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):  # torch.load may turn one into the other
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename: ``path`` is whole or absent."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        half = len(data) // 2
+        f.write(data[:half])
+        fault_point("checkpoint_partial")
+        f.write(data[half:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    """Serialise with a checksum, write atomically, then rotate: the old newest becomes the previous."""
+    state = {**state, "format": FORMAT}
+    state["checksum"] = content_digest({k: v for k, v in state.items() if k != "checksum"})
     buf = io.BytesIO()
     torch.save(state, buf)
     run_dir = Path(run_dir)
-    newest, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
-    tmp_target = run_dir / ".checkpoint.next.pt"
-    atomic_write_bytes(tmp_target, buf.getvalue())
+    newest, previous, nxt = run_dir / CHECKPOINT, run_dir / PREVIOUS, run_dir / NEXT
+    _write_atomic(nxt, buf.getvalue())
+    fsync_dir(run_dir)
+    fault_point("checkpoint_written")
     if newest.exists():
         os.replace(newest, previous)
-    os.replace(tmp_target, newest)
+    fault_point("checkpoint_rotated")
+    os.replace(nxt, newest)
+    fsync_dir(run_dir)
+    return newest
 
 
-def _read(path: Path) -> dict[str, Any]:
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete half-written temporaries left by a process killed mid-write (call under the run lock)."""
+    for tmp in Path(run_dir).glob(f"{NEXT}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and verify one file; raises on truncation, corruption or a foreign file."""
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"not a sam-bench checkpoint (a {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"missing keys {missing}")
+    if state["format"] >= 2:
+        stored = state.get("checksum")
+        actual = content_digest({k: v for k, v in state.items() if k != "checksum"})
+        if stored != actual:
+            raise ValueError(f"checksum mismatch (stored {str(stored)[:12]}, content {actual[:12]}): the file is damaged")
     return state
 
 
-def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The most advanced readable checkpoint in ``run_dir``; None if there is none at all.
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    return [p for p in (run_dir / CHECKPOINT, run_dir / NEXT, run_dir / PREVIOUS) if p.exists()]
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The most advanced verified checkpoint in ``run_dir`` and its path; None if there is none.
 
     Unreadable files (truncated, corrupt) are reported and skipped; if every file is
     unreadable, :class:`CheckpointError` says so rather than silently starting over.
     """
-    run_dir = Path(run_dir)
-    candidates = [p for p in (run_dir / CHECKPOINT, run_dir / ".checkpoint.next.pt", run_dir / PREVIOUS) if p.exists()]
     good, errors = [], []
-    for path in candidates:
+    for path in checkpoint_files(run_dir):
         try:
-            good.append(_read(path))
+            good.append((read_checkpoint(path), path))
         except Exception as e:  # truncated, corrupt, foreign file
-            first_line = str(e).splitlines()[0] if str(e) else ""
+            first_line = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # torch's first sentence says it
             errors.append(f"{path} ({type(e).__name__}: {first_line})")
             log.warning("checkpoint %s is unreadable (%s: %s); using an older one if any", path, type(e).__name__, first_line)
     if good:
-        return max(good, key=lambda s: (s["epoch"], s["step"]))
+        return max(good, key=lambda sp: (sp[0]["epoch"], sp[0]["step"]))
     if errors:
         raise CheckpointError(f"no readable checkpoint in {run_dir}: {'; '.join(errors)}. Delete the run directory to start over")
     return None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import resource
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,8 +22,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
+from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import autocast, resolve_device, resolve_precision
+from sam_bench.engine.rundir import ensure_writable, run_lock
+from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
+from sam_bench.errors import CheckpointError, TrainingDiverged
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
@@ -69,6 +74,56 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+class FiniteGuard:
+    """Watches the training loss (and SAM's ascent-gradient norm) for inf/NaN on the device.
+
+    ``update`` runs every step without a host sync; ``check`` syncs once (at a log interval, an
+    epoch end, before a checkpoint) and names the first bad step since the last check.
+    """
+
+    def __init__(self, device: torch.device):
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.good_steps = torch.zeros((), dtype=torch.long, device=device)  # finite steps since last check
+        self.checked_step = 0  # global step of the last successful check
+        self.last_checkpoint = "none written yet"
+
+    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
+        finite = torch.isfinite(loss)
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm)
+        self.ok.logical_and_(finite)
+        self.good_steps += self.ok
+
+    def check(self, global_step: int, epoch: int) -> None:
+        if bool(self.ok):  # the one host sync
+            self.good_steps.zero_()
+            self.checked_step = global_step
+            return
+        bad = self.checked_step + int(self.good_steps) + 1
+        raise TrainingDiverged(
+            f"non-finite training loss or gradient at step {bad} (epoch {epoch + 1}); nothing after the last good "
+            f"checkpoint ({self.last_checkpoint}) was saved. Lower optimizer.lr or set optimizer.grad_clip, "
+            "then train into a new run directory"
+        )
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Every floating-point parameter and buffer is finite (one host sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def new_epoch_progress(device: torch.device) -> dict[str, Any]:
+    """Accumulators of a partly trained epoch: checkpointed, so a resumed epoch reports the same stats."""
+    return {
+        "epoch_step": 0,
+        "seen": 0,
+        "loss_sum": torch.zeros((), device=device),
+        "correct": torch.zeros((), device=device, dtype=torch.long),
+        "time_s": 0.0,
+    }
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DeviceLoader,
@@ -83,29 +138,50 @@ def train_one_epoch(
     rng: RngReplay | None,
     progress: bool,
     log_every: int,
+    *,
+    partial: dict[str, Any] | None = None,
+    guard: FiniteGuard | None = None,
+    after_step: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, float], int]:
-    """Train for one epoch; returns (stats, global step). One host sync, at the end."""
+    """Train for one epoch (from ``partial['epoch_step']`` when resuming); returns (stats, global step).
+
+    Host syncs: one per ``log_every`` steps (finite check) and one at the end.
+    ``after_step(epoch, global_step, progress)`` runs after every step (checkpoints, preemption).
+    """
     model.train()
     if bn_eval:
         set_bn_eval(bn_eval)
     device = loader.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}", leave=False, disable=None if progress else True, dynamic_ncols=True)
-    for i, (images, labels) in enumerate(loader.epoch(epoch)):
+    acc = partial if partial is not None else new_epoch_progress(device)
+    t0 = time.perf_counter() - acc["time_s"]
+    bar = tqdm(total=len(loader), initial=acc["epoch_step"], desc=f"epoch {epoch + 1}", leave=False,
+               disable=None if progress else True, dynamic_ncols=True)
+    for i, (images, labels) in enumerate(loader.epoch(epoch, acc["epoch_step"]), start=acc["epoch_step"]):
         if scheduler is not None:
             scheduler.step_update(global_step)
         loss, logits = train_step(model, optimizer, images, labels, loss_fn, amp, bn_frozen_in_pass2, rng)
-        loss_sum += loss.float() * labels.numel()
-        correct += (logits.argmax(dim=1) == labels).sum()
-        seen += labels.numel()
+        acc["loss_sum"] += loss.float() * labels.numel()
+        acc["correct"] += (logits.argmax(dim=1) == labels).sum()
+        acc["seen"] += labels.numel()
+        acc["epoch_step"] = i + 1
         global_step += 1
+        if guard is not None:
+            guard.update(loss, optimizer.grad_norm if optimizer.two_pass else None)
         bar.update(1)
-        if not bar.disable and (i + 1) % log_every == 0:
-            bar.set_postfix(loss=f"{(loss_sum / seen).item():.3f}")  # a sync per log interval only
+        if (i + 1) % log_every == 0:
+            if guard is not None:
+                guard.check(global_step, epoch)  # a sync per log interval only
+            if not bar.disable:
+                bar.set_postfix(loss=f"{(acc['loss_sum'] / acc['seen']).item():.3f}")
+        acc["time_s"] = time.perf_counter() - t0
+        if after_step is not None:
+            after_step(epoch, global_step, acc)
     bar.close()
-    return {"train_loss": (loss_sum / seen).item(), "train_error": 100.0 * (1.0 - correct.item() / seen)}, global_step
+    if guard is not None:
+        guard.check(global_step, epoch)
+    seen = acc["seen"]
+    stats = {"train_loss": (acc["loss_sum"] / seen).item(), "train_error": 100.0 * (1.0 - acc["correct"].item() / seen)}
+    return stats, global_step
 
 
 @torch.no_grad()
@@ -125,10 +201,19 @@ def evaluate(model: nn.Module, loader: DeviceLoader, amp) -> dict[str, float]:
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train (or resume, or skip if already complete) the run described by ``cfg`` in ``run_dir``."""
+    """Train (or resume, or skip if already complete) the run described by ``cfg`` in ``run_dir``.
+
+    Holds the run directory's lock throughout, and turns SIGTERM/SIGUSR1 into a checkpoint and
+    :class:`Preempted` (see :mod:`sam_bench.engine.signals`).
+    """
     validate(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(run_dir)
+    with run_lock(run_dir), PreemptionHandler() as preempt:
+        return _fit(cfg, run_dir, preempt)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str, Any]:
     if cfg.optimizer.name == "sgd" and cfg.optimizer.rho != 0:
         log.info("optimizer=sgd: optimizer.rho=%s ignored (SGD is SAM with rho=0, one pass per step)", cfg.optimizer.rho)
     cfg.optimizer.rho = effective_rho(cfg.optimizer)
@@ -145,6 +230,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     precision = resolve_precision(tr.precision, device)
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
+    if tr.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    torch.use_deterministic_algorithms(tr.deterministic)
     seed_everything(cfg.seed)
     channels_last = tr.channels_last and device.type == "cuda"
     data: DataBundle = build_data(cfg.dataset, tr.batch_size, tr.eval_batch_size, device, cfg.seed, channels_last)
@@ -156,18 +244,75 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model)
+    scaler = getattr(optimizer, "scaler", None)  # a GradScaler, when fp16 attaches one
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
+    labels_hash = ckpt.content_digest(data.train.labels)  # catches a changed label-noise file on resume
+    guard = FiniteGuard(device)
 
-    start_epoch, global_step, history, train_time = 0, 0, [], 0.0
-    state = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
-    if state is not None:
+    start_epoch, global_step, history, train_time, partial = 0, 0, [], 0.0, None
+    if tr.checkpoint:
+        ckpt.remove_stale_temporaries(run_dir)
+    loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
+    if loaded is not None:
+        state, path = loaded
         ckpt.check_config_matches(semantic_config(state["config"]), semantic_config(config), run_dir)
+        if state.get("labels_hash", labels_hash) != labels_hash:
+            raise CheckpointError(
+                f"{path} was trained on different training labels (dataset files or label-noise settings changed); "
+                "restore them or train into a new run directory"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], device)
         start_epoch, global_step, history, train_time = state["epoch"], state["step"], state["history"], state["train_time"]
-        log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, global_step)
+        if state.get("partial") is not None:
+            partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["partial"].items()}
+        guard.checked_step = global_step
+        guard.last_checkpoint = f"{path}, step {global_step}"
+        log.info("resuming %s from epoch %d step %d (global step %d)", run_dir, start_epoch + 1,
+                 partial["epoch_step"] if partial else 0, global_step)
+
+    def save(epoch_done: int, step: int, progress: dict[str, Any] | None) -> Path:
+        """Checkpoint the full state; refuses (TrainingDiverged) to write non-finite weights."""
+        epoch = epoch_done if progress is not None else epoch_done - 1  # 0-based epoch being trained
+        guard.check(step, epoch)
+        if not weights_finite(model):
+            raise TrainingDiverged(
+                f"non-finite weights after step {step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
+                f"{guard.last_checkpoint}. Lower optimizer.lr or set optimizer.grad_clip, then train into a new run directory"
+            )
+        path = ckpt.save_checkpoint(run_dir, {
+            "epoch": epoch_done,  # completed epochs
+            "step": step,
+            "partial": None if progress is None else {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in progress.items()},
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(device),
+            "history": history,
+            "train_time": train_time,
+            "config": config,
+            "config_hash": chash,
+            "labels_hash": labels_hash,
+        })
+        guard.last_checkpoint = f"{path}, step {step}"
+        return path
+
+    def stop_if_preempted(epoch_done: int, step: int, progress: dict[str, Any] | None) -> None:
+        if not preempt.requested:
+            return
+        where = f"{save(epoch_done, step, progress)} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
+        raise Preempted(f"stopped by {preempt.signal_name} at step {step}; checkpoint {where}; re-run the same command to resume")
+
+    def after_step(epoch: int, step: int, progress: dict[str, Any]) -> None:
+        fault_point("step")
+        stop_if_preempted(epoch, step, progress)
+        every = tr.checkpoint_every_steps
+        if tr.checkpoint and every and step % every == 0 and progress["epoch_step"] < steps_per_epoch:
+            save(epoch, step, progress)  # mid-epoch recovery point (the epoch end writes its own)
 
     bn = batchnorm_modules(model)
     bn_mode = str(config["optimizer"]["bn"])
@@ -185,11 +330,13 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     wall_start = time.perf_counter()
     with logging_redirect_tqdm():
         for epoch in range(start_epoch, tr.epochs):
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() - (partial["time_s"] if partial else 0.0)
             train_stats, global_step = train_one_epoch(
                 forward, data.train, optimizer, scheduler, epoch, global_step, loss_fn, amp,
                 bn if bn_mode == "clean" else None, bn if bn_mode == "frozen" else None, rng, tr.progress, tr.log_every_steps,
+                partial=partial, guard=guard, after_step=after_step,
             )
+            partial = None
             epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.item())
             train_time += epoch_time
             last_epoch = epoch + 1 == tr.epochs
@@ -221,19 +368,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), epoch + 1)
             writer.flush()
             if tr.checkpoint:
-                ckpt.save_checkpoint(run_dir, {
-                    "format": 1,
-                    "epoch": epoch + 1,
-                    "step": global_step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng_state(device),
-                    "history": history,
-                    "train_time": train_time,
-                    "config": config,
-                    "config_hash": chash,
-                })
+                save(epoch + 1, global_step, None)
             write_metrics(run_dir, history)
+            if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
+                stop_if_preempted(epoch + 1, global_step, None)
     writer.close()
 
     last = history[-1]

@@ -1,0 +1,89 @@
+"""torch.distributed (torchrun) support: process group, rank-sharded batches, reductions.
+
+Each rank iterates over the same global batches (same seed, same augmentation draws) and keeps
+its own contiguous slice of ``batch_size / world_size`` examples, so a DDP run computes exactly
+what a single process with m-sharpness m = per-rank batch computes. The preset's batch size is
+the global one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from sam_bench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def per_rank_batch(global_batch: int, info: DistInfo) -> int:
+    if global_batch % info.world_size:
+        raise ConfigError(
+            f"trainer.batch_size={global_batch} is the global batch and must divide evenly over {info.world_size} ranks; "
+            f"use a multiple of {info.world_size}"
+        )
+    return global_batch // info.world_size
+
+
+class ShardedLoader:
+    """Wraps a loader: every rank sees the same global batches and keeps its own slice."""
+
+    def __init__(self, loader, info: DistInfo):
+        self.loader, self.info = loader, info
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_examples(self) -> int:
+        return self.loader.num_examples
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.loader.images
+
+    def _slice(self, n: int) -> slice:
+        per = -(-n // self.info.world_size)
+        return slice(self.info.rank * per, min((self.info.rank + 1) * per, n))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader.epoch(epoch, start_step):
+            sl = self._slice(len(labels))
+            yield images[sl], labels[sl]
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of ``t`` over ranks (identity in a single process)."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

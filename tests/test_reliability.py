@@ -1,0 +1,364 @@
+"""Reliability: verified checkpoints, preemption, non-finite detection, the run lock, fault injection
+and one clear line for every bad input."""
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import sam_bench_cmd
+from sam_bench.cli import _register
+from sam_bench.engine import checkpoint as ckpt
+from sam_bench.engine.rundir import ensure_writable, run_lock
+from sam_bench.engine.signals import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
+from sam_bench.engine.trainer import FiniteGuard, fit
+from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
+from sam_bench.paths import config_dir
+
+TINY = [
+    "dataset=synthetic",
+    "dataset.train_size=192",
+    "dataset.test_size=64",
+    "model=wrn",
+    "model.kwargs.depth=10",
+    "model.kwargs.width=1",
+    "model.kwargs.dropout=0.1",  # the forward draws random numbers: RNG state must survive a kill
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=64",
+    "trainer.epochs=3",
+    "trainer.progress=false",
+    "trainer.num_threads=1",
+    "trainer.deterministic=true",
+    "trainer.log_every_steps=4",
+]
+TIMING_KEYS = ("epoch_time_s", "images_per_s")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """fit() sets the thread count and deterministic mode process-wide; keep them local to a test."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def _state(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {
+        "epoch": step // 10, "step": step, "model": {"w": torch.randn(64, 64, generator=g)},
+        "optimizer": {}, "rng": {}, "history": [], "config_hash": "x",
+    }
+
+
+# ---------------------------------------------------------------- checkpoint verification
+
+
+def test_checksum_catches_a_flipped_byte_that_torch_load_accepts(tmp_path):
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    newest = tmp_path / ckpt.CHECKPOINT
+    data = bytearray(newest.read_bytes())
+    weights = _state(20)["model"]["w"].numpy().tobytes()
+    at = bytes(data).index(weights[:64]) + 100  # inside the tensor data
+    data[at] ^= 0x01
+    newest.write_bytes(bytes(data))
+    damaged = torch.load(newest, weights_only=True)  # torch itself does not notice ...
+    assert not torch.equal(damaged["model"]["w"], _state(20)["model"]["w"])
+    with pytest.raises(ValueError, match="checksum mismatch"):  # ... the stored digest does
+        ckpt.read_checkpoint(newest)
+    state, path = ckpt.load_checkpoint(tmp_path)
+    assert path.name == ckpt.PREVIOUS and state["step"] == 10
+    assert torch.equal(state["model"]["w"], _state(10)["model"]["w"])
+
+
+def test_truncated_checkpoint_falls_back_and_all_bad_is_an_error(tmp_path):
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    newest = tmp_path / ckpt.CHECKPOINT
+    newest.write_bytes(newest.read_bytes()[:5000])
+    assert ckpt.load_checkpoint(tmp_path)[0]["step"] == 10
+    (tmp_path / ckpt.PREVIOUS).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="no readable checkpoint in .*Delete the run directory"):
+        ckpt.load_checkpoint(tmp_path)
+
+
+def test_crash_between_renames_keeps_the_newest(tmp_path):
+    """Killed after newest -> .prev and before next -> newest: the next file is picked up."""
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    os.replace(tmp_path / ckpt.CHECKPOINT, tmp_path / ckpt.PREVIOUS)
+    ckpt._write_atomic(tmp_path / ckpt.NEXT, (tmp_path / ckpt.PREVIOUS).read_bytes())
+    (tmp_path / ckpt.PREVIOUS).write_bytes(b"")  # and the previous is damaged too
+    assert ckpt.load_checkpoint(tmp_path)[0]["step"] == 20
+
+
+# ---------------------------------------------------------------- signals, lock, non-finite
+
+
+def test_preemption_handler_sets_a_flag_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionHandler() as h:
+        assert not h.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert h.requested and h.signal_name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+    assert PREEMPTED_EXIT_CODE not in (0, 1, 2) and PREEMPTED_EXIT_CODE < 124
+
+
+def test_run_lock_is_exclusive_and_released(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(ConfigError, match=rf"in use by another sam-bench process \(pid {os.getpid()}\)"):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # released on exit
+        pass
+
+
+def test_unwritable_output_directory_is_a_config_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"is not writable \(Not a directory\); choose a writable place with hydra.run.dir"):
+        ensure_writable(blocker / "run")
+
+
+def test_finite_guard_names_the_first_bad_step():
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.checked_step = 100
+    guard.last_checkpoint = "run/checkpoint.pt, step 100"
+    for loss in (1.0, 2.0):
+        guard.update(torch.tensor(loss))
+    guard.check(102, 3)  # fine so far
+    for loss in (1.0, float("nan"), 1.0, float("inf")):
+        guard.update(torch.tensor(loss))
+    with pytest.raises(TrainingDiverged, match=r"at step 104 \(epoch 4\).*\(run/checkpoint.pt, step 100\)"):
+        guard.check(106, 3)
+    grad_guard = FiniteGuard(torch.device("cpu"))
+    grad_guard.update(torch.tensor(1.0), torch.tensor(float("inf")))  # a finite loss, an infinite gradient norm
+    with pytest.raises(TrainingDiverged, match="at step 1 "):
+        grad_guard.check(1, 0)
+
+
+# ---------------------------------------------------------------- fault injection (in forked children)
+
+
+@pytest.fixture
+def compose_train():
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        yield lambda overrides=(): compose(config_name="train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+def _child(cfg, run_dir: str, fault: str | None) -> None:
+    if fault:
+        os.environ["SAM_BENCH_FAULT"] = fault
+    try:
+        fit(cfg, run_dir)
+    except Preempted:
+        os._exit(PREEMPTED_EXIT_CODE)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _run_child(cfg, run_dir: Path, fault: str | None = None) -> int:
+    """fit() in a forked process (no interpreter start-up), optionally dying at a fault point."""
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(cfg, str(run_dir), fault))
+    proc.start()
+    proc.join(120)
+    return proc.exitcode
+
+
+def _newest_step(run_dir: Path) -> int:
+    """Every checkpoint file on disk must verify; returns the most advanced step (0 if none)."""
+    steps = [ckpt.read_checkpoint(p)["step"] for p in ckpt.checkpoint_files(run_dir)]
+    return max(steps, default=0)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_killed_anywhere_resumes_bit_exactly(compose_train, tmp_path):
+    """SIGKILL at random steps, inside checkpoint writes, and a SIGTERM preemption: the run
+    re-run until done ends with the uninterrupted run's weights, optimizer state and metrics."""
+    cfg = compose_train([*TINY, "trainer.checkpoint_every_steps=2"])  # 6 steps/epoch, 18 in all
+    assert _run_child(cfg, tmp_path / "clean") == 0
+
+    rng = random.Random(8)
+    faults = [
+        f"step@{rng.randint(1, 5)}",
+        "checkpoint_partial@1",  # half a temporary file on disk
+        f"step@{rng.randint(3, 7)}",
+        "checkpoint_written@2",  # next file complete, not rotated in
+        "checkpoint_rotated@1",  # newest renamed to .prev, next not yet renamed: no checkpoint.pt
+        f"step@{rng.randint(1, 4)}:TERM",  # preemption: finish the step, checkpoint, exit 75
+        f"step@{rng.randint(1, 4)}",
+    ]
+    victim, progress = tmp_path / "victim", []
+    for fault in faults:
+        code = _run_child(cfg, victim, fault)
+        assert code == (PREEMPTED_EXIT_CODE if fault.endswith(":TERM") else -signal.SIGKILL), (fault, code)
+        assert not (victim / "result.json").exists()
+        progress.append(_newest_step(victim))  # never an unreadable checkpoint
+    first_kill = int(faults[0].split("@")[1])
+    assert progress[0] == 2 * ((first_kill - 1) // 2), (faults[0], progress)  # the mid-epoch checkpoints
+    assert progress == sorted(progress) and 0 < progress[-1] < 18, progress
+    assert _run_child(cfg, victim) == 0
+    assert not list(victim.glob(".checkpoint.next.pt.*.tmp"))  # half-written temporaries were cleaned up
+
+    clean, again = (json.loads((d / "result.json").read_text()) for d in (tmp_path / "clean", victim))
+    assert (again["final_test_error"], again["final_test_loss"], again["steps"]) == \
+        (clean["final_test_error"], clean["final_test_loss"], clean["steps"])
+    assert _metrics(victim) == _metrics(tmp_path / "clean")
+    a, b = (ckpt.read_checkpoint(d / ckpt.CHECKPOINT) for d in (tmp_path / "clean", victim))
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    momenta = [(s["momentum_buffer"], t["momentum_buffer"]) for s, t in zip(
+        a["optimizer"]["base_optimizer"]["state"].values(), b["optimizer"]["base_optimizer"]["state"].values())]
+    assert momenta and all(torch.equal(x, y) for x, y in momenta)
+
+
+def test_nonfinite_state_is_never_checkpointed(compose_train, tmp_path):
+    cfg = compose_train([*TINY, "trainer.checkpoint_every_steps=2", "optimizer.lr=1e30", "optimizer.grad_clip=null"])
+    with pytest.raises(TrainingDiverged, match=r"non-finite training loss or gradient at step \d+ \(epoch 1\)"):
+        fit(cfg, tmp_path)
+    for path in ckpt.checkpoint_files(tmp_path):
+        state = ckpt.read_checkpoint(path)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_changed_training_labels_refuse_to_resume(compose_train, tmp_path):
+    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    assert _run_child(cfg, tmp_path, "step@3:TERM") == PREEMPTED_EXIT_CODE
+    state, path = ckpt.load_checkpoint(tmp_path)
+    state["labels_hash"] = "0" * 64  # as if the label-noise file had changed since
+    ckpt.save_checkpoint(tmp_path, {k: v for k, v in state.items() if k != "checksum"})
+    with pytest.raises(CheckpointError, match="different training labels"):
+        fit(compose_train([*TINY, "trainer.epochs=1"]), tmp_path)
+
+
+def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path, monkeypatch):
+    """A GradScaler attached as ``optimizer.scaler`` (fp16) is saved and restored with the rest."""
+    import sam_bench.engine.trainer as trainer
+
+    build, init_scale = trainer.build_optimizer, {"value": 1234.0}
+
+    def with_scaler(opt_cfg, model):
+        opt = build(opt_cfg, model)
+        opt.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale["value"])
+        return opt
+
+    monkeypatch.setattr(trainer, "build_optimizer", with_scaler)
+    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    assert _run_child(cfg, tmp_path, "step@2:TERM") == PREEMPTED_EXIT_CODE
+    assert ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"] == 1234.0
+    init_scale["value"] = 1.0  # the resumed run builds a fresh scaler; the checkpoint must win
+    fit(cfg, tmp_path)
+    assert ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)["scaler"]["scale"] == 1234.0
+
+
+# ---------------------------------------------------------------- the CLI: SIGTERM and bad input
+
+
+def _cli(args, env, timeout=300):
+    return subprocess.run(sam_bench_cmd() + ["train", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_resumes_identically(cli_env, compose_train, tmp_path):
+    args = [*TINY, "dataset.train_size=256", "trainer.epochs=2", "trainer.checkpoint_every_steps=3"]  # 16 steps
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen(sam_bench_cmd() + ["train", *args, f"hydra.run.dir={victim}"], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (victim / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert "sam-bench: preempted: stopped by SIGTERM at step" in err and "re-run the same command to resume" in err
+    assert "Traceback" not in err and not (victim / "result.json").exists()
+    assert 3 <= ckpt.read_checkpoint(victim / "checkpoint.pt")["step"] < 16
+
+    resumed = _cli([*args, f"hydra.run.dir={victim}"], cli_env)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout
+    assert _run_child(compose_train(args), tmp_path / "clean") == 0  # the uninterrupted reference
+    assert _metrics(victim) == _metrics(tmp_path / "clean")
+    a, b = (ckpt.read_checkpoint(d / ckpt.CHECKPOINT)["model"] for d in (tmp_path / "clean", victim))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _corrupt_checkpoint(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / ckpt.CHECKPOINT).write_bytes(b"PK\x03\x04 garbage")
+
+
+def _file_in_the_way(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "x").write_text("")  # a file where the output directory's parent should be
+
+
+BAD_INPUTS = [
+    # (id, overrides, setup, exact stderr line — {run} is the run directory)
+    ("fp16_on_cpu", ["trainer.precision=fp16"], None,
+     "sam-bench: error: trainer.precision=fp16 needs CUDA (float16 autocast is GPU-only here); use trainer.precision=fp32 or bf16 on the CPU"),
+    ("checkpoint_every_zero", ["trainer.checkpoint_every_steps=0"], None,
+     "sam-bench: error: trainer.checkpoint_every_steps=0 must be >= 1, or null for epoch ends only"),
+    ("corrupt_checkpoint", [], _corrupt_checkpoint,
+     "sam-bench: error: no readable checkpoint in {run}: {run}/checkpoint.pt (RuntimeError: PytorchStreamReader failed "
+     "reading zip archive: not a ZIP archive). Delete the run directory to start over"),
+    ("unwritable_output_dir", ["hydra.run.dir={run}/x/run"], _file_in_the_way,
+     "sam-bench: error: output directory {run}/x/run is not writable (Not a directory); choose a writable place with hydra.run.dir=/path/to/dir"),
+    ("unwritable_sweep_dir", ["-m", "hydra.sweep.dir={run}/x/sweep"], _file_in_the_way,
+     "sam-bench: error: output directory {run}/x/sweep is not writable (Not a directory); choose a writable place with hydra.sweep.dir=/path/to/dir"),
+    ("diverged", ["optimizer.lr=1e30", "optimizer.grad_clip=null"], None,
+     "sam-bench: error: non-finite training loss or gradient at step 2 (epoch 1); nothing after the last good checkpoint "
+     "(none written yet) was saved. Lower optimizer.lr or set optimizer.grad_clip, then train into a new run directory"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,overrides,setup,line", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_one_line_and_exit_2(cli_env, tmp_path, name, overrides, setup, line):
+    run = tmp_path / "bad"
+    if setup is not None:
+        setup(run)
+    overrides = [o.format(run=run) for o in overrides]
+    dir_args = [] if any(o.startswith(("hydra.run.dir", "hydra.sweep.dir")) for o in overrides) else [f"hydra.run.dir={run}"]
+    flags = [o for o in overrides if o.startswith("-")]  # -m goes before the overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
+    proc = _cli([*flags, *TINY, "trainer.log_every_steps=1", *overrides, *dir_args], cli_env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == line.format(run=run)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_second_process_on_a_busy_run_directory_fails_fast(cli_env, tmp_path):
+    run = tmp_path / "busy"
+    run.mkdir()
+    with run_lock(run):  # as if another training process held it
+        t0 = time.time()
+        proc = _cli([*TINY, f"hydra.run.dir={run}"], cli_env)
+    assert proc.returncode == 2 and time.time() - t0 < 60
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"sam-bench: error: {run} is in use by another sam-bench process (pid {os.getpid()}); "
+        "wait for it to finish, or give this run its own directory with hydra.run.dir=...")
+    assert not (run / "checkpoint.pt").exists()
