@@ -1,8 +1,8 @@
 """ρ sweeps: groups that differ only in ρ (and m, and SGD vs SAM), with ρ chosen on validation.
 
 A sweep family is every group whose semantic config is the same once ``optimizer.rho``,
-``optimizer.m`` and ``optimizer.name`` are removed; it is a sweep when it holds at least two
-distinct ρ (SGD counts as ρ = 0). Inside a family one series per (optimizer, m). The chosen ρ of
+``optimizer.m`` and ``optimizer.name`` are removed; it is a sweep when its non-SGD groups hold at
+least two distinct ρ (SGD joins the family as one point at ρ = 0). Inside a family one series per (optimizer, m). The chosen ρ of
 a series is the one with the lowest mean ``final_val_error`` (the paper's protocol: 10 % of the
 training set held out, ``dataset.val_size``); when any point lacks it, nothing is marked.
 """
@@ -60,8 +60,8 @@ def find_sweeps(groups: list[Group]) -> list[Sweep]:
     sweeps = []
     for key in sorted(families):
         members = families[key]
-        if len({g.rho for g in members}) < 2:
-            continue
+        if len({g.rho for g in members if g.optimizer != "sgd"}) < 2:
+            continue  # SGD beside one SAM ρ is a comparison, not a sweep
         name = members[0].name
         sweep = Sweep(f"{slug(name) or 'unnamed'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}", name)
         for g in sorted(members, key=lambda g: g.rho):
