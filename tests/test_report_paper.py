@@ -229,3 +229,24 @@ def test_cli_report_writes_every_table(tree, cli_env):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.glob("table*.md")) == sorted(f"{lay.id}.md" for lay in layouts())
+
+
+def test_table_scripts_launch_presets_pass_overrides_and_regenerate(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assert sorted(p.name for p in (repo / "scripts").glob("table*.sh")) == sorted(f"{lay.id}.sh" for lay in layouts())
+    env = dict(os.environ, DRY_RUN="1", PRESETS="table1_wrn28_10_200ep_basic_*", PYTHON="py", REPORT_OUT=str(tmp_path / "r"))
+    proc = subprocess.run(["bash", str(repo / "scripts" / "table1.sh"), "hydra/launcher=submitit_slurm", "trainer.epochs=1"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    stems = ["table1_wrn28_10_200ep_basic_cifar10", "table1_wrn28_10_200ep_basic_cifar100"]
+    assert lines[:2] == [f"py -m sam_bench train -m experiment=paper/{s} seed=0\\,1\\,2\\,3\\,4 optimizer=sgd\\,sam hydra/launcher=submitit_slurm trainer.epochs=1 " for s in stems]
+    assert lines[2:4] == [f"py -m sam_bench train -m experiment=paper/{s}_sgd2x seed=0\\,1\\,2\\,3\\,4 hydra/launcher=submitit_slurm trainer.epochs=1 " for s in stems[::-1]]
+    assert lines[4:] == [f"py -m sam_bench report out={tmp_path / 'r'} "]
+    env["PRESETS"] = "no_such_preset"
+    proc = subprocess.run(["bash", str(repo / "scripts" / "table2.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "no preset matches" in proc.stderr
