@@ -217,6 +217,9 @@ def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: l
         prov.append(f"| {cell.key} | {c['n']} | {c['seeds']} | {c['gpu_hours']} | {c['images_per_s']} | {c['peak_memory_mb']} | {c['device']} | {c['git_commit']} | {c['config_hash']} |")
     if prov:
         lines += [
+            "GPU-hours = Σ over seeds of train_time_s × world_size / 3600 (training only, evaluation excluded; "
+            "a CPU run counts its device-hours). images/s = mean over seeds; peak memory = max over seeds.",
+            "",
             "| cell | n | seeds | GPU-hours | images/s | peak memory MiB | device | git commit | config hash |",
             "|---|---|---|---|---|---|---|---|---|",
             *prov,
