@@ -201,3 +201,11 @@ def test_preset_composes_and_matches_the_paper(compose_preset, path):
             assert got == want, (name, key, got, want)
     if not name.endswith("@sgd2x") and not name.startswith(("table2/", "table3/", "table10/")):
         assert cfg.optimizer.grad_clip == 5.0 and cfg.optimizer.nesterov and cfg.optimizer.warmup_epochs == 0.0  # official code
+
+
+def test_an_experiment_sets_name_and_seed_over_train_yaml(compose_preset):
+    # train.yaml lists _self_ before `experiment`, so a preset's name (the report's cell key) survives.
+    from hydra import compose
+
+    cfg = compose(config_name="train", overrides=["experiment=fmnist_quickstart"])
+    assert cfg.name == "fmnist_quickstart"
