@@ -249,3 +249,15 @@ def test_table_scripts_launch_presets_pass_overrides_and_regenerate(tmp_path):
     env["PRESETS"] = "no_such_preset"
     proc = subprocess.run(["bash", str(repo / "scripts" / "table2.sh")], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "no preset matches" in proc.stderr
+
+
+def test_without_matplotlib_tables_are_written_and_plots_skipped(tmp_path, monkeypatch):
+    import sys
+
+    root = tmp_path / "runs"
+    for rho in (0.02, 0.05):
+        fake_run(root, f"r{rho}", "x", "sam", rho, 0, 3.0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    write_report([str(root)], str(tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("sweep_*.png"))
+    assert "matplotlib is not installed" in (tmp_path / "out" / "sweeps.md").read_text()

@@ -50,13 +50,17 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False) -> str:
         index.append(f"- [{layout.caption.split(':')[0]}]({layout.id}.md) ({layout.id}.csv): {filled} cells with runs")
 
     sweeps = find_sweeps(groups)
-    write("sweeps.md", sweeps_markdown(sweeps))
+    plots = _have_matplotlib()
+    md = sweeps_markdown(sweeps)
+    if sweeps and not plots:
+        md += "\nNo plots: matplotlib is not installed (pip install 'sam-bench[plots]').\n"
+    write("sweeps.md", md)
     write("sweeps.csv", sweeps_csv(sweeps))
-    keep = {f"sweep_{s.id}.png" for s in sweeps}
+    keep = {f"sweep_{s.id}.png" for s in sweeps} if plots else set()
     for stale in out_dir.glob("sweep_*.png"):  # plots of sweeps that no longer exist
         if stale.name not in keep:
             stale.unlink()
-    for s in sweeps:
+    for s in sweeps if plots else []:
         write(f"sweep_{s.id}.png", sweep_png(s))
     index += [f"- [ρ sweeps](sweeps.md) (sweeps.csv): {len(sweeps)} sweeps", "- [All runs](summary.md) (summary.csv)", ""]
     write("README.md", "\n".join(index))
@@ -65,3 +69,12 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False) -> str:
 
         write_hparams(sweeps, out_dir)
     return text
+
+
+def _have_matplotlib() -> bool:
+    """matplotlib is the optional ``plots`` extra: without it the tables are still written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
