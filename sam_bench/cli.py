@@ -86,7 +86,7 @@ def report() -> None:
         from sam_bench.report import write_report
 
         try:
-            table = write_report([str(r) for r in cfg.runs], cfg.out)
+            table = write_report([str(r) for r in cfg.runs], cfg.out, tensorboard=cfg.tensorboard)
         except SamBenchError as e:
             _fail(str(e))
         if cfg.print_table:

@@ -158,6 +158,8 @@ class ReportConfig:
     runs: List[str] = field(default_factory=lambda: ["runs", "multirun"])
     out: str = "results"
     print_table: bool = True
+    # HParams event files for ρ sweeps under <out>/tensorboard (not byte-stable: wall-clock times)
+    tensorboard: bool = False
 
 
 def register_configs() -> None:

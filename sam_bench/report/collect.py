@@ -1,4 +1,10 @@
-"""Find runs under one or more roots and group those that differ only by seed."""
+"""Find runs under one or more roots and group those that differ only by seed.
+
+A run directory is any directory holding ``result.json``, ``checkpoint.pt`` or ``.hydra/config.yaml``:
+this covers single runs (``runs/<overrides>``), Hydra multirun sweeps (``multirun/<overrides>``) and
+SLURM jobs launched with ``hydra/launcher=submitit_slurm`` (the job directories hold the same files;
+submitit's own ``.submitit/`` logs are not run directories and are ignored).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,37 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from sam_bench.schema import semantic_config
 from sam_bench.tracking.results import RESULT_FILE
+
+# Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables). Hard-coded so
+# the report needs no scipy and gives the same bytes everywhere; larger df use a Cornish-Fisher
+# expansion around z (error < 1e-4 for df > 30).
+T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+Z975 = 1.959964
+
+
+def t975(df: int) -> float:
+    """Student-t 0.975 quantile with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError("a confidence interval needs at least two runs (df >= 1)")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = Z975
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def ci95(values: list[float]) -> float | None:
+    """Half-width t_{0.975,n-1}·s/√n of the 95 % confidence interval of the mean (the paper's ±)."""
+    if len(values) < 2:
+        return None
+    return t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 @dataclass
@@ -35,6 +70,37 @@ class Group:
     def std(self) -> float | None:
         """Sample standard deviation (n-1); None for a single run."""
         return statistics.stdev(self.errors) if len(self.runs) > 1 else None
+
+    def values(self, key: str) -> list[float] | None:
+        """``key`` of every run's result, or None unless every run recorded a finite number."""
+        vals = [r.get(key) for r in self.runs]
+        if not vals or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+            return None
+        return [float(v) for v in vals]
+
+    @property
+    def val_errors(self) -> list[float] | None:
+        """Final validation errors (runs with ``dataset.val_size`` set record ``final_val_error``)."""
+        return self.values("final_val_error")
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or "")
+
+    @property
+    def optimizer(self) -> str:
+        return str(self.config.get("optimizer", {}).get("name", ""))
+
+    @property
+    def rho(self) -> float:
+        """The radius the run used: SGD is SAM with ρ = 0 whatever ``optimizer.rho`` says."""
+        opt = self.config.get("optimizer", {})
+        return 0.0 if opt.get("name") == "sgd" else float(opt.get("rho", 0.0))
+
+    @property
+    def cell_key(self) -> str:
+        """``name@optimizer``, or the name itself when it names a variant (``...@sgd2x``)."""
+        return self.name if "@" in self.name else f"{self.name}@{self.optimizer}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -74,6 +140,20 @@ def find_runs(roots: list[str]) -> tuple[list[dict], list[str]]:
         elif (run_dir / ".hydra").exists() or (run_dir / "checkpoint.pt").exists() or result is not None:
             incomplete.append(str(run_dir))
     return complete, incomplete
+
+
+def run_name(run_dir: str) -> str:
+    """The experiment ``name`` of a (possibly unfinished) run, read from Hydra's saved config."""
+    for path in (Path(run_dir) / RESULT_FILE, Path(run_dir) / ".hydra" / "config.yaml"):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            cfg = data.get("config", data)
+            if isinstance(cfg, dict) and cfg.get("name"):
+                return str(cfg["name"])
+    return ""
 
 
 def group_runs(results: list[dict]) -> list[Group]:

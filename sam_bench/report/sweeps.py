@@ -1,0 +1,121 @@
+"""ρ sweeps: groups that differ only in ρ (and m, and SGD vs SAM), with ρ chosen on validation.
+
+A sweep family is every group whose semantic config is the same once ``optimizer.rho``,
+``optimizer.m`` and ``optimizer.name`` are removed; it is a sweep when its non-SGD groups hold at
+least two distinct ρ (SGD joins the family as one point at ρ = 0). Inside a family one series per (optimizer, m). The chosen ρ of
+a series is the one with the lowest mean ``final_val_error`` (the paper's protocol: 10 % of the
+training set held out, ``dataset.val_size``); when any point lacks it, nothing is marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from statistics import fmean
+
+from sam_bench.report.collect import Group, ci95
+from sam_bench.report.paper import slug
+from sam_bench.schema import semantic_config
+
+SWEEP_DROP = ("optimizer.rho", "optimizer.m", "optimizer.name")
+
+
+@dataclass
+class Sweep:
+    id: str  # file-name safe, stable: slug of the name + hash of the shared config
+    name: str
+    series: dict[str, list[Group]] = field(default_factory=dict)  # label -> groups by ρ
+
+    def chosen(self, label: str) -> Group | None:
+        """The point with the lowest mean validation error, or None if any point lacks one."""
+        groups = self.series[label]
+        if len(groups) < 2 or not all(g.val_errors for g in groups):
+            return None
+        return min(groups, key=lambda g: (fmean(g.val_errors), g.rho))
+
+    @property
+    def rhos(self) -> list[float]:
+        return sorted({g.rho for gs in self.series.values() for g in gs})
+
+
+def series_label(g: Group) -> str:
+    m = g.config.get("optimizer", {}).get("m")
+    return g.optimizer if m is None or g.optimizer == "sgd" else f"{g.optimizer} m={m}"
+
+
+def _series_order(label: str) -> tuple:
+    opt, _, m = label.partition(" m=")
+    return (opt, int(m) if m.isdigit() else -1)
+
+
+def find_sweeps(groups: list[Group]) -> list[Sweep]:
+    """Every ρ sweep among ``groups``, in a stable order."""
+    families: dict[str, list[Group]] = {}
+    for g in groups:
+        key = json.dumps(semantic_config(g.config, drop=SWEEP_DROP), sort_keys=True, default=str)
+        families.setdefault(key, []).append(g)
+    sweeps = []
+    for key in sorted(families):
+        members = families[key]
+        if len({g.rho for g in members if g.optimizer != "sgd"}) < 2:
+            continue  # SGD beside one SAM ρ is a comparison, not a sweep
+        name = members[0].name
+        sweep = Sweep(f"{slug(name) or 'unnamed'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}", name)
+        for g in sorted(members, key=lambda g: g.rho):
+            sweep.series.setdefault(series_label(g), []).append(g)
+        sweep.series = {k: sweep.series[k] for k in sorted(sweep.series, key=_series_order)}
+        sweeps.append(sweep)
+    return sweeps
+
+
+def _point(g: Group) -> str:
+    ci = ci95(g.errors)
+    return f"{g.mean:.2f}" + (f" ± {ci:.2f}" if ci is not None else "") + f" (n={len(g.runs)})"
+
+
+def sweeps_markdown(sweeps: list[Sweep]) -> str:
+    lines = [
+        "# ρ sweeps",
+        "",
+        "Test error % (mean ± 95 % CI over seeds, final epoch) against ρ, one column per optimizer/m; "
+        "val = mean final validation error (runs with dataset.val_size). ✓ = the ρ chosen on validation "
+        "(lowest val error); the test error is never used to choose.",
+        "",
+    ]
+    if not sweeps:
+        return "\n".join(lines + ["No sweeps found (a sweep is a set of runs differing only in ρ, m or SGD/SAM).", ""])
+    for s in sweeps:
+        labels = list(s.series)
+        lines += [f"## {s.name or '(unnamed)'} — `{s.id}`", "", f"![error vs rho](sweep_{s.id}.png)", ""]
+        header = ["ρ"] + [h for lab in labels for h in (f"{lab} test", f"{lab} val")]
+        lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        for rho in s.rhos:
+            row = [f"{rho:g}"]
+            for lab in labels:
+                g = next((g for g in s.series[lab] if g.rho == rho), None)
+                mark = " ✓" if g is not None and s.chosen(lab) is g else ""
+                val = g.val_errors if g is not None else None
+                row += [_point(g) + mark if g else "—", f"{fmean(val):.2f}" if val else "—"]
+            lines.append("| " + " | ".join(row) + " |")
+        unmarked = [lab for lab in labels if len(s.series[lab]) > 1 and s.chosen(lab) is None]
+        if unmarked:
+            lines += ["", f"No ρ marked for {', '.join(unmarked)}: not every point recorded `final_val_error` (run with dataset.val_size=5000)."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def sweeps_csv(sweeps: list[Sweep]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["sweep", "name", "series", "rho", "test_mean", "test_ci95", "n", "seeds", "val_mean", "chosen"])
+    for s in sweeps:
+        for lab, groups in s.series.items():
+            for g in groups:
+                ci, val = ci95(g.errors), g.val_errors
+                w.writerow([s.id, s.name, lab, f"{g.rho:g}", f"{g.mean:.4f}", f"{ci:.4f}" if ci is not None else "",
+                            len(g.runs), ",".join(map(str, g.seeds)), f"{fmean(val):.4f}" if val else "",
+                            "1" if s.chosen(lab) is g else "0"])
+    return buf.getvalue()

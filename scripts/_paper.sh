@@ -1,0 +1,52 @@
+# Shared by scripts/table*.sh (sourced, not run): launch paper presets, then regenerate results/.
+#
+# Environment (all optional):
+#   PYTHON    interpreter with sam-bench installed (default: python)
+#   SEEDS     Hydra sweep of seeds (default: 0,1,2,3,4 = the paper's 5 runs)
+#   PRESETS   glob over conf/experiment/paper/*.yaml stems to restrict a table (e.g. 'table1_wrn28_10_200ep_*')
+#   REPORT_OUT where the report goes (default: results)
+#   DRY_RUN=1 print the commands instead of running them
+# Extra arguments are Hydra overrides passed to every `sam-bench train -m` call, e.g. SLURM:
+#   scripts/table1.sh hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \
+#       hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=4320
+# (needs `pip install hydra-submitit-launcher`; Hydra waits for the jobs, then the report runs).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+SEEDS="${SEEDS:-0,1,2,3,4}"
+REPORT_OUT="${REPORT_OUT:-results}"
+
+run() {
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%q ' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# presets GLOB: the preset stems under conf/experiment/paper matching GLOB (and PRESETS if set), sorted.
+presets() {
+  local f stem
+  for f in "$ROOT"/conf/experiment/paper/$1.yaml; do
+    [[ -e "$f" ]] || continue
+    stem="$(basename "$f" .yaml)"
+    # shellcheck disable=SC2053
+    [[ -z "${PRESETS:-}" || "$stem" == ${PRESETS} ]] && echo "$stem"
+  done
+}
+
+# train_presets GLOB [ARGS...]: one multirun per preset matching GLOB; ARGS before the user's overrides.
+train_presets() {
+  local glob="$1"; shift
+  local stem found=0
+  for stem in $(presets "$glob"); do
+    found=1
+    run "$PYTHON" -m sam_bench train -m "experiment=paper/$stem" "seed=$SEEDS" "$@" "${EXTRA[@]}"
+  done
+  [[ $found == 1 ]] || { echo "no preset matches $glob${PRESETS:+ and PRESETS=$PRESETS}" >&2; exit 2; }
+}
+
+report() {
+  run "$PYTHON" -m sam_bench report "out=$REPORT_OUT"
+}

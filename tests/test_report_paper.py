@@ -1,0 +1,263 @@
+"""The paper-table report on a synthetic tree of runs, checked against hand-computed values."""
+
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from sam_bench.report import write_report
+from sam_bench.report.collect import ci95, find_runs, group_runs, t975
+from sam_bench.report.paper import layouts
+from sam_bench.report.sweeps import find_sweeps
+from sam_bench.report.tables import index_groups, measure
+
+# Reference t_{0.975,df} from standard tables (independent of the module's own table).
+T_REF = {1: 12.7062, 2: 4.3027, 4: 2.7764, 9: 2.2622, 29: 2.0452, 40: 2.0211, 60: 2.0003, 120: 1.9799, 1000: 1.9623}
+
+
+def ref_ci(xs):
+    """float64 95 % CI half-width, written out: t · sqrt(Σ(x−x̄)²/(n−1)) / sqrt(n)."""
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    s = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    return T_REF[n - 1] * s / math.sqrt(n)
+
+
+def fake_run(root, sub, name, optimizer="sam", rho=0.05, seed=0, error=2.7, *, m=None, val=None, extra=None, status="complete"):
+    d = root / sub
+    (d / ".hydra").mkdir(parents=True)
+    config = {
+        "dataset": {"name": "cifar10", "root": "/data", "val_size": None if val is None else 5000},
+        "model": {"arch": "wide_resnet_cifar", "kwargs": {"depth": 28}},
+        "optimizer": {"name": optimizer, "rho": rho, "m": m},
+        "trainer": {"epochs": 200, "progress": False},
+        "seed": seed,
+        "name": name,
+    }
+    (d / ".hydra" / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    if status is None:
+        return d
+    result = {
+        "status": status, "name": name, "final_test_error": error, "seed": seed, "config": config,
+        "finished_at": "2026-01-01T00:00:00", "train_time_s": 1800.0, "images_per_s": 1000.0 + seed,
+        "peak_memory_mb": 2048.0 + seed, "device": "NVIDIA H100", "git_commit": "abc123", "config_hash": "h" + optimizer,
+    }
+    if val is not None:
+        result["final_val_error"] = val
+    result.update(extra or {})
+    (d / "result.json").write_text(json.dumps(result))
+    return d
+
+
+T1 = "table1/wrn28_10_200ep/basic/cifar10"
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "runs"
+    for seed, err in enumerate([2.5, 2.6, 2.7, 2.8, 2.9]):
+        fake_run(root, f"sam/{seed}", T1, "sam", 0.05, seed, err)
+    for seed, err in enumerate([3.6, 3.8]):
+        fake_run(root, f"sgd/{seed}", T1, "sgd", 0.05, seed, err)
+    fake_run(root, "sam/crashed", T1, "sam", 0.05, 7, None, status=None)  # no result.json: must not count
+    fake_run(root, "sam/diverged", T1, "sam", 0.05, 8, float("nan"))
+    # Table 4 prints accuracy: 100 − error
+    for seed, err in enumerate([5.0, 4.8]):
+        fake_run(root, f"noise/{seed}", "table4/resnet32/noise20/cifar10", "sam", 0.1, seed, err)
+    # a SLURM (submitit) layout: date/time/job-number plus submitit's own logs
+    slurm = fake_run(root, "slurm/2026-01-01/12-00-00/0", "table2/resnet50/100ep/imagenet", "sam", 0.05, 0, 22.6,
+                     extra={"final_test_top5_error": 6.3})
+    (slurm.parent / ".submitit" / "123_0").mkdir(parents=True)
+    (slurm.parent / ".submitit" / "123_0" / "123_0_log.out").write_text("log")
+    return tmp_path
+
+
+def test_t_quantiles_match_reference_tables():
+    for df, t in T_REF.items():
+        assert abs(t975(df) - t) < 2e-3, df
+    with pytest.raises(ValueError):
+        t975(0)
+
+
+def test_ci_is_t_halfwidth():
+    xs = [2.5, 2.6, 2.7, 2.8, 2.9]
+    assert abs(ci95(xs) - ref_ci(xs)) < 1e-3 * ref_ci(xs)
+    assert abs(ci95(xs) - 0.19629) < 1e-4  # by hand: 2.776 · 0.158114 / √5
+    assert ci95([1.0]) is None
+
+
+def test_grouping_excludes_incomplete_and_finds_slurm_runs(tree):
+    results, incomplete = find_runs([str(tree / "runs")])
+    groups = group_runs(results)
+    by_key = index_groups(groups)
+    assert by_key[f"{T1}@sam"][0].errors == [2.5, 2.6, 2.7, 2.8, 2.9]
+    assert by_key[f"{T1}@sgd"][0].seeds == [0, 1]
+    assert "table2/resnet50/100ep/imagenet@sam" in by_key
+    assert sorted(incomplete) == sorted(str(tree / "runs" / "sam" / s) for s in ("crashed", "diverged"))
+
+
+def test_table1_cells_hand_computed(tree):
+    write_report([str(tree / "runs")], str(tree / "out"))
+    md = (tree / "out" / "table1.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| WRN-28-10 (200 epochs) | Basic |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # SAM: mean 2.70, CI 0.196 -> 0.20, Δ vs 2.7 = +0.00; SGD: mean 3.70, CI 12.706·0.1414/√2 = 1.27, Δ +0.20
+    assert cells[2:11] == ["2.7 ± 0.1", "2.70 ± 0.20 (n=5)", "+0.00", "3.5 ± 0.1", "3.70 ± 1.27 (n=2)", "+0.20", "3.5 ± 0.1", "—", "—"]
+    assert cells[11:] == ["16.5 ± 0.2", "—", "—", "18.8 ± 0.2", "—", "—", "18.8 ± 0.2", "—", "—"]
+    # every other row is paper-only
+    other = next(line for line in md.splitlines() if line.startswith("| PyramidNet+ShakeDrop | AA |"))
+    assert other.count("—") == 12
+    # incomplete runs listed, not averaged; compute and provenance per cell
+    assert str(tree / "runs" / "sam" / "crashed") in md and str(tree / "runs" / "sam" / "diverged") in md
+    assert f"| {T1}@sam | 5 | 0,1,2,3,4 | 2.500 | 1002.0 | 2052 | NVIDIA H100 | abc123 | hsam |" in md
+    rows = list(csv.DictReader(io.StringIO((tree / "out" / "table1.csv").read_text())))
+    sam = next(r for r in rows if r["key"] == f"{T1}@sam")
+    assert sam["mean"] == "2.7000" and sam["n"] == "5" and sam["ci95"] == f"{ref_ci([2.5, 2.6, 2.7, 2.8, 2.9]):.4f}"
+    assert sam["gpu_hours"] == "2.500" and sam["seeds"] == "0,1,2,3,4"
+
+
+def test_accuracy_table_and_top5(tree):
+    write_report([str(tree / "runs")], str(tree / "out"))
+    t4 = (tree / "out" / "table4.md").read_text()
+    row = next(line for line in t4.splitlines() if line.startswith("| SAM | paper's runs |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:5] == ["95.1", "95.10 ± 1.27 (n=2)", "+0.00"]  # accuracy 95.0, 95.2
+    t2 = (tree / "out" / "table2.md").read_text()
+    row = next(line for line in t2.splitlines() if line.startswith("| ResNet-50 | 100 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:8] == ["22.5 ± 0.1", "22.60 (n=1)", "+0.10", "6.28 ± 0.08", "6.30 (n=1)", "+0.02"]
+
+
+def test_several_configs_for_one_cell_resolved_on_validation_only(tmp_path):
+    root = tmp_path / "runs"
+    for rho, val, test in ((0.02, 3.0, 2.4), (0.05, 2.8, 2.9), (0.1, 3.3, 2.2)):
+        fake_run(root, f"r{rho}", T1, "sam", rho, 0, test, val=val)
+    cell = next(c for _, cells in layouts()[0].rows for c in cells if c.key == f"{T1}@sam")
+    m = measure(cell, index_groups(group_runs(find_runs([str(root)])[0])))
+    assert m.group.rho == 0.05 and m.values == [2.9]  # lowest val error, not lowest test error
+    fake_run(root, "r0.2", T1, "sam", 0.2, 0, 2.0)  # no val error: cannot choose
+    m = measure(cell, index_groups(group_runs(find_runs([str(root)])[0])))
+    assert m.values is None and "validation" in m.note
+
+
+def test_sweep_table_plot_and_chosen_rho(tmp_path):
+    root = tmp_path / "runs"
+    name = "fig3/m_sharpness/cifar10"
+    vals = {0.01: 6.0, 0.05: 5.5, 0.1: 5.8}
+    for m_ in (4, 16):
+        for rho, val in vals.items():
+            for seed in (0, 1):
+                fake_run(root, f"m{m_}_r{rho}_s{seed}", name, "sam", rho, seed, val - 0.5 + 0.1 * seed + (m_ == 16), m=m_, val=val + (m_ == 16))
+    fake_run(root, "sgd", name, "sgd", 0.05, 0, 7.0, val=7.2)
+    sweeps = find_sweeps(group_runs(find_runs([str(root)])[0]))
+    assert len(sweeps) == 1
+    s = sweeps[0]
+    assert list(s.series) == ["sam m=4", "sam m=16", "sgd"] and s.rhos == [0.0, 0.01, 0.05, 0.1]
+    assert s.chosen("sam m=4").rho == 0.05 and s.chosen("sam m=16").rho == 0.05 and s.chosen("sgd") is None
+    write_report([str(root)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "sweeps.md").read_text()
+    # m=4, rho 0.05: test errors 5.0, 5.1 -> 5.05 ± 12.706·0.0707/√2 = 0.64; val 5.5
+    assert "| 0.05 | 5.05 ± 0.64 (n=2) ✓ | 5.50 | 6.05 ± 0.64 (n=2) ✓ | 6.50 | — | — |" in md
+    assert "| 0 | — | — | — | — | 7.00 (n=1) | 7.20 |" in md
+    png = tmp_path / "out" / f"sweep_{s.id}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    chosen = [r for r in csv.DictReader(io.StringIO((tmp_path / "out" / "sweeps.csv").read_text())) if r["chosen"] == "1"]
+    assert sorted((r["series"], r["rho"]) for r in chosen) == [("sam m=16", "0.05"), ("sam m=4", "0.05")]
+
+
+def test_sweep_without_validation_marks_nothing(tmp_path):
+    root = tmp_path / "runs"
+    for rho in (0.02, 0.05):
+        fake_run(root, f"r{rho}", "x", "sam", rho, 0, 3.0)
+    write_report([str(root)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "sweeps.md").read_text()
+    assert "✓" not in md.split("## ")[1] and "No ρ marked for sam" in md
+
+
+def test_report_is_byte_stable_and_writes_only_under_out(tree):
+    before = {p: p.stat().st_mtime_ns for p in tree.rglob("*")}
+    write_report([str(tree / "runs")], str(tree / "out1"))
+    write_report([str(tree / "runs")], str(tree / "out2"))
+    after = {p for p in tree.rglob("*") if not p.is_relative_to(tree / "out1") and not p.is_relative_to(tree / "out2")}
+    assert after == set(before) and all(p.stat().st_mtime_ns == before[p] for p in after)
+    files1 = sorted(p.relative_to(tree / "out1") for p in (tree / "out1").rglob("*"))
+    files2 = sorted(p.relative_to(tree / "out2") for p in (tree / "out2").rglob("*"))
+    assert files1 == files2 and len(files1) == 2 + 2 * len(layouts()) + 2 + 1
+    for f in files1:
+        assert (tree / "out1" / f).read_bytes() == (tree / "out2" / f).read_bytes(), f
+
+
+def test_png_bytes_stable(tmp_path):
+    root = tmp_path / "runs"
+    for rho in (0.02, 0.05, 0.1):
+        fake_run(root, f"r{rho}", "x", "sam", rho, 0, 3.0 + rho, val=3.1)
+    write_report([str(root)], str(tmp_path / "a"))
+    write_report([str(root)], str(tmp_path / "b"))
+    pngs = sorted((tmp_path / "a").glob("sweep_*.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes() == (tmp_path / "b" / pngs[0].name).read_bytes()
+    # a sweep that disappears takes its stale plot with it
+    write_report([str(tmp_path / "nothing_here"), str(root / "r0.02")], str(tmp_path / "a"))
+    assert not list((tmp_path / "a").glob("sweep_*.png"))
+
+
+def test_tensorboard_hparams_for_sweeps(tmp_path):
+    root = tmp_path / "runs"
+    for rho in (0.02, 0.05):
+        fake_run(root, f"r{rho}", "x", "sam", rho, 0, 3.0, val=3.1)
+    write_report([str(root)], str(tmp_path / "out"), tensorboard=True)
+    dirs = sorted(p for p in (tmp_path / "out" / "tensorboard").rglob("*") if p.is_dir() and p.parent.parent.name == "tensorboard")
+    assert [d.name for d in dirs] == ["sam_rho0.02", "sam_rho0.05"]
+    for d in dirs:
+        events = list(d.iterdir())
+        assert events and all(e.is_file() and e.name.startswith("events.out.tfevents") for e in events)  # run_name="."
+        blob = b"".join(e.read_bytes() for e in events)
+        assert b"hparams" in blob and b"rho" in blob and b"hparam/test_error" in blob
+
+
+@pytest.mark.slow
+def test_cli_report_writes_every_table(tree, cli_env):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tree / "cli_out"
+    proc = subprocess.run([sys.executable, "-m", "sam_bench", "report", f"runs=[{tree / 'runs'}]", f"out={out}", "print_table=false"],
+                          capture_output=True, text=True, env=cli_env, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("table*.md")) == sorted(f"{lay.id}.md" for lay in layouts())
+
+
+def test_table_scripts_launch_presets_pass_overrides_and_regenerate(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assert sorted(p.name for p in (repo / "scripts").glob("table*.sh")) == sorted(f"{lay.id}.sh" for lay in layouts())
+    env = dict(os.environ, DRY_RUN="1", PRESETS="table1_wrn28_10_200ep_basic_*", PYTHON="py", REPORT_OUT=str(tmp_path / "r"))
+    proc = subprocess.run(["bash", str(repo / "scripts" / "table1.sh"), "hydra/launcher=submitit_slurm", "trainer.epochs=1"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    stems = ["table1_wrn28_10_200ep_basic_cifar10", "table1_wrn28_10_200ep_basic_cifar100"]
+    assert lines[:2] == [f"py -m sam_bench train -m experiment=paper/{s} seed=0\\,1\\,2\\,3\\,4 optimizer=sgd\\,sam hydra/launcher=submitit_slurm trainer.epochs=1 " for s in stems]
+    assert lines[2:4] == [f"py -m sam_bench train -m experiment=paper/{s}_sgd2x seed=0\\,1\\,2\\,3\\,4 hydra/launcher=submitit_slurm trainer.epochs=1 " for s in stems[::-1]]
+    assert lines[4:] == [f"py -m sam_bench report out={tmp_path / 'r'} "]
+    env["PRESETS"] = "no_such_preset"
+    proc = subprocess.run(["bash", str(repo / "scripts" / "table2.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "no preset matches" in proc.stderr
+
+
+def test_without_matplotlib_tables_are_written_and_plots_skipped(tmp_path, monkeypatch):
+    import sys
+
+    root = tmp_path / "runs"
+    for rho in (0.02, 0.05):
+        fake_run(root, f"r{rho}", "x", "sam", rho, 0, 3.0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    write_report([str(root)], str(tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("sweep_*.png"))
+    assert "matplotlib is not installed" in (tmp_path / "out" / "sweeps.md").read_text()
