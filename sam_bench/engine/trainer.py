@@ -20,7 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.engine import checkpoint as ckpt
-from sam_bench.engine.precision import autocast, resolve_device, resolve_precision
+from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
@@ -82,6 +82,8 @@ def train_one_epoch(
     rng: RngReplay | None,
     progress: bool,
     log_every: int,
+    step_kwargs: dict | None = None,
+    on_log=None,
 ) -> tuple[dict[str, float], int]:
     """Train for one epoch; returns (stats, global step). One host sync, at the end."""
     model.train()
@@ -95,14 +97,17 @@ def train_one_epoch(
     for i, (images, labels) in enumerate(loader.epoch(epoch)):
         if scheduler is not None:
             scheduler.step_update(global_step)
-        loss, logits = train_step(model, optimizer, images, labels, loss_fn, amp, bn_frozen_in_pass2, rng)
+        loss, logits = train_step(model, optimizer, images, labels, loss_fn, amp, bn_frozen_in_pass2, rng, **(step_kwargs or {}))
         loss_sum += loss.float() * labels.numel()
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.numel()
         global_step += 1
         bar.update(1)
-        if not bar.disable and (i + 1) % log_every == 0:
-            bar.set_postfix(loss=f"{(loss_sum / seen).item():.3f}")  # a sync per log interval only
+        if (i + 1) % log_every == 0:
+            if on_log is not None:
+                on_log(global_step, optimizer.read_diagnostics())  # SAM diagnostics: one sync per interval
+            if not bar.disable:
+                bar.set_postfix(loss=f"{(loss_sum / seen).item():.3f}")  # a sync per log interval only
     bar.close()
     return {"train_loss": (loss_sum / seen).item(), "train_error": 100.0 * (1.0 - correct.item() / seen)}, global_step
 
@@ -150,7 +155,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model = build_model(cfg.model.arch, data.num_classes, data.in_chans, **cfg.model.kwargs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
+    scaler = LossScaler(device) if precision == "fp16" else None
+    m = cfg.optimizer.m if cfg.optimizer.m not in (None, tr.batch_size) else None
+    step_kwargs = {"m": m, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
 
@@ -160,6 +168,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ckpt.check_config_matches(semantic_config(state["config"]), semantic_config(config), run_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], device)
         start_epoch, global_step, history, train_time = state["epoch"], state["step"], state["history"], state["train_time"]
         log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, global_step)
@@ -184,6 +194,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             train_stats, global_step = train_one_epoch(
                 forward, data.train, optimizer, scheduler, epoch, global_step, loss_fn, amp,
                 bn if bn_mode == "clean" else None, bn if bn_mode == "frozen" else None, rng, tr.progress, tr.log_every_steps,
+                step_kwargs, lambda step, diag: [writer.add_scalar(k, v, step) for k, v in diag.items()],
             )
             epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.item())
             train_time += epoch_time
@@ -218,6 +229,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     "step": global_step,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": rng_state(device),
                     "history": history,
                     "train_time": train_time,
