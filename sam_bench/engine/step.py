@@ -69,6 +69,19 @@ def _unscale(optimizer: SAM, scaler: LossScaler | None) -> None:
 
 
 @torch.no_grad()
+def _average_bn_state(model: nn.Module) -> None:
+    """Running statistics = mean over ranks of the clean-pass updates (official ``pmean`` of the BN
+    state), so every rank holds the same state (DDP's buffer broadcast then changes nothing)."""
+    world = dist.get_world_size()
+    for mod in model.modules():
+        if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats:
+            for buf in (mod.running_mean, mod.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf)
+                    buf.div_(world)
+
+
+@torch.no_grad()
 def _average_gradients(optimizer: SAM) -> None:
     """All-reduce (mean) the ascent gradient: ``sync_perturbation`` (official --sync_perturbations)."""
     world = dist.get_world_size()
@@ -131,6 +144,8 @@ def train_step(
         _backward(loss, scaler)
         if sync_perturbation and ddp:
             _average_gradients(optimizer)
+    if ddp:
+        _average_bn_state(model)
     _unscale(optimizer, scaler)
     optimizer.first_step(zero_grad=True)
     bn_untouched = bn_modules or []
@@ -148,9 +163,11 @@ def train_step(
     set_true_gradient(model, False)
     if rng is not None:
         rng.rewind()
+    if ddp:
+        optimizer.preload_l2(scaler.scale_ if scaler is not None else None)  # the L2 term of each rank's loss joins the all-reduce
     with running_stats_frozen(bn_untouched), autocast():
         perturbed_loss = loss_fn(model(images), labels)
-    _backward(perturbed_loss, scaler)
+    _backward(perturbed_loss, scaler)  # the only synchronised backward under DDP
     _unscale(optimizer, scaler)
     optimizer.record_loss_gap(loss, perturbed_loss)
     hvp = _hessian_vector_product(model, optimizer, images, labels, loss_fn, autocast, rng) if optimizer.second_order else None

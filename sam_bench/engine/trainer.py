@@ -219,7 +219,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for key in ("train_loss", "train_error", "test_loss", "test_error", "lr", "images_per_s"):
                 if record[key] is not None:
                     writer.add_scalar(key.replace("_", "/", 1), record[key], epoch + 1)
-            if cfg.optimizer.rho > 0:
+            if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), epoch + 1)
             writer.flush()
             if tr.checkpoint:

@@ -155,7 +155,7 @@ class SAM(torch.optim.Optimizer):
         self._generator: torch.Generator | None = None
         self.grad_norm = torch.zeros(())  # ‖g‖ of the last first pass (device scalar, for logging)
         self._diag: torch.Tensor | None = None  # running sums of DIAGNOSTICS, on the device
-        self._diag_count = 0
+        self._l2_preloaded = False
 
     # ---- bookkeeping ------------------------------------------------------------------------
 
@@ -282,6 +282,23 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = params
 
     @torch.no_grad()
+    def preload_l2(self, loss_scale: torch.Tensor | None = None) -> None:
+        """Put l2·(w+ε) in ``p.grad`` *before* the perturbed backward (grads must be None/zero).
+
+        Under DDP the backward then all-reduces CE-gradient + L2 term together, so every rank gets
+        mean_r l2·(w+ε_r) as the official per-device loss does, with no extra communication;
+        :meth:`second_step` then skips its own L2 addition.
+        """
+        for group in self.param_groups:
+            if group["l2"]:
+                for p in group["params"]:
+                    term = p.detach() * group["l2"]
+                    if loss_scale is not None:  # fp16: the backward adds scaled gradients
+                        term = term * loss_scale.to(term.dtype)
+                    p.grad = term if p.grad is None else p.grad.add_(term)
+        self._l2_preloaded = True
+
+    @torch.no_grad()
     def second_step(
         self,
         zero_grad: bool = False,
@@ -296,7 +313,9 @@ class SAM(torch.optim.Optimizer):
         """
         if self._backup is None:
             raise RuntimeError("second_step() called before first_step()")
-        self._add_l2()  # official: the L2 term is evaluated at w + ε̂ too
+        if not self._l2_preloaded:
+            self._add_l2()  # official: the L2 term is evaluated at w + ε̂ too
+        self._l2_preloaded = False
         torch._foreach_copy_(self._perturbed, self._backup)
         if self.second_order:
             if hvp is None:
