@@ -114,6 +114,8 @@ def train_step(
     under DDP, average the ascent gradient over ranks (default: each rank perturbs with its own).
     """
     if m is not None and m != images.shape[0] and optimizer.two_pass:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("m-sharpness under DDP: each rank already perturbs with its own batch (m = per-rank batch); pass m=None")
         from sam_bench.optim.msam import msam_step
 
         return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler)

@@ -71,6 +71,7 @@ def msam_step(
     """One m-sharpness SAM step (see module docstring). ``bn_modules`` given = BN mode "clean"."""
     from sam_bench.engine.step import set_true_gradient
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: vmap the eager module
     batch = images.shape[0]
     chunks = batch // m
     x = images.reshape(chunks, m, *images.shape[1:])
@@ -113,7 +114,7 @@ def msam_step(
         optimizer.grad_norm = optimizer._clean_norm.mean()
         optimizer._eps = eps
         if optimizer.diagnostics:
-            optimizer._clean_grad = [g.mean(dim=0) for g in grads]
+            optimizer._keep_clean_grad([g.mean(dim=0) for g in grads])
     del leaf, grads
 
     # perturbed pass: mean_c ∇L_c(w + ε_c) lands in w.grad

@@ -218,8 +218,8 @@ class SAM(torch.optim.Optimizer):
         norm = chunk_norms(tg, chunks)
         self._clean_norm = norm if not any(s is not None for s in ts) else chunk_norms(grads, chunks)
         inv = 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # g = 0 gives ε = 0, not NaN
-        if chunks == 1 and not any(s is not None for s in ts):
-            return [t * (inv * r).to(t.dtype) for t, r in zip(grads, rhos)]
+        if chunks == 1 and not any(s is not None for s in ts) and len(set(rhos)) == 1:
+            return torch._foreach_mul(grads, (inv * rhos[0]).reshape(()).to(grads[0].dtype))  # one fused kernel
         return [(u if s is None else u * s) * _per_chunk(inv * r, u) for u, s, r in zip(tg, ts, rhos)]
 
     @torch.no_grad()
@@ -248,7 +248,7 @@ class SAM(torch.optim.Optimizer):
         grads = [p.grad.unsqueeze(0) for p in all_params]
         self._save_backup(all_params)
         if self.diagnostics or self.second_order:
-            self._clean_grad = [p.grad.clone() for p in all_params]
+            self._keep_clean_grad([p.grad for p in all_params])
         eps = self.direction(grads, all_params, [g for _, g in pairs], 1)
         self.grad_norm = self._clean_norm.reshape(())
         self._eps = [e for e, (_, g) in zip(eps, pairs) if g["rho"] > 0]
@@ -273,6 +273,14 @@ class SAM(torch.optim.Optimizer):
         self._clean_norm = self.grad_norm.reshape(1)  # diagnostics report the clean-pass ‖g‖
         if zero_grad:
             self.zero_grad()
+
+    def _keep_clean_grad(self, grads: list[torch.Tensor]) -> None:
+        """Copy g into persistent buffers (one fused copy per step, no allocation)."""
+        buf = self._clean_grad
+        if buf is None or len(buf) != len(grads) or any(b.shape != g.shape or b.dtype != g.dtype for b, g in zip(buf, grads)):
+            self._clean_grad = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_copy_(buf, grads)
 
     def _save_backup(self, params: list[torch.Tensor]) -> None:
         if self._backup is None or len(self._backup) != len(params) or any(b.shape != p.shape for b, p in zip(self._backup, params)):
@@ -391,22 +399,24 @@ class SAM(torch.optim.Optimizer):
     # ---- diagnostics (device accumulators, read once per log interval) ----------------------
 
     def _accumulate(self, index: int, value: torch.Tensor) -> None:
-        if self._diag is None or self._diag.device != value.device:
-            self._diag = torch.zeros(len(DIAGNOSTICS) + 1, device=value.device, dtype=torch.float64)
-        self._diag[index] += value.detach().reshape(()).to(torch.float64)
+        if self._diag is None:
+            device = self.param_groups[0]["params"][0].device
+            self._diag = torch.zeros(len(DIAGNOSTICS) + 1, device=device, dtype=torch.float64)
+        self._diag[index] += value.detach().reshape(()).to(self._diag.device, torch.float64)
 
     @torch.no_grad()
     def _record_cosine(self) -> None:
-        """‖g‖, ‖ε‖ (chunk means) and cos(clean g, SAM g) before clipping; counts one step."""
-        params = [p for p, _ in self.trainable() if p.grad is not None]
-        sam = [p.grad for p in params]
+        """‖g‖, ‖ε‖ (chunk means) and cos(clean g, SAM g) before clipping, with fused norms:
+        cos = (‖a‖² + ‖b‖² − ‖a−b‖²) / (2‖a‖‖b‖)."""
+        sam = [p.grad for p, _ in self.trainable() if p.grad is not None]
         clean = self._clean_grad
-        dot = sum((a.double() * b.double()).sum() for a, b in zip(clean, sam))
-        denom = (global_norm(clean).double() * global_norm(sam).double()).clamp_min(torch.finfo(torch.float64).tiny)
+        na, nb = global_norm(clean).double(), global_norm(sam).double()
+        nd = global_norm(torch._foreach_sub(clean, sam)).double()
+        cos = (na**2 + nb**2 - nd**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
         self._accumulate(0, self._clean_norm.double().mean())
         self._accumulate(1, chunk_norms(self._eps, self._eps[0].shape[0]).double().mean() if self._eps else torch.zeros(()))
-        self._accumulate(3, dot / denom)
-        self._accumulate(len(DIAGNOSTICS), torch.ones(()))
+        self._accumulate(3, cos)
+        self._accumulate(len(DIAGNOSTICS), torch.ones((), device=self._clean_norm.device))
 
     def record_loss_gap(self, clean_loss: torch.Tensor, perturbed_loss: torch.Tensor) -> None:
         """Accumulate L(w+ε) − L(w) on the batch (device op, no sync)."""
