@@ -231,6 +231,20 @@ def test_rng_replay_same_masks_when_on_different_when_off(replay):
     assert torch.equal(clean, perturbed) == replay
 
 
+@pytest.mark.parametrize("m", [None, 4])
+@pytest.mark.parametrize("replay", [True, False])
+def test_rng_replay_seen_through_the_loss_gap(replay, m):
+    """With a tiny ρ, L(w+ε) − L(w) is ~0 exactly when both passes draw the same dropout masks
+    (covers the batched m-sharpness path, whose vmapped draws cannot be recorded directly)."""
+    model = DropNet().double()
+    opt = make_sam(model, rho=1e-9, diagnostics=True)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    rng = RngReplay(torch.device("cpu")) if replay else None
+    train_step(model, opt, x, y, F.cross_entropy, NO_AMP, None, rng, m=m)
+    gap = abs(opt.read_diagnostics()["sam/loss_gap"])
+    assert (gap < 1e-7) if replay else (gap > 1e-3)
+
+
 class ShakeLike(nn.Module):
     """Records the true_gradient flag it sees in each forward (the contract of HELPERS.md)."""
 
