@@ -16,6 +16,12 @@ for all chunks (convolutions with per-chunk weights become one grouped convoluti
 through the vmapped forward gives, in the clean pass, the per-chunk gradients (w.r.t. the stacked
 leaf) and, in the perturbed pass, the chunk average directly in ``w.grad`` (the stacked weights are
 w + ε_c with ε_c constant). No Python loop over chunks and no host sync.
+
+Known limits: a vmapped convolution dispatches to ``aten::convolution``, which CPU autocast does
+not cast, so under bf16 on the CPU the batched convolutions run in fp32 (CUDA autocast casts it;
+``tests/test_sam_family.py::test_m_sharpness_runs_under_cuda_autocast`` checks that on a GPU).
+Ops without a batching rule (e.g. ``as_strided_`` inside channels-last adaptive pooling) fall back
+to a per-chunk loop inside PyTorch; they are small ops at the end of the network.
 """
 
 from __future__ import annotations
