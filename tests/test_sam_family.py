@@ -629,3 +629,35 @@ def test_m_sharpness_runs_under_cuda_autocast(precision):
     loss, _ = msam_step(model, opt, x.float().cuda(), y.cuda(), F.cross_entropy, amp, 4, batchnorm_modules(model), None, scaler)
     assert seen and all(d == dtype for d in seen)
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- the trainer wiring, end to end ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_asam_m_sharpness_fp16_logs_diagnostics(cli_env, tmp_path):
+    """optimizer=asam + optimizer.m + fp16 reach the step; diagnostics land in TensorBoard."""
+    import json
+    import subprocess
+
+    from conftest import sam_bench_cmd
+    from sam_bench.engine.precision import fp16_autocast_supported
+
+    precision = "fp16" if fp16_autocast_supported(torch.device("cpu")) else "fp32"
+    run_dir = tmp_path / "run"
+    args = ["train", "dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "model=wrn",
+            "model.kwargs.depth=10", "model.kwargs.width=1", "trainer.batch_size=16", "trainer.epochs=1",
+            "trainer.progress=false", "trainer.log_every_steps=2", "optimizer=asam", "optimizer.m=4",
+            f"trainer.precision={precision}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(sam_bench_cmd() + args, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["config"]["optimizer"]["adaptive"] and result["config"]["optimizer"]["m"] == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    cos = events.Scalars("sam/cosine")
+    assert [e.step for e in cos] == [2, 4] and all(-1 <= e.value <= 1 for e in cos)
+    bad = subprocess.run(sam_bench_cmd() + args[:-1] + ["optimizer.m=3", f"hydra.run.dir={tmp_path / 'bad'}"],
+                         env=cli_env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "optimizer.m=3" in bad.stderr + bad.stdout
