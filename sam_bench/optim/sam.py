@@ -195,6 +195,8 @@ class SAM(torch.optim.Optimizer):
 
     def _scale_t(self, params: list[torch.Tensor], groups: list[dict]) -> list[torch.Tensor | None]:
         """ASAM's T = |w| + η per parameter (None where the group is not adaptive)."""
+        if not any(g["adaptive"] for g in groups):
+            return [None] * len(params)
         return [(w.detach().abs() + self.eta) if g["adaptive"] else None for w, g in zip(params, groups)]
 
     @torch.no_grad()
@@ -203,6 +205,8 @@ class SAM(torch.optim.Optimizer):
 
         Also records ‖g‖ per chunk (``self._clean_norm``) for diagnostics and the second-order term.
         """
+        if not grads:  # nothing received a gradient this step
+            return []
         rhos = [g["rho"] for g in groups]
         if self.p == "random":
             gen = self._rng(grads[0].device)
@@ -214,6 +218,8 @@ class SAM(torch.optim.Optimizer):
             self._clean_norm = chunk_norms(grads, chunks)
             return [torch.sign(t) * r for t, r in zip(grads, rhos)]
         ts = self._scale_t(params, groups)
+        if chunks == 1 and len(set(rhos)) == 1 and any(s is not None for s in ts):
+            return self._asam_fused(grads, ts, rhos[0])
         tg = [t if s is None else t * s for t, s in zip(grads, ts)]  # T g
         norm = chunk_norms(tg, chunks)
         self._clean_norm = norm if not any(s is not None for s in ts) else chunk_norms(grads, chunks)
@@ -221,6 +227,27 @@ class SAM(torch.optim.Optimizer):
         if chunks == 1 and not any(s is not None for s in ts) and len(set(rhos)) == 1:
             return torch._foreach_mul(grads, (inv * rhos[0]).reshape(()).to(grads[0].dtype))  # one fused kernel
         return [(u if s is None else u * s) * _per_chunk(inv * r, u) for u, s, r in zip(tg, ts, rhos)]
+
+    def _asam_fused(self, grads: list[torch.Tensor], ts: list[torch.Tensor | None], rho: float) -> list[torch.Tensor]:
+        """ASAM for C = 1 and one ρ: the same formula in fused foreach kernels, scaled parameters
+        (T = |w| + η) and unscaled ones (T = 1) as two lists."""
+        idx_a = [i for i, t in enumerate(ts) if t is not None]
+        idx_p = [i for i, t in enumerate(ts) if t is None]
+        t_a = [ts[i] for i in idx_a]
+        tg_a = list(torch._foreach_mul([grads[i] for i in idx_a], t_a))
+        g_p = [grads[i] for i in idx_p]
+        norm = global_norm(tg_a + g_p).reshape(1)
+        self._clean_norm = chunk_norms(grads, 1)
+        scale = (rho / norm.clamp_min(torch.finfo(norm.dtype).tiny)).reshape(()).to(grads[0].dtype)
+        torch._foreach_mul_(tg_a, t_a)
+        torch._foreach_mul_(tg_a, scale)
+        eps_p = torch._foreach_mul(g_p, scale) if g_p else []
+        out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
+        for i, e in zip(idx_a, tg_a):
+            out[i] = e
+        for i, e in zip(idx_p, eps_p):
+            out[i] = e
+        return out
 
     @torch.no_grad()
     def project(self, eps: list[torch.Tensor], chunks: int) -> list[torch.Tensor]:
