@@ -136,6 +136,8 @@ def train_step(
         return loss.detach(), logits.detach()
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if ddp and optimizer.second_order:
+        raise ValueError("second_order under DDP is not supported (its double backward would bypass the all-reduce)")
     if rng is not None:
         rng.save()
     set_true_gradient(model, True)
