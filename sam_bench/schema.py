@@ -119,6 +119,14 @@ class OptimizerConfig:
     grad_clip: Optional[float] = 5.0  # global-norm clip of the final gradient; null = none
     bn: BNMode = BNMode.clean
     rng_replay: bool = True  # dropout & co draw the same numbers in both passes
+    m: Optional[int] = None  # m-sharpness chunk (examples per ε); null = the whole per-device batch
+    adaptive: bool = False  # ASAM: ε scaled by T = |w| + eta on parameters named "*weight*"
+    eta: float = 0.01  # ASAM's η
+    p: str = "2"  # "2" (SAM) | "inf" (ε = ρ·sign g) | "random" (Gaussian direction, norm ρ)
+    ascent_steps: int = 1  # k projected ascent steps (Table 11)
+    second_order: bool = False  # keep the dε/dw term (App. C.4; one Hessian-vector product more)
+    sync_perturbation: bool = False  # DDP: average the ascent gradient over ranks (official: False)
+    diagnostics: bool = True  # ‖g‖, ‖ε‖, L(w+ε)−L(w), cos(g, g_SAM), summed on the device
     schedule: str = "cosine"  # cosine (per step, to 0) | constant
     warmup_epochs: float = 0.0
 
@@ -225,6 +233,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"optimizer.grad_clip={opt.grad_clip} must be > 0, or null for no clipping")
     if not 0 <= opt.momentum < 1:
         raise ConfigError(f"optimizer.momentum={opt.momentum} must be in [0, 1)")
+    _validate_sam_family(opt, tr)
     if opt.schedule not in ("cosine", "constant"):
         raise ConfigError(f"optimizer.schedule={opt.schedule!r} is unknown: use cosine or constant")
     if tr.epochs < 1:
@@ -257,3 +266,27 @@ def validate(cfg: Any) -> None:
         raise ConfigError("dataset.label_noise needs dataset.val_size (e.g. 5000): the best epoch is chosen on held-out noisy labels, never on the test set")
     if len(ds.mean) != ds.in_chans or len(ds.std) != ds.in_chans:
         raise ConfigError(f"dataset.mean/std need {ds.in_chans} values (dataset.in_chans), got {len(ds.mean)}/{len(ds.std)}")
+
+
+def _validate_sam_family(opt: Any, tr: Any) -> None:
+    """Checks of the SAM-variant keys (m-sharpness, ASAM, p, k-step, second order, fp16)."""
+    if str(opt.p) not in ("2", "inf", "random"):
+        raise ConfigError(f"optimizer.p={opt.p!r} is unknown: use 2, inf or random")
+    if opt.m is not None:
+        if opt.m < 1 or tr.batch_size % opt.m:
+            raise ConfigError(
+                f"optimizer.m={opt.m} must be >= 1 and divide trainer.batch_size={tr.batch_size} "
+                "(the per-device batch is split into chunks of m examples); pick a divisor or optimizer.m=null"
+            )
+        if opt.m != tr.batch_size and (opt.second_order or opt.ascent_steps > 1):
+            raise ConfigError("optimizer.m with optimizer.second_order or optimizer.ascent_steps > 1 is not supported: set optimizer.m=null")
+    if opt.eta < 0:
+        raise ConfigError(f"optimizer.eta={opt.eta} must be >= 0 (ASAM's η)")
+    if opt.ascent_steps < 1:
+        raise ConfigError(f"optimizer.ascent_steps={opt.ascent_steps} must be >= 1 (1 = plain SAM)")
+    if opt.ascent_steps > 1 and (str(opt.p) == "random" or opt.adaptive):
+        raise ConfigError("optimizer.ascent_steps > 1 needs optimizer.p=2 or inf and optimizer.adaptive=false")
+    if (opt.adaptive or opt.second_order) and str(opt.p) != "2":
+        raise ConfigError("optimizer.adaptive and optimizer.second_order are defined for optimizer.p=2 only")
+    if opt.second_order and str(getattr(tr.precision, "value", tr.precision)) == "fp16":
+        raise ConfigError("optimizer.second_order needs a double backward without loss scaling: use trainer.precision=bf16 or fp32")

@@ -255,23 +255,18 @@ def test_changed_training_labels_refuse_to_resume(compose_train, tmp_path):
 
 
 def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path, monkeypatch):
-    """A GradScaler attached as ``optimizer.scaler`` (fp16) is saved and restored with the rest."""
+    """The fp16 loss scaler is saved and restored with the rest of the state."""
     import sam_bench.engine.trainer as trainer
 
-    build, init_scale = trainer.build_optimizer, {"value": 1234.0}
-
-    def with_scaler(opt_cfg, model):
-        opt = build(opt_cfg, model)
-        opt.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale["value"])
-        return opt
-
-    monkeypatch.setattr(trainer, "build_optimizer", with_scaler)
-    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    real, init_scale = trainer.LossScaler, {"value": 1234.0}
+    monkeypatch.setattr(trainer, "LossScaler", lambda device: real(device, init_scale=init_scale["value"]))
+    cfg = compose_train([*TINY, "trainer.epochs=1", "trainer.precision=fp16"])
     assert _run_child(cfg, tmp_path, "step@2:TERM") == PREEMPTED_EXIT_CODE
-    assert ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"] == 1234.0
+    saved = float(ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"])
+    assert saved in (1234.0, 617.0)  # 617 if a step overflowed and backed off
     init_scale["value"] = 1.0  # the resumed run builds a fresh scaler; the checkpoint must win
     fit(cfg, tmp_path)
-    assert ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)["scaler"]["scale"] == 1234.0
+    assert float(ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)["scaler"]["scale"]) >= saved / 2
 
 
 # ---------------------------------------------------------------- the CLI: SIGTERM and bad input

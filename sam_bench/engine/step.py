@@ -1,15 +1,31 @@
-"""The training step: one pass for SGD, two for SAM. This is the hot path: no host syncs."""
+"""The training step: one pass for SGD, two (or k+1) for SAM. This is the hot path: no host syncs.
+
+Pass order of a SAM step (official code, recipes.md §2)::
+
+    clean pass at w          BN running stats updated (mode "clean"/"both"), RNG state saved,
+                             shake layers with true_gradient=True, under DDP ``no_sync``
+    [k−1 extra ascent passes at w+ε (Table 11), same settings, BN stats untouched]
+    perturbed pass at w+ε    RNG rewound (same dropout/shake draws), true_gradient=False,
+                             BN stats untouched in mode "clean", DDP all-reduces this backward only
+    base step at w           from the (clipped) perturbed-pass gradient
+
+fp16: every backward runs on the scaled loss and is unscaled right after it; an inf/NaN in any pass
+masks the whole step on the device (see :class:`sam_bench.engine.precision.LossScaler`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from sam_bench.optim.bn import running_stats_frozen
+from sam_bench.engine.precision import LossScaler
+from sam_bench.optim.bn import batchnorm_modules, running_stats_frozen
 from sam_bench.optim.sam import SAM
 
 
@@ -36,6 +52,45 @@ class RngReplay:
             torch.set_rng_state(self.state)
 
 
+def set_true_gradient(model: nn.Module, value: bool) -> None:
+    """Shake-Shake/ShakeDrop "true gradient fix": on for the ascent passes, off for the descent."""
+    for m in model.modules():
+        if hasattr(m, "true_gradient"):
+            m.true_gradient = value
+
+
+def _backward(loss: torch.Tensor, scaler: LossScaler | None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _unscale(optimizer: SAM, scaler: LossScaler | None) -> None:
+    if scaler is not None:
+        scaler.unscale_(p.grad for p, _ in optimizer.trainable())
+
+
+@torch.no_grad()
+def _average_bn_state(model: nn.Module) -> None:
+    """Running statistics = mean over ranks of the clean-pass updates (official ``pmean`` of the BN
+    state), so every rank holds the same state (DDP's buffer broadcast then changes nothing)."""
+    world = dist.get_world_size()
+    for mod in model.modules():
+        if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats:
+            for buf in (mod.running_mean, mod.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf)
+                    buf.div_(world)
+
+
+@torch.no_grad()
+def _average_gradients(optimizer: SAM) -> None:
+    """All-reduce (mean) the ascent gradient: ``sync_perturbation`` (official --sync_perturbations)."""
+    world = dist.get_world_size()
+    for p, _ in optimizer.trainable():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
 def train_step(
     model: nn.Module,
     optimizer: SAM,
@@ -45,28 +100,102 @@ def train_step(
     autocast: Callable[[], object],
     bn_modules: list[_BatchNorm] | None = None,
     rng: RngReplay | None = None,
+    *,
+    m: int | None = None,
+    scaler: LossScaler | None = None,
+    sync_perturbation: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch; returns the clean-pass loss and logits (detached).
 
     ``bn_modules``: when given, the perturbed pass leaves their running statistics alone
     (BN mode "clean"). ``rng``: when given, the perturbed pass replays the clean pass's draws.
+    ``m``: m-sharpness chunk size (each chunk of m examples gets its own ε; ghost BN per chunk);
+    None or the whole batch: plain SAM. ``scaler``: fp16 loss scaling. ``sync_perturbation``:
+    under DDP, average the ascent gradient over ranks (default: each rank perturbs with its own).
     """
+    if m is not None and m != images.shape[0] and optimizer.two_pass:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("m-sharpness under DDP: each rank already perturbs with its own batch (m = per-rank batch); pass m=None")
+        from sam_bench.optim.msam import msam_step
+
+        return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler)
     two_pass = optimizer.two_pass
-    if two_pass and rng is not None:
-        rng.save()
-    with autocast():
-        logits = model(images)
-        loss = loss_fn(logits, labels)
-    loss.backward()
     if not two_pass:
-        optimizer.step()
+        with autocast():
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+        _backward(loss, scaler)
+        if scaler is None:
+            optimizer.step()
+        else:
+            _unscale(optimizer, scaler)
+            optimizer._add_l2()
+            optimizer.descend(scaler.found_inf)
+            scaler.update()
         optimizer.zero_grad()
         return loss.detach(), logits.detach()
+
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if ddp and optimizer.second_order:
+        raise ValueError("second_order under DDP is not supported (its double backward would bypass the all-reduce)")
+    if rng is not None:
+        rng.save()
+    set_true_gradient(model, True)
+    with model.no_sync() if ddp else contextlib.nullcontext():  # forward AND backward unsynced
+        with autocast():
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+        _backward(loss, scaler)
+        if sync_perturbation and ddp:
+            _average_gradients(optimizer)
+    if ddp:
+        _average_bn_state(model)
+    _unscale(optimizer, scaler)
     optimizer.first_step(zero_grad=True)
+    bn_untouched = bn_modules or []
+    for _ in range(optimizer.ascent_steps - 1):
+        if rng is not None:
+            rng.rewind()
+        with model.no_sync() if ddp else contextlib.nullcontext():
+            with running_stats_frozen(batchnorm_modules(model)), autocast():
+                ascent_loss = loss_fn(model(images), labels)
+            _backward(ascent_loss, scaler)
+            if sync_perturbation and ddp:
+                _average_gradients(optimizer)
+        _unscale(optimizer, scaler)
+        optimizer.ascent_step(zero_grad=True)
+    set_true_gradient(model, False)
     if rng is not None:
         rng.rewind()
-    with running_stats_frozen(bn_modules or []), autocast():
+    if ddp:
+        optimizer.preload_l2(scaler.scale_ if scaler is not None else None)  # the L2 term of each rank's loss joins the all-reduce
+    with running_stats_frozen(bn_untouched), autocast():
         perturbed_loss = loss_fn(model(images), labels)
-    perturbed_loss.backward()
-    optimizer.second_step(zero_grad=True)
+    _backward(perturbed_loss, scaler)  # the only synchronised backward under DDP
+    _unscale(optimizer, scaler)
+    optimizer.record_loss_gap(loss, perturbed_loss)
+    hvp = _hessian_vector_product(model, optimizer, images, labels, loss_fn, autocast, rng) if optimizer.second_order else None
+    optimizer.second_step(zero_grad=True, hvp=hvp, found_inf=scaler.found_inf if scaler is not None else None)
+    if scaler is not None:
+        scaler.update()
     return loss.detach(), logits.detach()
+
+
+def _hessian_vector_product(model, optimizer: SAM, images, labels, loss_fn, autocast, rng) -> Callable:
+    """u ↦ H_L(w)·u for the clean-pass loss (App. C.4): a third forward at w (same draws, BN stats
+    untouched, true gradient on) and a double backward."""
+
+    def hvp(u: list[torch.Tensor]) -> list[torch.Tensor]:
+        params = [p for p, _ in optimizer.trainable() if p.grad is not None]
+        if rng is not None:
+            rng.rewind()
+        set_true_gradient(model, True)
+        with torch.enable_grad():
+            with running_stats_frozen(batchnorm_modules(model)), autocast():
+                loss = loss_fn(model(images), labels)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            out = torch.autograd.grad(grads, params, grad_outputs=u)
+        set_true_gradient(model, False)
+        return list(out)
+
+    return hvp

@@ -23,7 +23,7 @@ from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.faults import fault_point
-from sam_bench.engine.precision import autocast, resolve_device, resolve_precision
+from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
 from sam_bench.engine.rundir import ensure_writable, run_lock
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
@@ -142,6 +142,8 @@ def train_one_epoch(
     partial: dict[str, Any] | None = None,
     guard: FiniteGuard | None = None,
     after_step: Callable[[int, int, dict[str, Any]], None] | None = None,
+    step_kwargs: dict | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Train for one epoch (from ``partial['epoch_step']`` when resuming); returns (stats, global step).
 
@@ -159,18 +161,22 @@ def train_one_epoch(
     for i, (images, labels) in enumerate(loader.epoch(epoch, acc["epoch_step"]), start=acc["epoch_step"]):
         if scheduler is not None:
             scheduler.step_update(global_step)
-        loss, logits = train_step(model, optimizer, images, labels, loss_fn, amp, bn_frozen_in_pass2, rng)
+        loss, logits = train_step(model, optimizer, images, labels, loss_fn, amp, bn_frozen_in_pass2, rng, **(step_kwargs or {}))
         acc["loss_sum"] += loss.float() * labels.numel()
         acc["correct"] += (logits.argmax(dim=1) == labels).sum()
         acc["seen"] += labels.numel()
         acc["epoch_step"] = i + 1
         global_step += 1
         if guard is not None:
-            guard.update(loss, optimizer.grad_norm if optimizer.two_pass else None)
+            # under fp16 an overflowing gradient is the loss scaler's business (the step is skipped)
+            fp16 = (step_kwargs or {}).get("scaler") is not None
+            guard.update(loss, optimizer.grad_norm if optimizer.two_pass and not fp16 else None)
         bar.update(1)
         if (i + 1) % log_every == 0:
             if guard is not None:
                 guard.check(global_step, epoch)  # a sync per log interval only
+            if on_log is not None:
+                on_log(global_step, optimizer.read_diagnostics())  # SAM diagnostics: one sync per interval
             if not bar.disable:
                 bar.set_postfix(loss=f"{(acc['loss_sum'] / acc['seen']).item():.3f}")
         acc["time_s"] = time.perf_counter() - t0
@@ -243,8 +249,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
     model = build_model(cfg.model.arch, data.num_classes, data.in_chans, **cfg.model.kwargs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    scaler = getattr(optimizer, "scaler", None)  # a GradScaler, when fp16 attaches one
+    optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
+    scaler = LossScaler(device) if precision == "fp16" else None
+    m = cfg.optimizer.m if cfg.optimizer.m not in (None, tr.batch_size) else None
+    step_kwargs = {"m": m, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
     labels_hash = ckpt.content_digest(data.train.labels)  # catches a changed label-noise file on resume
@@ -334,7 +342,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
             train_stats, global_step = train_one_epoch(
                 forward, data.train, optimizer, scheduler, epoch, global_step, loss_fn, amp,
                 bn if bn_mode == "clean" else None, bn if bn_mode == "frozen" else None, rng, tr.progress, tr.log_every_steps,
-                partial=partial, guard=guard, after_step=after_step,
+                partial=partial, guard=guard, after_step=after_step, step_kwargs=step_kwargs,
+                on_log=lambda step, diag: [writer.add_scalar(k, v, step) for k, v in diag.items()],
             )
             partial = None
             epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.item())
@@ -364,7 +373,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
             for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error", "lr", "images_per_s"):
                 if record.get(key) is not None:
                     writer.add_scalar(key.replace("_", "/", 1), record[key], epoch + 1)
-            if cfg.optimizer.rho > 0:
+            if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), epoch + 1)
             writer.flush()
             if tr.checkpoint:

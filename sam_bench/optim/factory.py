@@ -19,15 +19,39 @@ def effective_rho(opt_cfg) -> float:
     return 0.0 if opt_cfg.name == "sgd" else float(opt_cfg.rho)
 
 
-def build_optimizer(opt_cfg, model: nn.Module) -> SAM:
+def _value(x):
+    return x.value if hasattr(x, "value") else x
+
+
+def param_groups(model: nn.Module, adaptive: bool) -> list[dict]:
+    """One group of trainable parameters; for ASAM two, split as SamsungLabs/ASAM ``asam.py``:
+    parameters whose name contains "weight" (kernels and BN scales) get T = |w| + η, the others
+    (biases, BN shifts) T = 1."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not adaptive:
+        return [{"params": [p for _, p in named]}]
+    scaled = [p for n, p in named if "weight" in n]
+    plain = [p for n, p in named if "weight" not in n]
+    return [g for g in ({"params": scaled, "adaptive": True}, {"params": plain, "adaptive": False}) if g["params"]]
+
+
+def build_optimizer(opt_cfg, model: nn.Module, seed: int = 0) -> SAM:
     """SAM (or SGD = SAM with rho 0) over SGD with (Nesterov) momentum, as the official code."""
+    adaptive = bool(opt_cfg.get("adaptive", False))
     return SAM(
-        [p for p in model.parameters() if p.requires_grad],
+        param_groups(model, adaptive),
         torch.optim.SGD,
         rho=effective_rho(opt_cfg),
         weight_decay=opt_cfg.weight_decay,
-        weight_decay_mode=str(opt_cfg.weight_decay_mode.value if hasattr(opt_cfg.weight_decay_mode, "value") else opt_cfg.weight_decay_mode),
+        weight_decay_mode=str(_value(opt_cfg.weight_decay_mode)),
         grad_clip=opt_cfg.grad_clip,
+        adaptive=adaptive,
+        eta=float(opt_cfg.get("eta", 0.01)),
+        p=str(opt_cfg.get("p", "2")),
+        ascent_steps=int(opt_cfg.get("ascent_steps", 1)),
+        second_order=bool(opt_cfg.get("second_order", False)),
+        diagnostics=bool(opt_cfg.get("diagnostics", False)),
+        seed=seed,
         lr=opt_cfg.lr,
         momentum=opt_cfg.momentum,
         nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,

@@ -13,6 +13,25 @@ is part of the loss, so ``wd·w`` enters the ascent gradient and ``wd·(w+ε̂)`
 the final gradient is clipped to a global norm (``grad_clip``) before the base step.
 ``rho = 0`` is plain SGD: one pass, :meth:`step` without a closure.
 
+Variants (all off by default):
+
+- ``adaptive`` (ASAM, Kwon et al. 2021, as SamsungLabs/ASAM ``asam.py``): with T = |w| + η for the
+  parameters whose group has ``adaptive=True`` and T = 1 for the others,
+  ε = ρ · T²g / ‖T g‖. The official code scales the parameters whose *name contains "weight"*
+  (conv/linear kernels **and BatchNorm scales**), not biases or BN shifts;
+  :func:`sam_bench.optim.factory.build_optimizer` builds the groups that way.
+- ``p="inf"``: ε = ρ · sign(g) (the dual-norm solution for p = ∞, App. C.5).
+- ``p="random"``: ε = ρ · z / ‖z‖ with z ~ N(0, I) from the optimizer's own generator (App. C.5).
+- ``ascent_steps = k > 1``: k projected ascent steps (Table 11): ε₁ as above, then
+  ε ← Π_ρ(ε + ρ·ĝ(w+ε)) with ĝ the p-direction of the gradient at w+ε and Π_ρ the projection onto
+  the ρ-ball of the same norm. k = 1 is plain SAM.
+- ``second_order``: the full gradient of L(w + ε̂(w)) (App. C.4), g' + J_ε̂ᵀ g' with
+  J_ε̂ᵀ v = ρ·H(v − ĝ ĝᵀv)/‖g‖ (H the Hessian at w incl. the L2 term), via a Hessian-vector product
+  supplied by the training step.
+
+Gradients are handled "stacked": the ascent works on tensors with a leading chunk axis [C, ...]
+so the same code serves plain SAM (C = 1) and m-sharpness (C = batch/m chunks, each with its own ε).
+
 The interface is the one users know from davda54/sam: ``first_step``, ``second_step``,
 ``step(closure)``, and ``param_groups`` shared with the base optimizer so LR schedulers work.
 ``state_dict`` carries the base optimizer's state (momentum); the saved copy of ``w`` is not saved.
@@ -25,6 +44,8 @@ from typing import Callable, Iterable
 import torch
 
 WEIGHT_DECAY_MODES = ("loss", "decoupled")
+P_NORMS = ("2", "inf", "random")
+DIAGNOSTICS = ("grad_norm", "eps_norm", "loss_gap", "cosine")
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -35,16 +56,37 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms]))
 
 
+def chunk_norms(tensors: list[torch.Tensor], chunks: int) -> torch.Tensor:
+    """Per-chunk global L2 norm of stacked tensors [C, ...] -> [C] (fused when C = 1)."""
+    if chunks == 1:
+        return global_norm(tensors).reshape(1)
+    per_param = [torch.linalg.vector_norm(t.reshape(chunks, -1), dim=1) for t in tensors]
+    stacked = torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in per_param])
+    return torch.linalg.vector_norm(stacked, dim=0)
+
+
+def _per_chunk(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[C] -> [C, 1, ..., 1] so it broadcasts over a stacked tensor."""
+    return scale.reshape(scale.shape + (1,) * (like.dim() - 1)).to(like.dtype)
+
+
 class SAM(torch.optim.Optimizer):
     """SAM around ``base_optimizer`` (a class, e.g. ``torch.optim.SGD``).
 
     Args:
-        params: parameters or parameter groups (a group may set its own ``rho`` and ``weight_decay``).
+        params: parameters or parameter groups (a group may set its own ``rho``, ``weight_decay``
+            and ``adaptive``).
         base_optimizer: optimizer class that takes the descent step at ``w``.
         rho: radius of the perturbation ball; 0 gives the base optimizer alone.
         weight_decay: L2 coefficient ``wd`` (the loss gets ``0.5·wd·‖w‖²``).
         weight_decay_mode: ``"loss"`` (official code) or ``"decoupled"`` (base optimizer's own).
         grad_clip: clip the final gradient to this global norm (official default 5.0); None: no clip.
+        adaptive, eta: ASAM with T = |w| + η (see module docstring for which parameters).
+        p: ``"2"`` (SAM), ``"inf"`` (sign) or ``"random"`` (Gaussian direction of norm ρ).
+        ascent_steps: k projected ascent steps (Table 11).
+        second_order: keep the dε̂/dw term (App. C.4); the step must pass ``hvp`` to second_step.
+        diagnostics: accumulate ‖g‖, ‖ε‖, L(w+ε)−L(w), cos(g, g_SAM) on the device.
+        seed: seed of the generator for ``p="random"``.
         **kwargs: the base optimizer's arguments (lr, momentum, nesterov, ...).
     """
 
@@ -57,6 +99,13 @@ class SAM(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         weight_decay_mode: str = "loss",
         grad_clip: float | None = None,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        p: str = "2",
+        ascent_steps: int = 1,
+        second_order: bool = False,
+        diagnostics: bool = False,
+        seed: int = 0,
         **kwargs,
     ):
         if rho < 0:
@@ -65,20 +114,50 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        p = str(p)
+        if p not in P_NORMS:
+            raise ValueError(f"p must be one of {P_NORMS}, got {p!r}")
+        if ascent_steps < 1:
+            raise ValueError(f"ascent_steps must be >= 1, got {ascent_steps}")
+        if ascent_steps > 1 and p == "random":
+            raise ValueError("ascent_steps > 1 needs a gradient direction: use p='2' or p='inf'")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if (adaptive or second_order) and p != "2":
+            raise ValueError("adaptive and second_order are defined for p='2' only")
+        if adaptive and ascent_steps > 1:
+            raise ValueError("ascent_steps > 1 is defined for non-adaptive SAM (projection onto the Euclidean/∞ ball)")
         self.weight_decay_mode = weight_decay_mode
         self.grad_clip = grad_clip
-        defaults = dict(rho=rho, weight_decay=weight_decay, **kwargs)
+        self.p = p
+        self.eta = eta
+        self.ascent_steps = ascent_steps
+        self.second_order = second_order
+        self.diagnostics = diagnostics
+        self.seed = seed
+        defaults = dict(rho=rho, weight_decay=weight_decay, adaptive=adaptive, **kwargs)
         super().__init__(params, defaults)
         for group in self.param_groups:
             # "l2" is SAM's own term (in the loss); "weight_decay" is what the base optimizer applies.
             wd = group["weight_decay"]
             group["l2"] = wd if weight_decay_mode == "loss" else 0.0
             group["weight_decay"] = 0.0 if weight_decay_mode == "loss" else wd
+        if ascent_steps > 1 and len({g["rho"] for g in self.param_groups}) > 1:
+            raise ValueError("ascent_steps > 1 projects onto one ρ-ball: give all param groups the same rho")
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups  # shared: schedulers see one lr
         self.defaults.update(self.base_optimizer.defaults)
         self._backup: list[torch.Tensor] | None = None  # w, saved by first_step (never checkpointed)
+        self._perturbed: list[torch.Tensor] = []
+        self._eps: list[torch.Tensor] = []  # current ε (stacked [C, ...]), for k-step ascent
+        self._clean_grad: list[torch.Tensor] | None = None  # g (for diagnostics / second order)
+        self._clean_norm = torch.zeros(1)
+        self._generator: torch.Generator | None = None
         self.grad_norm = torch.zeros(())  # ‖g‖ of the last first pass (device scalar, for logging)
+        self._diag: torch.Tensor | None = None  # running sums of DIAGNOSTICS, on the device
+        self._l2_preloaded = False
+
+    # ---- bookkeeping ------------------------------------------------------------------------
 
     @property
     def two_pass(self) -> bool:
@@ -88,6 +167,10 @@ class SAM(torch.optim.Optimizer):
     def _params_with_grad(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params = [p for p in group["params"] if p.grad is not None]
         return params, [p.grad for p in params]
+
+    def trainable(self) -> list[tuple[torch.Tensor, dict]]:
+        """(parameter, its group) for every parameter the optimizer owns, in group order."""
+        return [(p, g) for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
     def _add_l2(self) -> None:
@@ -108,38 +191,214 @@ class SAM(torch.optim.Optimizer):
             coef = (self.grad_clip / global_norm(grads)).clamp(max=1.0)
             torch._foreach_mul_(grads, coef)
 
+    # ---- the perturbation (stacked: every tensor has a leading chunk axis) ------------------
+
+    def _scale_t(self, params: list[torch.Tensor], groups: list[dict]) -> list[torch.Tensor | None]:
+        """ASAM's T = |w| + η per parameter (None where the group is not adaptive)."""
+        if not any(g["adaptive"] for g in groups):
+            return [None] * len(params)
+        return [(w.detach().abs() + self.eta) if g["adaptive"] else None for w, g in zip(params, groups)]
+
+    @torch.no_grad()
+    def direction(self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict], chunks: int) -> list[torch.Tensor]:
+        """ε (stacked [C, ...]) from stacked gradients: the variant's maximiser of εᵀg on the ρ-ball.
+
+        Also records ‖g‖ per chunk (``self._clean_norm``) for diagnostics and the second-order term.
+        """
+        if not grads:  # nothing received a gradient this step
+            return []
+        rhos = [g["rho"] for g in groups]
+        if self.p == "random":
+            gen = self._rng(grads[0].device)
+            z = [torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype) for t in grads]
+            self._clean_norm = chunk_norms(grads, chunks)
+            zn = chunk_norms(z, chunks).clamp_min(torch.finfo(z[0].dtype).tiny)
+            return [t * _per_chunk(r / zn, t) for t, r in zip(z, rhos)]
+        if self.p == "inf":
+            self._clean_norm = chunk_norms(grads, chunks)
+            return [torch.sign(t) * r for t, r in zip(grads, rhos)]
+        ts = self._scale_t(params, groups)
+        if chunks == 1 and len(set(rhos)) == 1 and any(s is not None for s in ts):
+            return self._asam_fused(grads, ts, rhos[0])
+        tg = [t if s is None else t * s for t, s in zip(grads, ts)]  # T g
+        norm = chunk_norms(tg, chunks)
+        self._clean_norm = norm if not any(s is not None for s in ts) else chunk_norms(grads, chunks)
+        inv = 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # g = 0 gives ε = 0, not NaN
+        if chunks == 1 and not any(s is not None for s in ts) and len(set(rhos)) == 1:
+            return torch._foreach_mul(grads, (inv * rhos[0]).reshape(()).to(grads[0].dtype))  # one fused kernel
+        return [(u if s is None else u * s) * _per_chunk(inv * r, u) for u, s, r in zip(tg, ts, rhos)]
+
+    def _asam_fused(self, grads: list[torch.Tensor], ts: list[torch.Tensor | None], rho: float) -> list[torch.Tensor]:
+        """ASAM for C = 1 and one ρ: the same formula in fused foreach kernels, scaled parameters
+        (T = |w| + η) and unscaled ones (T = 1) as two lists."""
+        idx_a = [i for i, t in enumerate(ts) if t is not None]
+        idx_p = [i for i, t in enumerate(ts) if t is None]
+        t_a = [ts[i] for i in idx_a]
+        tg_a = list(torch._foreach_mul([grads[i] for i in idx_a], t_a))
+        g_p = [grads[i] for i in idx_p]
+        norm = global_norm(tg_a + g_p).reshape(1)
+        self._clean_norm = chunk_norms(grads, 1)
+        scale = (rho / norm.clamp_min(torch.finfo(norm.dtype).tiny)).reshape(()).to(grads[0].dtype)
+        torch._foreach_mul_(tg_a, t_a)
+        torch._foreach_mul_(tg_a, scale)
+        eps_p = torch._foreach_mul(g_p, scale) if g_p else []
+        out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
+        for i, e in zip(idx_a, tg_a):
+            out[i] = e
+        for i, e in zip(idx_p, eps_p):
+            out[i] = e
+        return out
+
+    @torch.no_grad()
+    def project(self, eps: list[torch.Tensor], chunks: int) -> list[torch.Tensor]:
+        """Π onto the ρ-ball of the variant's norm (k-step ascent)."""
+        rho = self.param_groups[0]["rho"]
+        if self.p == "inf":
+            return [e.clamp(-rho, rho) for e in eps]
+        n = chunk_norms(eps, chunks)
+        coef = (rho / n.clamp_min(torch.finfo(n.dtype).tiny)).clamp(max=1.0)
+        return [e * _per_chunk(coef, e) for e in eps]
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    # ---- the plain (C = 1) two-pass API -----------------------------------------------------
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w, then move to w + ε̂ using the gradients of the first (clean) pass."""
         self._add_l2()
-        per_group = [self._params_with_grad(g) for g in self.param_groups]
-        all_grads = [g for _, grads in per_group for g in grads]
-        norm = global_norm(all_grads)
-        self.grad_norm = norm
-        all_params = [p for params, _ in per_group for p in params]
-        if self._backup is None or len(self._backup) != len(all_params) or any(b.shape != p.shape for b, p in zip(self._backup, all_params)):
-            self._backup = [p.detach().clone() for p in all_params]
-        else:
-            torch._foreach_copy_(self._backup, all_params)
+        pairs = [(p, g) for p, g in self.trainable() if p.grad is not None]
+        all_params = [p for p, _ in pairs]
+        grads = [p.grad.unsqueeze(0) for p in all_params]
+        self._save_backup(all_params)
+        if self.diagnostics or self.second_order:
+            self._keep_clean_grad([p.grad for p in all_params])
+        eps = self.direction(grads, all_params, [g for _, g in pairs], 1)
+        self.grad_norm = self._clean_norm.reshape(())
+        self._eps = [e for e, (_, g) in zip(eps, pairs) if g["rho"] > 0]
+        moved = [p for p, g in pairs if g["rho"] > 0]
         self._perturbed = all_params
-        inv_norm = 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # g = 0 gives ε̂ = 0, not NaN
-        for group, (params, grads) in zip(self.param_groups, per_group):
-            if params and group["rho"] > 0:
-                torch._foreach_add_(params, torch._foreach_mul(grads, inv_norm * group["rho"]))
+        if moved:
+            torch._foreach_add_(moved, [e[0] for e in self._eps])
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w exactly, then take the base step with the gradients of the perturbed pass."""
-        if self._backup is None:
-            raise RuntimeError("second_step() called before first_step()")
-        self._add_l2()  # official: the L2 term is evaluated at w + ε̂ too
-        torch._foreach_copy_(self._perturbed, self._backup)
-        self._clip()
-        self.base_optimizer.step()
+    def ascent_step(self, zero_grad: bool = False) -> None:
+        """One more projected ascent step from the gradient at w + ε (k-step SAM)."""
+        self._add_l2()
+        moved = [p for p, g in self.trainable() if p.grad is not None and g["rho"] > 0]
+        groups = [g for p, g in self.trainable() if p.grad is not None and g["rho"] > 0]
+        step = self.direction([p.grad.unsqueeze(0) for p in moved], moved, groups, 1)
+        self._eps = self.project([e + s for e, s in zip(self._eps, step)], 1)
+        backup = dict(zip(map(id, self._perturbed), self._backup))
+        torch._foreach_copy_(moved, [backup[id(p)] for p in moved])
+        torch._foreach_add_(moved, [e[0] for e in self._eps])
+        self._clean_norm = self.grad_norm.reshape(1)  # diagnostics report the clean-pass ‖g‖
         if zero_grad:
             self.zero_grad()
+
+    def _keep_clean_grad(self, grads: list[torch.Tensor]) -> None:
+        """Copy g into persistent buffers (one fused copy per step, no allocation)."""
+        buf = self._clean_grad
+        if buf is None or len(buf) != len(grads) or any(b.shape != g.shape or b.dtype != g.dtype for b, g in zip(buf, grads)):
+            self._clean_grad = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_copy_(buf, grads)
+
+    def _save_backup(self, params: list[torch.Tensor]) -> None:
+        if self._backup is None or len(self._backup) != len(params) or any(b.shape != p.shape for b, p in zip(self._backup, params)):
+            self._backup = [p.detach().clone() for p in params]
+        else:
+            torch._foreach_copy_(self._backup, params)
+        self._perturbed = params
+
+    @torch.no_grad()
+    def preload_l2(self, loss_scale: torch.Tensor | None = None) -> None:
+        """Put l2·(w+ε) in ``p.grad`` *before* the perturbed backward (grads must be None/zero).
+
+        Under DDP the backward then all-reduces CE-gradient + L2 term together, so every rank gets
+        mean_r l2·(w+ε_r) as the official per-device loss does, with no extra communication;
+        :meth:`second_step` then skips its own L2 addition.
+        """
+        for group in self.param_groups:
+            if group["l2"]:
+                for p in group["params"]:
+                    term = p.detach() * group["l2"]
+                    if loss_scale is not None:  # fp16: the backward adds scaled gradients
+                        term = term * loss_scale.to(term.dtype)
+                    p.grad = term if p.grad is None else p.grad.add_(term)
+        self._l2_preloaded = True
+
+    @torch.no_grad()
+    def second_step(
+        self,
+        zero_grad: bool = False,
+        hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> None:
+        """Restore w exactly, then take the base step with the gradients of the perturbed pass.
+
+        ``hvp(u)`` (second_order only) returns H_L(w)·u for the loss without the L2 term.
+        ``found_inf`` (fp16): a device flag; when set, the step is undone on the device (weights
+        back to w, base-optimizer state untouched) without a host sync.
+        """
+        if self._backup is None:
+            raise RuntimeError("second_step() called before first_step()")
+        if not self._l2_preloaded:
+            self._add_l2()  # official: the L2 term is evaluated at w + ε̂ too
+        self._l2_preloaded = False
+        torch._foreach_copy_(self._perturbed, self._backup)
+        if self.second_order:
+            if hvp is None:
+                raise ValueError("second_order=True needs the step to pass hvp= to second_step")
+            self._add_second_order(hvp)
+        self.descend(found_inf)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def _add_second_order(self, hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> None:
+        """g' += J_ε̂ᵀ g' = ρ·H(u), u = (g' − ĝ ĝᵀg')/‖g‖, H = H_L + l2·I (App. C.4)."""
+        params, groups = zip(*[(p, g) for p, g in self.trainable() if p.grad is not None])
+        v = [p.grad for p in params]
+        g = self._clean_grad
+        norm = self._clean_norm.reshape(()).clamp_min(torch.finfo(self._clean_norm.dtype).tiny)
+        rv = [b * grp["rho"] for b, grp in zip(v, groups)]  # diag(ρ)·g' (ε̂ᵢ = ρᵢ gᵢ/‖g‖)
+        gv = sum((a * b).sum() for a, b in zip(g, rv))
+        u = [(b - a * (gv / norm**2)) / norm for a, b in zip(g, rv)]
+        hu = hvp(list(u))
+        for p, grp, ui, hui in zip(params, groups, u, hu):
+            p.grad.add_(hui)
+            if grp["l2"]:
+                p.grad.add_(ui, alpha=grp["l2"])
+
+    @torch.no_grad()
+    def descend(self, found_inf: torch.Tensor | None = None) -> None:
+        """Diagnostics, clip, base step from the final gradient in ``p.grad`` (weights at w);
+        with ``found_inf`` (fp16) the step is masked out on the device."""
+        if self.diagnostics and self.two_pass and self._clean_grad is not None:
+            self._record_cosine()
+        self._clip()
+        if found_inf is None:
+            self.base_optimizer.step()
+            return
+        params = [p for p, _ in self.trainable()]
+        snapshot = {p: {k: v.clone() for k, v in self.base_optimizer.state[p].items() if torch.is_tensor(v)} for p in params}
+        w0 = [p.detach().clone() for p in params]
+        self.base_optimizer.step()
+        skip = found_inf.reshape(()) > 0
+        for p, w in zip(params, w0):
+            p.copy_(torch.where(skip, w, p))
+            for k, v in self.base_optimizer.state[p].items():
+                if torch.is_tensor(v):
+                    # a buffer created by this step is restored to zeros: SGD then starts it from g
+                    # exactly as a fresh buffer (dampening 0).
+                    old = snapshot[p].get(k, torch.zeros_like(v))
+                    v.copy_(torch.where(skip, old, v))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
@@ -156,17 +415,66 @@ class SAM(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("SAM with rho > 0 needs a closure that recomputes forward and backward")
         self.first_step(zero_grad=True)
+        for _ in range(self.ascent_steps - 1):
+            with torch.enable_grad():
+                closure()
+            self.ascent_step(zero_grad=True)
         with torch.enable_grad():
             closure()
         self.second_step()
+
+    # ---- diagnostics (device accumulators, read once per log interval) ----------------------
+
+    def _accumulate(self, index: int, value: torch.Tensor) -> None:
+        if self._diag is None:
+            device = self.param_groups[0]["params"][0].device
+            self._diag = torch.zeros(len(DIAGNOSTICS) + 1, device=device, dtype=torch.float64)
+        self._diag[index] += value.detach().reshape(()).to(self._diag.device, torch.float64)
+
+    @torch.no_grad()
+    def _record_cosine(self) -> None:
+        """‖g‖, ‖ε‖ (chunk means) and cos(clean g, SAM g) before clipping, with fused norms:
+        cos = (‖a‖² + ‖b‖² − ‖a−b‖²) / (2‖a‖‖b‖)."""
+        sam = [p.grad for p, _ in self.trainable() if p.grad is not None]
+        clean = self._clean_grad
+        na, nb = global_norm(clean).double(), global_norm(sam).double()
+        nd = global_norm(torch._foreach_sub(clean, sam)).double()
+        cos = (na**2 + nb**2 - nd**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
+        self._accumulate(0, self._clean_norm.double().mean())
+        self._accumulate(1, chunk_norms(self._eps, self._eps[0].shape[0]).double().mean() if self._eps else torch.zeros(()))
+        self._accumulate(3, cos)
+        self._accumulate(len(DIAGNOSTICS), torch.ones((), device=self._clean_norm.device))
+
+    def record_loss_gap(self, clean_loss: torch.Tensor, perturbed_loss: torch.Tensor) -> None:
+        """Accumulate L(w+ε) − L(w) on the batch (device op, no sync)."""
+        if self.diagnostics:
+            self._accumulate(2, perturbed_loss.detach().double() - clean_loss.detach().double())
+
+    def read_diagnostics(self) -> dict[str, float]:
+        """Means since the last read (one host sync); {} when nothing was recorded."""
+        if self._diag is None:
+            return {}
+        values = self._diag.tolist()
+        self._diag.zero_()
+        count = values[-1]
+        if not count:
+            return {}
+        return {f"sam/{name}": v / count for name, v in zip(DIAGNOSTICS, values)}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        """The base optimizer's state (momentum buffers, param groups with rho/l2), nothing else."""
-        return {"base_optimizer": self.base_optimizer.state_dict()}
+        """The base optimizer's state (momentum buffers, param groups with rho/l2) and the
+        random-direction generator; never the saved copy of w."""
+        out = {"base_optimizer": self.base_optimizer.state_dict()}
+        if self._generator is not None:
+            out["generator"] = self._generator.get_state()
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self.param_groups = self.base_optimizer.param_groups
+        if "generator" in state_dict:
+            device = self.param_groups[0]["params"][0].device
+            self._rng(device).set_state(state_dict["generator"])

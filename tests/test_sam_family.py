@@ -1,0 +1,662 @@
+"""The SAM family against independent float64 references: switches, m-sharpness, variants, fp16.
+
+References are written here from the paper / official code with plain tensors and a hand-written
+forward (BN with batch statistics), never through the code under test.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from sam_bench.engine.precision import LossScaler, resolve_precision
+from sam_bench.engine.step import RngReplay, train_step
+from sam_bench.errors import ConfigError
+from sam_bench.optim import SAM, batchnorm_modules, build_optimizer, set_bn_eval
+from sam_bench.schema import DatasetConfig, OptimizerConfig, TrainerConfig
+
+LR, MOMENTUM, WD, RHO, EPS_BN, BN_MOM = 0.1, 0.9, 5e-4, 0.05, 1e-5, 0.1
+NO_AMP = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+NAMES = ["0.weight", "1.weight", "1.bias", "5.weight", "5.bias"]
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+    ).double()
+
+
+def batch(step: int, n: int = 8):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def weights(model):
+    return [model[0].weight, model[1].weight, model[1].bias, model[5].weight, model[5].bias]
+
+
+# ---- reference ------------------------------------------------------------------------------
+
+def ref_loss(w, x, y):
+    conv, gamma, beta, fc_w, fc_b = w
+    h = F.conv2d(x, conv, padding=1)
+    mean = h.mean(dim=(0, 2, 3), keepdim=True)
+    var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    h = (h - mean) / torch.sqrt(var + EPS_BN) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    h = torch.relu(h).mean(dim=(2, 3))
+    return F.cross_entropy(h @ fc_w.T + fc_b, y)
+
+
+def ref_grad(w, x, y, l2=WD):
+    w = [t.detach().requires_grad_(True) for t in w]
+    loss = ref_loss(w, x, y) + 0.5 * l2 * sum((t * t).sum() for t in w)
+    return [g.detach() for g in torch.autograd.grad(loss, w)]
+
+
+def norm(ts):
+    return math.sqrt(sum(float((t * t).sum()) for t in ts))
+
+
+def nesterov(w, v, g, clip):
+    if clip is not None:
+        c = min(1.0, clip / norm(g))
+        g = [t * c for t in g]
+    for i in range(len(w)):
+        v[i] = MOMENTUM * v[i] + g[i]
+        w[i] = w[i] - LR * (g[i] + MOMENTUM * v[i])
+
+
+def ref_eps(g, w, variant, rng=None):
+    if variant == "sam":
+        n = norm(g)
+        return [RHO * t / n for t in g]
+    if variant == "asam":  # SamsungLabs/ASAM: T = |w| + η on "*weight*" (indices 0, 1, 3)
+        eta, rho = 0.01, 0.5
+        t = [(a.abs() + eta) if i in (0, 1, 3) else torch.ones_like(a) for i, a in enumerate(w)]
+        n = norm([ti * gi for ti, gi in zip(t, g)])
+        return [rho * ti * ti * gi / n for ti, gi in zip(t, g)]
+    if variant == "inf":
+        return [RHO * torch.sign(t) for t in g]
+    if variant == "random":
+        z = [torch.randn((1,) + t.shape, generator=rng)[0] for t in g]
+        n = norm(z)
+        return [RHO * t / n for t in z]
+    raise ValueError(variant)
+
+
+def ref_steps(w, steps, variant="sam", clip=5.0, k=1, second_order=False, m=None, n=8):
+    w = [t.detach().clone() for t in w]
+    v = [torch.zeros_like(t) for t in w]
+    rng = torch.Generator().manual_seed(0)
+    for s in range(steps):
+        x, y = batch(s, n)
+        chunks = [(x, y)] if m is None else [(x[i:i + m], y[i:i + m]) for i in range(0, n, m)]
+        total = [torch.zeros_like(t) for t in w]
+        for xc, yc in chunks:
+            if second_order:
+                wr = [t.detach().requires_grad_(True) for t in w]
+                full = lambda u: ref_loss(u, xc, yc) + 0.5 * WD * sum((t * t).sum() for t in u)  # noqa: E731
+                g = torch.autograd.grad(full(wr), wr, create_graph=True)
+                gn = torch.sqrt(sum((t * t).sum() for t in g))
+                g = torch.autograd.grad(full([a + RHO * b / gn for a, b in zip(wr, g)]), wr)
+            else:
+                eps = ref_eps(ref_grad(w, xc, yc), w, variant, rng)
+                for _ in range(k - 1):  # projected ascent (Table 11), step ρ·direction
+                    d = ref_eps(ref_grad([a + e for a, e in zip(w, eps)], xc, yc), w, variant, rng)
+                    eps = [e + di for e, di in zip(eps, d)]
+                    if variant == "inf":
+                        eps = [e.clamp(-RHO, RHO) for e in eps]
+                    else:
+                        c = min(1.0, RHO / norm(eps))
+                        eps = [e * c for e in eps]
+                g = ref_grad([a + e for a, e in zip(w, eps)], xc, yc)
+            total = [a + b.detach() / len(chunks) for a, b in zip(total, g)]
+        nesterov(w, v, total, clip)
+    return w
+
+
+def make_sam(model, **kw):
+    base = dict(rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    base.update(kw)
+    return SAM(model.parameters(), torch.optim.SGD, **base)
+
+
+def run(model, opt, steps, m=None, n=8, bn="clean", rng=None):
+    bn_mods = batchnorm_modules(model)
+    if bn == "frozen":
+        set_bn_eval(bn_mods)
+    for s in range(steps):
+        x, y = batch(s, n)
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, bn_mods if bn == "clean" else None, rng, m=m)
+
+
+def assert_weights(model, expected, atol=1e-10):
+    for got, want in zip(weights(model), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=atol)
+
+
+# ---- 1. switches ----------------------------------------------------------------------------
+
+def bn_stats_reference(model, x, passes):
+    """Running stats after the given passes (each: the conv output's batch mean/var at weights)."""
+    rm, rv = model[1].running_mean.clone(), model[1].running_var.clone()
+    for conv_w in passes:
+        h = F.conv2d(x, conv_w, padding=1)
+        rm = (1 - BN_MOM) * rm + BN_MOM * h.mean(dim=(0, 2, 3))
+        rv = (1 - BN_MOM) * rv + BN_MOM * h.var(dim=(0, 2, 3), unbiased=True)
+    return rm, rv
+
+
+@pytest.mark.parametrize("mode", ["clean", "both", "frozen"])
+def test_bn_modes(mode):
+    model = tiny_model()
+    x, y = batch(0)
+    w0 = [t.detach().clone() for t in weights(model)]
+    g = ref_grad(w0, x, y)
+    eps = ref_eps(g, w0, "sam")
+    passes = {"clean": [w0[0]], "both": [w0[0], w0[0] + eps[0]], "frozen": []}[mode]
+    rm, rv = bn_stats_reference(model, x, passes)
+    opt = make_sam(model)
+    run(model, opt, 1, bn=mode)
+    torch.testing.assert_close(model[1].running_mean, rm, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, rv, rtol=0, atol=1e-12)
+    assert int(model[1].num_batches_tracked) == len(passes)
+
+
+def test_bn_frozen_uses_running_statistics_in_both_passes():
+    """Frozen BN = eval-mode BN: the weights follow a reference whose BN uses running stats."""
+    model = tiny_model()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    rm, rv = model[1].running_mean.clone(), model[1].running_var.clone()
+
+    def loss(w, x, y):
+        h = F.conv2d(x, w[0], padding=1)
+        h = (h - rm.view(1, -1, 1, 1)) / torch.sqrt(rv.view(1, -1, 1, 1) + EPS_BN) * w[1].view(1, -1, 1, 1) + w[2].view(1, -1, 1, 1)
+        return F.cross_entropy(torch.relu(h).mean(dim=(2, 3)) @ w[3].T + w[4], y)
+
+    def grad(w, x, y):
+        w = [t.detach().requires_grad_(True) for t in w]
+        return list(torch.autograd.grad(loss(w, x, y) + 0.5 * WD * sum((t * t).sum() for t in w), w))
+
+    w = [t.detach().clone() for t in weights(model)]
+    v = [torch.zeros_like(t) for t in w]
+    for s in range(2):
+        x, y = batch(s)
+        eps = ref_eps(grad(w, x, y), w, "sam")
+        nesterov(w, v, grad([a + e for a, e in zip(w, eps)], x, y), 5.0)
+    run(model, make_sam(model), 2, bn="frozen")
+    assert_weights(model, w)
+
+
+class DropNet(nn.Module):
+    """Linear -> Dropout -> Linear; records each forward's dropout mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.drop = nn.Linear(6, 16), nn.Linear(16, 3), nn.Dropout(0.5)
+        self.masks = []
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        keep = self.drop(torch.ones_like(h))  # the dropout draw itself (0 or 1/(1-p))
+        self.masks.append(keep != 0)
+        return self.b(h * keep)
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_rng_replay_same_masks_when_on_different_when_off(replay):
+    model = DropNet().double()
+    opt = make_sam(model)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    rng = RngReplay(torch.device("cpu")) if replay else None
+    train_step(model, opt, x, y, F.cross_entropy, NO_AMP, None, rng)
+    clean, perturbed = model.masks
+    assert torch.equal(clean, perturbed) == replay
+
+
+@pytest.mark.parametrize("m", [None, 4])
+@pytest.mark.parametrize("replay", [True, False])
+def test_rng_replay_seen_through_the_loss_gap(replay, m):
+    """With a tiny ρ, L(w+ε) − L(w) is ~0 exactly when both passes draw the same dropout masks
+    (covers the batched m-sharpness path, whose vmapped draws cannot be recorded directly)."""
+    model = DropNet().double()
+    opt = make_sam(model, rho=1e-9, diagnostics=True)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    rng = RngReplay(torch.device("cpu")) if replay else None
+    train_step(model, opt, x, y, F.cross_entropy, NO_AMP, None, rng, m=m)
+    gap = abs(opt.read_diagnostics()["sam/loss_gap"])
+    assert (gap < 1e-7) if replay else (gap > 1e-3)
+
+
+class ShakeLike(nn.Module):
+    """Records the true_gradient flag it sees in each forward (the contract of HELPERS.md)."""
+
+    stochastic = True
+
+    def __init__(self):
+        super().__init__()
+        self.true_gradient = False
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(self.true_gradient)
+        return x
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_true_gradient_on_for_ascent_passes_only(k):
+    shake = ShakeLike()
+    model = nn.Sequential(nn.Linear(4, 3), shake).double()
+    opt = make_sam(model, ascent_steps=k)
+    train_step(model, opt, torch.randn(8, 4), torch.randint(0, 3, (8,)), F.cross_entropy, NO_AMP)
+    assert shake.seen == [True] * k + [False]
+    assert shake.true_gradient is False
+
+
+def test_true_gradient_in_m_sharpness_path():
+    shake = ShakeLike()
+    model = nn.Sequential(nn.Linear(4, 3), shake).double()
+    train_step(model, make_sam(model), torch.randn(8, 4), torch.randint(0, 3, (8,)), F.cross_entropy, NO_AMP, m=4)
+    assert shake.seen == [True, False]
+
+
+# ---- 2. m-sharpness -------------------------------------------------------------------------
+
+def loop_over_chunks_reference(model, steps, m, n, bn_mode):
+    """Per-chunk copies of the model (one "device" each) with ordinary autograd, then the average:
+    the official pmap semantics (pmean of gradients and of the BN state)."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    v = [torch.zeros_like(p) for p in params]
+    for s in range(steps):
+        x, y = batch(s, n)
+        total = [torch.zeros_like(p) for p in params]
+        stats = []
+        for i in range(0, n, m):
+            dev = copy.deepcopy(model)
+            dp = list(dev.parameters())
+            F.cross_entropy(dev(x[i:i + m]), y[i:i + m]).backward()
+            g = [p.grad + WD * p.detach() for p in dp]
+            gn = norm(g)
+            clean_stats = [b.clone() for b in dev[1].buffers()]
+            with torch.no_grad():
+                for p, gi in zip(dp, g):
+                    p.add_(RHO * gi / gn)
+                    p.grad = None
+            F.cross_entropy(dev(x[i:i + m]), y[i:i + m]).backward()
+            total = [t + (p.grad + WD * p.detach()) * m / n for t, p in zip(total, dp)]
+            both_stats = [b.clone() for b in dev[1].buffers()]
+            stats.append(clean_stats if bn_mode == "clean" else both_stats)
+        with torch.no_grad():
+            for j, b in enumerate(model[1].buffers()):
+                vals = torch.stack([st[j].to(torch.float64) for st in stats])
+                b.copy_(vals[0] if b.dtype == torch.long else vals.mean(0))
+        g = total
+        c = min(1.0, 5.0 / norm(g))
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                v[i] = MOMENTUM * v[i] + g[i] * c
+                p.sub_(LR * (g[i] * c + MOMENTUM * v[i]))
+    return model
+
+
+@pytest.mark.parametrize("m,bn_mode", [(2, "clean"), (4, "clean"), (4, "both")])
+def test_m_sharpness_matches_loop_over_chunks(m, bn_mode):
+    model = tiny_model()
+    ref = loop_over_chunks_reference(model, steps=3, m=m, n=8, bn_mode=bn_mode)
+    run(model, make_sam(model), 3, m=m, bn=bn_mode)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    # the hand-written reference agrees on the weights too (no BN-state dependence in weights)
+    assert_weights(model, ref_steps(weights(tiny_model()), 3, m=m))
+
+
+def test_m_sharpness_differs_from_plain_sam():
+    a, b = tiny_model(), tiny_model()
+    run(a, make_sam(a), 2, m=2)
+    run(b, make_sam(b), 2)
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters())) > 1e-6
+
+
+def test_m_sharpness_whole_batch_equals_plain_sam():
+    """The batched path with one chunk (forced through vmap) equals the plain two-pass step."""
+    from sam_bench.optim.msam import msam_step
+
+    a, b = tiny_model(), tiny_model()
+    opt_a, opt_b = make_sam(a), make_sam(b)
+    for s in range(3):
+        x, y = batch(s)
+        msam_step(a, opt_a, x, y, F.cross_entropy, NO_AMP, 8, batchnorm_modules(a), None, None)
+        train_step(b, opt_b, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(b))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
+
+
+def train_cfg(precision="auto", **opt):
+    return OmegaConf.create({
+        "optimizer": OmegaConf.structured(OptimizerConfig(name="sam", **opt)),
+        "trainer": OmegaConf.structured(TrainerConfig(batch_size=8, precision=precision, epochs=1, eval_every=1, eval_batch_size=8)),
+        "dataset": OmegaConf.structured(DatasetConfig(name="synthetic", num_classes=10, in_chans=1, mean=[0.0], std=[1.0], train_size=64, test_size=16)),
+    })
+
+
+@pytest.mark.parametrize("opt,precision,message", [
+    (dict(m=3), "auto", r"optimizer\.m=3 .*trainer\.batch_size=8"),
+    (dict(m=0), "auto", r"optimizer\.m=0"),
+    (dict(p="one"), "auto", r"optimizer\.p='one'"),
+    (dict(ascent_steps=0), "auto", r"optimizer\.ascent_steps=0"),
+    (dict(ascent_steps=2, p="random"), "auto", r"ascent_steps > 1"),
+    (dict(adaptive=True, p="inf"), "auto", r"adaptive"),
+    (dict(second_order=True), "fp16", r"second_order"),
+    (dict(m=4, second_order=True), "auto", r"optimizer\.m with"),
+    (dict(eta=-1.0), "auto", r"optimizer\.eta"),
+])
+def test_validate_rejects_bad_sam_family_keys(opt, precision, message):
+    from sam_bench.schema import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(train_cfg(precision, **opt))
+    validate(train_cfg(m=4))  # a divisor is fine
+
+
+# ---- 4. variants ----------------------------------------------------------------------------
+
+def asam_optimizer(model):
+    cfg = OmegaConf.structured(OptimizerConfig(name="sam", rho=0.5, adaptive=True, eta=0.01, weight_decay=WD, lr=LR))
+    return build_optimizer(cfg, model)
+
+
+def test_asam_matches_reference_and_scales_weights_only():
+    model = tiny_model()
+    expected = ref_steps(weights(model), 3, variant="asam")
+    opt = asam_optimizer(model)
+    scaled = {id(p) for g in opt.param_groups if g["adaptive"] for p in g["params"]}
+    assert [n for n, p in model.named_parameters() if id(p) in scaled] == ["0.weight", "1.weight", "5.weight"]
+    run(model, opt, 3)
+    assert_weights(model, expected)
+
+
+@pytest.mark.parametrize("variant", ["inf", "random"])
+def test_p_variants_match_reference(variant):
+    model = tiny_model()
+    expected = ref_steps(weights(model), 3, variant=variant)
+    run(model, make_sam(model, p=variant, seed=0), 3)
+    assert_weights(model, expected)
+
+
+@pytest.mark.parametrize("k,variant", [(2, "sam"), (3, "sam"), (2, "inf")])
+def test_k_step_ascent_matches_reference(k, variant):
+    model = tiny_model()
+    expected = ref_steps(weights(model), 3, variant=variant, k=k)
+    run(model, make_sam(model, ascent_steps=k, p="inf" if variant == "inf" else "2"), 3)
+    assert_weights(model, expected)
+
+
+def test_k_step_projection_is_active():
+    """Guard: with k = 3 the trajectory differs from k = 1."""
+    w = weights(tiny_model())
+    a, b = ref_steps(w, 2, k=1), ref_steps(w, 2, k=3)
+    assert max(float((p - q).abs().max()) for p, q in zip(a, b)) > 1e-7
+
+
+def test_second_order_matches_autograd_through_epsilon():
+    model = tiny_model()
+    expected = ref_steps(weights(model), 3, second_order=True)
+    run(model, make_sam(model, second_order=True), 3)
+    assert_weights(model, expected)
+    first = ref_steps(weights(tiny_model()), 3)
+    assert max(float((p - q).abs().max()) for p, q in zip(first, expected)) > 1e-7  # the term matters
+
+
+@pytest.mark.parametrize("variant", ["asam", "inf"])
+def test_variants_with_m_sharpness(variant):
+    model = tiny_model()
+    expected = ref_steps(weights(model), 2, variant=variant, m=4)
+    opt = asam_optimizer(model) if variant == "asam" else make_sam(model, p=variant)
+    run(model, opt, 2, m=4)
+    assert_weights(model, expected)
+
+
+def test_random_direction_with_m_sharpness():
+    """Each chunk gets its own Gaussian direction: one generator, draws of shape [C, ...] per
+    parameter (all chunks at once, in parameter order)."""
+    model = tiny_model()
+    w = [t.detach().clone() for t in weights(model)]
+    v = [torch.zeros_like(t) for t in w]
+    gen = torch.Generator().manual_seed(0)
+    for s in range(2):
+        x, y = batch(s)
+        z = [torch.randn((2,) + t.shape, generator=gen) for t in w]
+        total = [torch.zeros_like(t) for t in w]
+        for c in range(2):
+            zc = [t[c] for t in z]
+            eps = [RHO * t / norm(zc) for t in zc]
+            g = ref_grad([a + e for a, e in zip(w, eps)], x[4 * c:4 * c + 4], y[4 * c:4 * c + 4])
+            total = [a + b / 2 for a, b in zip(total, g)]
+        nesterov(w, v, total, 5.0)
+    run(model, make_sam(model, p="random", seed=0), 2, m=4)
+    assert_weights(model, w)
+
+
+# ---- robustness -----------------------------------------------------------------------------
+
+def test_frozen_and_unused_parameters_and_two_groups():
+    model = tiny_model()
+    model[1].weight.requires_grad_(False)
+    unused = nn.Parameter(torch.ones(3))
+    opt = SAM([{"params": [p for p in model.parameters() if p.requires_grad]}, {"params": [unused], "rho": 0.1}],
+              torch.optim.SGD, rho=RHO, weight_decay=0.0, lr=LR)
+    x, y = batch(0)
+    for m in (None, 4):
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=m)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(unused.detach(), torch.ones(3))
+
+
+def test_random_generator_state_resumes():
+    model = tiny_model()
+    opt = make_sam(model, p="random", seed=5)
+    run(model, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    model_b = copy.deepcopy(model)
+    opt_b = make_sam(model_b, p="random", seed=5)
+    opt_b.load_state_dict(sd)
+    x, y = batch(4)
+    for mdl, o in ((model, opt), (model_b, opt_b)):
+        train_step(mdl, o, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(mdl))
+    for a, b in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+
+
+# ---- 3. fp16 loss scaling -------------------------------------------------------------------
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, inf backward (works under vmap too)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class Inject(nn.Module):
+    """Identity whose backward puts inf into the gradient in the chosen pass (0 clean, 1 perturbed)."""
+
+    def __init__(self, when):
+        super().__init__()
+        self.when, self.calls = when, 0
+
+    def forward(self, x):
+        call = self.calls
+        self.calls += 1
+        return _InfGrad.apply(x) if call in self.when else x
+
+
+def fp16_model(when):
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), Inject(when), nn.Linear(8, 3)).float()
+
+
+@pytest.mark.parametrize("bad_pass", [0, 1])
+@pytest.mark.parametrize("m", [None, 4])
+def test_fp16_overflow_in_either_pass_skips_the_whole_step(bad_pass, m):
+    torch.set_default_dtype(torch.float32)
+    # forward calls: step 0 -> passes (0, 1), step 1 -> (2, 3), step 2 -> (4, 5); the inf hits step 1
+    model = fp16_model({2 + bad_pass})
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM)
+    scaler = LossScaler(torch.device("cpu"), init_scale=2.0**10)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    train_step(model, opt, x, y, F.cross_entropy, NO_AMP, scaler=scaler, m=m)
+    assert float(scaler.scale_) == 2.0**10 and float(scaler.found_inf) == 0
+    w = [p.detach().clone() for p in model.parameters()]
+    mom = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    train_step(model, opt, x, y, F.cross_entropy, NO_AMP, scaler=scaler, m=m)
+    for p, a, b in zip(model.parameters(), w, mom):
+        assert torch.equal(p.detach(), a)
+        assert torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], b)
+    assert float(scaler.scale_) == 2.0**9  # updated once, backed off once
+    train_step(model, opt, x, y, F.cross_entropy, NO_AMP, scaler=scaler, m=m)  # clean step moves again
+    assert any(not torch.equal(p.detach(), a) for p, a in zip(model.parameters(), w))
+
+
+def test_fp16_scaled_step_equals_unscaled_step():
+    """Without overflow, scaling both passes and unscaling gives the fp32 SAM step (scale 2^k exact)."""
+    torch.set_default_dtype(torch.float32)
+    a, b = fp16_model(set()), fp16_model(set())
+    kw = dict(rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM)
+    oa, ob = SAM(a.parameters(), torch.optim.SGD, **kw), SAM(b.parameters(), torch.optim.SGD, **kw)
+    scaler = LossScaler(torch.device("cpu"), init_scale=2.0**8)
+    for s in range(3):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        train_step(a, oa, x, y, F.cross_entropy, NO_AMP, scaler=scaler)
+        train_step(b, ob, x, y, F.cross_entropy, NO_AMP)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_fp16_overflow_on_first_step_leaves_fresh_momentum():
+    torch.set_default_dtype(torch.float32)
+    model = fp16_model({0})
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    w = [p.detach().clone() for p in model.parameters()]
+    train_step(model, opt, torch.randn(8, 6), torch.randint(0, 3, (8,)), F.cross_entropy, NO_AMP, scaler=LossScaler(torch.device("cpu")))
+    assert all(torch.equal(p.detach(), a) for p, a in zip(model.parameters(), w))
+    assert all(torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_fp16_precision_check_is_honest():
+    from sam_bench.engine.precision import fp16_autocast_supported
+
+    cpu = torch.device("cpu")
+    if fp16_autocast_supported(cpu):
+        assert resolve_precision("fp16", cpu) == "fp16"
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.mm(torch.ones(2, 2, dtype=torch.float32), torch.ones(2, 2, dtype=torch.float32)).dtype == torch.float16
+    else:
+        with pytest.raises(ConfigError, match="fp16"):
+            resolve_precision("fp16", cpu)
+
+
+# ---- 5. diagnostics -------------------------------------------------------------------------
+
+def test_diagnostics_match_reference():
+    model = tiny_model()
+    opt = make_sam(model, diagnostics=True)
+    w = [t.detach().clone() for t in weights(model)]
+    x, y = batch(0)
+    g = ref_grad(w, x, y)
+    eps = ref_eps(g, w, "sam")
+    g2 = ref_grad([a + e for a, e in zip(w, eps)], x, y)
+    l0 = float(ref_loss(w, x, y))
+    l1 = float(ref_loss([a + e for a, e in zip(w, eps)], x, y))
+    cos = sum(float((a * b).sum()) for a, b in zip(g, g2)) / (norm(g) * norm(g2))
+    run(model, opt, 1)
+    d = opt.read_diagnostics()
+    assert d["sam/grad_norm"] == pytest.approx(norm(g), abs=1e-12)
+    assert d["sam/eps_norm"] == pytest.approx(RHO, abs=1e-12)
+    assert d["sam/loss_gap"] == pytest.approx(l1 - l0, abs=1e-12)  # CE only (the L2 term is not in loss_fn)
+    assert d["sam/cosine"] == pytest.approx(cos, abs=1e-12)
+    assert opt.read_diagnostics() == {}  # reset after a read
+
+
+# ---- CUDA-only: autocast inside the vmapped m-sharpness pass --------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_m_sharpness_runs_under_cuda_autocast(precision):
+    """CPU autocast has no rule for aten::convolution (what a vmapped conv dispatches to), so on the
+    CPU the batched m-sharpness convs run in fp32; CUDA autocast has one. This checks that on CUDA
+    the batched pass really runs its convolutions in low precision and stays finite."""
+    torch.set_default_dtype(torch.float32)
+    from sam_bench.optim.msam import msam_step
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    amp = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+    model = tiny_model().float().cuda()
+    seen = []
+    model[0].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    opt = make_sam(model)
+    scaler = LossScaler(torch.device("cuda")) if precision == "fp16" else None
+    x, y = batch(0)
+    loss, _ = msam_step(model, opt, x.float().cuda(), y.cuda(), F.cross_entropy, amp, 4, batchnorm_modules(model), None, scaler)
+    assert seen and all(d == dtype for d in seen)
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- the trainer wiring, end to end ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_asam_m_sharpness_fp16_logs_diagnostics(cli_env, tmp_path):
+    """optimizer=asam + optimizer.m + fp16 reach the step; diagnostics land in TensorBoard."""
+    import json
+    import subprocess
+
+    from conftest import sam_bench_cmd
+    from sam_bench.engine.precision import fp16_autocast_supported
+
+    precision = "fp16" if fp16_autocast_supported(torch.device("cpu")) else "fp32"
+    run_dir = tmp_path / "run"
+    args = ["train", "dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "model=wrn",
+            "model.kwargs.depth=10", "model.kwargs.width=1", "trainer.batch_size=16", "trainer.epochs=1",
+            "trainer.progress=false", "trainer.log_every_steps=2", "optimizer=asam", "optimizer.m=4",
+            f"trainer.precision={precision}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(sam_bench_cmd() + args, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["config"]["optimizer"]["adaptive"] and result["config"]["optimizer"]["m"] == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    cos = events.Scalars("sam/cosine")
+    assert [e.step for e in cos] == [2, 4] and all(-1 <= e.value <= 1 for e in cos)
+    bad = subprocess.run(sam_bench_cmd() + args[:-1] + ["optimizer.m=3", f"hydra.run.dir={tmp_path / 'bad'}"],
+                         env=cli_env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "optimizer.m=3" in bad.stderr + bad.stdout
