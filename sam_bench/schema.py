@@ -146,6 +146,7 @@ class TrainerConfig:
     progress: bool = True  # tqdm bar, silent when stderr is not a TTY
     checkpoint: bool = True  # full state every epoch (atomic), resumed on re-run
     checkpoint_every_steps: Optional[int] = None  # also a recovery checkpoint every N steps; null = epoch ends only
+    sync_bn: bool = False  # torchrun only: SyncBatchNorm across ranks (off, as the official code)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns, slower on CUDA
     num_threads: Optional[int] = None  # CPU threads; null = torch's default
 

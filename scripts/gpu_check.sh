@@ -27,10 +27,10 @@ stage() {  # stage NAME SECONDS CMD...
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/env.log" 2>&1
 head -n 20 "$OUT/env.log"
 
-stage gpu_tests 150 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider
+stage gpu_tests 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider
 stage bench 270 python3 scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 --steps 20 --warmup 8 --out "$OUT/bench.json"
-if [ -f scripts/bench_sam.py ]; then stage bench_sam 60 python3 scripts/bench_sam.py --out "$OUT/bench_sam.json"; fi
-if [ -f scripts/bench_data.py ]; then stage bench_data 45 python3 scripts/bench_data.py; fi
+stage bench_sam 90 python3 scripts/bench_sam.py --no-cpu --out "$OUT/bench_sam.json"
+stage bench_data 45 python3 scripts/bench_data.py
 if ls .fmnist/*.gz >/dev/null 2>&1; then
   stage fmnist_sgd_vs_sam 140 python3 -m sam_bench train -m dataset=fashion_mnist dataset.system_dir=$PWD/.fmnist \
     model.kwargs.depth=16 model.kwargs.width=4 trainer.epochs=10 trainer.batch_size=256 trainer.progress=false \

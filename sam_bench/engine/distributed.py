@@ -64,13 +64,8 @@ class ShardedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    @property
-    def num_examples(self) -> int:
-        return self.loader.num_examples
-
-    @property
-    def images(self) -> torch.Tensor:
-        return self.loader.images
+    def __getattr__(self, name: str):  # device, labels, num_examples, ... of the wrapped loader
+        return getattr(self.loader, name)
 
     def _slice(self, n: int) -> slice:
         per = -(-n // self.info.world_size)
@@ -80,6 +75,15 @@ class ShardedLoader:
         for images, labels in self.loader.epoch(epoch, start_step):
             sl = self._slice(len(labels))
             yield images[sl], labels[sl]
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank (every rank must call it at the same point)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -113,8 +113,10 @@ def train_step(
     None or the whole batch: plain SAM. ``scaler``: fp16 loss scaling. ``sync_perturbation``:
     under DDP, average the ascent gradient over ranks (default: each rank perturbs with its own).
     """
+    ddp_module = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    ddp = isinstance(ddp_module, nn.parallel.DistributedDataParallel)
     if m is not None and m != images.shape[0] and optimizer.two_pass:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if ddp:
             raise ValueError("m-sharpness under DDP: each rank already perturbs with its own batch (m = per-rank batch); pass m=None")
         from sam_bench.optim.msam import msam_step
 
@@ -135,13 +137,12 @@ def train_step(
         optimizer.zero_grad()
         return loss.detach(), logits.detach()
 
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     if ddp and optimizer.second_order:
         raise ValueError("second_order under DDP is not supported (its double backward would bypass the all-reduce)")
     if rng is not None:
         rng.save()
     set_true_gradient(model, True)
-    with model.no_sync() if ddp else contextlib.nullcontext():  # forward AND backward unsynced
+    with ddp_module.no_sync() if ddp else contextlib.nullcontext():  # forward AND backward unsynced
         with autocast():
             logits = model(images)
             loss = loss_fn(logits, labels)
@@ -156,7 +157,7 @@ def train_step(
     for _ in range(optimizer.ascent_steps - 1):
         if rng is not None:
             rng.rewind()
-        with model.no_sync() if ddp else contextlib.nullcontext():
+        with ddp_module.no_sync() if ddp else contextlib.nullcontext():
             with running_stats_frozen(batchnorm_modules(model)), autocast():
                 ascent_loss = loss_fn(model(images), labels)
             _backward(ascent_loss, scaler)

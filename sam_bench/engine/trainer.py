@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -22,12 +23,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
+from sam_bench.engine.distributed import DistInfo, ShardedLoader, all_reduce_sum, any_rank, init_distributed, per_rank_batch
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
 from sam_bench.engine.rundir import ensure_writable, run_lock
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
-from sam_bench.errors import CheckpointError, TrainingDiverged
+from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
@@ -144,6 +146,7 @@ def train_one_epoch(
     after_step: Callable[[int, int, dict[str, Any]], None] | None = None,
     step_kwargs: dict | None = None,
     on_log: Callable[[int, dict], None] | None = None,
+    dist_info: DistInfo = DistInfo(),
 ) -> tuple[dict[str, float], int]:
     """Train for one epoch (from ``partial['epoch_step']`` when resuming); returns (stats, global step).
 
@@ -185,14 +188,15 @@ def train_one_epoch(
     bar.close()
     if guard is not None:
         guard.check(global_step, epoch)
-    seen = acc["seen"]
-    stats = {"train_loss": (acc["loss_sum"] / seen).item(), "train_error": 100.0 * (1.0 - acc["correct"].item() / seen)}
-    return stats, global_step
+    totals = all_reduce_sum(torch.stack([acc["loss_sum"].double(), acc["correct"].double(),
+                                         torch.tensor(float(acc["seen"]), device=device, dtype=torch.float64)]), dist_info)
+    loss_sum, correct, seen = totals.tolist()
+    return {"train_loss": loss_sum / seen, "train_error": 100.0 * (1.0 - correct / seen)}, global_step
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader, amp) -> dict[str, float]:
-    """Test loss and error (%) over the whole split, in eval mode."""
+def evaluate(model: nn.Module, loader: DeviceLoader, amp, dist_info: DistInfo = DistInfo()) -> dict[str, float]:
+    """Test loss and error (%) over the whole split, in eval mode (summed over ranks under DDP)."""
     model.eval()
     device = loader.device
     loss_sum = torch.zeros((), device=device)
@@ -202,8 +206,9 @@ def evaluate(model: nn.Module, loader: DeviceLoader, amp) -> dict[str, float]:
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         errors += (logits.argmax(dim=1) != labels).sum()
+    loss_sum, errors = all_reduce_sum(torch.stack([loss_sum.double(), errors.double()]), dist_info).tolist()
     n = loader.num_examples
-    return {"test_loss": loss_sum.item() / n, "test_error": 100.0 * errors.item() / n}
+    return {"test_loss": loss_sum / n, "test_error": 100.0 * errors / n}
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -214,12 +219,16 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     validate(cfg)
     run_dir = Path(run_dir)
+    dist_info = init_distributed(resolve_device(cfg.trainer.device).type)
+    if not dist_info.is_main:
+        log.setLevel(logging.WARNING)  # one log, one set of files: rank 0's
     ensure_writable(run_dir)
-    with run_lock(run_dir), PreemptionHandler() as preempt:
-        return _fit(cfg, run_dir, preempt)
+    with run_lock(run_dir) if dist_info.is_main else contextlib.nullcontext(), PreemptionHandler() as preempt:
+        return _fit(cfg, run_dir, preempt, dist_info)
 
 
-def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str, Any]:
+def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
+    main = dist_info.is_main
     if cfg.optimizer.name == "sgd" and cfg.optimizer.rho != 0:
         log.info("optimizer=sgd: optimizer.rho=%s ignored (SGD is SAM with rho=0, one pass per step)", cfg.optimizer.rho)
     cfg.optimizer.rho = effective_rho(cfg.optimizer)
@@ -233,15 +242,27 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
 
     tr = cfg.trainer
     device = resolve_device(tr.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    rank_batch = per_rank_batch(tr.batch_size, dist_info)
+    if dist_info.enabled and cfg.optimizer.m not in (None, rank_batch):
+        raise ConfigError(
+            f"optimizer.m={cfg.optimizer.m} under torchrun: each of the {dist_info.world_size} ranks perturbs with its own "
+            f"{rank_batch} examples (m = trainer.batch_size / ranks); set optimizer.m=null or choose the number of ranks"
+        )
     precision = resolve_precision(tr.precision, device)
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
     if tr.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
     torch.use_deterministic_algorithms(tr.deterministic)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + dist_info.rank)  # dropout & co differ per rank; DDP broadcasts rank 0's weights
     channels_last = tr.channels_last and device.type == "cuda"
     data: DataBundle = build_data(cfg.dataset, tr.batch_size, tr.eval_batch_size, device, cfg.seed, channels_last)
+    if dist_info.enabled:  # same global batches on every rank, each keeps its slice
+        data.train, data.test = ShardedLoader(data.train, dist_info), ShardedLoader(data.test, dist_info)
+        data.val = ShardedLoader(data.val, dist_info) if data.val is not None else None
+        data.noisy_train = ShardedLoader(data.noisy_train, dist_info) if data.noisy_train is not None else None
     if data.noise is not None:
         noise_file, noise_sha = data.noise.save(run_dir)
         log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
@@ -251,7 +272,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
     scaler = LossScaler(device) if precision == "fp16" else None
-    m = cfg.optimizer.m if cfg.optimizer.m not in (None, tr.batch_size) else None
+    m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) else None
     step_kwargs = {"m": m, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
@@ -292,6 +313,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
                 f"non-finite weights after step {step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
                 f"{guard.last_checkpoint}. Lower optimizer.lr or set optimizer.grad_clip, then train into a new run directory"
             )
+        if not main:  # rank 0 writes; the others hold the same state
+            return run_dir / ckpt.CHECKPOINT
         path = ckpt.save_checkpoint(run_dir, {
             "epoch": epoch_done,  # completed epochs
             "step": step,
@@ -310,7 +333,12 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
         return path
 
     def stop_if_preempted(epoch_done: int, step: int, progress: dict[str, Any] | None) -> None:
-        if not preempt.requested:
+        if dist_info.enabled:  # all ranks stop at the same step: agree at log intervals and epoch ends
+            if progress is not None and step % tr.log_every_steps:
+                return
+            if not any_rank(preempt.requested, dist_info, device):
+                return
+        elif not preempt.requested:
             return
         where = f"{save(epoch_done, step, progress)} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
         raise Preempted(f"stopped by {preempt.signal_name} at step {step}; checkpoint {where}; re-run the same command to resume")
@@ -324,11 +352,17 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
 
     bn = batchnorm_modules(model)
     bn_mode = str(config["optimizer"]["bn"])
-    forward = torch.compile(model) if tr.compile else model
+    net = model
+    if dist_info.enabled:
+        if tr.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # BN statistics stay per rank as in the official code (the step averages the running stats)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
+    forward = torch.compile(net) if tr.compile else net
     rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(model) else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
     amp = lambda: autocast(device, precision)  # noqa: E731
-    writer = _summary_writer(run_dir)
+    writer = _summary_writer(run_dir) if main else _NullWriter()
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s | %s (%.2fM params) | %s rho=%g | %d epochs x %d steps, batch %d | %s %s",
@@ -342,7 +376,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
             train_stats, global_step = train_one_epoch(
                 forward, data.train, optimizer, scheduler, epoch, global_step, loss_fn, amp,
                 bn if bn_mode == "clean" else None, bn if bn_mode == "frozen" else None, rng, tr.progress, tr.log_every_steps,
-                partial=partial, guard=guard, after_step=after_step, step_kwargs=step_kwargs,
+                partial=partial, guard=guard, after_step=after_step, step_kwargs=step_kwargs, dist_info=dist_info,
                 on_log=lambda step, diag: [writer.add_scalar(k, v, step) for k, v in diag.items()],
             )
             partial = None
@@ -350,9 +384,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
             train_time += epoch_time
             last_epoch = epoch + 1 == tr.epochs
             evaluated = last_epoch or (epoch + 1) % tr.eval_every == 0
-            eval_stats = evaluate(forward, data.test, amp) if evaluated else {"test_loss": None, "test_error": None}
+            eval_stats = evaluate(forward, data.test, amp, dist_info) if evaluated else {"test_loss": None, "test_error": None}
             if data.val is not None:  # held-out split every epoch (model selection); test stays for the report
-                eval_stats.update({k.replace("test_", "val_"): v for k, v in evaluate(forward, data.val, amp).items()})
+                eval_stats.update({k.replace("test_", "val_"): v for k, v in evaluate(forward, data.val, amp, dist_info).items()})
             record = {
                 "epoch": epoch + 1,
                 "step": global_step,
@@ -378,7 +412,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
             writer.flush()
             if tr.checkpoint:
                 save(epoch + 1, global_step, None)
-            write_metrics(run_dir, history)
+            if main:
+                write_metrics(run_dir, history)
             if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
                 stop_if_preempted(epoch + 1, global_step, None)
     writer.close()
@@ -407,11 +442,33 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler) -> dict[str
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if data.noise is not None:
-        fitted = 100.0 - evaluate(forward, data.noisy_train, amp)["test_error"] if data.noisy_train is not None else None
+        fitted = 100.0 - evaluate(forward, data.noisy_train, amp, dist_info)["test_error"] if data.noisy_train is not None else None
         result.update(noise_summary(history, fitted, data.noise, noise_sha))
-    atomic_write_json(run_dir / RESULT_FILE, result)
+    if main:
+        atomic_write_json(run_dir / RESULT_FILE, result)
     log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
     return result
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that stops the per-forward buffer broadcast (renamed in recent torch)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+class _NullWriter:
+    """The SummaryWriter of ranks other than 0: logs nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _summary_writer(run_dir: Path):
