@@ -17,6 +17,7 @@ commands:
              sam-bench train -m optimizer=sgd,sam optimizer.rho=0.02,0.05
   report   collect result.json files under the run roots and write tables to results/; e.g.
              sam-bench report runs=[multirun] out=results
+  models   list every model with its parameters (M) and forward GFLOPs
 
 `sam-bench <command> --help` lists the config groups and every key of the command.
 """

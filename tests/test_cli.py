@@ -38,7 +38,7 @@ def test_help_lists_commands(cli_env):
     out = run(["--help"], cli_env).stdout
     assert "train" in out and "report" in out
     hydra_help = run(["train", "--help"], cli_env).stdout
-    assert "optimizer: sam, sgd" in hydra_help and "dataset: cifar10, cifar100, cifar100_noisy, cifar10_noisy, fashion_mnist, fgvc_aircraft" in hydra_help
+    assert "optimizer: asam, sam, sgd" in hydra_help and "dataset: cifar10, cifar100, cifar100_noisy, cifar10_noisy, fashion_mnist, fgvc_aircraft" in hydra_help
 
 
 def test_cfg_job_prints_composed_config(cli_env):

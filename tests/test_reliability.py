@@ -260,6 +260,8 @@ def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path,
 
     real, init_scale = trainer.LossScaler, {"value": 1234.0}
     monkeypatch.setattr(trainer, "LossScaler", lambda device: real(device, init_scale=init_scale["value"]))
+    # fp16 is refused on the CPU (a CUDA mode); CPU autocast fp16 still exercises the scaler's checkpointing
+    monkeypatch.setattr(trainer, "resolve_precision", lambda requested, device: requested)
     cfg = compose_train([*TINY, "trainer.epochs=1", "trainer.precision=fp16"])
     assert _run_child(cfg, tmp_path, "step@2:TERM") == PREEMPTED_EXIT_CODE
     saved = float(ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"])

@@ -4,7 +4,6 @@ a dynamic loss scaler that understands SAM's two passes."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Iterable
 
 import torch
@@ -20,26 +19,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def fp16_autocast_supported(device: torch.device) -> bool:
-    """Whether float16 autocast really switches on for this device type (torch disables it with a
-    warning where it is unsupported, e.g. CPU autocast in older torch)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.autocast(device_type=device.type, dtype=torch.float16):
-                return torch.is_autocast_enabled(device.type)
-        except (RuntimeError, ValueError):
-            return False
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA, fp32 on the CPU. fp16 (with loss scaling) is a CUDA mode: refused on the CPU."""
     if requested == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if requested == "fp16" and not fp16_autocast_supported(device):
-        raise ConfigError(
-            f"trainer.precision=fp16: float16 autocast is not supported on {device.type} by this torch "
-            f"{torch.__version__}; use trainer.precision=bf16 or fp32 (or run on CUDA)"
-        )
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=fp16 needs CUDA (float16 autocast is GPU-only here); use trainer.precision=fp32 or bf16 on the CPU")
     return requested
 
 
