@@ -17,9 +17,11 @@ through the vmapped forward gives, in the clean pass, the per-chunk gradients (w
 leaf) and, in the perturbed pass, the chunk average directly in ``w.grad`` (the stacked weights are
 w + ε_c with ε_c constant). No Python loop over chunks and no host sync.
 
-Known limits: a vmapped convolution dispatches to ``aten::convolution``, which CPU autocast does
-not cast, so under bf16 on the CPU the batched convolutions run in fp32 (CUDA autocast casts it;
-``tests/test_sam_family.py::test_m_sharpness_runs_under_cuda_autocast`` checks that on a GPU).
+Known limits: the batched passes run in fp32 whatever ``trainer.precision`` says (TF32 matmuls
+on CUDA when enabled). Under vmap, CUDA autocast feeds batch norm bf16 activations with fp32
+running statistics, which its batching rule rejects ("Expected running_mean to have type BFloat16
+but got Float", seen on an H200 with torch 2.11); and CPU autocast does not cast the
+``aten::convolution`` a vmapped convolution dispatches to. Plain SAM keeps bf16.
 Ops without a batching rule (e.g. ``as_strided_`` inside channels-last adaptive pooling) fall back
 to a per-chunk loop inside PyTorch; they are small ops at the end of the network.
 """
@@ -80,7 +82,8 @@ def msam_step(
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: vmap the eager module
     batch = images.shape[0]
     chunks = batch // m
-    x = images.reshape(chunks, m, *images.shape[1:])
+    # vmap cannot query channels_last contiguity (cuDNN BN does): chunks run in contiguous NCHW
+    x = images.contiguous().reshape(chunks, m, *images.shape[1:])
     y = labels.reshape(chunks, m, *labels.shape[1:])
     name_of = {id(p): n for n, p in model.named_parameters()}
     owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of]  # others get no gradient
@@ -93,7 +96,7 @@ def msam_step(
     consts.update({n: b for n, b in model.named_buffers() if n not in bn_bufs})
 
     def chunk_loss(stacked_params, stacked_bufs, xc, yc):
-        with autocast():
+        with torch.autocast(device_type=xc.device.type, enabled=False):  # fp32: see "Known limits"
             out = functional_call(model, (stacked_params, stacked_bufs, consts), (xc,), strict=False)
             return loss_fn(out, yc), out
 
@@ -103,7 +106,7 @@ def msam_step(
     if rng is not None:
         rng.save()
     set_true_gradient(model, True)
-    leaf = {n: p.detach().unsqueeze(0).expand(chunks, *p.shape).clone().requires_grad_(True) for n, p in zip(names, params)}
+    leaf = {n: p.detach().unsqueeze(0).expand(chunks, *p.shape).contiguous().requires_grad_(True) for n, p in zip(names, params)}
     bufs = _stack(bn_bufs, chunks)
     losses, logits = batched(leaf, bufs, x, y)
     (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
@@ -128,7 +131,7 @@ def msam_step(
     if rng is not None:
         rng.rewind()
     optimizer.zero_grad()
-    shifted = {n: p.unsqueeze(0) + e for n, p, e in zip(names, params, eps)}
+    shifted = {n: (p.unsqueeze(0) + e).contiguous() for n, p, e in zip(names, params, eps)}
     bufs2 = _stack(bn_bufs, chunks)
     losses2, _ = batched(shifted, bufs2, x, y)
     (scaler.scale(losses2.mean()) if scaler is not None else losses2.mean()).backward()
