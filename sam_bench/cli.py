@@ -111,6 +111,10 @@ def models() -> None:
 
 COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report, "models": models}
 
+# At import: a launcher that runs jobs in other processes (submitit) unpickles the task there,
+# which imports this module, and then composes the job's config with these resolvers and schemas.
+_register()
+
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv

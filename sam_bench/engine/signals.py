@@ -1,10 +1,14 @@
-"""Preemption: SIGTERM / SIGUSR1 ask the run to stop cleanly.
+"""Preemption: SIGTERM / SIGUSR1 / SIGUSR2 ask the run to stop cleanly.
 
 A handler only sets a flag; the epoch loop looks at it after every step (a Python attribute, no
 device sync), writes a checkpoint and raises :class:`Preempted`. The CLI turns that into exit
 status :data:`PREEMPTED_EXIT_CODE`, so a scheduler (SLURM ``--signal``, Kubernetes, a spot-instance
 notice) can tell "stopped on request, re-run me" from success (0), a Python/Hydra error (1) and bad
 input (2).
+
+Under SLURM via Hydra's submitit launcher, submitit's own handler for its preemption signal
+(SIGUSR2 by default) requeues the job. That handler is chained: once the checkpoint is written, it
+is called, so the job is requeued and resumes from that checkpoint instead of from an older one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from types import FrameType
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". Not used by Python
 # (0/1), Hydra (1), our bad-input errors (2), timeout(1) (124-127) or death by a signal (128+N).
 PREEMPTED_EXIT_CODE = 75
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preempted(Exception):
@@ -51,6 +55,9 @@ class PreemptionHandler:
         return self
 
     def __exit__(self, *exc) -> None:
+        previous = self._previous.get(self.received) if self.received is not None else None
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+        if callable(previous):  # e.g. submitit's checkpoint-and-requeue: hand the signal on
+            previous(self.received, None)
