@@ -9,6 +9,7 @@ practical peak (a large bf16 matmul on CUDA, fp32 on CPU) and reports MFU agains
 
     python scripts/bench.py                                   # CPU: a small WRN-16-4 grid
     python scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 --out bench.json
+    python scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 --m 0 --reference 0
 
 Prints a table; --out writes every figure as JSON. Figures are per step: images/s counts the
 training images of the batch, whatever the number of passes.
@@ -78,17 +79,17 @@ def make_optimizer(model: nn.Module, rho: float) -> SAM:
     return SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True)
 
 
-def time_ours(arch, batch, precision, compile_model, rho, m, device, steps, warmup, pool) -> dict:
+def time_ours(arch, batch, precision, compile_model, rho, m, device, steps, warmup, pool, image=32, classes=10) -> dict:
     """The trainer's own path: DeviceLoader (augment on device) + train_step."""
     torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=10).to(device)
+    model = timm.create_model(arch, num_classes=classes).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile_model else model
     opt = make_optimizer(model, rho)
-    images = torch.randint(0, 256, (pool, 3, 32, 32), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (pool,), device=device)
+    images = torch.randint(0, 256, (pool, 3, image, image), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, classes, (pool,), device=device)
     loader = DeviceLoader(images, labels, batch, CIFAR_MEAN, CIFAR_STD, train=True, augment=True, channels_last=channels_last)
     bn = batchnorm_modules(model)
     amp = lambda: autocast(device, precision)  # noqa: E731
@@ -196,6 +197,8 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=1, help="also time the common PyTorch SAM loop")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--image-size", type=int, default=32, help="square input size (224 for the ImageNet ResNets)")
+    p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.threads:
@@ -210,9 +213,9 @@ def main() -> None:
     print(f"device: {dev_name} | torch {torch.__version__} | practical peak {peak / 1e12:.1f} TFLOP/s ({peak_what})", flush=True)
     rows = []
     for arch in parse_list(args.models):
-        fwd = forward_flops(arch, 10, 32)
+        fwd = forward_flops(arch, args.num_classes, args.image_size)
         for batch in parse_list(args.batch, int):
-            pool = max(4 * batch, 2048)
+            pool = max(4 * batch, 2048 if args.image_size <= 64 else 512)
             for precision in parse_list(args.precision):
                 for comp in parse_list(args.compile, int):
                     modes = [("sgd", 0.0, None), ("sam", 0.05, None)]
@@ -220,7 +223,8 @@ def main() -> None:
                         modes.append((f"m-sam (m={args.m})", 0.05, args.m))
                     for name, rho, m in modes:
                         try:
-                            r = time_ours(arch, batch, precision, bool(comp), rho, m, device, args.steps, args.warmup, pool)
+                            r = time_ours(arch, batch, precision, bool(comp), rho, m, device, args.steps, args.warmup, pool,
+                                          args.image_size, args.num_classes)
                         except TypeError as e:  # an m-SAM step is not available in this build
                             print(f"  {name}: skipped ({e})", flush=True)
                             continue
@@ -229,7 +233,7 @@ def main() -> None:
                         rows.append({"model": arch, "batch": batch, "precision": precision, "compile": bool(comp), "optimizer": name,
                                      **r, "model_tflops": flops / 1e12, "mfu": flops / peak})
                         print(f"  {arch} b{batch} {precision} compile={comp} {name}: {r['step_ms']:.1f} ms/step {r['images_per_s']:.0f} img/s", flush=True)
-            if args.reference:
+            if args.reference and args.image_size == 32:
                 r = time_reference(arch, batch, device, max(args.steps // 2, 2), max(args.warmup // 2, 1), pool, args.workers)
                 flops = 6 * fwd * batch / (r["step_ms"] / 1000)
                 rows.append({"model": arch, "batch": batch, "precision": "fp32", "compile": False, "optimizer": "sam (reference loop)",

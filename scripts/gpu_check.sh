@@ -29,6 +29,7 @@ head -n 20 "$OUT/env.log"
 
 stage gpu_tests 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider
 stage bench 270 python3 scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 --steps 20 --warmup 8 --out "$OUT/bench.json"
+stage bench_resnet50 120 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 --precision bf16 --compile 1 --m 0 --reference 0 --steps 15 --warmup 5 --out "$OUT/bench_resnet50.json"
 stage bench_sam 90 python3 scripts/bench_sam.py --no-cpu --out "$OUT/bench_sam.json"
 stage bench_data 45 python3 scripts/bench_data.py
 if ls .fmnist/*.gz >/dev/null 2>&1; then
