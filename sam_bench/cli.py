@@ -23,9 +23,21 @@ commands:
 """
 
 
+MAX_DIRNAME = 200  # file systems cap a path component at 255 bytes
+
+
 def _sanitize_dirname(overrides: str) -> str:
-    """Hydra's override_dirname as one safe path component ('defaults' when there are none)."""
-    return overrides.replace("/", "_").replace(" ", "") or "defaults"
+    """Hydra's override_dirname as one safe path component ('defaults' when there are none).
+
+    A long command line is cut and suffixed with a hash of the whole, so distinct runs keep
+    distinct (and stable) directories."""
+    name = overrides.replace("/", "_").replace(" ", "") or "defaults"
+    if len(name.encode()) > MAX_DIRNAME:
+        import hashlib
+
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name.encode()[: MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def _register() -> None:

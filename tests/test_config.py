@@ -74,3 +74,15 @@ def test_table1_wrn_preset_matches_table6(compose_train, dataset, rho_key):
 def test_bad_enum_value_is_rejected(compose_train):
     with pytest.raises(Exception, match="bn"):
         compose_train(["optimizer.bn=sometimes"])
+
+
+def test_run_directory_names_stay_short_and_distinct():
+    from sam_bench.cli import MAX_DIRNAME, _sanitize_dirname
+
+    assert _sanitize_dirname("") == "defaults"
+    assert _sanitize_dirname("dataset.root=/a/b,seed=1") == "dataset.root=_a_b,seed=1"
+    long_a = ",".join(f"key{i}=value{i}" for i in range(60))
+    long_b = long_a.replace("value59", "value60")
+    a, b = _sanitize_dirname(long_a), _sanitize_dirname(long_b)
+    assert len(a.encode()) <= MAX_DIRNAME and len(b.encode()) <= MAX_DIRNAME
+    assert a != b and a == _sanitize_dirname(long_a)
