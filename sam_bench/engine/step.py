@@ -69,26 +69,27 @@ def _unscale(optimizer: SAM, scaler: LossScaler | None) -> None:
 
 
 @torch.no_grad()
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Mean over ranks of many small tensors in ONE all-reduce (flattened), written back in place."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
 def _average_bn_state(model: nn.Module) -> None:
     """Running statistics = mean over ranks of the clean-pass updates (official ``pmean`` of the BN
     state), so every rank holds the same state (DDP's buffer broadcast then changes nothing)."""
-    world = dist.get_world_size()
-    for mod in model.modules():
-        if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats:
-            for buf in (mod.running_mean, mod.running_var):
-                if buf is not None:
-                    dist.all_reduce(buf)
-                    buf.div_(world)
+    _all_reduce_mean([buf for mod in model.modules()
+                      if isinstance(mod, _BatchNorm) and mod.training and mod.track_running_stats
+                      for buf in (mod.running_mean, mod.running_var) if buf is not None])
 
 
-@torch.no_grad()
 def _average_gradients(optimizer: SAM) -> None:
     """All-reduce (mean) the ascent gradient: ``sync_perturbation`` (official --sync_perturbations)."""
-    world = dist.get_world_size()
-    for p, _ in optimizer.trainable():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    _all_reduce_mean([p.grad for p, _ in optimizer.trainable() if p.grad is not None])
 
 
 def train_step(

@@ -161,19 +161,20 @@ def train_one_epoch(
     t0 = time.perf_counter() - acc["time_s"]
     bar = tqdm(total=len(loader), initial=acc["epoch_step"], desc=f"epoch {epoch + 1}", leave=False,
                disable=None if progress else True, dynamic_ncols=True)
+    step_kwargs = step_kwargs or {}
+    # under fp16 an overflowing gradient is the loss scaler's business (the step is skipped), not a divergence
+    watch_grad_norm = optimizer.two_pass and step_kwargs.get("scaler") is None
     for i, (images, labels) in enumerate(loader.epoch(epoch, acc["epoch_step"]), start=acc["epoch_step"]):
         if scheduler is not None:
             scheduler.step_update(global_step)
-        loss, logits = train_step(model, optimizer, images, labels, loss_fn, amp, bn_frozen_in_pass2, rng, **(step_kwargs or {}))
+        loss, logits = train_step(model, optimizer, images, labels, loss_fn, amp, bn_frozen_in_pass2, rng, **step_kwargs)
         acc["loss_sum"] += loss.float() * labels.numel()
         acc["correct"] += (logits.argmax(dim=1) == labels).sum()
         acc["seen"] += labels.numel()
         acc["epoch_step"] = i + 1
         global_step += 1
         if guard is not None:
-            # under fp16 an overflowing gradient is the loss scaler's business (the step is skipped)
-            fp16 = (step_kwargs or {}).get("scaler") is not None
-            guard.update(loss, optimizer.grad_norm if optimizer.two_pass and not fp16 else None)
+            guard.update(loss, optimizer.grad_norm if watch_grad_norm else None)
         bar.update(1)
         if (i + 1) % log_every == 0:
             if guard is not None:
