@@ -2,6 +2,9 @@
 
 CPU: WRN-16-4, fp32 (slow: keep --steps/--batch small). CUDA (when present): WRN-28-10, bf16
 autocast, channels_last. Prints ms/step, SAM/SGD and m-SAM/SAM ratios; --out writes JSON.
+"msam_loop" times the naive alternative to the batched m-SAM step: a Python loop over the chunks,
+each a plain SAM ascent + perturbed backward on m examples (same FLOPs, the GPU underfilled).
+A variant that fails is reported with its error and the others still run.
 
     python scripts/bench_sam.py --cpu-batch 64 --cpu-m 8 --steps 3 --out bench.json
 """
@@ -24,6 +27,7 @@ from omegaconf import OmegaConf
 
 # noqa: E402 below: imports after the sys.path line on purpose
 
+import sam_bench.optim.msam as msam
 from sam_bench.engine.precision import autocast
 from sam_bench.engine.step import train_step
 from sam_bench.models import build_model
@@ -35,11 +39,64 @@ VARIANTS = {
     "sam": dict(name="sam", rho=0.05),
     "msam": dict(name="sam", rho=0.05),  # m from the command line
     "asam": dict(name="sam", rho=0.5, adaptive=True, eta=0.01),
+    "msam_loop": dict(name="sam", rho=0.05),
+    # m-SAM implementation choices (sam_bench.optim.msam.BN_IMPL, LAYOUT); "msam" = the defaults
+    "msam_native_nchw": dict(name="sam", rho=0.05),
+    "msam_native_il": dict(name="sam", rho=0.05),
+    "msam_ops_nchw": dict(name="sam", rho=0.05),
+    "msam_ops_il": dict(name="sam", rho=0.05),
 }
+MSAM_IMPLS = {"msam": (msam.BN_IMPL, msam.LAYOUT), "msam_native_nchw": ("native", "nchw"),
+              "msam_native_il": ("native", "interleaved"), "msam_ops_nchw": ("ops", "nchw"),
+              "msam_ops_il": ("ops", "interleaved")}
+
+
+def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
+    """m-sharpness the slow way: for each chunk, ascent from its own gradient, perturbed backward,
+    weights restored; the chunk gradients are averaged and applied once."""
+    params = [p for p, _ in opt.trainable()]
+    acc = [torch.zeros_like(p) for p in params]
+    chunks = x.shape[0] // m
+    for xc, yc in zip(x.split(m), y.split(m)):
+        with amp():
+            loss = loss_fn(model(xc), yc)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        with torch.no_grad():
+            scale = opt.defaults["rho"] / (torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) + 1e-12)
+            eps = torch._foreach_mul(grads, scale)
+            torch._foreach_add_(params, eps)
+        with amp():
+            loss = loss_fn(model(xc), yc)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            torch._foreach_sub_(params, eps)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a.add_(g, alpha=1.0 / chunks)
+    for p, a in zip(params, acc):
+        p.grad = a
+    opt.base_optimizer.step()
+    opt.zero_grad()
+
+
+def profile_step(step, device: torch.device) -> None:
+    """Two warm-up steps, then the kernels of one step by device time (top 25)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
 def time_variant(arch: str, variant: str, device: torch.device, precision: str, batch: int, m: int | None,
-                 steps: int, warmup: int, diagnostics: bool) -> list[float]:
+                 steps: int, warmup: int, diagnostics: bool, profile: bool = False) -> list[float]:
     """Seconds per step for ``steps`` timed steps after ``warmup`` (device-synchronised)."""
     torch.manual_seed(0)
     model = build_model(arch, 10, 3).to(device)
@@ -56,13 +113,18 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     bn = batchnorm_modules(model)
     loss_fn = nn.CrossEntropyLoss()
     amp = lambda: autocast(device, precision)  # noqa: E731
-    chunk = m if variant == "msam" else None
+    chunk = m if variant in MSAM_IMPLS else None
+    msam.BN_IMPL, msam.LAYOUT = MSAM_IMPLS.get(variant, MSAM_IMPLS["msam"])
+    step = (lambda: loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m)) if variant == "msam_loop" else \
+        (lambda: train_step(model, opt, x, y, loss_fn, amp, bn, None, m=chunk))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
+    if profile:
+        profile_step(step, device)
     for i in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
-        train_step(model, opt, x, y, loss_fn, amp, bn, None, m=chunk)
+        step()
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -70,21 +132,39 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
 
 
 def bench(label: str, arch: str, device: torch.device, precision: str, batch: int, m: int, steps: int, warmup: int,
-          diagnostics: bool) -> dict:
+          diagnostics: bool, variants: list[str], profile: set[str] = frozenset()) -> dict:
     out = {"label": label, "arch": arch, "device": str(device), "precision": precision, "batch": batch, "m": m,
            "steps": steps, "diagnostics": diagnostics,
            "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "threads": torch.get_num_threads(), "ms_per_step": {}}
-    for variant in VARIANTS:
-        t = time_variant(arch, variant, device, precision, batch, m, steps, warmup, diagnostics)
+    out["errors"] = {}
+    for variant in variants:
+        try:
+            t = time_variant(arch, variant, device, precision, batch, m, steps, warmup, diagnostics,
+                             variant in profile)
+        except Exception as e:  # report and go on: one broken variant must not hide the others' figures
+            out["errors"][variant] = f"{type(e).__name__}: {e}"[:500]
+            print(f"{label:>6} {arch:>10} {variant:>9}: FAILED {out['errors'][variant]}", flush=True)
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         out["ms_per_step"][variant] = 1e3 * statistics.median(t)
-        print(f"{label:>6} {arch:>10} {variant:>5}: {out['ms_per_step'][variant]:9.1f} ms/step (median of {len(t)})", flush=True)
+        print(f"{label:>6} {arch:>10} {variant:>9}: {out['ms_per_step'][variant]:9.1f} ms/step (median of {len(t)})",
+              flush=True)
     ms = out["ms_per_step"]
-    out["sam_over_sgd"] = ms["sam"] / ms["sgd"]
-    out["msam_over_sam"] = ms["msam"] / ms["sam"]
-    out["asam_over_sam"] = ms["asam"] / ms["sam"]
+    nan = float("nan")
+    ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else nan  # noqa: E731
+    out["sam_over_sgd"] = ratio("sam", "sgd")
+    out["msam_over_sam"] = ratio("msam", "sam")
+    out["asam_over_sam"] = ratio("asam", "sam")
+    out["msam_loop_over_msam"] = ratio("msam_loop", "msam")
+    for v in MSAM_IMPLS:
+        if v != "msam":
+            out[f"{v}_over_sam"] = ratio(v, "sam")
     print(f"{label:>6} SAM/SGD {out['sam_over_sgd']:.3f}   m-SAM/SAM {out['msam_over_sam']:.3f} (m={m} of {batch})"
-          f"   ASAM/SAM {out['asam_over_sam']:.3f}", flush=True)
+          f"   ASAM/SAM {out['asam_over_sam']:.3f}   loop-over-chunks/m-SAM {out['msam_loop_over_msam']:.3f}",
+          flush=True)
     return out
 
 
@@ -102,19 +182,26 @@ def main() -> None:
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU benchmark")
     p.add_argument("--no-diagnostics", action="store_true", help="time without the SAM diagnostics")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile (kernel table) before timing")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     diag = not args.no_diagnostics
+    variants = [v for v in args.variants.split(",") if v]
+    profile = {v for v in args.profile.split(",") if v}
+    unknown = sorted((set(variants) | profile) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     results = {"torch": torch.__version__, "runs": []}
     if not args.no_cpu:
         results["runs"].append(bench("cpu", args.cpu_arch, torch.device("cpu"), "fp32", args.cpu_batch, args.cpu_m,
-                                     args.steps, args.warmup, diag))
+                                     args.steps, args.warmup, diag, variants, profile))
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         results["runs"].append(bench("cuda", args.gpu_arch, torch.device("cuda"), "bf16", args.gpu_batch, args.gpu_m,
-                                     args.gpu_steps, max(args.warmup, 3), diag))
+                                     args.gpu_steps, max(args.warmup, 3), diag, variants, profile))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # All GPU checks in one command, for a lent GPU machine (see README "GPU checks"):
-#   the CUDA tests (pytest -m gpu), the throughput benchmark, and real training runs.
+#   the CUDA tests (pytest -m gpu), the SAM-family step times (SGD/SAM/m-SAM/ASAM, WRN-28-10 bf16),
+#   ResNet-50 at 224 px (SAM images/s, compiled), a Fashion-MNIST SGD-vs-SAM training run, and with
+#   GPU_CHECK_WRN=1 the full WRN-28-10 grid of scripts/bench.py (eager + compiled + reference loop).
 # Needs: the repo, wheels of hydra-core/omegaconf/antlr4 in .whl/ (when the machine lacks them)
-# and, for the Fashion-MNIST run, the gzip IDX files in .fmnist/. Writes logs under $OUT
-# (default ./gpu_check_out). Each stage has its own time limit; one failing stage does not stop
-# the others. Total under ~8 minutes on an H100/H200.
+# and, for the Fashion-MNIST run, the gzip IDX files in .fmnist/. Writes at most 8 files under $OUT
+# (default ./gpu_check_out): summary.log (environment + the tail of every stage), one log per
+# stage and the benchmark JSON. Each stage has its own time limit; one failing stage does not stop
+# the others. Default stages total under 8 minutes of limits on an H100/H200.
+# STAGES (space-separated) picks stages: gpu_tests bench_sam bench_resnet50 fmnist msam_cli
+# (default: all but msam_cli); GPU_TESTS overrides the pytest targets (default: every test file
+# with gpu tests); BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
+SUMMARY="$OUT/summary.log"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,27 +23,42 @@ else
   export PYTHONPATH=$PWD
 fi
 export SAM_BENCH_RUNS=/tmp/sb_runs SAM_BENCH_MULTIRUN=/tmp/sb_multirun SAM_BENCH_DATA=/tmp/sb_data
-stage() {  # stage NAME SECONDS CMD...
+stage() {  # stage NAME SECONDS CMD...   (log: $OUT/NAME.log; its tail goes to summary.log)
   local name=$1 secs=$2; shift 2
-  echo "=== $name ($(date +%T), limit ${secs}s)"
+  local t0=$SECONDS
+  echo "=== $name ($(date +%T), limit ${secs}s)" | tee -a "$SUMMARY"
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$OUT/$name.log"
-  echo "=== $name: exit $rc"
+  tail -n 25 "$OUT/$name.log" | tee -a "$SUMMARY"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$SUMMARY"
 }
-{ nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/env.log" 2>&1
-head -n 20 "$OUT/env.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"; } 2>&1 | tee -a "$SUMMARY"
 
-stage gpu_tests 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider
-stage bench 270 python3 scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 --steps 20 --warmup 8 --out "$OUT/bench.json"
-stage bench_resnet50 120 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 --precision bf16 --compile 1 --m 0 --reference 0 --steps 15 --warmup 5 --out "$OUT/bench_resnet50.json"
-stage bench_sam 90 python3 scripts/bench_sam.py --no-cpu --out "$OUT/bench_sam.json"
-stage bench_data 45 python3 scripts/bench_data.py
-if ls .fmnist/*.gz >/dev/null 2>&1; then
-  stage fmnist_sgd_vs_sam 140 python3 -m sam_bench train -m dataset=fashion_mnist dataset.system_dir=$PWD/.fmnist \
-    model.kwargs.depth=16 model.kwargs.width=4 trainer.epochs=10 trainer.batch_size=256 trainer.progress=false \
-    optimizer=sgd,sam optimizer.rho=0.05 optimizer.lr=0.1 seed=0
-  python3 -m sam_bench report "runs=[/tmp/sb_multirun]" out="$OUT/report" >> "$OUT/fmnist_sgd_vs_sam.log" 2>&1
-  cat "$OUT/report/summary.md" 2>/dev/null
+STAGES=${STAGES:-gpu_tests bench_sam bench_resnet50 fmnist}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+# the inductor replay tests of test_models_zoo compile whole models: slowest, so last
+GPU_TESTS=${GPU_TESTS:-tests/test_gpu.py tests/test_sam_family.py tests/test_data_zoo.py tests/test_models_zoo.py}
+want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-150} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
+want bench_sam && stage bench_sam 110 python3 scripts/bench_sam.py --no-cpu --gpu-steps ${BENCH_SAM_STEPS:-15} --warmup 3 \
+  --variants ${BENCH_SAM_VARIANTS:-sgd,sam,msam,asam,msam_loop} ${BENCH_SAM_PROFILE:+--profile $BENCH_SAM_PROFILE} \
+  --out "$OUT/bench_sam.json"
+want bench_resnet50 && stage bench_resnet50 130 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 \
+  --precision bf16 --compile 1 --m 0 --reference 0 --steps 15 --warmup 5 --out "$OUT/bench_resnet50.json"
+if [ "${GPU_CHECK_WRN:-0}" = 1 ]; then
+  stage bench_wrn 270 python3 scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 \
+    --steps 15 --warmup 5 --out /tmp/bench_wrn.json
 fi
-echo "done $(date +%T)"
+if want msam_cli && ls .fmnist/*.gz >/dev/null 2>&1; then  # m-SAM through the trainer, real data
+  stage msam_cli 75 python3 -m sam_bench train dataset=fashion_mnist dataset.system_dir=$PWD/.fmnist \
+    dataset.train_subset=15360 model.kwargs.depth=16 model.kwargs.width=4 trainer.epochs=2 trainer.batch_size=256 \
+    trainer.progress=false optimizer=sam optimizer.m=32 optimizer.diagnostics=true seed=0 hydra.run.dir=/tmp/sb_msam
+fi
+if want fmnist && ls .fmnist/*.gz >/dev/null 2>&1; then
+  stage fmnist_sgd_vs_sam 90 python3 -m sam_bench train -m dataset=fashion_mnist dataset.system_dir=$PWD/.fmnist \
+    model.kwargs.depth=16 model.kwargs.width=4 trainer.epochs=5 trainer.batch_size=256 trainer.progress=false \
+    optimizer=sgd,sam optimizer.rho=0.05 optimizer.lr=0.1 seed=0
+  python3 -m sam_bench report "runs=[/tmp/sb_multirun]" out=/tmp/sb_report >> "$OUT/fmnist_sgd_vs_sam.log" 2>&1
+  cat /tmp/sb_report/summary.md 2>/dev/null | tee -a "$SUMMARY"
+fi
+echo "done $(date +%T)" | tee -a "$SUMMARY"

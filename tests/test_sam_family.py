@@ -328,6 +328,76 @@ def test_m_sharpness_matches_loop_over_chunks(m, bn_mode):
     assert_weights(model, ref_steps(weights(tiny_model()), 3, m=m))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_ghost_batch_norm_equals_torch_batch_norm(momentum, affine, training):
+    """The BN that runs inside the vmapped m-sharpness pass is F.batch_norm's arithmetic: output,
+    input/parameter gradients, running statistics and the batch counter (fp64, two calls)."""
+    from sam_bench.optim.msam import ghost_batch_norm
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(3, momentum=momentum, affine=affine).double().train(training)
+    with torch.no_grad():
+        ref.running_mean.uniform_(-1, 1)
+        ref.running_var.uniform_(0.5, 2)
+        if affine:
+            ref.weight.uniform_(0.5, 2)
+            ref.bias.uniform_(-1, 1)
+    ours = copy.deepcopy(ref)
+    for i in range(2):
+        x = torch.randn(5, 3, 4, 4) * 3 + i
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = ref(xa), ghost_batch_norm(ours, xb)
+        torch.testing.assert_close(yb, ya, rtol=0, atol=1e-12)
+        w = torch.randn_like(ya)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=1e-12)
+    for (name, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=0, atol=1e-12)
+
+
+def test_ghost_batch_norm_keeps_fp32_statistics_for_bf16_activations():
+    """bf16 in, bf16 out; statistics in fp32 so the running stats stay fp32-accurate."""
+    from sam_bench.optim.msam import ghost_batch_norm
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(4).float()
+    ours = copy.deepcopy(ref)
+    x = (torch.randn(8, 4, 5, 5) * 2 + 1).bfloat16()
+    y = ghost_batch_norm(ours, x)
+    expected = ref(x.float())
+    assert y.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), expected, rtol=0, atol=2e-2)  # one bf16 rounding of the output
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
+
+
+def test_m_sharpness_runs_under_bf16_autocast_and_stays_close_to_fp32():
+    """The batched pass runs under the trainer's autocast (bf16 here on CPU) and lands near the
+    fp32 step; BN running statistics stay fp32."""
+    torch.set_default_dtype(torch.float32)
+    base = tiny_model().float()
+    x, y = batch(0, 8)
+    x = x.float()
+    results = []
+    for amp in (lambda: torch.autocast("cpu", enabled=False), lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        model = copy.deepcopy(base)
+        loss, logits = train_step(model, make_sam(model), x, y, F.cross_entropy, amp, batchnorm_modules(model), None,
+                                  m=4)
+        assert torch.isfinite(loss) and logits.shape == (8, 5)
+        assert model[1].running_mean.dtype == torch.float32
+        results.append(model)
+    fp32, bf16 = results
+    for (name, a), b in zip(fp32.state_dict().items(), bf16.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2, msg=name)
+    assert not torch.equal(fp32[5].weight, bf16[5].weight)  # the linear layer really ran in bf16
+
+
 def test_m_sharpness_differs_from_plain_sam():
     a, b = tiny_model(), tiny_model()
     run(a, make_sam(a), 2, m=2)
@@ -606,7 +676,7 @@ def test_diagnostics_match_reference():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_m_sharpness_runs_on_cuda_channels_last_under_autocast(precision):
     """On a GPU, with a channels_last model and the trainer's autocast, the batched m-sharpness pass
-    runs (in fp32: see msam.py "Known limits") and stays finite."""
+    runs in the autocast dtype (see msam.py "Precision") and stays finite."""
     torch.set_default_dtype(torch.float32)
     from sam_bench.optim.msam import msam_step
 
@@ -620,8 +690,33 @@ def test_m_sharpness_runs_on_cuda_channels_last_under_autocast(precision):
     x, y = batch(0)
     x = x.float().cuda().contiguous(memory_format=torch.channels_last)
     loss, _ = msam_step(model, opt, x, y.cuda(), F.cross_entropy, amp, 4, batchnorm_modules(model), None, scaler)
-    assert seen and all(d == torch.float32 for d in seen)
+    assert seen and all(d == dtype for d in seen)
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_m_sharpness_on_cuda_matches_the_float64_cpu_step():
+    """The batched (grouped-convolution) m-sharpness step on CUDA, fp32 without TF32 and with a
+    channels_last model, equals the float64 CPU step that matches the loop-over-chunks reference."""
+    cpu = tiny_model()
+    model = copy.deepcopy(cpu).float().cuda().to(memory_format=torch.channels_last)
+    run(cpu, make_sam(cpu), 2, m=4)
+    batches = [batch(s, 8) for s in range(2)]  # drawn in float64, as run() draws them
+    torch.set_default_dtype(torch.float32)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        opt = make_sam(model)
+        bn_mods = batchnorm_modules(model)
+        for x, y in batches:
+            x = x.float().cuda().contiguous(memory_format=torch.channels_last)
+            train_step(model, opt, x, y.cuda(), F.cross_entropy, lambda: torch.autocast("cuda", enabled=False), bn_mods,
+                       None, m=4)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    for (name, a), b in zip(model.state_dict().items(), cpu.state_dict().values()):
+        torch.testing.assert_close(a.cpu().to(b.dtype), b, rtol=0, atol=1e-5, msg=name)
 
 
 # ---- the trainer wiring, end to end ---------------------------------------------------------
