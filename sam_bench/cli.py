@@ -55,6 +55,59 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _first_point(override) -> str:
+    """An override of the command line with a sweep replaced by its first value."""
+    if not override.is_sweep_override():
+        return override.input_line
+    return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+
+
+def _describe_composition_error(e: Exception, command: str) -> str:
+    """Hydra's multi-line composition report as one line that names the override and the fix."""
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head = lines[0].rstrip(".") if lines else type(e).__name__
+    if "Available options in" in text:
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options in"))
+        options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
+        return f"{head}; choose one of: {', '.join(options)}"
+    cause = e.__cause__
+    if cause is not None:
+        detail = str(cause).strip().splitlines()[0]
+        if "not in" in detail:
+            detail += f" (no such key: `sam-bench {command} --help` lists every key)"
+        return f"{head}: {detail}"
+    return head
+
+
+def _preflight(config_name: str) -> None:
+    """Compose the first point of the command line before Hydra runs it, so that a bad override
+    fails at once with one line naming it (exit 2) instead of Hydra's multi-line report (exit 1).
+    Flags (--help, --cfg, --info, ...) and anything this cannot judge are left to Hydra."""
+    args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    if any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sam_bench.paths import config_dir
+
+    try:
+        first = [_first_point(o) for o in OverridesParser.create().parse_overrides(args)]
+    except OverrideParseException as e:
+        _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]} "
+              "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    except Exception:  # a sweep form this cannot expand: Hydra will judge it
+        return
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            compose(config_name, overrides=first, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        _fail(_describe_composition_error(e, config_name))
+
+
 def train() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -63,6 +116,7 @@ def train() -> None:
     from sam_bench.paths import config_dir
 
     _register()
+    _preflight("train")
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def _train(cfg) -> None:
@@ -93,6 +147,7 @@ def report() -> None:
     from sam_bench.paths import config_dir
 
     _register()
+    _preflight("report")
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="report")
     def _report(cfg) -> None:

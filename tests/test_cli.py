@@ -120,9 +120,30 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         if torch.cuda.is_available():
             pytest.skip("CUDA is present")
     proc = run(["train", *TINY, override, f"hydra.run.dir={tmp_path / 'bad'}"], cli_env, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sam-bench: error: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-m", "optimizer=sgd,sam", "optimizer.rhoo=0.1,0.2"], "Key 'rhoo' not in 'OptimizerConfig'"),
+        (["model=resnet9000"], "choose one of: "),
+        (["optimizer.rho=[1,"], "cannot parse the overrides"),
+        (["hydra/launcher=nosuch"], "Could not find 'hydra/launcher/nosuch'; choose one of: basic,"),
+    ],
+)
+def test_composition_errors_are_one_line_before_anything_runs(cli_env, tmp_path, args, message):
+    """A bad override, in a sweep too, fails before any run starts: one line, exit 2, no run dir."""
+    proc = run(["train", *TINY, *args, f"hydra.run.dir={tmp_path / 'bad'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+               cli_env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "sweep").exists()
 
 
 def test_missing_dataset_names_directory_file_and_url(cli_env, tmp_path):
