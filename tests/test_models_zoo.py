@@ -514,6 +514,25 @@ def test_bad_architecture_arguments_are_config_errors():
         build_model("shake_shake_mini", 10, 3, pretrained=True)
 
 
+@pytest.mark.parametrize("name", ["shake_shake_mini", "pyramidnet_shakedrop_mini"])
+@pytest.mark.parametrize("true_gradient", [True, False])
+def test_shake_models_trace_whole_under_torch_compile(name, true_gradient):
+    """fullgraph tracing (dynamo, eager backend: no code generation) of forward and backward with
+    the true-gradient switch either way; torch 2.14 rejected an autograd.Function given the same
+    tensor twice, which the true gradient used to do."""
+    torch._dynamo.reset()
+    model = build_model(name, 10, 3).train()
+    for m in model.modules():
+        if hasattr(m, "true_gradient"):
+            m.true_gradient = true_gradient
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    out = torch.compile(model, fullgraph=True, backend="eager")(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA RNG under SAM's rewind needs a GPU")
 @pytest.mark.parametrize("name", ["shake_shake_mini", "pyramidnet_shakedrop_mini"])

@@ -54,10 +54,14 @@ class _ShakeMix(torch.autograd.Function):
 
 
 def shake_scale(x: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor) -> torch.Tensor:
+    if bwd is fwd:  # the true gradient: plain autograd (torch.compile rejects a Function given one tensor twice)
+        return x * fwd
     return _ShakeScale.apply(x, fwd, bwd)
 
 
 def shake_mix(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    if beta is alpha:  # the true gradient, as in shake_scale
+        return torch.lerp(b, a, alpha)
     return _ShakeMix.apply(a, b, alpha, beta)
 
 
@@ -122,9 +126,8 @@ class ShakeDrop(nn.Module):
         (a0, a1), (b0, b1) = self.alpha_range, self.beta_range
         alpha = a0 + (a1 - a0) * u[1]
         fwd = gate + alpha - gate * alpha
+        fwd = fwd.to(x.dtype)
         if self.true_gradient:
-            bwd = fwd
-        else:
-            beta = b0 + (b1 - b0) * u[2]
-            bwd = gate + beta - gate * beta
-        return shake_scale(x, fwd.to(x.dtype), bwd.to(x.dtype))
+            return shake_scale(x, fwd, fwd)
+        beta = b0 + (b1 - b0) * u[2]
+        return shake_scale(x, fwd, (gate + beta - gate * beta).to(x.dtype))
