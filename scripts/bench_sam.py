@@ -40,15 +40,9 @@ VARIANTS = {
     "msam": dict(name="sam", rho=0.05),  # m from the command line
     "asam": dict(name="sam", rho=0.5, adaptive=True, eta=0.01),
     "msam_loop": dict(name="sam", rho=0.05),
-    # m-SAM implementation choices (sam_bench.optim.msam.BN_IMPL, LAYOUT); "msam" = the defaults
-    "msam_native_nchw": dict(name="sam", rho=0.05),
-    "msam_native_il": dict(name="sam", rho=0.05),
-    "msam_ops_nchw": dict(name="sam", rho=0.05),
-    "msam_ops_il": dict(name="sam", rho=0.05),
+    "msam_il": dict(name="sam", rho=0.05),  # m-SAM with sam_bench.optim.msam.LAYOUT = "interleaved"
 }
-MSAM_IMPLS = {"msam": (msam.BN_IMPL, msam.LAYOUT), "msam_native_nchw": ("native", "nchw"),
-              "msam_native_il": ("native", "interleaved"), "msam_ops_nchw": ("ops", "nchw"),
-              "msam_ops_il": ("ops", "interleaved")}
+MSAM_LAYOUTS = {"msam": msam.LAYOUT, "msam_il": "interleaved"}
 
 
 def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
@@ -113,8 +107,8 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     bn = batchnorm_modules(model)
     loss_fn = nn.CrossEntropyLoss()
     amp = lambda: autocast(device, precision)  # noqa: E731
-    chunk = m if variant in MSAM_IMPLS else None
-    msam.BN_IMPL, msam.LAYOUT = MSAM_IMPLS.get(variant, MSAM_IMPLS["msam"])
+    chunk = m if variant in MSAM_LAYOUTS else None
+    msam.LAYOUT = MSAM_LAYOUTS.get(variant, MSAM_LAYOUTS["msam"])
     step = (lambda: loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m)) if variant == "msam_loop" else \
         (lambda: train_step(model, opt, x, y, loss_fn, amp, bn, None, m=chunk))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -159,9 +153,7 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
     out["msam_over_sam"] = ratio("msam", "sam")
     out["asam_over_sam"] = ratio("asam", "sam")
     out["msam_loop_over_msam"] = ratio("msam_loop", "msam")
-    for v in MSAM_IMPLS:
-        if v != "msam":
-            out[f"{v}_over_sam"] = ratio(v, "sam")
+    out["msam_il_over_sam"] = ratio("msam_il", "sam")
     print(f"{label:>6} SAM/SGD {out['sam_over_sgd']:.3f}   m-SAM/SAM {out['msam_over_sam']:.3f} (m={m} of {batch})"
           f"   ASAM/SAM {out['asam_over_sam']:.3f}   loop-over-chunks/m-SAM {out['msam_loop_over_msam']:.3f}",
           flush=True)

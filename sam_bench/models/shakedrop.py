@@ -125,8 +125,7 @@ class ShakeDrop(nn.Module):
         gate = (u[0] < self.keep_prob).to(u.dtype)  # Bernoulli(keep_prob)
         (a0, a1), (b0, b1) = self.alpha_range, self.beta_range
         alpha = a0 + (a1 - a0) * u[1]
-        fwd = gate + alpha - gate * alpha
-        fwd = fwd.to(x.dtype)
+        fwd = (gate + alpha - gate * alpha).to(x.dtype)
         if self.true_gradient:
             return shake_scale(x, fwd, fwd)
         beta = b0 + (b1 - b0) * u[2]

@@ -61,10 +61,6 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-#: How BatchNorm runs inside the vmapped passes (both exact; see ``ghost_batch_norm``).
-#: "native": F.batch_norm without running statistics (one fused kernel, stats in fp32 inside it)
-#: plus a separate fp32 statistics pass for the running averages; "ops": plain tensor ops in fp32.
-BN_IMPL = "native"
 #: Physical layout of the chunked images: "nchw" (contiguous chunks) or "interleaved" (memory
 #: order m, H, W, chunk, C). vmap turns each convolution into one grouped convolution over
 #: [m, chunks*C, H, W]; the interleaved order makes that tensor channels_last, so cuDNN runs NHWC
@@ -96,9 +92,7 @@ def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     fp32 for fp16/bf16 activations, else in the activation dtype. Running statistics never enter
     a vmapped ``F.batch_norm`` call (whose batching rule rejects bf16 input with fp32 statistics).
     """
-    dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    low = x.dtype in (torch.float16, torch.bfloat16)
     if not (mod.training or mod.running_mean is None):  # eval mode: a per-channel affine map
         scale = torch.rsqrt(mod.running_var + mod.eps)
         if mod.weight is not None:
@@ -106,25 +100,14 @@ def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         shift = -mod.running_mean * scale
         if mod.bias is not None:
             shift = shift + mod.bias
-        if low:
-            return torch.addcmul(shift.reshape(shape), x.float(), scale.reshape(shape)).to(x.dtype)
-        return torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return torch.addcmul(shift.to(xf.dtype).reshape(shape), xf, scale.to(xf.dtype).reshape(shape)).to(x.dtype)
     if mod.training and mod.track_running_stats and mod.running_mean is not None:
-        _update_running_stats(mod, x, dims)
-    if BN_IMPL == "native":
-        y = F.batch_norm(x, None, None, None, None, True, 0.0, mod.eps)
-        if mod.weight is not None:
-            y = torch.addcmul(mod.bias.to(y.dtype).reshape(shape), y, mod.weight.to(y.dtype).reshape(shape))
-        return y
-    xf = x.float() if low else x
-    var, mean = torch.var_mean(xf, dim=dims, correction=0)
-    scale = torch.rsqrt(var + mod.eps)
+        _update_running_stats(mod, x, [0, *range(2, x.dim())])
+    y = F.batch_norm(x, None, None, None, None, True, 0.0, mod.eps)  # one fused kernel, fp32 stats inside
     if mod.weight is not None:
-        scale = scale * mod.weight.to(xf.dtype)
-    shift = -mean * scale
-    if mod.bias is not None:
-        shift = shift + mod.bias.to(xf.dtype)
-    return torch.addcmul(shift.reshape(shape), xf, scale.reshape(shape)).to(x.dtype)
+        y = torch.addcmul(mod.bias.to(y.dtype).reshape(shape), y, mod.weight.to(y.dtype).reshape(shape))
+    return y
 
 
 @contextmanager
