@@ -37,6 +37,12 @@ class BNMode(str, Enum):
     frozen = "frozen"  # BatchNorm in eval mode for both passes (finetuning)
 
 
+class MEngine(str, Enum):
+    auto = "auto"  # split when the model's layers allow it (every CIFAR architecture), else vmap
+    split = "split"  # full-batch layers, per-chunk kernels only where needed (sam_bench.optim.chunked)
+    vmap = "vmap"  # torch.func.vmap over chunks: any model, grouped convolutions
+
+
 class Device(str, Enum):
     auto = "auto"
     cuda = "cuda"
@@ -120,6 +126,7 @@ class OptimizerConfig:
     bn: BNMode = BNMode.clean
     rng_replay: bool = True  # dropout & co draw the same numbers in both passes
     m: Optional[int] = None  # m-sharpness chunk (examples per ε); null = the whole per-device batch
+    m_engine: MEngine = MEngine.auto  # how m-sharpness is computed (same result): auto | split | vmap
     adaptive: bool = False  # ASAM: ε scaled by T = |w| + eta on parameters named "*weight*"
     eta: float = 0.01  # ASAM's η
     p: str = "2"  # "2" (SAM) | "inf" (ε = ρ·sign g) | "random" (Gaussian direction, norm ρ)
@@ -194,6 +201,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.num_threads",
     "trainer.eval_batch_size",
     "trainer.compile",
+    "optimizer.m_engine",  # how m-sharpness is computed, not what (both engines give the same step)
     "trainer.checkpoint",
     "dataset.num_workers",
     "trainer.checkpoint_every_steps",

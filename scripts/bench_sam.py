@@ -2,8 +2,10 @@
 
 CPU: WRN-16-4, fp32 (slow: keep --steps/--batch small). CUDA (when present): WRN-28-10, bf16
 autocast, channels_last. Prints ms/step, SAM/SGD and m-SAM/SAM ratios; --out writes JSON.
-"msam_loop" times the naive alternative to the batched m-SAM step: a Python loop over the chunks,
-each a plain SAM ascent + perturbed backward on m examples (same FLOPs, the GPU underfilled).
+m-SAM variants: "msam" is what the trainer runs (engine "auto"), "msam_split" and "msam_vmap" force
+an engine of sam_bench.optim.msam, "msam_il" is vmap with the interleaved layout, and "msam_loop" the
+naive alternative: a Python loop over the chunks, each a plain SAM ascent + perturbed backward on m
+examples (same FLOPs).
 A variant that fails is reported with its error and the others still run.
 
     python scripts/bench_sam.py --cpu-batch 64 --cpu-m 8 --steps 3 --out bench.json
@@ -37,12 +39,16 @@ from sam_bench.schema import OptimizerConfig
 VARIANTS = {
     "sgd": dict(name="sgd", rho=0.0),
     "sam": dict(name="sam", rho=0.05),
-    "msam": dict(name="sam", rho=0.05),  # m from the command line
+    "msam": dict(name="sam", rho=0.05),  # m from the command line; the trainer's engine ("auto")
     "asam": dict(name="sam", rho=0.5, adaptive=True, eta=0.01),
     "msam_loop": dict(name="sam", rho=0.05),
-    "msam_il": dict(name="sam", rho=0.05),  # m-SAM with sam_bench.optim.msam.LAYOUT = "interleaved"
+    "msam_split": dict(name="sam", rho=0.05),
+    "msam_vmap": dict(name="sam", rho=0.05),
+    "msam_il": dict(name="sam", rho=0.05),
 }
-MSAM_LAYOUTS = {"msam": msam.LAYOUT, "msam_il": "interleaved"}
+#: m-SAM variants -> (sam_bench.optim.msam.ENGINE, sam_bench.optim.msam.LAYOUT)
+MSAM_SETTINGS = {"msam": (msam.ENGINE, msam.LAYOUT), "msam_split": ("split", msam.LAYOUT),
+                 "msam_vmap": ("vmap", msam.LAYOUT), "msam_il": ("vmap", "interleaved")}
 
 
 def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
@@ -107,8 +113,8 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     bn = batchnorm_modules(model)
     loss_fn = nn.CrossEntropyLoss()
     amp = lambda: autocast(device, precision)  # noqa: E731
-    chunk = m if variant in MSAM_LAYOUTS else None
-    msam.LAYOUT = MSAM_LAYOUTS.get(variant, MSAM_LAYOUTS["msam"])
+    chunk = m if variant in MSAM_SETTINGS else None
+    msam.ENGINE, msam.LAYOUT = MSAM_SETTINGS.get(variant, MSAM_SETTINGS["msam"])
     step = (lambda: loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m)) if variant == "msam_loop" else \
         (lambda: train_step(model, opt, x, y, loss_fn, amp, bn, None, m=chunk))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -153,6 +159,8 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
     out["msam_over_sam"] = ratio("msam", "sam")
     out["asam_over_sam"] = ratio("asam", "sam")
     out["msam_loop_over_msam"] = ratio("msam_loop", "msam")
+    out["msam_split_over_sam"] = ratio("msam_split", "sam")
+    out["msam_vmap_over_sam"] = ratio("msam_vmap", "sam")
     out["msam_il_over_sam"] = ratio("msam_il", "sam")
     print(f"{label:>6} SAM/SGD {out['sam_over_sgd']:.3f}   m-SAM/SAM {out['msam_over_sam']:.3f} (m={m} of {batch})"
           f"   ASAM/SAM {out['asam_over_sam']:.3f}   loop-over-chunks/m-SAM {out['msam_loop_over_msam']:.3f}",

@@ -41,7 +41,7 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 GPU_TESTS=${GPU_TESTS:-tests/test_gpu.py tests/test_sam_family.py tests/test_data_zoo.py tests/test_models_zoo.py}
 want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-150} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
 want bench_sam && stage bench_sam 110 python3 scripts/bench_sam.py --no-cpu --gpu-steps ${BENCH_SAM_STEPS:-15} --warmup 3 \
-  --variants ${BENCH_SAM_VARIANTS:-sgd,sam,msam,asam,msam_loop} ${BENCH_SAM_PROFILE:+--profile $BENCH_SAM_PROFILE} \
+  --variants ${BENCH_SAM_VARIANTS:-sgd,sam,msam,msam_vmap,asam} ${BENCH_SAM_PROFILE:+--profile $BENCH_SAM_PROFILE} \
   --out "$OUT/bench_sam.json"
 want bench_resnet50 && stage bench_resnet50 130 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 \
   --precision bf16 --compile 1 --m 0 --reference 0 --steps 15 --warmup 5 --out "$OUT/bench_resnet50.json"

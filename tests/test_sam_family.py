@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from sam_bench.engine.precision import LossScaler, resolve_precision
+import sam_bench.optim.msam as msam
 from sam_bench.engine.step import RngReplay, train_step
 from sam_bench.errors import ConfigError
 from sam_bench.optim import SAM, batchnorm_modules, build_optimizer, set_bn_eval
@@ -22,6 +23,13 @@ from sam_bench.schema import DatasetConfig, OptimizerConfig, TrainerConfig
 LR, MOMENTUM, WD, RHO, EPS_BN, BN_MOM = 0.1, 0.9, 5e-4, 0.05, 1e-5, 0.1
 NO_AMP = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 NAMES = ["0.weight", "1.weight", "1.bias", "5.weight", "5.bias"]
+
+
+@pytest.fixture(params=["split", "vmap"])
+def engine(request, monkeypatch):
+    """Run an m-sharpness test through each engine of sam_bench.optim.msam."""
+    monkeypatch.setattr(msam, "ENGINE", request.param)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -233,7 +241,7 @@ def test_rng_replay_same_masks_when_on_different_when_off(replay):
 
 @pytest.mark.parametrize("m", [None, 4])
 @pytest.mark.parametrize("replay", [True, False])
-def test_rng_replay_seen_through_the_loss_gap(replay, m):
+def test_rng_replay_seen_through_the_loss_gap(replay, m, engine):
     """With a tiny ρ, L(w+ε) − L(w) is ~0 exactly when both passes draw the same dropout masks
     (covers the batched m-sharpness path, whose vmapped draws cannot be recorded directly)."""
     model = DropNet().double()
@@ -270,7 +278,7 @@ def test_true_gradient_on_for_ascent_passes_only(k):
     assert shake.true_gradient is False
 
 
-def test_true_gradient_in_m_sharpness_path():
+def test_true_gradient_in_m_sharpness_path(engine):
     shake = ShakeLike()
     model = nn.Sequential(nn.Linear(4, 3), shake).double()
     train_step(model, make_sam(model), torch.randn(8, 4), torch.randint(0, 3, (8,)), F.cross_entropy, NO_AMP, m=4)
@@ -318,7 +326,7 @@ def loop_over_chunks_reference(model, steps, m, n, bn_mode):
 
 
 @pytest.mark.parametrize("m,bn_mode", [(2, "clean"), (4, "clean"), (4, "both")])
-def test_m_sharpness_matches_loop_over_chunks(m, bn_mode):
+def test_m_sharpness_matches_loop_over_chunks(m, bn_mode, engine):
     model = tiny_model()
     ref = loop_over_chunks_reference(model, steps=3, m=m, n=8, bn_mode=bn_mode)
     run(model, make_sam(model), 3, m=m, bn=bn_mode)
@@ -377,7 +385,7 @@ def test_ghost_batch_norm_keeps_fp32_statistics_for_bf16_activations():
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
 
 
-def test_m_sharpness_runs_under_bf16_autocast_and_stays_close_to_fp32():
+def test_m_sharpness_runs_under_bf16_autocast_and_stays_close_to_fp32(engine):
     """The batched pass runs under the trainer's autocast (bf16 here on CPU) and lands near the
     fp32 step; BN running statistics stay fp32."""
     torch.set_default_dtype(torch.float32)
@@ -398,15 +406,15 @@ def test_m_sharpness_runs_under_bf16_autocast_and_stays_close_to_fp32():
     assert not torch.equal(fp32[5].weight, bf16[5].weight)  # the linear layer really ran in bf16
 
 
-def test_m_sharpness_differs_from_plain_sam():
+def test_m_sharpness_differs_from_plain_sam(engine):
     a, b = tiny_model(), tiny_model()
     run(a, make_sam(a), 2, m=2)
     run(b, make_sam(b), 2)
     assert max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters())) > 1e-6
 
 
-def test_m_sharpness_whole_batch_equals_plain_sam():
-    """The batched path with one chunk (forced through vmap) equals the plain two-pass step."""
+def test_m_sharpness_whole_batch_equals_plain_sam(engine):
+    """The m-sharpness step with one chunk (called directly) equals the plain two-pass step."""
     from sam_bench.optim.msam import msam_step
 
     a, b = tiny_model(), tiny_model()
@@ -417,6 +425,121 @@ def test_m_sharpness_whole_batch_equals_plain_sam():
         train_step(b, opt_b, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(b))
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
+
+
+class RichNet(nn.Module):
+    """Every layer configuration the split engine evaluates per chunk: strided conv with a bias,
+    dilated grouped conv, BN with momentum None, BN without affine, BN1d, Linear with and without
+    bias, and a frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(4, momentum=None)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(6, affine=False)
+        self.fc1 = nn.Linear(6, 7)
+        self.bn3 = nn.BatchNorm1d(7)
+        self.fc2 = nn.Linear(7, 5, bias=False)
+        self.conv1.bias.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h))).mean(dim=(2, 3))
+        return self.fc2(torch.relu(self.bn3(self.fc1(h))))
+
+
+def generic_loop_reference(model, batches, m, bn_mode):
+    """Any model: one deep copy per chunk ("device") with plain autograd, SAM on the chunk, then the
+    mean of the chunk gradients and of the BN state (official pmap semantics), Nesterov SGD."""
+    model = copy.deepcopy(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    v = {n: 0.0 for n in names}
+    for x, y in batches:
+        total, states = {n: 0.0 for n in names}, []
+        for xc, yc in zip(x.split(m), y.split(m)):
+            dev = copy.deepcopy(model)
+            dp = dict(dev.named_parameters())
+            g = torch.autograd.grad(F.cross_entropy(dev(xc), yc), [dp[n] for n in names])
+            g = [a + WD * dp[n].detach() for a, n in zip(g, names)]
+            eps = [RHO * a / norm(g) for a in g]
+            clean = {k: b.clone() for k, b in dev.named_buffers()}
+            with torch.no_grad():
+                for n, e in zip(names, eps):
+                    dp[n].add_(e)
+            g2 = torch.autograd.grad(F.cross_entropy(dev(xc), yc), [dp[n] for n in names])
+            for a, n in zip(g2, names):
+                total[n] = total[n] + (a + WD * dp[n].detach()) * m / x.shape[0]
+            states.append(clean if bn_mode == "clean" else dict(dev.named_buffers()))
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(states[0][k] if b.dtype == torch.long else torch.stack([st[k] for st in states]).mean(0))
+            c = min(1.0, 5.0 / norm(list(total.values())))
+            params = dict(model.named_parameters())
+            for n in names:
+                v[n] = MOMENTUM * v[n] + total[n] * c
+                params[n].sub_(LR * (total[n] * c + MOMENTUM * v[n]))
+    return model
+
+
+@pytest.mark.parametrize("bn_mode", ["clean", "both"])
+def test_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine):
+    model = RichNet().double()
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(3)]
+    ref = generic_loop_reference(model, batches, 4, bn_mode)
+    opt = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=RHO, weight_decay=WD,
+              grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    bn_mods = batchnorm_modules(model)
+    for x, y in batches:
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, bn_mods if bn_mode == "clean" else None, m=4)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    assert not torch.equal(model.fc2.weight, RichNet().double().fc2.weight)  # it trained
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BN subclass that does more than normalise (like timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x)) - 0.5
+
+
+def test_engine_choice_and_unsupported_layers():
+    """"auto" runs the split engine on the paper's architectures and falls back to vmap for a layer
+    it cannot split; vmap refuses a BN subclass it would silently change."""
+    from sam_bench.models import build_model, sam_bench_models
+    from sam_bench.optim import chunked
+
+    for arch in sam_bench_models():  # every CIFAR architecture of the paper
+        assert chunked.supports(build_model(arch, 10, 3)), arch
+    assert not chunked.supports(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
+    assert not chunked.supports(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same")))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5)).double()
+    assert not chunked.supports(model)
+    before = copy.deepcopy(model.state_dict())
+    x, y = batch(0)
+    with pytest.raises(ValueError, match="BatchNormAct"):
+        train_step(model, make_sam(model), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+    with pytest.raises(ValueError, match=r"optimizer.m_engine=split cannot run this model: 1 \(BatchNormAct\)"):
+        train_step(model, make_sam(model), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4, m_engine="split")
+    with pytest.raises(ValueError, match="engine 'fast' is unknown"):
+        train_step(model, make_sam(model), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4, m_engine="fast")
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), before.values()))  # refused untouched
+
+
+def test_m_engine_is_a_config_key_that_does_not_change_the_run_identity():
+    from sam_bench.schema import config_hash
+
+    cfg = train_cfg(m=4)
+    assert cfg.optimizer.m_engine == "auto"
+    plain = OmegaConf.to_container(cfg)
+    other = OmegaConf.to_container(OmegaConf.merge(cfg, {"optimizer": {"m_engine": "vmap"}}))
+    assert config_hash(plain) == config_hash(other)
+    with pytest.raises(Exception, match="m_engine"):
+        OmegaConf.merge(cfg, {"optimizer": {"m_engine": "fast"}})
 
 
 def train_cfg(precision="auto", **opt):
@@ -496,7 +619,7 @@ def test_second_order_matches_autograd_through_epsilon():
 
 
 @pytest.mark.parametrize("variant", ["asam", "inf"])
-def test_variants_with_m_sharpness(variant):
+def test_variants_with_m_sharpness(variant, engine):
     model = tiny_model()
     expected = ref_steps(weights(model), 2, variant=variant, m=4)
     opt = asam_optimizer(model) if variant == "asam" else make_sam(model, p=variant)
@@ -504,7 +627,7 @@ def test_variants_with_m_sharpness(variant):
     assert_weights(model, expected)
 
 
-def test_random_direction_with_m_sharpness():
+def test_random_direction_with_m_sharpness(engine):
     """Each chunk gets its own Gaussian direction: one generator, draws of shape [C, ...] per
     parameter (all chunks at once, in parameter order)."""
     model = tiny_model()
@@ -527,7 +650,7 @@ def test_random_direction_with_m_sharpness():
 
 # ---- robustness -----------------------------------------------------------------------------
 
-def test_frozen_and_unused_parameters_and_two_groups():
+def test_frozen_and_unused_parameters_and_two_groups(engine):
     model = tiny_model()
     model[1].weight.requires_grad_(False)
     unused = nn.Parameter(torch.ones(3))
@@ -595,7 +718,7 @@ def fp16_model(when):
 
 @pytest.mark.parametrize("bad_pass", [0, 1])
 @pytest.mark.parametrize("m", [None, 4])
-def test_fp16_overflow_in_either_pass_skips_the_whole_step(bad_pass, m):
+def test_fp16_overflow_in_either_pass_skips_the_whole_step(bad_pass, m, engine):
     torch.set_default_dtype(torch.float32)
     # forward calls: step 0 -> passes (0, 1), step 1 -> (2, 3), step 2 -> (4, 5); the inf hits step 1
     model = fp16_model({2 + bad_pass})
@@ -674,7 +797,7 @@ def test_diagnostics_match_reference():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_m_sharpness_runs_on_cuda_channels_last_under_autocast(precision):
+def test_m_sharpness_runs_on_cuda_channels_last_under_autocast(precision, engine):
     """On a GPU, with a channels_last model and the trainer's autocast, the batched m-sharpness pass
     runs in the autocast dtype (see msam.py "Precision") and stays finite."""
     torch.set_default_dtype(torch.float32)
@@ -696,8 +819,8 @@ def test_m_sharpness_runs_on_cuda_channels_last_under_autocast(precision):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_m_sharpness_on_cuda_matches_the_float64_cpu_step():
-    """The batched (grouped-convolution) m-sharpness step on CUDA, fp32 without TF32 and with a
+def test_m_sharpness_on_cuda_matches_the_float64_cpu_step(engine):
+    """The m-sharpness step (each engine) on CUDA, fp32 without TF32 and with a
     channels_last model, equals the float64 CPU step that matches the loop-over-chunks reference."""
     cpu = tiny_model()
     model = copy.deepcopy(cpu).float().cuda().to(memory_format=torch.channels_last)
@@ -739,6 +862,7 @@ def test_cli_asam_m_sharpness_logs_diagnostics(cli_env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["config"]["optimizer"]["adaptive"] and result["config"]["optimizer"]["m"] == 4
+    assert "m-sharpness: m=4, 4 chunks per batch, engine split (optimizer.m_engine=auto)" in (run_dir / "train.log").read_text()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tb"))
@@ -748,3 +872,11 @@ def test_cli_asam_m_sharpness_logs_diagnostics(cli_env, tmp_path):
     bad = subprocess.run(sam_bench_cmd() + args[:-1] + ["optimizer.m=3", f"hydra.run.dir={tmp_path / 'bad'}"],
                          env=cli_env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "optimizer.m=3" in bad.stderr + bad.stdout
+    vmap = subprocess.run(sam_bench_cmd() + args[:-1] + ["optimizer.m_engine=vmap",
+                                                         f"hydra.run.dir={tmp_path / 'vmap'}"],
+                          env=cli_env, capture_output=True, text=True, timeout=300)
+    assert vmap.returncode == 0, vmap.stderr[-2000:]
+    assert "engine vmap (optimizer.m_engine=vmap)" in (tmp_path / "vmap" / "train.log").read_text()
+    other = json.loads((tmp_path / "vmap" / "result.json").read_text())  # same run, other engine
+    assert other["config_hash"] == result["config_hash"]
+    assert other["final_test_loss"] == pytest.approx(result["final_test_loss"], rel=1e-4)

@@ -103,6 +103,7 @@ def train_step(
     rng: RngReplay | None = None,
     *,
     m: int | None = None,
+    m_engine: str | None = None,
     scaler: LossScaler | None = None,
     sync_perturbation: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,8 @@ def train_step(
     ``bn_modules``: when given, the perturbed pass leaves their running statistics alone
     (BN mode "clean"). ``rng``: when given, the perturbed pass replays the clean pass's draws.
     ``m``: m-sharpness chunk size (each chunk of m examples gets its own ε; ghost BN per chunk);
-    None or the whole batch: plain SAM. ``scaler``: fp16 loss scaling. ``sync_perturbation``:
+    None or the whole batch: plain SAM. ``m_engine``: "auto", "split" or "vmap" (see
+    :mod:`sam_bench.optim.msam`; None = its ``ENGINE``). ``scaler``: fp16 loss scaling. ``sync_perturbation``:
     under DDP, average the ascent gradient over ranks (default: each rank perturbs with its own).
     """
     ddp_module = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
@@ -121,7 +123,7 @@ def train_step(
             raise ValueError("m-sharpness under DDP: each rank already perturbs with its own batch (m = per-rank batch); pass m=None")
         from sam_bench.optim.msam import msam_step
 
-        return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler)
+        return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler, m_engine)
     two_pass = optimizer.two_pass
     if not two_pass:
         with autocast():

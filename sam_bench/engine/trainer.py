@@ -39,6 +39,20 @@ from sam_bench.tracking.results import RESULT_FILE, atomic_write_json, git_commi
 log = logging.getLogger("sam_bench")
 
 
+def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int) -> str:
+    """The m-sharpness engine this run uses ("auto" resolved for this model), logged once."""
+    from sam_bench.optim.msam import resolve_engine
+
+    if m is None:
+        return requested
+    try:
+        engine = resolve_engine(model, requested)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)", m, batch // m, engine, requested)
+    return engine
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -273,8 +287,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
     scaler = LossScaler(device) if precision == "fp16" else None
-    m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) else None
-    step_kwargs = {"m": m, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
+    m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) and optimizer.two_pass else None
+    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch)
+    step_kwargs = {"m": m, "m_engine": m_engine, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
     labels_hash = ckpt.content_digest(data.train.labels)  # catches a changed label-noise file on resume

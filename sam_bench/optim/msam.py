@@ -1,4 +1,4 @@
-"""m-sharpness in one batched pass: each chunk of m examples gets its own ε (recipes.md §2).
+"""m-sharpness without a loop over the model: each chunk of m examples gets its own ε (recipes.md §2).
 
 The paper's multi-accelerator SAM treats every device as an independent SAM step on its sub-batch
 and averages the resulting SAM gradients; m-sharpness is that with "device" = chunk of m examples.
@@ -10,15 +10,27 @@ So a chunk is a device in every respect:
   BN state);
 - the final gradient is mean_c ∇L_c(w + ε_c), then clipped and applied once.
 
-Implementation: ``torch.func.vmap`` over the chunk axis of ``functional_call`` with *stacked*
-parameters ([C, ...], one copy per chunk) and stacked BN buffers, so every layer runs once per pass
-for all chunks (convolutions with per-chunk weights become one grouped convolution). Autograd
-through the vmapped forward gives, in the clean pass, the per-chunk gradients (w.r.t. the stacked
-leaf) and, in the perturbed pass, the chunk average directly in ``w.grad`` (the stacked weights are
-w + ε_c with ε_c constant). No Python loop over chunks and no host sync.
+Two engines compute exactly this (``ENGINE``; "auto" picks the first that fits the model):
 
-Precision: the batched passes run under the trainer's autocast (bf16 on CUDA by default), like
-plain SAM. BatchNorm inside the vmapped call goes through ``ghost_batch_norm`` below instead of
+- **split** (:mod:`sam_bench.optim.chunked`): the network runs on the whole batch and only the
+  parts that differ per chunk run per chunk: in the clean pass (all chunks at w) a convolution's
+  forward and input gradient are ordinary full-batch kernels and only its weight gradient is taken
+  per chunk; in the perturbed pass (chunk c at w + ε_c) forward and input gradient run per chunk
+  and the weight gradient, needed only summed over chunks, is one full-batch kernel. Every kernel
+  is a dense one (no grouped convolution, no layout transpose). For models built from Conv2d,
+  Linear and BatchNorm (all the paper's CIFAR architectures).
+- **vmap** (any model): ``torch.func.vmap`` over the chunk axis of ``functional_call`` with
+  *stacked* parameters ([C, ...], one copy per chunk) and stacked BN buffers, so every layer runs
+  once per pass for all chunks (convolutions with per-chunk weights become one grouped
+  convolution). Autograd through the vmapped forward gives, in the clean pass, the per-chunk
+  gradients (w.r.t. the stacked leaf) and, in the perturbed pass, the chunk average directly in
+  ``w.grad`` (the stacked weights are w + ε_c with ε_c constant).
+
+Both run without a host sync (except BN with momentum None in the split engine: its running
+average needs the step count on the host).
+
+Precision: the passes run under the trainer's autocast (bf16 on CUDA by default), like plain SAM.
+vmap engine: BatchNorm inside the vmapped call goes through ``ghost_batch_norm`` below instead of
 the module's own forward: ``F.batch_norm``'s vmap batching rule rejects bf16 activations with fp32
 running statistics ("Expected running_mean to have type BFloat16 but got Float", H200, torch
 2.11), so the statistics-free batch norm is called and the running averages are updated
@@ -29,10 +41,13 @@ convolutions stay fp32 there. Ops without a batching rule (e.g. ``as_strided_`` 
 channels-last adaptive pooling) fall back to a per-chunk loop inside PyTorch; they are small ops at
 the end of the network.
 
-Speed (H200, torch 2.11, WRN-28-10, batch 256, m = 32, bf16; results/benchmarks.md): about 3× a
-plain SAM step (151-159 ms against 53 ms), 1.6× faster than a Python loop over the chunks (same
-run). The profile puts the excess in cuDNN's grouped convolutions: NCHW<->NHWC transposes around
-each one and slower grouped weight-gradient kernels, not in BN or the weight stacking.
+Speed, WRN-28-10 (CUDA) / WRN-16-4 (CPU), batch 256, m = 32 (results/benchmarks.md):
+
+- vmap, H200 bf16 (torch 2.11): about 3× a plain SAM step (151-159 ms against 53 ms), 1.6× faster
+  than a Python loop over the chunks. The profile puts the excess in cuDNN's grouped convolutions
+  (NCHW<->NHWC transposes around each one, slower grouped weight-gradient kernels).
+- CPU fp32 (2 cores): split 6.45 s, vmap 8.71 s, plain SAM 6.43 s per step (m-SAM/SAM 1.00 split,
+  1.36 vmap). The split engine has not run on a GPU yet (``scripts/gpu_check.sh`` times both).
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sam_bench.optim import chunked
 from sam_bench.optim.sam import SAM
 
 
@@ -71,12 +87,17 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 LAYOUT = "nchw"
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (a float64 value must not be rounded to fp32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _update_running_stats(mod: _BatchNorm, x: torch.Tensor, dims: list[int]) -> None:
     """PyTorch's running-average update from this batch: unbiased variance, momentum ``None`` =
     cumulative average; computed in fp32 (or the activation dtype when wider)."""
     with torch.no_grad():
         xf = x.detach()
-        xf = xf.float() if xf.dtype in (torch.float16, torch.bfloat16) else xf
+        xf = at_least_fp32(xf)
         var, mean = torch.var_mean(xf, dim=dims, correction=1 if xf.numel() > xf.shape[1] else 0)
         mod.num_batches_tracked.add_(1)
         mom = (1.0 / mod.num_batches_tracked) if mod.momentum is None else mod.momentum
@@ -100,7 +121,7 @@ def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         shift = -mod.running_mean * scale
         if mod.bias is not None:
             shift = shift + mod.bias
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xf = at_least_fp32(x)
         return torch.addcmul(shift.to(xf.dtype).reshape(shape), xf, scale.to(xf.dtype).reshape(shape)).to(x.dtype)
     if mod.training and mod.track_running_stats and mod.running_mean is not None:
         _update_running_stats(mod, x, [0, *range(2, x.dim())])
@@ -110,12 +131,27 @@ def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _ghost_forward(mod: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The replacement forward of one BN module; a subclass that does more than normalise is refused
+    (replacing its forward would drop the rest), except timm's BatchNormAct2d (BN, drop, act)."""
+    if type(mod) in _PLAIN_BATCH_NORMS:
+        return lambda x: ghost_batch_norm(mod, x)
+    if type(mod).__name__ == "BatchNormAct2d" and hasattr(mod, "act") and hasattr(mod, "drop"):
+        return lambda x: mod.act(mod.drop(ghost_batch_norm(mod, x)))
+    raise ValueError(f"m-sharpness (optimizer.m) cannot run the BatchNorm subclass {type(mod).__name__}: its "
+                     "forward does more than batch normalisation; use plain SAM (optimizer.m=null) for this model")
+
+
 @contextmanager
 def ghost_batch_norms(model: nn.Module) -> Iterator[None]:
     """Route every BatchNorm of ``model`` through ``ghost_batch_norm`` (instance-level forward)."""
     mods = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    for mod in mods:
-        mod.forward = (lambda mod: lambda x: ghost_batch_norm(mod, x))(mod)
+    forwards = [_ghost_forward(mod) for mod in mods]  # refuse before touching any module
+    for mod, fwd in zip(mods, forwards):
+        mod.forward = fwd
     try:
         yield
     finally:
@@ -145,6 +181,88 @@ def _write_back(buffers: dict[str, torch.Tensor], stacked: dict[str, torch.Tenso
             v.copy_(stacked[k].mean(dim=0))
 
 
+#: Which m-sharpness engine runs: "auto" (the split engine of :mod:`sam_bench.optim.chunked` when the
+#: model's layers allow it, else vmap), "split" or "vmap". A module switch for benchmarks and tests.
+ENGINE = "auto"
+
+
+class _VmapPasses:
+    """Both passes through ``vmap`` over stacked parameters and BN buffers (any model)."""
+
+    def __init__(self, model, names, params, consts, bn_bufs, x, y, loss_fn, autocast, chunks):
+        def chunk_loss(stacked_params, stacked_bufs, xc, yc):
+            with autocast(), ghost_batch_norms(model):  # see "Precision" above
+                out = functional_call(model, (stacked_params, stacked_bufs, consts), (xc,), strict=False)
+                return at_least_fp32(loss_fn(out, yc)), out
+
+        self.batched = vmap(chunk_loss, in_dims=(0, 0, 0, 0), randomness="different")
+        self.names, self.params, self.bn_bufs, self.chunks = names, params, bn_bufs, chunks
+        self.x, self.y = _chunked(x, chunks, x.shape[0] // chunks), y.reshape(chunks, -1, *y.shape[1:])
+
+    def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Per-chunk losses [C], logits [batch, ...] and per-chunk gradients [C, ...] at w."""
+        leaf = {n: p.detach().unsqueeze(0).expand(self.chunks, *p.shape).contiguous().requires_grad_(True)
+                for n, p in zip(self.names, self.params)}
+        bufs = _stack(self.bn_bufs, self.chunks)
+        losses, logits = self.batched(leaf, bufs, self.x, self.y)
+        (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
+        if self.bn_bufs:
+            _write_back(self.bn_bufs, bufs)
+        grads = [leaf[n].grad if leaf[n].grad is not None else torch.zeros_like(leaf[n]) for n in self.names]
+        return losses, logits.reshape(-1, *logits.shape[2:]), grads
+
+    def perturbed(self, eps: list[torch.Tensor], scaler, update_stats: bool) -> torch.Tensor:
+        """Per-chunk losses at w + ε_c; mean_c ∇L_c(w + ε_c) lands in w.grad."""
+        shifted = {n: (p.unsqueeze(0) + e).contiguous() for n, p, e in zip(self.names, self.params, eps)}
+        bufs = _stack(self.bn_bufs, self.chunks)
+        losses, _ = self.batched(shifted, bufs, self.x, self.y)
+        (scaler.scale(losses.mean()) if scaler is not None else losses.mean()).backward()
+        if update_stats and self.bn_bufs:
+            _write_back(self.bn_bufs, bufs)
+        return losses
+
+
+class _SplitPasses:
+    """Both passes with full-batch layers, per-chunk kernels only where needed (:mod:`chunked`)."""
+
+    def __init__(self, model, names, params, x, y, loss_fn, autocast, chunks):
+        self.model, self.names, self.params, self.chunks = model, names, params, chunks
+        self.x, self.y, self.loss_fn, self.autocast = x, y, loss_fn, autocast
+        owned = {id(p) for p in params}
+        self.fixed = {n: chunked.Stacked(p.detach().unsqueeze(0).expand(chunks, *p.shape))
+                      for n, p in model.named_parameters() if id(p) not in owned}
+
+    def _run(self, stacked: dict, update_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast(), chunked.chunked_layers(self.model, self.chunks, {**self.fixed, **stacked}, update_stats):
+            logits = self.model(self.x)
+            losses = torch.stack([at_least_fp32(self.loss_fn(o, t)) for o, t in
+                                  zip(logits.chunk(self.chunks), self.y.chunk(self.chunks))])
+        return losses, logits
+
+    def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        leaf = [p.detach().unsqueeze(0).expand(self.chunks, *p.shape).requires_grad_(True) for p in self.params]
+        losses, logits = self._run({n: chunked.Stacked(t) for n, t in zip(self.names, leaf)}, True)
+        (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
+        return losses, logits, [t.grad if t.grad is not None else torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in leaf]
+
+    def perturbed(self, eps: list[torch.Tensor], scaler, update_stats: bool) -> torch.Tensor:
+        stacked = {n: chunked.Stacked(p.unsqueeze(0) + e, base=p) for n, p, e in zip(self.names, self.params, eps)}
+        losses, _ = self._run(stacked, update_stats)
+        (scaler.scale(losses.mean()) if scaler is not None else losses.mean()).backward()
+        return losses
+
+
+def resolve_engine(model: nn.Module, engine: str) -> str:
+    """"split" or "vmap" for ``engine`` ("auto", "split", "vmap") on this model; a clear error when
+    "split" is asked of a model it cannot run."""
+    if engine not in ("auto", "split", "vmap"):
+        raise ValueError(f"m-sharpness engine {engine!r} is unknown: use auto, split or vmap")
+    blocker = chunked.unsupported_layer(getattr(model, "_orig_mod", model)) if engine != "vmap" else None
+    if engine == "split" and blocker:
+        raise ValueError(f"optimizer.m_engine=split cannot run this model: {blocker}; use optimizer.m_engine=auto or vmap")
+    return "vmap" if engine == "vmap" or blocker else "split"
+
+
 def msam_step(
     model: nn.Module,
     optimizer: SAM,
@@ -156,70 +274,55 @@ def msam_step(
     bn_modules: list | None,
     rng,
     scaler,
+    engine: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One m-sharpness SAM step (see module docstring). ``bn_modules`` given = BN mode "clean"."""
+    """One m-sharpness SAM step (see module docstring). ``bn_modules`` given = BN mode "clean";
+    ``engine``: "auto", "split" or "vmap" (None: the module's ``ENGINE``)."""
     from sam_bench.engine.step import set_true_gradient
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: vmap the eager module
-    batch = images.shape[0]
-    chunks = batch // m
-    x = _chunked(images, chunks, m)
-    y = labels.reshape(chunks, m, *labels.shape[1:])
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: run the eager module
+    chunks = images.shape[0] // m
     name_of = {id(p): n for n, p in model.named_parameters()}
     owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of]  # others get no gradient
     names = [name_of[id(p)] for p, _ in owned]
     params = [p for p, _ in owned]
     groups = [g for _, g in owned]
-    owned_ids = {id(p) for p in params}
-    bn_bufs = _bn_buffers(model)
-    consts = {n: p.detach() for n, p in model.named_parameters() if id(p) not in owned_ids}
-    consts.update({n: b for n, b in model.named_buffers() if n not in bn_bufs})
+    if resolve_engine(model, engine or ENGINE) == "split":
+        passes = _SplitPasses(model, names, params, images, labels, loss_fn, autocast, chunks)
+    else:
+        owned_ids = {id(p) for p in params}
+        bn_bufs = _bn_buffers(model)
+        consts = {n: p.detach() for n, p in model.named_parameters() if id(p) not in owned_ids}
+        consts.update({n: b for n, b in model.named_buffers() if n not in bn_bufs})
+        passes = _VmapPasses(model, names, params, consts, bn_bufs, images, labels, loss_fn, autocast, chunks)
 
-    def chunk_loss(stacked_params, stacked_bufs, xc, yc):
-        with autocast(), ghost_batch_norms(model):  # see "Precision" above
-            out = functional_call(model, (stacked_params, stacked_bufs, consts), (xc,), strict=False)
-            return loss_fn(out, yc).float(), out
-
-    batched = vmap(chunk_loss, in_dims=(0, 0, 0, 0), randomness="different")
-
-    # clean pass: per-chunk gradients at w (leaf = w repeated per chunk)
+    # clean pass: per-chunk gradients at w
     if rng is not None:
         rng.save()
     set_true_gradient(model, True)
-    leaf = {n: p.detach().unsqueeze(0).expand(chunks, *p.shape).contiguous().requires_grad_(True) for n, p in zip(names, params)}
-    bufs = _stack(bn_bufs, chunks)
-    losses, logits = batched(leaf, bufs, x, y)
-    (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
-    grads = [leaf[n].grad if leaf[n].grad is not None else torch.zeros_like(leaf[n]) for n in names]
+    losses, logits, grads = passes.clean(scaler)
     if scaler is not None:
         scaler.unscale_(grads)
     with torch.no_grad():
         for g, p, grp in zip(grads, params, groups):
             if grp["l2"]:
                 g.add_(p.detach().unsqueeze(0), alpha=grp["l2"])  # the L2 term of each chunk's loss
-        if bn_modules is not None or bn_bufs:
-            _write_back(bn_bufs, bufs)
         eps = optimizer.direction(grads, params, groups, chunks)
         optimizer.grad_norm = optimizer._clean_norm.mean()
         optimizer._eps = eps
         if optimizer.diagnostics:
             optimizer._keep_clean_grad([g.mean(dim=0) for g in grads])
-    del leaf, grads
+    del grads
 
     # perturbed pass: mean_c ∇L_c(w + ε_c) lands in w.grad
     set_true_gradient(model, False)
     if rng is not None:
         rng.rewind()
     optimizer.zero_grad()
-    shifted = {n: (p.unsqueeze(0) + e).contiguous() for n, p, e in zip(names, params, eps)}
-    bufs2 = _stack(bn_bufs, chunks)
-    losses2, _ = batched(shifted, bufs2, x, y)
-    (scaler.scale(losses2.mean()) if scaler is not None else losses2.mean()).backward()
+    losses2 = passes.perturbed(eps, scaler, update_stats=bn_modules is None)  # mode "both": stats again
     if scaler is not None:
         scaler.unscale_(p.grad for p in params)
     with torch.no_grad():
-        if bn_modules is None and bn_bufs:  # mode "both": the perturbed pass updates the stats too
-            _write_back(bn_bufs, bufs2)
         for p, e, grp in zip(params, eps, groups):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -231,4 +334,4 @@ def msam_step(
     optimizer.zero_grad()
     if scaler is not None:
         scaler.update()
-    return loss, logits.detach().reshape(batch, *logits.shape[2:])
+    return loss, logits.detach()

@@ -1,0 +1,224 @@
+"""m-sharpness layers without vmap: full-batch kernels, per-chunk kernels only where the math needs them.
+
+A chunk c of m examples is evaluated at its own weights: ``w`` in the clean pass, ``w + ε_c`` in the
+perturbed pass. What each pass must compute per chunk differs, and a convolution (the cost of every
+CIFAR network) only pays for that part:
+
+=================  ======================================  =======================================
+                   clean pass (all chunks at w)            perturbed pass (chunk c at w + ε_c)
+=================  ======================================  =======================================
+forward            one full-batch convolution              C convolutions of m examples
+input gradient     one full-batch kernel                   C kernels of m examples
+weight gradient    C kernels of m examples (g_c per chunk) one full-batch kernel (only the sum
+                                                           over chunks is needed: it is w.grad)
+=================  ======================================  =======================================
+
+Every per-chunk kernel is an ordinary dense convolution on a batch of m, so no grouped convolution and
+no layout transpose is involved (the vmap engine in :mod:`sam_bench.optim.msam` turns each convolution
+into a grouped one). BatchNorm normalises each chunk with its own statistics (ghost BN, vectorised over
+the chunks); Linear layers are one batched matmul over the chunks; every other layer (activations,
+pooling, dropout, Shake-Shake/ShakeDrop) runs on the whole batch untouched, so RNG replay and the
+shake layers' true-gradient switch work as in plain SAM.
+
+Supported: models whose parameters all live in ``nn.Conv2d`` (zero padding), ``nn.Linear``,
+``nn.BatchNorm1d``/``nn.BatchNorm2d`` modules of exactly these types (every CIFAR architecture of the
+paper). :func:`supports` says whether a model qualifies; the others use the vmap engine.
+
+Parameters are given per pass as *stacked* tensors [C, ...]. In the clean pass an optimised
+parameter is a leaf [C, ...] (w repeated), so autograd leaves g_c in ``leaf.grad[c]``; in the
+perturbed pass it is ``w + ε`` built from the parameter itself, so autograd leaves
+mean_c ∇L_c(w + ε_c) (times C, see the loss) directly in ``w.grad``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def unsupported_layer(model: nn.Module) -> str | None:
+    """The first layer this engine cannot evaluate per chunk, described; None when there is none."""
+    for name, mod in model.named_modules():
+        if type(mod) in SUPPORTED:
+            if isinstance(mod, nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+                return f"{name} ({type(mod).__name__}) pads with mode {mod.padding_mode!r} / padding {mod.padding!r}"
+        elif isinstance(mod, _BatchNorm) or next(mod.parameters(recurse=False), None) is not None:
+            # a BN subclass (e.g. with a fused activation) or a layer with parameters we cannot split
+            return f"{name or 'the model'} ({type(mod).__name__}) is not Conv2d, Linear or BatchNorm1d/2d"
+    return None
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` sits in a layer this engine evaluates per chunk."""
+    return unsupported_layer(model) is None
+
+
+@dataclass
+class Stacked:
+    """One parameter in one pass: ``value`` [C, ...] is what chunk c uses (value[c]).
+
+    ``base`` is the parameter itself when the pass is the perturbed one (value = base + ε, the weight
+    gradient is wanted summed over chunks, in ``base.grad``); None when all chunks share the value
+    (clean pass, or a parameter the optimizer does not own)."""
+
+    value: torch.Tensor
+    base: torch.Tensor | None = None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a convolution in (x's own dtype when autocast is off)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _weight_grad(grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    stride, padding, dilation, groups = _conv_args(conv)
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, w, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False])[1]
+
+
+def _input_grad(grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    stride, padding, dilation, groups = _conv_args(conv)
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, w, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False])[0]
+
+
+class _SharedWeightConv(torch.autograd.Function):
+    """Clean pass: conv(x, w) for the whole batch; weight gradient per chunk, stacked [C, ...]."""
+
+    @staticmethod
+    def forward(ctx, x, stacked_w, conv, chunks):
+        dt = _compute_dtype(x)
+        xc, w = x.to(dt), stacked_w[0].to(dt)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(xc, w, None, *_conv_args(conv))
+        ctx.save_for_backward(xc, w)
+        ctx.conv, ctx.chunks, ctx.w_dtype, ctx.x_dtype = conv, chunks, stacked_w.dtype, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, w = ctx.saved_tensors
+        grad_out = grad_out.to(xc.dtype)
+        gx = _input_grad(grad_out, xc, w, ctx.conv).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            pairs = zip(grad_out.chunk(ctx.chunks), xc.chunk(ctx.chunks))
+            gw = torch.stack([_weight_grad(g, xi, w, ctx.conv) for g, xi in pairs]).to(ctx.w_dtype)
+        return gx, gw, None, None
+
+
+class _PerChunkWeightConv(torch.autograd.Function):
+    """Perturbed pass: chunk c through conv(x_c, w + ε_c); the weight gradient summed over chunks
+    (one full-batch kernel) goes to w."""
+
+    @staticmethod
+    def forward(ctx, x, w, shifted, conv):
+        dt = _compute_dtype(x)
+        xc, ws = x.to(dt), shifted.to(dt)
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.cat([F.conv2d(xi, wi, None, *_conv_args(conv)) for xi, wi in zip(xc.chunk(len(ws)), ws)])
+        ctx.save_for_backward(xc, ws)
+        ctx.conv, ctx.w_dtype, ctx.x_dtype = conv, w.dtype, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, ws = ctx.saved_tensors
+        grad_out = grad_out.to(xc.dtype)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            pairs = zip(grad_out.chunk(len(ws)), xc.chunk(len(ws)), ws)
+            gx = torch.cat([_input_grad(g, xi, wi, ctx.conv) for g, xi, wi in pairs]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(grad_out, xc, ws[0], ctx.conv).to(ctx.w_dtype)
+        return gx, gw, None, None
+
+
+def conv_forward(conv: nn.Conv2d, x: torch.Tensor, params: dict[str, Stacked], chunks: int) -> torch.Tensor:
+    w = params["weight"]
+    if w.base is None:
+        y = _SharedWeightConv.apply(x, w.value, conv, chunks)
+    else:
+        y = _PerChunkWeightConv.apply(x, w.base, w.value.detach(), conv)
+    if "bias" in params:  # per chunk: [C, Cout] -> [C, 1, Cout, 1, 1] against [C, m, Cout, H, W]
+        b = params["bias"].value
+        y = (y.view(chunks, -1, *y.shape[1:]) + b.reshape(chunks, 1, -1, 1, 1).to(y.dtype)).view(y.shape)
+    return y
+
+
+def linear_forward(lin: nn.Linear, x: torch.Tensor, params: dict[str, Stacked], chunks: int) -> torch.Tensor:
+    xs = x.reshape(chunks, -1, x.shape[-1])
+    w = params["weight"].value.transpose(1, 2)
+    y = torch.bmm(xs, w) if "bias" not in params else torch.baddbmm(params["bias"].value.unsqueeze(1), xs, w)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def batch_norm_forward(bn: _BatchNorm, x: torch.Tensor, params: dict[str, Stacked], chunks: int,
+                       update_stats: bool) -> torch.Tensor:
+    """Ghost BN: chunk c normalised with its own batch statistics (training) or the running ones
+    (eval), then chunk c's affine map: one ``F.batch_norm`` per chunk (the fused kernel, fp32
+    statistics for fp16/bf16 input). Running statistics, when updated, move by the mean over chunks
+    of the per-chunk updates (the official ``pmean`` of the BN state)."""
+    weight = params["weight"].value if "weight" in params else [None] * chunks
+    bias = params["bias"].value if "bias" in params else [None] * chunks
+    batch_stats = bn.training or bn.running_mean is None
+    track = batch_stats and update_stats and bn.training and bn.track_running_stats and bn.running_mean is not None
+    if batch_stats and not track:
+        stats = [(None, None)] * chunks
+    elif track:
+        means, variances = (s.unsqueeze(0).repeat(chunks, 1) for s in (bn.running_mean, bn.running_var))
+        stats = list(zip(means, variances))  # chunk c updates its own copy (row c)
+    else:
+        stats = [(bn.running_mean, bn.running_var)] * chunks
+    momentum = _momentum(bn) if track else 0.0
+    y = torch.cat([F.batch_norm(xc, rm, rv, w, b, batch_stats, momentum, bn.eps)
+                   for xc, (rm, rv), w, b in zip(x.chunk(chunks), stats, weight, bias)])
+    if track:
+        with torch.no_grad():
+            bn.running_mean.copy_(means.mean(0))
+            bn.running_var.copy_(variances.mean(0))
+    return y
+
+
+def _momentum(bn: _BatchNorm) -> float:
+    """The module's running-average factor for this step (and the step counted), as its forward does.
+    momentum None (cumulative average) needs the count on the host: one sync, in that mode only."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+@contextmanager
+def chunked_layers(model: nn.Module, chunks: int, params: dict[str, Stacked], update_stats: bool) -> Iterator[None]:
+    """Evaluate ``model`` with chunk c at parameters ``params[name].value[c]`` (names as in
+    ``model.named_parameters()``); BN running statistics updated when ``update_stats``."""
+    swapped = []
+    for prefix, mod in model.named_modules():
+        if type(mod) not in SUPPORTED:
+            continue
+        own = {k: params[f"{prefix}.{k}" if prefix else k] for k, p in mod.named_parameters(recurse=False)}
+        if isinstance(mod, nn.Conv2d):
+            fwd = (lambda mod, own: lambda x: conv_forward(mod, x, own, chunks))(mod, own)
+        elif isinstance(mod, nn.Linear):
+            fwd = (lambda mod, own: lambda x: linear_forward(mod, x, own, chunks))(mod, own)
+        else:
+            fwd = (lambda mod, own: lambda x: batch_norm_forward(mod, x, own, chunks, update_stats))(mod, own)
+        mod.forward = fwd
+        swapped.append(mod)
+    try:
+        yield
+    finally:
+        for mod in swapped:
+            del mod.forward
