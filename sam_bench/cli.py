@@ -6,6 +6,8 @@ The command word is removed from ``sys.argv`` and the rest is left to Hydra, so 
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
 from typing import Callable
 
@@ -55,11 +57,26 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _first_point(override) -> str:
-    """An override of the command line with a sweep replaced by its first value."""
+#: A sweep with at most this many points is checked point by point; a larger one by its first
+#: point and every value of every swept key in turn (each compose takes ~0.1 s).
+PREFLIGHT_ALL_POINTS = 16
+
+
+def _values(override) -> list[str]:
+    """The overrides one command-line override stands for: itself, or one per value of a sweep."""
     if not override.is_sweep_override():
-        return override.input_line
-    return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+        return [override.input_line]
+    return [f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()]
+
+
+def _sweep_points(overrides: list) -> list[list[str]]:
+    """The points of the command line's sweep to check before anything runs: all of them, or for a
+    large sweep the first point and each swept value once (every value checked, not every pair)."""
+    values = [_values(o) for o in overrides]
+    if math.prod(len(v) for v in values) <= PREFLIGHT_ALL_POINTS:
+        return [list(p) for p in itertools.product(*values)]
+    first = [v[0] for v in values]
+    return [first] + [first[:i] + [other] + first[i + 1:] for i, vs in enumerate(values) for other in vs[1:]]
 
 
 def _describe_composition_error(e: Exception, command: str) -> str:
@@ -81,8 +98,9 @@ def _describe_composition_error(e: Exception, command: str) -> str:
 
 
 def _preflight(config_name: str) -> None:
-    """Compose the first point of the command line before Hydra runs it, so that a bad override
-    fails at once with one line naming it (exit 2) instead of Hydra's multi-line report (exit 1).
+    """Compose (and for ``train`` validate) the points of the command line's sweep before Hydra runs
+    any, so that a bad override or value fails at once with one line naming it (exit 2), not with
+    Hydra's multi-line report (exit 1) or after the sweep's first jobs have trained.
     Flags (--help, --cfg, --info, ...) and anything this cannot judge are left to Hydra."""
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):
@@ -92,20 +110,31 @@ def _preflight(config_name: str) -> None:
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    from sam_bench.errors import SamBenchError
     from sam_bench.paths import config_dir
+    from sam_bench.schema import validate
 
     try:
-        first = [_first_point(o) for o in OverridesParser.create().parse_overrides(args)]
+        parsed = OverridesParser.create().parse_overrides(args)
+        points = _sweep_points(parsed)
     except OverrideParseException as e:
         _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]} "
               "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
     except Exception:  # a sweep form this cannot expand: Hydra will judge it
         return
-    try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            compose(config_name, overrides=first, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        _fail(_describe_composition_error(e, config_name))
+    swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        for point in points:
+            where = f" (sweep point {' '.join(point[i] for i in swept)})" if len(points) > 1 else ""
+            try:
+                cfg = compose(config_name, overrides=point, return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException) as e:
+                _fail(_describe_composition_error(e, config_name) + where)
+            if config_name == "train":
+                try:
+                    validate(cfg)
+                except SamBenchError as e:
+                    _fail(f"{e}{where}")
 
 
 def train() -> None:

@@ -134,6 +134,11 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         (["model=resnet9000"], "choose one of: "),
         (["optimizer.rho=[1,"], "cannot parse the overrides"),
         (["hydra/launcher=nosuch"], "Could not find 'hydra/launcher/nosuch'; choose one of: basic,"),
+        # every point of a sweep is composed and validated, not only the first
+        (["-m", "optimizer=sgd,nosuch"], "Could not find 'optimizer/nosuch'; choose one of: asam, sam, sgd (sweep point optimizer=nosuch)"),
+        (["-m", "optimizer.m=4,3", "trainer.batch_size=36,32"], "must be >= 1 and divide trainer.batch_size=32 (the per-device batch is split into chunks of m examples); pick a divisor or optimizer.m=null (sweep point optimizer.m=3 trainer.batch_size=32)"),
+        # a large sweep (over PREFLIGHT_ALL_POINTS): each value of each swept key checked once
+        (["-m", "seed=0,1,2,3,4,5,6,7,8", "optimizer.rho=0.05,-1"], "is negative: rho is a radius, use a value >= 0 (paper grid: 0.01-0.5) (sweep point seed=0 optimizer.rho=-1)"),
     ],
 )
 def test_composition_errors_are_one_line_before_anything_runs(cli_env, tmp_path, args, message):
