@@ -39,7 +39,7 @@ from sam_bench.tracking.results import RESULT_FILE, atomic_write_json, git_commi
 log = logging.getLogger("sam_bench")
 
 
-def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int) -> str:
+def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int, compiled: bool) -> str:
     """The m-sharpness engine this run uses ("auto" resolved for this model), logged once."""
     from sam_bench.optim.msam import resolve_engine
 
@@ -49,7 +49,8 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
         engine = resolve_engine(model, requested)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)", m, batch // m, engine, requested)
+    log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, batch // m, engine, requested,
+             "; its training steps run the eager model (trainer.compile applies to evaluation)" if compiled else "")
     return engine
 
 
@@ -288,7 +289,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
     scaler = LossScaler(device) if precision == "fp16" else None
     m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) and optimizer.two_pass else None
-    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch)
+    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile)
     step_kwargs = {"m": m, "m_engine": m_engine, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
