@@ -483,9 +483,15 @@ def generic_loop_reference(model, batches, m, bn_mode):
     return model
 
 
-@pytest.mark.parametrize("bn_mode", ["clean", "both"])
+@pytest.mark.parametrize("bn_mode", ["clean", "both", "frozen"])
 def test_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine):
     model = RichNet().double()
+    if bn_mode == "frozen":  # BN in eval mode in both passes: running statistics, per-chunk affine
+        with torch.no_grad():
+            for bn in batchnorm_modules(model):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+        set_bn_eval(batchnorm_modules(model))
     g = torch.Generator().manual_seed(7)
     batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(3)]
     ref = generic_loop_reference(model, batches, 4, bn_mode)
