@@ -505,6 +505,26 @@ def test_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine)
     assert not torch.equal(model.fc2.weight, RichNet().double().fc2.weight)  # it trained
 
 
+def test_m_sharpness_with_timm_batch_norm_act_matches_loop_reference():
+    """timm's BatchNormAct2d (BN, then drop and act in one module, as in timm's EfficientNets): the
+    split engine does not take it, the vmap engine keeps its activation."""
+    from timm.layers import BatchNormAct2d
+
+    from sam_bench.optim import chunked
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4, act_layer=nn.ReLU),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).double()
+    assert not chunked.supports(model)
+    batches = [batch(s, 8) for s in range(2)]
+    ref = generic_loop_reference(model, batches, 4, "clean")
+    opt = make_sam(model)
+    for x, y in batches:
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """A BN subclass that does more than normalise (like timm's BatchNormAct2d)."""
 
