@@ -148,6 +148,7 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     channels_last: bool = True  # CUDA only
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     label_smoothing: float = 0.0
     log_every_steps: int = 50
     progress: bool = True  # tqdm bar, silent when stderr is not a TTY
@@ -190,6 +191,9 @@ def register_configs() -> None:
 
 # Keys that change where or how visibly a run executes, not what it computes: excluded from the
 # config hash (resume check) and from the reporter's grouping.
+#: ``torch.compile`` modes (``trainer.compile_mode``); "default" passes no mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 NON_SEMANTIC_KEYS = (
     "data_root",
     "dataset.root",
@@ -201,6 +205,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.num_threads",
     "trainer.eval_batch_size",
     "trainer.compile",
+    "trainer.compile_mode",
     "optimizer.m_engine",  # how m-sharpness is computed, not what (both engines give the same step)
     "trainer.checkpoint",
     "dataset.num_workers",
@@ -253,6 +258,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError("trainer.batch_size and trainer.eval_batch_size must be >= 1")
     if tr.log_every_steps < 1:
         raise ConfigError(f"trainer.log_every_steps={tr.log_every_steps} must be >= 1")
+    if tr.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile_mode={tr.compile_mode!r} is unknown: use one of {', '.join(COMPILE_MODES)} "
+                          "(torch.compile's modes)")
     if tr.checkpoint_every_steps is not None and tr.checkpoint_every_steps < 1:
         raise ConfigError(f"trainer.checkpoint_every_steps={tr.checkpoint_every_steps} must be >= 1, or null for epoch ends only")
     # batch vs dataset size, when known without loading the data (fail in the first second)

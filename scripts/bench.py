@@ -37,8 +37,10 @@ import timm  # noqa: E402
 import sam_bench.models  # noqa: E402,F401  (registers the CIFAR models)
 from sam_bench.data.loader import DeviceLoader  # noqa: E402
 from sam_bench.engine.precision import autocast  # noqa: E402
+from sam_bench.engine import trainer  # noqa: E402
 from sam_bench.engine.step import train_step  # noqa: E402
 from sam_bench.optim import SAM, batchnorm_modules  # noqa: E402
+from sam_bench.schema import COMPILE_MODES  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
@@ -79,14 +81,15 @@ def make_optimizer(model: nn.Module, rho: float) -> SAM:
     return SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True)
 
 
-def time_ours(arch, batch, precision, compile_model, rho, m, device, steps, warmup, pool, image=32, classes=10) -> dict:
+def time_ours(arch, batch, precision, compile_model, rho, m, device, steps, warmup, pool, image=32, classes=10,
+              compile_mode="default") -> dict:
     """The trainer's own path: DeviceLoader (augment on device) + train_step."""
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=classes).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if compile_model else model
+    forward = trainer.compile_model(model, compile_mode) if compile_model else model
     opt = make_optimizer(model, rho)
     images = torch.randint(0, 256, (pool, 3, image, image), dtype=torch.uint8, device=device)
     labels = torch.randint(0, classes, (pool,), device=device)
@@ -192,6 +195,7 @@ def main() -> None:
     p.add_argument("--compile", default="1" if cuda else "0", help="comma list of 0,1")
     p.add_argument("--m", type=int, default=32, help="m of the m-SAM row (0: skip the row)")
     p.add_argument("--compile-msam", type=int, default=0, help="also compile the m-SAM row (long first compile)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of the compiled rows")
     p.add_argument("--steps", type=int, default=30 if cuda else 3)
     p.add_argument("--warmup", type=int, default=10 if cuda else 1)
     p.add_argument("--reference", type=int, default=1, help="also time the common PyTorch SAM loop")
@@ -224,13 +228,14 @@ def main() -> None:
                     for name, rho, m in modes:
                         try:
                             r = time_ours(arch, batch, precision, bool(comp), rho, m, device, args.steps, args.warmup, pool,
-                                          args.image_size, args.num_classes)
+                                          args.image_size, args.num_classes, args.compile_mode)
                         except TypeError as e:  # an m-SAM step is not available in this build
                             print(f"  {name}: skipped ({e})", flush=True)
                             continue
                         passes = 2 if rho > 0 else 1
                         flops = 3 * fwd * passes * batch / (r["step_ms"] / 1000)
-                        rows.append({"model": arch, "batch": batch, "precision": precision, "compile": bool(comp), "optimizer": name,
+                        rows.append({"model": arch, "batch": batch, "precision": precision, "compile": bool(comp),
+                                     "compile_mode": args.compile_mode if comp else None, "optimizer": name,
                                      **r, "model_tflops": flops / 1e12, "mfu": flops / peak})
                         print(f"  {arch} b{batch} {precision} compile={comp} {name}: {r['step_ms']:.1f} ms/step {r['images_per_s']:.0f} img/s", flush=True)
             if args.reference and args.image_size == 32:

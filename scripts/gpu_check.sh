@@ -10,7 +10,8 @@
 # the others. Default stages total under 8 minutes of limits on an H100/H200.
 # STAGES (space-separated) picks stages: gpu_tests bench_sam bench_resnet50 fmnist msam_cli
 # (default: all but msam_cli); GPU_TESTS overrides the pytest targets (default: every test file
-# with gpu tests); BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py.
+# with gpu tests); BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py;
+# RESNET50_COMPILE_MODE (default: default) is the torch.compile mode of the ResNet-50 stage.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
@@ -44,7 +45,8 @@ want bench_sam && stage bench_sam 110 python3 scripts/bench_sam.py --no-cpu --gp
   --variants ${BENCH_SAM_VARIANTS:-sgd,sam,msam,msam_vmap,asam} ${BENCH_SAM_PROFILE:+--profile $BENCH_SAM_PROFILE} \
   --out "$OUT/bench_sam.json"
 want bench_resnet50 && stage bench_resnet50 130 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 \
-  --precision bf16 --compile 1 --m 0 --reference 0 --steps 15 --warmup 5 --out "$OUT/bench_resnet50.json"
+  --precision bf16 --compile 1 --compile-mode ${RESNET50_COMPILE_MODE:-default} --m 0 --reference 0 --steps 15 --warmup 5 \
+  --out "$OUT/bench_resnet50.json"
 if [ "${GPU_CHECK_WRN:-0}" = 1 ]; then
   stage bench_wrn 270 python3 scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 \
     --steps 15 --warmup 5 --out /tmp/bench_wrn.json

@@ -51,6 +51,25 @@ def test_validate_rejects_relational_errors(compose_train):
     cfg = compose_train(["optimizer.grad_clip=0"])
     with pytest.raises(ConfigError, match="grad_clip"):
         validate(cfg)
+    cfg = compose_train(["trainer.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="trainer.compile_mode='fast' is unknown: use one of default, reduce-overhead, "):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("mode,expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
+                                           ("max-autotune", "max-autotune")])
+def test_compile_mode_reaches_torch_compile(compose_train, monkeypatch, mode, expected):
+    import torch
+
+    from sam_bench.engine import trainer
+
+    cfg = compose_train([f"trainer.compile_mode={mode}"])
+    validate(cfg)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: seen.append(kw) or net)
+    net = torch.nn.Linear(2, 2)
+    assert trainer.compile_model(net, cfg.trainer.compile_mode) is net
+    assert seen == [{"mode": expected}]
 
 
 def paper_row(table: str, model: str) -> dict:

@@ -54,6 +54,13 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
     return engine
 
 
+def compile_model(net: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile`` with ``trainer.compile_mode`` ("default" = torch's default mode). Inductor
+    caches compiled graphs on disk (FX graph and AOTAutograd caches, on by default;
+    ``TORCHINDUCTOR_CACHE_DIR`` moves them), so a rerun of the same model recompiles quickly."""
+    return torch.compile(net, mode=None if mode == "default" else mode)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -375,7 +382,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         # BN statistics stay per rank as in the official code (the step averages the running stats)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
-    forward = torch.compile(net) if tr.compile else net
+    forward = compile_model(net, tr.compile_mode) if tr.compile else net
     rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(model) else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
     amp = lambda: autocast(device, precision)  # noqa: E731
