@@ -46,8 +46,9 @@ Speed, WRN-28-10 (CUDA) / WRN-16-4 (CPU), batch 256, m = 32 (results/benchmarks.
 - vmap, H200 bf16 (torch 2.11): about 3× a plain SAM step (151-159 ms against 53 ms), 1.6× faster
   than a Python loop over the chunks. The profile puts the excess in cuDNN's grouped convolutions
   (NCHW<->NHWC transposes around each one, slower grouped weight-gradient kernels).
-- CPU fp32 (2 cores): split 6.45 s, vmap 8.71 s, plain SAM 6.43 s per step (m-SAM/SAM 1.00 split,
-  1.36 vmap). The split engine has not run on a GPU yet (``scripts/gpu_check.sh`` times both).
+- CPU fp32 (2 cores), one run: split 6.67 s, vmap 8.57 s, plain SAM 6.57 s per step (m-SAM/SAM
+  1.02 split, 1.30 vmap). The split engine has not run on a GPU yet (``scripts/gpu_check.sh``
+  times both).
 """
 
 from __future__ import annotations
