@@ -40,8 +40,8 @@ STAGES=${STAGES:-gpu_tests bench_sam bench_resnet50 fmnist}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # the inductor replay tests of test_models_zoo compile whole models: slowest, so last
 GPU_TESTS=${GPU_TESTS:-tests/test_gpu.py tests/test_sam_family.py tests/test_data_zoo.py tests/test_models_zoo.py}
-want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-150} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
-want bench_sam && stage bench_sam 110 python3 scripts/bench_sam.py --no-cpu --gpu-steps ${BENCH_SAM_STEPS:-15} --warmup 3 \
+want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-190} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
+want bench_sam && stage bench_sam 80 python3 scripts/bench_sam.py --no-cpu --gpu-steps ${BENCH_SAM_STEPS:-15} --warmup 3 \
   --variants ${BENCH_SAM_VARIANTS:-sgd,sam,msam,msam_vmap,asam} ${BENCH_SAM_PROFILE:+--profile $BENCH_SAM_PROFILE} \
   --out "$OUT/bench_sam.json"
 want bench_resnet50 && stage bench_resnet50 130 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 \
@@ -57,7 +57,7 @@ if want msam_cli && ls .fmnist/*.gz >/dev/null 2>&1; then  # m-SAM through the t
     trainer.progress=false optimizer=sam optimizer.m=32 optimizer.diagnostics=true seed=0 hydra.run.dir=/tmp/sb_msam
 fi
 if want fmnist && ls .fmnist/*.gz >/dev/null 2>&1; then
-  stage fmnist_sgd_vs_sam 90 python3 -m sam_bench train -m dataset=fashion_mnist dataset.system_dir=$PWD/.fmnist \
+  stage fmnist_sgd_vs_sam 70 python3 -m sam_bench train -m dataset=fashion_mnist dataset.system_dir=$PWD/.fmnist \
     model.kwargs.depth=16 model.kwargs.width=4 trainer.epochs=5 trainer.batch_size=256 trainer.progress=false \
     optimizer=sgd,sam optimizer.rho=0.05 optimizer.lr=0.1 seed=0
   python3 -m sam_bench report "runs=[/tmp/sb_multirun]" out=/tmp/sb_report >> "$OUT/fmnist_sgd_vs_sam.log" 2>&1
