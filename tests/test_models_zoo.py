@@ -480,6 +480,24 @@ def test_models_command_lists_every_model_and_config():
     assert bad.returncode == 2 and "no arguments" in bad.stderr
 
 
+def test_shake_functions_under_vmap_keep_their_backward_coefficients():
+    """Under torch.func.vmap (m-sharpness's vmap engine) the custom backward still applies the
+    backward coefficient: d/dx sum(x*fwd) = bwd and d/da, d/db of the mix = β, 1-β, per chunk."""
+    from torch.func import grad, vmap
+
+    from sam_bench.models.shakedrop import shake_mix, shake_scale
+
+    g = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(3, 4, 2, 5, 5, generator=g) for _ in range(3))
+    fwd, bwd = (torch.rand(3, 4, 1, 1, 1, generator=g) for _ in range(2))
+    gx = vmap(grad(lambda x, f, w: shake_scale(x, f, w).sum()))(x, fwd, bwd)
+    torch.testing.assert_close(gx, bwd.expand_as(x))
+    ga, gb = vmap(grad(lambda a, b, f, w: shake_mix(a, b, f, w).sum(), argnums=(0, 1)))(a, b, fwd, bwd)
+    torch.testing.assert_close(ga, bwd.expand_as(a))
+    torch.testing.assert_close(gb, (1 - bwd).expand_as(b))
+    torch.testing.assert_close(vmap(shake_mix)(a, b, fwd, bwd), torch.lerp(b, a, fwd))
+
+
 def test_shake_layers_compile_fullgraph_and_keep_their_draws():
     """torch.compile traces the custom autograd functions and the in-forward torch.rand without
     graph breaks (``fullgraph=True``); aot_eager keeps eager's RNG stream, so the values match."""

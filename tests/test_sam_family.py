@@ -253,6 +253,24 @@ def test_rng_replay_seen_through_the_loss_gap(replay, m, engine):
     assert (gap < 1e-7) if replay else (gap > 1e-3)
 
 
+@pytest.mark.parametrize("arch", ["shake_shake_mini", "pyramidnet_shakedrop_mini"])
+def test_shake_models_replay_their_draws_in_m_sharpness(arch, engine):
+    """The real Shake-Shake/ShakeDrop layers under m-sharpness: with a tiny ρ the perturbed pass
+    sees the clean pass's shake draws (loss gap ~0) only when the RNG is replayed."""
+    from sam_bench.models import build_model
+
+    gaps = {}
+    for replay in (True, False):
+        torch.manual_seed(0)
+        model = build_model(arch, 10, 3).double()
+        opt = make_sam(model, rho=1e-9, diagnostics=True)
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        rng = RngReplay(torch.device("cpu")) if replay else None
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), rng, m=4)
+        gaps[replay] = abs(opt.read_diagnostics()["sam/loss_gap"])
+    assert gaps[True] < 1e-7 and gaps[False] > 1e-4, gaps
+
+
 class ShakeLike(nn.Module):
     """Records the true_gradient flag it sees in each forward (the contract of HELPERS.md)."""
 

@@ -21,6 +21,8 @@ __all__ = ["ShakeShake", "ShakeDrop", "shake_scale", "shake_mix", "shakedrop_kee
 class _ShakeScale(torch.autograd.Function):
     """``x * fwd`` in forward, ``grad * bwd`` in backward (no gradient to the coefficients)."""
 
+    generate_vmap_rule = True  # m-sharpness's vmap engine runs the model under torch.func.vmap
+
     @staticmethod
     def forward(x: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor) -> torch.Tensor:
         return x * fwd
@@ -37,6 +39,8 @@ class _ShakeScale(torch.autograd.Function):
 
 class _ShakeMix(torch.autograd.Function):
     """``a*α + b*(1-α)`` in forward; gradients ``g*β`` and ``g*(1-β)`` in backward."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
