@@ -543,6 +543,30 @@ def test_m_sharpness_with_timm_batch_norm_act_matches_loop_reference():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
 
 
+def test_engines_agree_on_every_deterministic_mini_model():
+    """Split and vmap, two independent implementations, give the same m-sharpness step on every
+    sam-bench architecture without random layers (the shake models: the replay test above)."""
+    from sam_bench.engine.step import uses_randomness
+    from sam_bench.models import build_model, sam_bench_models
+
+    checked = []
+    for arch in [a for a in sam_bench_models() if a.endswith("_mini")]:
+        torch.manual_seed(0)
+        base = build_model(arch, 10, 3).double()
+        if uses_randomness(base):
+            continue
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        states = []
+        for engine in ("split", "vmap"):
+            model = copy.deepcopy(base)
+            train_step(model, make_sam(model), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4, m_engine=engine)
+            states.append(model.state_dict())
+        for name, a in states[0].items():
+            torch.testing.assert_close(a, states[1][name], rtol=0, atol=1e-12, msg=f"{arch} {name}")
+        checked.append(arch)
+    assert len(checked) >= 5, checked
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """A BN subclass that does more than normalise (like timm's BatchNormAct2d)."""
 
