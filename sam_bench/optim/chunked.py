@@ -176,28 +176,42 @@ def batch_norm_forward(bn: _BatchNorm, x: torch.Tensor, params: dict[str, Stacke
     bias = params["bias"].value if "bias" in params else [None] * chunks
     batch_stats = bn.training or bn.running_mean is None
     track = batch_stats and update_stats and bn.training and bn.track_running_stats and bn.running_mean is not None
-    if batch_stats and not track:
-        stats = [(None, None)] * chunks
-    elif track:
+    in_kernel = track and bn.momentum is not None  # F.batch_norm updates a per-chunk copy (row c)
+    if in_kernel:
         means, variances = (s.unsqueeze(0).repeat(chunks, 1) for s in (bn.running_mean, bn.running_var))
-        stats = list(zip(means, variances))  # chunk c updates its own copy (row c)
+        stats = list(zip(means, variances))
+    elif batch_stats:
+        stats = [(None, None)] * chunks
     else:
         stats = [(bn.running_mean, bn.running_var)] * chunks
-    momentum = _momentum(bn) if track else 0.0
+    momentum = bn.momentum if in_kernel else 0.0
     y = torch.cat([F.batch_norm(xc, rm, rv, w, b, batch_stats, momentum, bn.eps)
                    for xc, (rm, rv), w, b in zip(x.chunk(chunks), stats, weight, bias)])
     if track:
         with torch.no_grad():
-            bn.running_mean.copy_(means.mean(0))
-            bn.running_var.copy_(variances.mean(0))
+            bn.num_batches_tracked.add_(1)
+            if in_kernel:
+                bn.running_mean.copy_(means.mean(0))
+                bn.running_var.copy_(variances.mean(0))
+            else:
+                _cumulative_average(bn, x, chunks)
     return y
 
 
-def _momentum(bn: _BatchNorm) -> float:
-    """The module's running-average factor for this step (and the step counted), as its forward does.
-    momentum None (cumulative average) needs the count on the host: one sync, in that mode only."""
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+def _cumulative_average(bn: _BatchNorm, x: torch.Tensor, chunks: int) -> None:
+    """momentum None: running stats += (mean over chunks of the chunk statistics − running) / count,
+    with the count kept on the device (``F.batch_norm`` would need it as a host float: a sync)."""
+    xv = at_least_fp32(x.detach()).view(chunks, -1, *x.shape[1:])
+    n = xv.numel() // (xv.shape[0] * xv.shape[2])
+    var, mean = torch.var_mean(xv, dim=[1, *range(3, xv.dim())], correction=1 if n > 1 else 0)
+    mom = 1.0 / bn.num_batches_tracked
+    bn.running_mean.mul_(1 - mom).add_(mom * mean.mean(0).to(bn.running_mean.dtype))
+    bn.running_var.mul_(1 - mom).add_(mom * var.mean(0).to(bn.running_var.dtype))
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (a float64 value must not be rounded to fp32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 @contextmanager

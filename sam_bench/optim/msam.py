@@ -26,8 +26,7 @@ Two engines compute exactly this (``ENGINE``; "auto" picks the first that fits t
   gradients (w.r.t. the stacked leaf) and, in the perturbed pass, the chunk average directly in
   ``w.grad`` (the stacked weights are w + ε_c with ε_c constant).
 
-Both run without a host sync (except BN with momentum None in the split engine: its running
-average needs the step count on the host).
+Both run without a host sync.
 
 Precision: the passes run under the trainer's autocast (bf16 on CUDA by default), like plain SAM.
 vmap engine: BatchNorm inside the vmapped call goes through ``ghost_batch_norm`` below instead of
@@ -63,6 +62,7 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sam_bench.optim import chunked
+from sam_bench.optim.chunked import at_least_fp32
 from sam_bench.optim.sam import SAM
 
 
@@ -86,11 +86,6 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 #: 151 ms interleaved vs 159 ms nchw per step (results/benchmarks.md). The default stays "nchw",
 #: the layout every CUDA test ran with (bf16, fp16, fp32); "interleaved" ran in bf16 only.
 LAYOUT = "nchw"
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (a float64 value must not be rounded to fp32)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _update_running_stats(mod: _BatchNorm, x: torch.Tensor, dims: list[int]) -> None:
