@@ -44,16 +44,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def _why_unsupported(name: str, mod: nn.Module) -> str | None:
+    """Why this engine cannot evaluate ``mod`` per chunk (None when it can)."""
+    if type(mod) in SUPPORTED:
+        if isinstance(mod, nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+            return f"{name} ({type(mod).__name__}) pads with mode {mod.padding_mode!r} / padding {mod.padding!r}"
+    elif isinstance(mod, _BatchNorm) or next(mod.parameters(recurse=False), None) is not None:
+        # a BN subclass (e.g. with a fused activation) or a layer with parameters we cannot split
+        return f"{name or 'the model'} ({type(mod).__name__}) is not Conv2d, Linear or BatchNorm1d/2d"
+    return None
+
+
 def unsupported_layer(model: nn.Module) -> str | None:
     """The first layer this engine cannot evaluate per chunk, described; None when there is none."""
-    for name, mod in model.named_modules():
-        if type(mod) in SUPPORTED:
-            if isinstance(mod, nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
-                return f"{name} ({type(mod).__name__}) pads with mode {mod.padding_mode!r} / padding {mod.padding!r}"
-        elif isinstance(mod, _BatchNorm) or next(mod.parameters(recurse=False), None) is not None:
-            # a BN subclass (e.g. with a fused activation) or a layer with parameters we cannot split
-            return f"{name or 'the model'} ({type(mod).__name__}) is not Conv2d, Linear or BatchNorm1d/2d"
-    return None
+    return next((why for name, mod in model.named_modules() if (why := _why_unsupported(name, mod))), None)
 
 
 def supports(model: nn.Module) -> bool:
@@ -217,11 +221,17 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def chunked_layers(model: nn.Module, chunks: int, params: dict[str, Stacked], update_stats: bool) -> Iterator[None]:
     """Evaluate ``model`` with chunk c at parameters ``params[name].value[c]`` (names as in
-    ``model.named_parameters()``); BN running statistics updated when ``update_stats``."""
-    swapped = []
+    ``model.named_parameters()``); BN running statistics updated when ``update_stats``. A layer it
+    cannot split raises ``ValueError`` before any module is touched (checked in this same walk)."""
+    layers = []
     for prefix, mod in model.named_modules():
-        if type(mod) not in SUPPORTED:
-            continue
+        why = _why_unsupported(prefix, mod)
+        if why:
+            raise ValueError(f"optimizer.m_engine=split cannot run this model: {why}; use optimizer.m_engine=auto or vmap")
+        if type(mod) in SUPPORTED:
+            layers.append((prefix, mod))
+    swapped = []
+    for prefix, mod in layers:
         own = {k: params[f"{prefix}.{k}" if prefix else k] for k, p in mod.named_parameters(recurse=False)}
         if isinstance(mod, nn.Conv2d):
             fwd = (lambda mod, own: lambda x: conv_forward(mod, x, own, chunks))(mod, own)

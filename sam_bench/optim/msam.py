@@ -283,7 +283,10 @@ def msam_step(
     names = [name_of[id(p)] for p, _ in owned]
     params = [p for p, _ in owned]
     groups = [g for _, g in owned]
-    if resolve_engine(model, engine or ENGINE) == "split":
+    engine = engine or ENGINE
+    if engine not in ("split", "vmap"):  # the trainer passes the engine it resolved once
+        engine = resolve_engine(model, engine)
+    if engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
         passes = _SplitPasses(model, names, params, images, labels, loss_fn, autocast, chunks)
     else:
         owned_ids = {id(p) for p in params}
