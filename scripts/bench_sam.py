@@ -7,6 +7,8 @@ an engine of sam_bench.optim.msam, "msam_il" is vmap with the interleaved layout
 naive alternative: a Python loop over the chunks, each a plain SAM ascent + perturbed backward on m
 examples (same FLOPs).
 A variant that fails is reported with its error and the others still run.
+--compile times every variant with the model under ``torch.compile`` (as ``trainer.compile=true``):
+SGD, SAM, ASAM and the split m-SAM engine run compiled graphs; the vmap engine runs eagerly.
 
     python scripts/bench_sam.py --cpu-batch 64 --cpu-m 8 --steps 3 --out bench.json
 """
@@ -32,9 +34,10 @@ from omegaconf import OmegaConf
 import sam_bench.optim.msam as msam
 from sam_bench.engine.precision import autocast
 from sam_bench.engine.step import train_step
+from sam_bench.engine.trainer import compile_model
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer
-from sam_bench.schema import OptimizerConfig
+from sam_bench.schema import COMPILE_MODES, OptimizerConfig
 
 VARIANTS = {
     "sgd": dict(name="sgd", rho=0.0),
@@ -96,7 +99,8 @@ def profile_step(step, device: torch.device) -> None:
 
 
 def time_variant(arch: str, variant: str, device: torch.device, precision: str, batch: int, m: int | None,
-                 steps: int, warmup: int, diagnostics: bool, profile: bool = False) -> list[float]:
+                 steps: int, warmup: int, diagnostics: bool, profile: bool = False,
+                 compile_mode: str | None = None) -> list[float]:
     """Seconds per step for ``steps`` timed steps after ``warmup`` (device-synchronised)."""
     torch.manual_seed(0)
     model = build_model(arch, 10, 3).to(device)
@@ -104,6 +108,7 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    net = compile_model(model, compile_mode) if compile_mode else model
     cfg = OmegaConf.structured(OptimizerConfig(**VARIANTS[variant], diagnostics=diagnostics))
     opt = build_optimizer(cfg, model)
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -115,8 +120,8 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     amp = lambda: autocast(device, precision)  # noqa: E731
     chunk = m if variant in MSAM_SETTINGS else None
     msam.ENGINE, msam.LAYOUT = MSAM_SETTINGS.get(variant, MSAM_SETTINGS["msam"])
-    step = (lambda: loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m)) if variant == "msam_loop" else \
-        (lambda: train_step(model, opt, x, y, loss_fn, amp, bn, None, m=chunk))
+    step = (lambda: loop_over_chunks_step(net, opt, x, y, loss_fn, amp, m)) if variant == "msam_loop" else \
+        (lambda: train_step(net, opt, x, y, loss_fn, amp, bn, None, m=chunk))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     if profile:
@@ -132,16 +137,17 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
 
 
 def bench(label: str, arch: str, device: torch.device, precision: str, batch: int, m: int, steps: int, warmup: int,
-          diagnostics: bool, variants: list[str], profile: set[str] = frozenset()) -> dict:
+          diagnostics: bool, variants: list[str], profile: set[str] = frozenset(), compile_mode: str | None = None) -> dict:
+    """``compile_mode``: None = eager; else every variant's model under ``torch.compile`` in that mode."""
     out = {"label": label, "arch": arch, "device": str(device), "precision": precision, "batch": batch, "m": m,
-           "steps": steps, "diagnostics": diagnostics,
+           "steps": steps, "diagnostics": diagnostics, "compile": compile_mode,
            "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "threads": torch.get_num_threads(), "ms_per_step": {}}
     out["errors"] = {}
     for variant in variants:
         try:
             t = time_variant(arch, variant, device, precision, batch, m, steps, warmup, diagnostics,
-                             variant in profile)
+                             variant in profile, compile_mode)
         except Exception as e:  # report and go on: one broken variant must not hide the others' figures
             out["errors"][variant] = f"{type(e).__name__}: {e}"[:500]
             print(f"{label:>6} {arch:>10} {variant:>9}: FAILED {out['errors'][variant]}", flush=True)
@@ -184,6 +190,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--profile", default="", help="comma-separated variants to profile (kernel table) before timing")
+    p.add_argument("--compile", action="store_true", help="time the models under torch.compile (trainer.compile=true); "
+                   "the first steps compile (warm-up is at least 2 steps)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode with --compile")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -194,14 +203,17 @@ def main() -> None:
     unknown = sorted((set(variants) | profile) - set(VARIANTS))
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    compile_mode = args.compile_mode if args.compile else None
+    warmup = max(args.warmup, 2) if args.compile else args.warmup
+    label = "+compile" if args.compile else ""
     results = {"torch": torch.__version__, "runs": []}
     if not args.no_cpu:
-        results["runs"].append(bench("cpu", args.cpu_arch, torch.device("cpu"), "fp32", args.cpu_batch, args.cpu_m,
-                                     args.steps, args.warmup, diag, variants, profile))
+        results["runs"].append(bench("cpu" + label, args.cpu_arch, torch.device("cpu"), "fp32", args.cpu_batch, args.cpu_m,
+                                     args.steps, warmup, diag, variants, profile, compile_mode))
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-        results["runs"].append(bench("cuda", args.gpu_arch, torch.device("cuda"), "bf16", args.gpu_batch, args.gpu_m,
-                                     args.gpu_steps, max(args.warmup, 3), diag, variants, profile))
+        results["runs"].append(bench("cuda" + label, args.gpu_arch, torch.device("cuda"), "bf16", args.gpu_batch, args.gpu_m,
+                                     args.gpu_steps, max(warmup, 3), diag, variants, profile, compile_mode))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # All GPU checks in one command, for a lent GPU machine (see README "GPU checks"):
-#   the CUDA tests (pytest -m gpu), the SAM-family step times (SGD/SAM/m-SAM/ASAM, WRN-28-10 bf16),
-#   ResNet-50 at 224 px (SAM images/s, compiled), a Fashion-MNIST SGD-vs-SAM training run, and with
-#   GPU_CHECK_WRN=1 the full WRN-28-10 grid of scripts/bench.py (eager + compiled + reference loop).
+#   the CUDA tests (pytest -m gpu), the SAM-family step times (SGD/SAM/m-SAM/ASAM, WRN-28-10 bf16,
+#   eager, then SAM and m-SAM under torch.compile), ResNet-50 at 224 px (SAM images/s, compiled),
+#   and on request a Fashion-MNIST SGD-vs-SAM training run (stage fmnist) and, with
+#   GPU_CHECK_WRN=1, the full WRN-28-10 grid of scripts/bench.py (eager + compiled + reference loop).
 # Needs: the repo, wheels of hydra-core/omegaconf/antlr4 in .whl/ (when the machine lacks them)
 # and, for the Fashion-MNIST run, the gzip IDX files in .fmnist/. Writes at most 8 files under $OUT
 # (default ./gpu_check_out): summary.log (environment + the tail of every stage), one log per
 # stage and the benchmark JSON. Each stage has its own time limit; one failing stage does not stop
-# the others. Default stages total under 8 minutes of limits on an H100/H200.
-# STAGES (space-separated) picks stages: gpu_tests bench_sam bench_resnet50 fmnist msam_cli
-# (default: all but msam_cli); GPU_TESTS overrides the pytest targets (default: every test file
-# with gpu tests); BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py;
-# RESNET50_COMPILE_MODE (default: default) is the torch.compile mode of the ResNet-50 stage.
+# the others. Default stages total under 8 minutes of limits (470 s) on an H100/H200.
+# STAGES (space-separated) picks stages: gpu_tests bench_sam bench_sam_compiled bench_resnet50
+# fmnist msam_cli (default: the first four); GPU_TESTS overrides the pytest targets (default: every
+# test file with gpu tests); BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to
+# bench_sam.py (BENCH_SAM_COMPILED_VARIANTS, default sam,msam, for the compiled stage);
+# RESNET50_COMPILE_MODE (default: default) and RESNET50_BATCH (default 256) set the ResNet-50 stage.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
@@ -36,15 +38,20 @@ stage() {  # stage NAME SECONDS CMD...   (log: $OUT/NAME.log; its tail goes to s
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"; } 2>&1 | tee -a "$SUMMARY"
 
-STAGES=${STAGES:-gpu_tests bench_sam bench_resnet50 fmnist}
+STAGES=${STAGES:-gpu_tests bench_sam bench_sam_compiled bench_resnet50}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # the inductor replay tests of test_models_zoo compile whole models: slowest, so last
 GPU_TESTS=${GPU_TESTS:-tests/test_gpu.py tests/test_sam_family.py tests/test_data_zoo.py tests/test_models_zoo.py}
-want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-190} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
+want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-180} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
 want bench_sam && stage bench_sam 80 python3 scripts/bench_sam.py --no-cpu --gpu-steps ${BENCH_SAM_STEPS:-15} --warmup 3 \
   --variants ${BENCH_SAM_VARIANTS:-sgd,sam,msam,msam_vmap,asam} ${BENCH_SAM_PROFILE:+--profile $BENCH_SAM_PROFILE} \
   --out "$OUT/bench_sam.json"
-want bench_resnet50 && stage bench_resnet50 130 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 \
+# the same WRN-28-10 steps under torch.compile (trainer.compile=true): SAM and the split m-SAM engine
+# (the first steps compile; its JSON stays on the machine, the log has the figures)
+want bench_sam_compiled && stage bench_sam_compiled 110 python3 scripts/bench_sam.py --no-cpu --compile \
+  --gpu-steps ${BENCH_SAM_STEPS:-15} --warmup 3 --variants ${BENCH_SAM_COMPILED_VARIANTS:-sam,msam} \
+  --out /tmp/bench_sam_compiled.json
+want bench_resnet50 && stage bench_resnet50 100 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch ${RESNET50_BATCH:-256} \
   --precision bf16 --compile 1 --compile-mode ${RESNET50_COMPILE_MODE:-default} --m 0 --reference 0 --steps 15 --warmup 5 \
   --out "$OUT/bench_resnet50.json"
 if [ "${GPU_CHECK_WRN:-0}" = 1 ]; then

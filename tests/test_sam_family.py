@@ -253,6 +253,27 @@ def test_rng_replay_seen_through_the_loss_gap(replay, m, engine):
     assert (gap < 1e-7) if replay else (gap > 1e-3)
 
 
+@pytest.mark.parametrize("m", [None, 4])
+@pytest.mark.parametrize("replay", [True, False])
+def test_rng_replay_under_inductor(replay, m):
+    """trainer.compile: inductor draws dropout masks from its own seeds, taken from the generator
+    that RngReplay rewinds, so the compiled perturbed pass (plain SAM, and split m-SAM) sees the
+    clean pass's masks: loss gap ~0 with a tiny ρ only when replayed."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    opt = make_sam(model, rho=1e-9, diagnostics=True)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    rng = RngReplay(torch.device("cpu")) if replay else None
+    compiled = torch.compile(model, backend="inductor")
+    for _ in range(2):
+        train_step(compiled, opt, x, y, F.cross_entropy, NO_AMP, None, rng, m=m, m_engine="split")
+    torch._dynamo.reset()
+    gap = abs(opt.read_diagnostics()["sam/loss_gap"])
+    assert (gap < 1e-7) if replay else (gap > 1e-3)
+
 @pytest.mark.parametrize("arch", ["shake_shake_mini", "pyramidnet_shakedrop_mini"])
 def test_shake_models_replay_their_draws_in_m_sharpness(arch, engine):
     """The real Shake-Shake/ShakeDrop layers under m-sharpness: with a tiny ρ the perturbed pass
@@ -910,6 +931,42 @@ def test_m_sharpness_on_cuda_matches_the_float64_cpu_step(engine):
         torch.testing.assert_close(a.cpu().to(b.dtype), b, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_split_m_sharpness_on_cuda(precision):
+    """trainer.compile on a GPU: the split engine under inductor (channels_last). fp32 without TF32
+    equals the float64 CPU step; bf16 autocast runs the two compiled graphs and stays finite."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    cpu = tiny_model()
+    model = copy.deepcopy(cpu).float().cuda().to(memory_format=torch.channels_last)
+    run(cpu, make_sam(cpu), 2, m=4)
+    batches = [batch(s, 8) for s in range(2)]
+    torch.set_default_dtype(torch.float32)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else \
+        (lambda: torch.autocast("cuda", enabled=False))
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    start = counters["stats"]["unique_graphs"]
+    try:
+        opt, compiled = make_sam(model), torch.compile(model)
+        for x, y in batches:
+            x = x.float().cuda().contiguous(memory_format=torch.channels_last)
+            loss, _ = train_step(compiled, opt, x, y.cuda(), F.cross_entropy, amp, batchnorm_modules(model), None,
+                                 m=4, m_engine="split")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] - start == 2  # clean + perturbed pass
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+    if precision == "fp32":
+        for (name, a), b in zip(model.state_dict().items(), cpu.state_dict().values()):
+            torch.testing.assert_close(a.cpu().to(b.dtype), b, rtol=0, atol=1e-5, msg=name)
+
+
 # ---- the trainer wiring, end to end ---------------------------------------------------------
 
 @pytest.mark.slow
@@ -948,3 +1005,59 @@ def test_cli_asam_m_sharpness_logs_diagnostics(cli_env, tmp_path):
     other = json.loads((tmp_path / "vmap" / "result.json").read_text())  # same run, other engine
     assert other["config_hash"] == result["config_hash"]
     assert other["final_test_loss"] == pytest.approx(result["final_test_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("backend,bn_mode", [("aot_eager", "clean"), ("aot_eager", "both"), ("inductor", "clean")])
+def test_split_engine_under_torch_compile_matches_loop_reference_without_recompiling(backend, bn_mode):
+    """trainer.compile with m-sharpness: the split engine runs the compiled model (dynamo traces the
+    swapped layer forwards and both custom autograd Functions). Same float64 steps as the loop
+    reference; one graph per pass, reused by every later step (no recompilation per step)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = RichNet().double()
+    g = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(3)]
+    ref = generic_loop_reference(model, batches, 4, bn_mode)
+    opt = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=RHO, weight_decay=WD,
+              grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    compiled = torch.compile(model, backend=backend)
+    bn_mods = batchnorm_modules(model) if bn_mode == "clean" else None
+    graphs, breaks = [], sum(counters["graph_break"].values())
+    start = counters["stats"]["unique_graphs"]  # counters add up over the session
+    for x, y in batches:
+        train_step(compiled, opt, x, y, F.cross_entropy, NO_AMP, bn_mods, m=4, m_engine="split")
+        graphs.append(counters["stats"]["unique_graphs"] - start)
+    assert graphs == [2, 2, 2], graphs  # clean + perturbed pass, compiled once
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    torch._dynamo.reset()
+
+
+def test_trainer_says_whether_m_sharpness_steps_run_compiled(caplog):
+    """With trainer.compile the split engine's steps run the compiled model, the vmap engine's the
+    eager one: the run's log says which."""
+    import logging
+
+    from sam_bench.engine.trainer import _m_sharpness_engine
+
+    with caplog.at_level(logging.INFO, logger="sam_bench"):
+        assert _m_sharpness_engine(tiny_model(), "auto", 4, 8, True) == "split"
+        assert _m_sharpness_engine(tiny_model(), "vmap", 4, 8, True) == "vmap"
+        assert _m_sharpness_engine(tiny_model(), "auto", 4, 8, False) == "split"
+    split, vmap, eager = [r.getMessage() for r in caplog.records]
+    assert split.endswith("m=4, 2 chunks per batch, engine split (optimizer.m_engine=auto); its training steps run the compiled model")
+    assert vmap.endswith("engine vmap (optimizer.m_engine=vmap); its training steps run the eager model (trainer.compile applies to evaluation)")
+    assert eager.endswith("engine split (optimizer.m_engine=auto)")
+
+
+def test_m_sharpness_refuses_k_step_ascent_and_second_order_from_python():
+    """The config validation refuses these combinations; a direct train_step call must too, instead
+    of silently running one ascent step without the second-order term."""
+    model = tiny_model()
+    x, y = batch(0)
+    for kw in (dict(ascent_steps=2), dict(second_order=True)):
+        with pytest.raises(ValueError, match="m-sharpness .* supports one ascent step without the second-order term"):
+            train_step(model, make_sam(model, **kw), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)

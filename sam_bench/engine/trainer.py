@@ -50,7 +50,8 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, batch // m, engine, requested,
-             "; its training steps run the eager model (trainer.compile applies to evaluation)" if compiled else "")
+             ("; its training steps run the compiled model" if engine == "split" else
+              "; its training steps run the eager model (trainer.compile applies to evaluation)") if compiled else "")
     return engine
 
 

@@ -28,6 +28,13 @@ Two engines compute exactly this (``ENGINE``; "auto" picks the first that fits t
 
 Both run without a host sync.
 
+Compilation: given a ``torch.compile``'d model (``trainer.compile=true``), the split engine calls it
+inside :func:`chunked.chunked_layers`; dynamo traces the swapped layer forwards and both custom
+autograd Functions into one graph per pass (clean, perturbed), compiled on the first step and reused
+by every later one (the parameters reach the graph as inputs, not constants). The vmap engine runs
+the eager module. Tests: float64 equality with the loop reference under ``aot_eager`` and inductor,
+no recompilation after the first step, no graph break.
+
 Precision: the passes run under the trainer's autocast (bf16 on CUDA by default), like plain SAM.
 vmap engine: BatchNorm inside the vmapped call goes through ``ghost_batch_norm`` below instead of
 the module's own forward: ``F.batch_norm``'s vmap batching rule rejects bf16 activations with fp32
@@ -221,8 +228,10 @@ class _VmapPasses:
 class _SplitPasses:
     """Both passes with full-batch layers, per-chunk kernels only where needed (:mod:`chunked`)."""
 
-    def __init__(self, model, names, params, x, y, loss_fn, autocast, chunks):
-        self.model, self.names, self.params, self.chunks = model, names, params, chunks
+    def __init__(self, model, runner, names, params, x, y, loss_fn, autocast, chunks):
+        """``runner``: what is called on the images, ``model`` itself or its ``torch.compile`` wrapper
+        (dynamo traces the swapped layer forwards: one graph per pass, reused every step)."""
+        self.model, self.runner, self.names, self.params, self.chunks = model, runner, names, params, chunks
         self.x, self.y, self.loss_fn, self.autocast = x, y, loss_fn, autocast
         owned = {id(p) for p in params}
         self.fixed = {n: chunked.Stacked(p.detach().unsqueeze(0).expand(chunks, *p.shape))
@@ -230,7 +239,7 @@ class _SplitPasses:
 
     def _run(self, stacked: dict, update_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast(), chunked.chunked_layers(self.model, self.chunks, {**self.fixed, **stacked}, update_stats):
-            logits = self.model(self.x)
+            logits = self.runner(self.x)
             losses = torch.stack([at_least_fp32(self.loss_fn(o, t)) for o, t in
                                   zip(logits.chunk(self.chunks), self.y.chunk(self.chunks))])
         return losses, logits
@@ -276,7 +285,11 @@ def msam_step(
     ``engine``: "auto", "split" or "vmap" (None: the module's ``ENGINE``)."""
     from sam_bench.engine.step import set_true_gradient
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: run the eager module
+    runner = model  # the split engine runs a torch.compile'd model compiled; vmap runs the eager module
+    model = getattr(model, "_orig_mod", model)
+    if optimizer.ascent_steps > 1 or optimizer.second_order:
+        raise ValueError("m-sharpness (m < batch) supports one ascent step without the second-order term: "
+                         "use ascent_steps=1 and second_order=False, or m=None")
     chunks = images.shape[0] // m
     name_of = {id(p): n for n, p in model.named_parameters()}
     owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of]  # others get no gradient
@@ -287,7 +300,7 @@ def msam_step(
     if engine not in ("split", "vmap"):  # the trainer passes the engine it resolved once
         engine = resolve_engine(model, engine)
     if engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
-        passes = _SplitPasses(model, names, params, images, labels, loss_fn, autocast, chunks)
+        passes = _SplitPasses(model, runner, names, params, images, labels, loss_fn, autocast, chunks)
     else:
         owned_ids = {id(p) for p in params}
         bn_bufs = _bn_buffers(model)
