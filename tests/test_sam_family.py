@@ -522,8 +522,8 @@ def generic_loop_reference(model, batches, m, bn_mode):
     return model
 
 
-@pytest.mark.parametrize("bn_mode", ["clean", "both", "frozen"])
-def test_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine):
+def rich_net_case(bn_mode: str, seed: int):
+    """RichNet in BN mode ``bn_mode``, 3 batches of 12, the loop reference after them, a fresh SAM."""
     model = RichNet().double()
     if bn_mode == "frozen":  # BN in eval mode in both passes: running statistics, per-chunk affine
         with torch.no_grad():
@@ -531,11 +531,17 @@ def test_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine)
                 bn.running_mean.uniform_(-0.5, 0.5)
                 bn.running_var.uniform_(0.5, 2.0)
         set_bn_eval(batchnorm_modules(model))
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(3)]
     ref = generic_loop_reference(model, batches, 4, bn_mode)
     opt = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=RHO, weight_decay=WD,
               grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    return model, batches, ref, opt
+
+
+@pytest.mark.parametrize("bn_mode", ["clean", "both", "frozen"])
+def test_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine):
+    model, batches, ref, opt = rich_net_case(bn_mode, seed=7)
     bn_mods = batchnorm_modules(model)
     for x, y in batches:
         train_step(model, opt, x, y, F.cross_entropy, NO_AMP, bn_mods if bn_mode == "clean" else None, m=4)
@@ -1007,21 +1013,18 @@ def test_cli_asam_m_sharpness_logs_diagnostics(cli_env, tmp_path):
     assert other["final_test_loss"] == pytest.approx(result["final_test_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("backend,bn_mode", [("aot_eager", "clean"), ("aot_eager", "both"), ("inductor", "clean")])
+@pytest.mark.parametrize("backend,bn_mode", [("aot_eager", "clean"), ("aot_eager", "both"), ("aot_eager", "frozen"),
+                                             ("inductor", "clean")])
 def test_split_engine_under_torch_compile_matches_loop_reference_without_recompiling(backend, bn_mode):
     """trainer.compile with m-sharpness: the split engine runs the compiled model (dynamo traces the
-    swapped layer forwards and both custom autograd Functions). Same float64 steps as the loop
-    reference; one graph per pass, reused by every later step (no recompilation per step)."""
+    swapped layer forwards and both custom autograd Functions; BN takes its vectorised form). Same
+    float64 steps as the loop reference; one graph per pass, reused by every later step (no
+    recompilation per step)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    model = RichNet().double()
-    g = torch.Generator().manual_seed(8)
-    batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(3)]
-    ref = generic_loop_reference(model, batches, 4, bn_mode)
-    opt = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=RHO, weight_decay=WD,
-              grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    model, batches, ref, opt = rich_net_case(bn_mode, seed=8)
     compiled = torch.compile(model, backend=backend)
     bn_mods = batchnorm_modules(model) if bn_mode == "clean" else None
     graphs, breaks = [], sum(counters["graph_break"].values())

@@ -15,8 +15,8 @@ weight gradient    C kernels of m examples (g_c per chunk) one full-batch kernel
 
 Every per-chunk kernel is an ordinary dense convolution on a batch of m, so no grouped convolution and
 no layout transpose is involved (the vmap engine in :mod:`sam_bench.optim.msam` turns each convolution
-into a grouped one). BatchNorm normalises each chunk with its own statistics (ghost BN, vectorised over
-the chunks); Linear layers are one batched matmul over the chunks; every other layer (activations,
+into a grouped one). BatchNorm normalises each chunk with its own statistics (ghost BN: one fused
+kernel per chunk when eager, one expression over all chunks under ``torch.compile``); Linear layers are one batched matmul over the chunks; every other layer (activations,
 pooling, dropout, Shake-Shake/ShakeDrop) runs on the whole batch untouched, so RNG replay and the
 shake layers' true-gradient switch work as in plain SAM.
 
@@ -170,16 +170,23 @@ def linear_forward(lin: nn.Linear, x: torch.Tensor, params: dict[str, Stacked], 
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _updates_running_stats(bn: _BatchNorm, update_stats: bool) -> bool:
+    return update_stats and bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
 def batch_norm_forward(bn: _BatchNorm, x: torch.Tensor, params: dict[str, Stacked], chunks: int,
                        update_stats: bool) -> torch.Tensor:
     """Ghost BN: chunk c normalised with its own batch statistics (training) or the running ones
-    (eval), then chunk c's affine map: one ``F.batch_norm`` per chunk (the fused kernel, fp32
-    statistics for fp16/bf16 input). Running statistics, when updated, move by the mean over chunks
-    of the per-chunk updates (the official ``pmean`` of the BN state)."""
+    (eval), then chunk c's affine map. Eager: one ``F.batch_norm`` per chunk (the fused kernel, fp32
+    statistics for fp16/bf16 input); under ``torch.compile``: :func:`_batch_norm_vectorised`.
+    Running statistics, when updated, move by the mean over chunks of the per-chunk updates (the
+    official ``pmean`` of the BN state)."""
+    if torch.compiler.is_compiling():
+        return _batch_norm_vectorised(bn, x, params, chunks, update_stats)
     weight = params["weight"].value if "weight" in params else [None] * chunks
     bias = params["bias"].value if "bias" in params else [None] * chunks
     batch_stats = bn.training or bn.running_mean is None
-    track = batch_stats and update_stats and bn.training and bn.track_running_stats and bn.running_mean is not None
+    track = batch_stats and _updates_running_stats(bn, update_stats)
     in_kernel = track and bn.momentum is not None  # F.batch_norm updates a per-chunk copy (row c)
     if in_kernel:
         means, variances = (s.unsqueeze(0).repeat(chunks, 1) for s in (bn.running_mean, bn.running_var))
@@ -200,6 +207,41 @@ def batch_norm_forward(bn: _BatchNorm, x: torch.Tensor, params: dict[str, Stacke
             else:
                 _cumulative_average(bn, x, chunks)
     return y
+
+
+def _batch_norm_vectorised(bn: _BatchNorm, x: torch.Tensor, params: dict[str, Stacked], chunks: int,
+                           update_stats: bool) -> torch.Tensor:
+    """Ghost BN as tensor ops over the [C, m, channels, ...] view of the batch (no copy, any memory
+    format): the statistics of every chunk in one reduction, the normalisation and per-chunk affine
+    map in one pointwise expression. For ``torch.compile``, which fuses these into a reduction and a
+    pointwise kernel shared by all chunks (and with the neighbouring layers), where the eager form
+    gives C kernels and a concatenation per layer. Same arithmetic as ``F.batch_norm``: biased
+    variance to normalise, unbiased for the running variance, fp32 statistics for fp16/bf16."""
+    xv = x.view(chunks, -1, *x.shape[1:])
+    xf = at_least_fp32(xv)
+    per_chunk = [chunks, 1, -1] + [1] * (x.dim() - 2)  # [C, ch] -> broadcast against [C, m, ch, ...]
+    per_channel = [1, 1, -1] + [1] * (x.dim() - 2)
+    if bn.training or bn.running_mean is None:
+        var, mean = torch.var_mean(xf, dim=[1, *range(3, xv.dim())], correction=0, keepdim=True)
+    else:
+        var, mean = (s.to(xf.dtype).view(per_channel) for s in (bn.running_var, bn.running_mean))
+    scale = torch.rsqrt(var + bn.eps)
+    if "weight" in params:
+        scale = scale * params["weight"].value.to(xf.dtype).view(per_chunk)
+    y = (xf - mean) * scale
+    if "bias" in params:
+        y = y + params["bias"].value.to(xf.dtype).view(per_chunk)
+    if bn.training and _updates_running_stats(bn, update_stats):
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                _cumulative_average(bn, x, chunks)
+            else:
+                n = xv.numel() // (chunks * x.shape[1])
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                for stat, new in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+                    stat.mul_(1 - bn.momentum).add_(bn.momentum * new.detach().mean(0).flatten().to(stat.dtype))
+    return y.to(x.dtype).reshape(x.shape)
 
 
 def _cumulative_average(bn: _BatchNorm, x: torch.Tensor, chunks: int) -> None:
