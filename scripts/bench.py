@@ -194,7 +194,8 @@ def main() -> None:
     p.add_argument("--precision", default="bf16" if cuda else "fp32", help="comma list of bf16,fp32")
     p.add_argument("--compile", default="1" if cuda else "0", help="comma list of 0,1")
     p.add_argument("--m", type=int, default=32, help="m of the m-SAM row (0: skip the row)")
-    p.add_argument("--compile-msam", type=int, default=0, help="also compile the m-SAM row (long first compile)")
+    p.add_argument("--compile-msam", type=int, default=0,
+                   help="also time the m-SAM row compiled (split engine: one graph per pass; a long first compile)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of the compiled rows")
     p.add_argument("--steps", type=int, default=30 if cuda else 3)
     p.add_argument("--warmup", type=int, default=10 if cuda else 1)

@@ -16,9 +16,10 @@ weight gradient    C kernels of m examples (g_c per chunk) one full-batch kernel
 Every per-chunk kernel is an ordinary dense convolution on a batch of m, so no grouped convolution and
 no layout transpose is involved (the vmap engine in :mod:`sam_bench.optim.msam` turns each convolution
 into a grouped one). BatchNorm normalises each chunk with its own statistics (ghost BN: one fused
-kernel per chunk when eager, one expression over all chunks under ``torch.compile``); Linear layers are one batched matmul over the chunks; every other layer (activations,
-pooling, dropout, Shake-Shake/ShakeDrop) runs on the whole batch untouched, so RNG replay and the
-shake layers' true-gradient switch work as in plain SAM.
+kernel per chunk when eager, one expression over all chunks under ``torch.compile``); Linear layers
+are one batched matmul over the chunks; every other layer (activations, pooling, dropout,
+Shake-Shake/ShakeDrop) runs on the whole batch untouched, so RNG replay and the shake layers'
+true-gradient switch work as in plain SAM.
 
 Supported: models whose parameters all live in ``nn.Conv2d`` (zero padding), ``nn.Linear``,
 ``nn.BatchNorm1d``/``nn.BatchNorm2d`` modules of exactly these types (every CIFAR architecture of the

@@ -285,7 +285,7 @@ def msam_step(
     ``engine``: "auto", "split" or "vmap" (None: the module's ``ENGINE``)."""
     from sam_bench.engine.step import set_true_gradient
 
-    runner = model  # the split engine runs a torch.compile'd model compiled; vmap runs the eager module
+    runner = model  # the split engine calls the model as given (a torch.compile wrapper stays compiled)
     model = getattr(model, "_orig_mod", model)
     if optimizer.ascent_steps > 1 or optimizer.second_order:
         raise ValueError("m-sharpness (m < batch) supports one ascent step without the second-order term: "
