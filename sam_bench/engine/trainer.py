@@ -384,6 +384,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         # BN statistics stay per rank as in the official code (the step averages the running stats)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
     forward = compile_model(net, tr.compile_mode) if tr.compile else net
+    if tr.compile:
+        log.info("torch.compile (mode %s): the first training step and the first evaluation compile their graphs "
+                 "(minutes for a large model; Inductor's on-disk cache shortens reruns); epoch %d's time includes it",
+                 tr.compile_mode, start_epoch + 1)
     rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(model) else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
     amp = lambda: autocast(device, precision)  # noqa: E731
