@@ -274,6 +274,7 @@ def test_rng_replay_under_inductor(replay, m):
     gap = abs(opt.read_diagnostics()["sam/loss_gap"])
     assert (gap < 1e-7) if replay else (gap > 1e-3)
 
+
 @pytest.mark.parametrize("arch", ["shake_shake_mini", "pyramidnet_shakedrop_mini"])
 def test_shake_models_replay_their_draws_in_m_sharpness(arch, engine):
     """The real Shake-Shake/ShakeDrop layers under m-sharpness: with a tiny ρ the perturbed pass
@@ -291,6 +292,31 @@ def test_shake_models_replay_their_draws_in_m_sharpness(arch, engine):
         gaps[replay] = abs(opt.read_diagnostics()["sam/loss_gap"])
     assert gaps[True] < 1e-7 and gaps[False] > 1e-4, gaps
 
+
+def test_shakedrop_model_replays_its_draws_in_compiled_m_sharpness():
+    """trainer.compile with m-sharpness on a ShakeDrop model: the split engine's two compiled graphs
+    (true gradient on, then off) see the same shake draws when replayed; no graph break."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from sam_bench.models import build_model
+
+    gaps = {}
+    for replay in (True, False):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = build_model("pyramidnet_shakedrop_mini", 10, 3).double()
+        opt = make_sam(model, rho=1e-9, diagnostics=True)
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        rng = RngReplay(torch.device("cpu")) if replay else None
+        compiled, start, breaks = torch.compile(model, backend="aot_eager"), counters["stats"]["unique_graphs"], \
+            sum(counters["graph_break"].values())
+        for _ in range(2):
+            train_step(compiled, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), rng, m=4, m_engine="split")
+        assert counters["stats"]["unique_graphs"] - start == 2 and sum(counters["graph_break"].values()) == breaks
+        gaps[replay] = abs(opt.read_diagnostics()["sam/loss_gap"])
+    torch._dynamo.reset()
+    assert gaps[True] < 1e-7 and gaps[False] > 1e-4, gaps
 
 class ShakeLike(nn.Module):
     """Records the true_gradient flag it sees in each forward (the contract of HELPERS.md)."""
