@@ -189,11 +189,11 @@ def register_configs() -> None:
     cs.store(group="schema", name="trainer", node=TrainerConfig)
 
 
-# Keys that change where or how visibly a run executes, not what it computes: excluded from the
-# config hash (resume check) and from the reporter's grouping.
 #: ``torch.compile`` modes (``trainer.compile_mode``); "default" passes no mode.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+# Keys that change where or how visibly a run executes, not what it computes: excluded from the
+# config hash (resume check) and from the reporter's grouping.
 NON_SEMANTIC_KEYS = (
     "data_root",
     "dataset.root",

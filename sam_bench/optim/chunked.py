@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -232,33 +232,41 @@ def _batch_norm_vectorised(bn: _BatchNorm, x: torch.Tensor, params: dict[str, St
     y = (xf - mean) * scale
     if "bias" in params:
         y = y + params["bias"].value.to(xf.dtype).view(per_chunk)
-    if bn.training and _updates_running_stats(bn, update_stats):
+    if _updates_running_stats(bn, update_stats):
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                _cumulative_average(bn, x, chunks)
-            else:
-                n = xv.numel() // (chunks * x.shape[1])
-                unbiased = var * (n / (n - 1)) if n > 1 else var
-                for stat, new in ((bn.running_mean, mean), (bn.running_var, unbiased)):
-                    stat.mul_(1 - bn.momentum).add_(bn.momentum * new.detach().mean(0).flatten().to(stat.dtype))
+            n = xv.numel() // (chunks * x.shape[1])
+            _move_running_stats(bn, mean, var * (n / (n - 1)) if n > 1 else var)
     return y.to(x.dtype).reshape(x.shape)
 
 
 def _cumulative_average(bn: _BatchNorm, x: torch.Tensor, chunks: int) -> None:
-    """momentum None: running stats += (mean over chunks of the chunk statistics − running) / count,
-    with the count kept on the device (``F.batch_norm`` would need it as a host float: a sync)."""
+    """momentum None in the eager path (``F.batch_norm`` would need the count as a host float: a
+    sync): the chunk statistics computed here, then :func:`_move_running_stats`."""
     xv = at_least_fp32(x.detach()).view(chunks, -1, *x.shape[1:])
     n = xv.numel() // (xv.shape[0] * xv.shape[2])
     var, mean = torch.var_mean(xv, dim=[1, *range(3, xv.dim())], correction=1 if n > 1 else 0)
-    mom = 1.0 / bn.num_batches_tracked
-    bn.running_mean.mul_(1 - mom).add_(mom * mean.mean(0).to(bn.running_mean.dtype))
-    bn.running_var.mul_(1 - mom).add_(mom * var.mean(0).to(bn.running_var.dtype))
+    _move_running_stats(bn, mean, var)
+
+
+def _move_running_stats(bn: _BatchNorm, chunk_means: torch.Tensor, chunk_vars: torch.Tensor) -> None:
+    """running ← (1 − mom)·running + mom·(mean over chunks of the chunk statistics; unbiased
+    variances), mom = ``bn.momentum``, or 1/count (cumulative average) for momentum None, with the
+    count kept on the device (already advanced for this step)."""
+    mom = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+    for stat, new in ((bn.running_mean, chunk_means), (bn.running_var, chunk_vars)):
+        stat.mul_(1 - mom).add_(mom * new.detach().mean(0).flatten().to(stat.dtype))
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32; fp32 and fp64 unchanged (a float64 value must not be rounded to fp32)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _layer_forward(fn, mod: nn.Module, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦ fn(mod, x, **kwargs)`` as a closure, which dynamo reuses one graph for at every step
+    (with ``functools.partial`` here it recompiled at each step: caught by the compile tests)."""
+    return lambda x: fn(mod, x, **kwargs)
 
 
 @contextmanager
@@ -277,12 +285,11 @@ def chunked_layers(model: nn.Module, chunks: int, params: dict[str, Stacked], up
     for prefix, mod in layers:
         own = {k: params[f"{prefix}.{k}" if prefix else k] for k, p in mod.named_parameters(recurse=False)}
         if isinstance(mod, nn.Conv2d):
-            fwd = (lambda mod, own: lambda x: conv_forward(mod, x, own, chunks))(mod, own)
+            mod.forward = _layer_forward(conv_forward, mod, params=own, chunks=chunks)
         elif isinstance(mod, nn.Linear):
-            fwd = (lambda mod, own: lambda x: linear_forward(mod, x, own, chunks))(mod, own)
+            mod.forward = _layer_forward(linear_forward, mod, params=own, chunks=chunks)
         else:
-            fwd = (lambda mod, own: lambda x: batch_norm_forward(mod, x, own, chunks, update_stats))(mod, own)
-        mod.forward = fwd
+            mod.forward = _layer_forward(batch_norm_forward, mod, params=own, chunks=chunks, update_stats=update_stats)
         swapped.append(mod)
     try:
         yield

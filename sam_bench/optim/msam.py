@@ -53,8 +53,8 @@ Speed, WRN-28-10 (CUDA) / WRN-16-4 (CPU), batch 256, m = 32 (results/benchmarks.
   than a Python loop over the chunks. The profile puts the excess in cuDNN's grouped convolutions
   (NCHW<->NHWC transposes around each one, slower grouped weight-gradient kernels).
 - CPU fp32 (2 cores), one run: split 6.67 s, vmap 8.57 s, plain SAM 6.57 s per step (m-SAM/SAM
-  1.02 split, 1.30 vmap). The split engine has not run on a GPU yet (``scripts/gpu_check.sh``
-  times both).
+  1.02 split, 1.30 vmap); compiled, split m-SAM 5.33 s against SAM 4.75 s (1.12). The split
+  engine has not run on a GPU yet (``scripts/gpu_check.sh`` times it eager and compiled).
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ class _SplitPasses:
         leaf = [p.detach().unsqueeze(0).expand(self.chunks, *p.shape).requires_grad_(True) for p in self.params]
         losses, logits = self._run({n: chunked.Stacked(t) for n, t in zip(self.names, leaf)}, True)
         (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
-        return losses, logits, [t.grad if t.grad is not None else torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in leaf]
+        return losses, logits, [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaf]
 
     def perturbed(self, eps: list[torch.Tensor], scaler, update_stats: bool) -> torch.Tensor:
         stacked = {n: chunked.Stacked(p.unsqueeze(0) + e, base=p) for n, p, e in zip(self.names, self.params, eps)}
