@@ -100,8 +100,9 @@ def profile_step(step, device: torch.device) -> None:
 
 def time_variant(arch: str, variant: str, device: torch.device, precision: str, batch: int, m: int | None,
                  steps: int, warmup: int, diagnostics: bool, profile: bool = False,
-                 compile_mode: str | None = None) -> list[float]:
-    """Seconds per step for ``steps`` timed steps after ``warmup`` (device-synchronised)."""
+                 compile_mode: str | None = None) -> tuple[list[float], float]:
+    """Seconds per step for ``steps`` timed steps after ``warmup`` (device-synchronised), and the
+    seconds of the first step (with ``compile_mode`` it compiles: that is its cost)."""
     torch.manual_seed(0)
     model = build_model(arch, 10, 3).to(device)
     channels_last = device.type == "cuda"
@@ -131,9 +132,11 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
         t0 = time.perf_counter()
         step()
         sync()
+        if i == 0:
+            first = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times
+    return times, first
 
 
 def bench(label: str, arch: str, device: torch.device, precision: str, batch: int, m: int, steps: int, warmup: int,
@@ -142,12 +145,12 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
     out = {"label": label, "arch": arch, "device": str(device), "precision": precision, "batch": batch, "m": m,
            "steps": steps, "diagnostics": diagnostics, "compile": compile_mode,
            "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "threads": torch.get_num_threads(), "ms_per_step": {}}
+           "threads": torch.get_num_threads(), "ms_per_step": {}, "first_step_s": {}}
     out["errors"] = {}
     for variant in variants:
         try:
-            t = time_variant(arch, variant, device, precision, batch, m, steps, warmup, diagnostics,
-                             variant in profile, compile_mode)
+            t, first = time_variant(arch, variant, device, precision, batch, m, steps, warmup, diagnostics,
+                                    variant in profile, compile_mode)
         except Exception as e:  # report and go on: one broken variant must not hide the others' figures
             out["errors"][variant] = f"{type(e).__name__}: {e}"[:500]
             print(f"{label:>6} {arch:>10} {variant:>9}: FAILED {out['errors'][variant]}", flush=True)
@@ -156,8 +159,9 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         out["ms_per_step"][variant] = 1e3 * statistics.median(t)
-        print(f"{label:>6} {arch:>10} {variant:>9}: {out['ms_per_step'][variant]:9.1f} ms/step (median of {len(t)})",
-              flush=True)
+        out["first_step_s"][variant] = first
+        print(f"{label:>6} {arch:>10} {variant:>9}: {out['ms_per_step'][variant]:9.1f} ms/step (median of {len(t)}); "
+              f"first step {first:.1f} s" + (" (compiles)" if compile_mode else ""), flush=True)
     ms = out["ms_per_step"]
     nan = float("nan")
     ratio = lambda a, b: ms[a] / ms[b] if a in ms and b in ms else nan  # noqa: E731

@@ -352,11 +352,13 @@ def test_true_gradient_in_m_sharpness_path(engine):
 
 # ---- 2. m-sharpness -------------------------------------------------------------------------
 
-def loop_over_chunks_reference(model, steps, m, n, bn_mode):
+def loop_over_chunks_reference(model, steps, m, n, bn_mode, wd=None):
     """Per-chunk copies of the model (one "device" each) with ordinary autograd, then the average:
-    the official pmap semantics (pmean of gradients and of the BN state)."""
+    the official pmap semantics (pmean of gradients and of the BN state). ``wd``: one L2
+    coefficient per parameter (default WD for all)."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
+    wd = wd or [WD] * len(params)
     v = [torch.zeros_like(p) for p in params]
     for s in range(steps):
         x, y = batch(s, n)
@@ -366,7 +368,7 @@ def loop_over_chunks_reference(model, steps, m, n, bn_mode):
             dev = copy.deepcopy(model)
             dp = list(dev.parameters())
             F.cross_entropy(dev(x[i:i + m]), y[i:i + m]).backward()
-            g = [p.grad + WD * p.detach() for p in dp]
+            g = [p.grad + l2 * p.detach() for p, l2 in zip(dp, wd)]
             gn = norm(g)
             clean_stats = [b.clone() for b in dev[1].buffers()]
             with torch.no_grad():
@@ -374,7 +376,7 @@ def loop_over_chunks_reference(model, steps, m, n, bn_mode):
                     p.add_(RHO * gi / gn)
                     p.grad = None
             F.cross_entropy(dev(x[i:i + m]), y[i:i + m]).backward()
-            total = [t + (p.grad + WD * p.detach()) * m / n for t, p in zip(total, dp)]
+            total = [t + (p.grad + l2 * p.detach()) * m / n for t, p, l2 in zip(total, dp, wd)]
             both_stats = [b.clone() for b in dev[1].buffers()]
             stats.append(clean_stats if bn_mode == "clean" else both_stats)
         with torch.no_grad():
@@ -399,6 +401,22 @@ def test_m_sharpness_matches_loop_over_chunks(m, bn_mode, engine):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
     # the hand-written reference agrees on the weights too (no BN-state dependence in weights)
     assert_weights(model, ref_steps(weights(tiny_model()), 3, m=m))
+
+
+def test_m_sharpness_with_a_weight_decay_per_param_group(engine):
+    """Param groups with different L2 coefficients (one of them 0, as for BN parameters): each
+    chunk's ascent gradient and the final gradient carry each parameter's own L2 term."""
+    model = tiny_model()
+    wd_of = {"0.weight": WD, "1.weight": 0.0, "1.bias": 0.0, "5.weight": WD, "5.bias": 3 * WD}
+    ref = loop_over_chunks_reference(model, steps=3, m=2, n=8, bn_mode="clean", wd=list(wd_of.values()))
+    named = dict(model.named_parameters())
+    groups = [{"params": [named[k] for k, v in wd_of.items() if v == wd], "weight_decay": wd} for wd in (WD, 0.0, 3 * WD)]
+    opt = SAM(groups, torch.optim.SGD, rho=RHO, grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    run(model, opt, 3, m=2)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    uniform = loop_over_chunks_reference(tiny_model(), steps=3, m=2, n=8, bn_mode="clean")
+    assert not torch.allclose(uniform[5].bias, ref[5].bias, rtol=0, atol=1e-9)  # the coefficients matter
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -1036,7 +1054,9 @@ def test_cli_asam_m_sharpness_logs_diagnostics(cli_env, tmp_path):
     assert "engine vmap (optimizer.m_engine=vmap)" in (tmp_path / "vmap" / "train.log").read_text()
     other = json.loads((tmp_path / "vmap" / "result.json").read_text())  # same run, other engine
     assert other["config_hash"] == result["config_hash"]
-    assert other["final_test_loss"] == pytest.approx(result["final_test_loss"], rel=1e-4)
+    # fp32: the engines round differently (float64: equal to 1e-15 after 4 steps, by hand), and
+    # ASAM's ρ = 0.5 on 4-example chunks amplifies that: test-loss gaps of 1e-6 to 7e-4 over seeds 0-3
+    assert other["final_test_loss"] == pytest.approx(result["final_test_loss"], rel=5e-3)
 
 
 @pytest.mark.parametrize("backend,bn_mode", [("aot_eager", "clean"), ("aot_eager", "both"), ("aot_eager", "frozen"),

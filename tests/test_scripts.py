@@ -21,7 +21,8 @@ def test_bench_sam_writes_every_variant_and_ratio(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = json.loads(out.read_text())["runs"][0]
     assert run["errors"] == {}
-    assert set(run["ms_per_step"]) == {"sgd", "sam", "msam", "msam_vmap"}
+    assert set(run["ms_per_step"]) == set(run["first_step_s"]) == {"sgd", "sam", "msam", "msam_vmap"}
+    assert all(s > 0 for s in run["first_step_s"].values())
     assert run["compile"] is None and run["sam_over_sgd"] > 0 and run["msam_over_sam"] > 0
     assert "m-SAM/SAM" in proc.stdout
 

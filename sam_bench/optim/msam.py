@@ -257,6 +257,18 @@ class _SplitPasses:
         return losses
 
 
+def _by_l2(a: list, b: list, groups: list[dict]) -> list[tuple[float, tuple[list, list]]]:
+    """(l2, (a's items, b's items)) for each nonzero L2 coefficient among the parameters' groups,
+    so the L2 terms are added with one fused call per coefficient instead of one per parameter."""
+    out: dict[float, tuple[list, list]] = {}
+    for x, y, grp in zip(a, b, groups):
+        if grp["l2"]:
+            xs, ys = out.setdefault(grp["l2"], ([], []))
+            xs.append(x)
+            ys.append(y)
+    return list(out.items())
+
+
 def resolve_engine(model: nn.Module, engine: str) -> str:
     """"split" or "vmap" for ``engine`` ("auto", "split", "vmap") on this model; a clear error when
     "split" is asked of a model it cannot run."""
@@ -335,11 +347,14 @@ def msam_step(
     if scaler is not None:
         scaler.unscale_(p.grad for p in params)
     with torch.no_grad():
-        for p, e, grp in zip(params, eps, groups):
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if grp["l2"]:
-                p.grad.add_(p + e.mean(dim=0), alpha=grp["l2"])  # mean_c l2·(w + ε_c)
+        for l2, (ws, es) in _by_l2(params, eps, groups):  # mean_c l2·(w + ε_c)
+            final = [w.grad for w in ws]
+            torch._foreach_add_(final, ws, alpha=l2)  # one fused kernel (w.grad has w's layout)
+            for g, e in zip(final, es):  # ε is [C, ...] in the layout autograd gives an expanded leaf
+                g.add_(e.mean(dim=0), alpha=l2)
     loss = losses.detach().mean()
     optimizer.record_loss_gap(loss, losses2.detach().mean())
     optimizer.descend(scaler.found_inf if scaler is not None else None)

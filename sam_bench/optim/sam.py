@@ -56,13 +56,28 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms]))
 
 
+def chunk_slices(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The C slices t[0], …, t[C−1] of every stacked tensor [C, ...], parameter-major (views)."""
+    return [s for t in tensors for s in t.unbind(0)]
+
+
 def chunk_norms(tensors: list[torch.Tensor], chunks: int) -> torch.Tensor:
-    """Per-chunk global L2 norm of stacked tensors [C, ...] -> [C] (fused when C = 1)."""
+    """Per-chunk global L2 norm of stacked tensors [C, ...] -> [C]: one fused norm over all the
+    chunk slices (not one kernel per parameter), computed in float32 or wider."""
     if chunks == 1:
         return global_norm(tensors).reshape(1)
-    per_param = [torch.linalg.vector_norm(t.reshape(chunks, -1), dim=1) for t in tensors]
-    stacked = torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in per_param])
-    return torch.linalg.vector_norm(stacked, dim=0)
+    norms = torch.stack(torch._foreach_norm(chunk_slices(tensors))).view(len(tensors), chunks)
+    return torch.linalg.vector_norm(norms.to(torch.promote_types(norms.dtype, torch.float32)), dim=0)
+
+
+def scale_chunks(tensors: list[torch.Tensor], scale: torch.Tensor) -> list[torch.Tensor]:
+    """t[c]·scale[c] for stacked tensors [C, ...] and a [C] scale, as new tensors: one fused copy
+    and C fused in-place multiplies (not one broadcast kernel per parameter)."""
+    out = torch._foreach_mul(tensors, 1.0)
+    slices = chunk_slices(out)
+    for c in range(scale.shape[0]):
+        torch._foreach_mul_(slices[c::scale.shape[0]], scale[c])
+    return out
 
 
 def _per_chunk(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -224,8 +239,10 @@ class SAM(torch.optim.Optimizer):
         norm = chunk_norms(tg, chunks)
         self._clean_norm = norm if not any(s is not None for s in ts) else chunk_norms(grads, chunks)
         inv = 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # g = 0 gives ε = 0, not NaN
-        if chunks == 1 and not any(s is not None for s in ts) and len(set(rhos)) == 1:
-            return torch._foreach_mul(grads, (inv * rhos[0]).reshape(()).to(grads[0].dtype))  # one fused kernel
+        if not any(s is not None for s in ts) and len(set(rhos)) == 1:
+            if chunks == 1:
+                return torch._foreach_mul(grads, (inv * rhos[0]).reshape(()).to(grads[0].dtype))  # one fused kernel
+            return scale_chunks(grads, inv * rhos[0])
         return [(u if s is None else u * s) * _per_chunk(inv * r, u) for u, s, r in zip(tg, ts, rhos)]
 
     def _asam_fused(self, grads: list[torch.Tensor], ts: list[torch.Tensor | None], rho: float) -> list[torch.Tensor]:
