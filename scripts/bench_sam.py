@@ -9,6 +9,9 @@ examples (same FLOPs).
 A variant that fails is reported with its error and the others still run.
 --compile times every variant with the model under ``torch.compile`` (as ``trainer.compile=true``):
 SGD, SAM, ASAM and the split m-SAM engine run compiled graphs; the vmap engine runs eagerly.
+Other models: any registered ``--cpu-arch``/``--gpu-arch`` with ``--image-size``/``--num-classes``
+(e.g. the ResNet-50 SAM step at 224 px, profiled: ``--gpu-arch resnet50 --image-size 224
+--num-classes 1000 --variants sgd,sam --profile sgd,sam``; gpu_check.sh stage ``profile_resnet50``).
 
     python scripts/bench_sam.py --cpu-batch 64 --cpu-m 8 --steps 3 --out bench.json
 """
@@ -100,11 +103,11 @@ def profile_step(step, device: torch.device) -> None:
 
 def time_variant(arch: str, variant: str, device: torch.device, precision: str, batch: int, m: int | None,
                  steps: int, warmup: int, diagnostics: bool, profile: bool = False,
-                 compile_mode: str | None = None) -> tuple[list[float], float]:
+                 compile_mode: str | None = None, image_size: int = 32, num_classes: int = 10) -> tuple[list[float], float]:
     """Seconds per step for ``steps`` timed steps after ``warmup`` (device-synchronised), and the
     seconds of the first step (with ``compile_mode`` it compiles: that is its cost)."""
     torch.manual_seed(0)
-    model = build_model(arch, 10, 3).to(device)
+    model = build_model(arch, num_classes, 3).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -112,10 +115,10 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     net = compile_model(model, compile_mode) if compile_mode else model
     cfg = OmegaConf.structured(OptimizerConfig(**VARIANTS[variant], diagnostics=diagnostics))
     opt = build_optimizer(cfg, model)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
     bn = batchnorm_modules(model)
     loss_fn = nn.CrossEntropyLoss()
     amp = lambda: autocast(device, precision)  # noqa: E731
@@ -125,24 +128,27 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
         (lambda: train_step(net, opt, x, y, loss_fn, amp, bn, None, m=chunk))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    if profile:
-        profile_step(step, device)
     for i in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
         step()
         sync()
+        seconds = time.perf_counter() - t0
         if i == 0:
-            first = time.perf_counter() - t0
+            first = seconds
+            if profile:  # after the step that compiles, before the timed ones
+                profile_step(step, device)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     return times, first
 
 
 def bench(label: str, arch: str, device: torch.device, precision: str, batch: int, m: int, steps: int, warmup: int,
-          diagnostics: bool, variants: list[str], profile: set[str] = frozenset(), compile_mode: str | None = None) -> dict:
+          diagnostics: bool, variants: list[str], profile: set[str] = frozenset(), compile_mode: str | None = None,
+          image_size: int = 32, num_classes: int = 10) -> dict:
     """``compile_mode``: None = eager; else every variant's model under ``torch.compile`` in that mode."""
     out = {"label": label, "arch": arch, "device": str(device), "precision": precision, "batch": batch, "m": m,
+           "image_size": image_size, "num_classes": num_classes,
            "steps": steps, "diagnostics": diagnostics, "compile": compile_mode,
            "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "threads": torch.get_num_threads(), "ms_per_step": {}, "first_step_s": {}}
@@ -150,7 +156,7 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
     for variant in variants:
         try:
             t, first = time_variant(arch, variant, device, precision, batch, m, steps, warmup, diagnostics,
-                                    variant in profile, compile_mode)
+                                    variant in profile, compile_mode, image_size, num_classes)
         except Exception as e:  # report and go on: one broken variant must not hide the others' figures
             out["errors"][variant] = f"{type(e).__name__}: {e}"[:500]
             print(f"{label:>6} {arch:>10} {variant:>9}: FAILED {out['errors'][variant]}", flush=True)
@@ -197,6 +203,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="time the models under torch.compile (trainer.compile=true); "
                    "the first steps compile (warm-up is at least 2 steps)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode with --compile")
+    p.add_argument("--image-size", type=int, default=32, help="square input size (224 for --gpu-arch resnet50)")
+    p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -213,11 +221,13 @@ def main() -> None:
     results = {"torch": torch.__version__, "runs": []}
     if not args.no_cpu:
         results["runs"].append(bench("cpu" + label, args.cpu_arch, torch.device("cpu"), "fp32", args.cpu_batch, args.cpu_m,
-                                     args.steps, warmup, diag, variants, profile, compile_mode))
+                                     args.steps, warmup, diag, variants, profile, compile_mode, args.image_size,
+                                     args.num_classes))
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         results["runs"].append(bench("cuda" + label, args.gpu_arch, torch.device("cuda"), "bf16", args.gpu_batch, args.gpu_m,
-                                     args.gpu_steps, max(warmup, 3), diag, variants, profile, compile_mode))
+                                     args.gpu_steps, max(warmup, 3), diag, variants, profile, compile_mode, args.image_size,
+                                     args.num_classes))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
