@@ -1102,6 +1102,35 @@ def test_trainer_says_whether_m_sharpness_steps_run_compiled(caplog):
     assert eager.endswith("engine split (optimizer.m_engine=auto)")
 
 
+def test_auto_engine_takes_vmap_above_the_split_engines_chunk_bound(caplog, monkeypatch):
+    """engine "auto": split up to msam.SPLIT_MAX_CHUNKS chunks per batch, vmap above (the split
+    engine's host cost grows with the chunk count); "split" asked explicitly stays split."""
+    import logging
+
+    from sam_bench.engine.trainer import _m_sharpness_engine
+
+    bound = msam.SPLIT_MAX_CHUNKS
+    assert msam.resolve_engine(tiny_model(), "auto", bound) == "split"
+    assert msam.resolve_engine(tiny_model(), "auto", bound + 1) == "vmap"
+    assert msam.resolve_engine(tiny_model(), "auto") == "split"  # chunk count unknown
+    assert msam.resolve_engine(tiny_model(), "split", 8 * bound) == "split"
+    with caplog.at_level(logging.INFO, logger="sam_bench"):
+        assert _m_sharpness_engine(tiny_model(), "auto", 1, 2 * bound, False) == "vmap"
+    why, chosen = [r.getMessage() for r in caplog.records]
+    assert f"{2 * bound} chunks per batch is more than the split engine's {bound}" in why
+    assert "optimizer.m_engine=split forces it" in why
+    assert chosen.endswith(f"m=1, {2 * bound} chunks per batch, engine vmap (optimizer.m_engine=auto)")
+
+    def split_must_not_run(*args, **kwargs):
+        raise AssertionError("the split engine ran")
+
+    monkeypatch.setattr(msam, "ENGINE", "auto")
+    monkeypatch.setattr(msam, "_SplitPasses", split_must_not_run)
+    model = tiny_model()
+    run(model, make_sam(model), 1, m=1, n=bound + 1)  # a direct train_step call decides the same way
+    assert not torch.equal(model[5].weight, tiny_model()[5].weight)  # it trained
+
+
 def test_m_sharpness_refuses_k_step_ascent_and_second_order_from_python():
     """The config validation refuses these combinations; a direct train_step call must too, instead
     of silently running one ascent step without the second-order term."""

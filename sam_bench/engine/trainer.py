@@ -41,14 +41,17 @@ log = logging.getLogger("sam_bench")
 
 def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int, compiled: bool) -> str:
     """The m-sharpness engine this run uses ("auto" resolved for this model), logged once."""
-    from sam_bench.optim.msam import resolve_engine
+    from sam_bench.optim.msam import SPLIT_MAX_CHUNKS, resolve_engine
 
     if m is None:
         return requested
     try:
-        engine = resolve_engine(model, requested)
+        engine = resolve_engine(model, requested, batch // m)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if requested == "auto" and engine == "vmap" and batch // m > SPLIT_MAX_CHUNKS:
+        log.info("m-sharpness: %d chunks per batch is more than the split engine's %d (its kernels per chunk cost "
+                 "more than vmap's batched ones); optimizer.m_engine=split forces it", batch // m, SPLIT_MAX_CHUNKS)
     log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, batch // m, engine, requested,
              ("; its training steps run the compiled model" if engine == "split" else
               "; its training steps run the eager model (trainer.compile applies to evaluation)") if compiled else "")

@@ -10,7 +10,8 @@ So a chunk is a device in every respect:
   BN state);
 - the final gradient is mean_c ∇L_c(w + ε_c), then clipped and applied once.
 
-Two engines compute exactly this (``ENGINE``; "auto" picks the first that fits the model):
+Two engines compute exactly this (``ENGINE``; "auto" picks the first that fits the model, and vmap
+above ``SPLIT_MAX_CHUNKS`` chunks per batch):
 
 - **split** (:mod:`sam_bench.optim.chunked`): the network runs on the whole batch and only the
   parts that differ per chunk run per chunk: in the clean pass (all chunks at w) a convolution's
@@ -269,15 +270,26 @@ def _by_l2(a: list, b: list, groups: list[dict]) -> list[tuple[float, tuple[list
     return list(out.items())
 
 
-def resolve_engine(model: nn.Module, engine: str) -> str:
-    """"split" or "vmap" for ``engine`` ("auto", "split", "vmap") on this model; a clear error when
-    "split" is asked of a model it cannot run."""
+#: "auto" takes the split engine up to this many chunks per batch, the vmap engine above. The split
+#: engine launches a few kernels per chunk for every layer, so its host cost grows with the chunk
+#: count, while vmap's does not (one grouped kernel per layer). On 2 CPU cores (ResNet-32, batch 256,
+#: fp32, results/benchmarks.md) split is faster up to 16 chunks, even at 64 and slower at 256; on a
+#: GPU a step's host cost weighs more (compute is faster), so the bound is not set higher. The
+#: compiled split engine also unrolls every chunk into its graphs (compile time grows with it).
+SPLIT_MAX_CHUNKS = 32
+
+
+def resolve_engine(model: nn.Module, engine: str, chunks: int | None = None) -> str:
+    """"split" or "vmap" for ``engine`` ("auto", "split", "vmap") on this model with ``chunks`` chunks
+    per batch (None: not known, the chunk count does not decide); a clear error when "split" is
+    asked of a model it cannot run."""
     if engine not in ("auto", "split", "vmap"):
         raise ValueError(f"m-sharpness engine {engine!r} is unknown: use auto, split or vmap")
     blocker = chunked.unsupported_layer(getattr(model, "_orig_mod", model)) if engine != "vmap" else None
     if engine == "split" and blocker:
         raise ValueError(f"optimizer.m_engine=split cannot run this model: {blocker}; use optimizer.m_engine=auto or vmap")
-    return "vmap" if engine == "vmap" or blocker else "split"
+    many = engine == "auto" and chunks is not None and chunks > SPLIT_MAX_CHUNKS
+    return "vmap" if engine == "vmap" or blocker or many else "split"
 
 
 def msam_step(
@@ -310,7 +322,7 @@ def msam_step(
     groups = [g for _, g in owned]
     engine = engine or ENGINE
     if engine not in ("split", "vmap"):  # the trainer passes the engine it resolved once
-        engine = resolve_engine(model, engine)
+        engine = resolve_engine(model, engine, chunks)
     if engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
         passes = _SplitPasses(model, runner, names, params, images, labels, loss_fn, autocast, chunks)
     else:
