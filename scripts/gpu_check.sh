@@ -10,7 +10,7 @@
 # stage and the benchmark JSON. Each stage has its own time limit; one failing stage does not stop
 # the others. Default stages total 8 minutes of limits (480 s) on an H100/H200.
 # STAGES (space-separated) picks stages: gpu_tests bench_sam bench_sam_compiled bench_resnet50
-# fmnist msam_cli profile_resnet50 (default: the first four); GPU_TESTS overrides the pytest targets (default: the
+# fmnist msam_cli profile_resnet50 msam_engines (default: the first four); GPU_TESTS overrides the pytest targets (default: the
 # files whose gpu tests have not all passed on a GPU yet, m-SAM's first; the inductor replay tests of
 # tests/test_models_zoo.py, which compile whole models, only when named here); BENCH_SAM_VARIANTS /
 # BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py (BENCH_SAM_COMPILED_VARIANTS, default
@@ -56,6 +56,9 @@ want bench_sam_compiled && stage bench_sam_compiled 160 python3 scripts/bench_sa
 want bench_resnet50 && stage bench_resnet50 100 python3 scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch ${RESNET50_BATCH:-256} \
   --precision bf16 --compile 1 --compile-mode ${RESNET50_COMPILE_MODE:-default} --m 0 --reference 0 --steps 15 --warmup 5 \
   --out "$OUT/bench_resnet50.json"
+# on request: split vs vmap m-SAM engine as the chunk count grows (msam.SPLIT_MAX_CHUNKS = 32 was set on a CPU)
+want msam_engines && stage msam_engines 120 bash -c 'for m in 64 16 4 1; do python3 scripts/bench_sam.py --no-cpu \
+  --gpu-arch resnet32 --gpu-m $m --gpu-steps 5 --warmup 2 --no-diagnostics --variants sam,msam_split,msam_vmap; done'
 # on request: where the ResNet-50 SAM step's time goes (kernel tables of the compiled SGD and SAM steps)
 want profile_resnet50 && stage profile_resnet50 150 python3 scripts/bench_sam.py --no-cpu --compile --gpu-arch resnet50 \
   --image-size 224 --num-classes 1000 --gpu-batch ${RESNET50_BATCH:-256} --gpu-steps 5 --warmup 3 --no-diagnostics \
