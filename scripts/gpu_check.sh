@@ -10,11 +10,11 @@
 # stage and the benchmark JSON. Each stage has its own time limit; one failing stage does not stop
 # the others. Default stages total 8 minutes of limits (480 s) on an H100/H200.
 # STAGES (space-separated) picks stages: gpu_tests bench_sam bench_sam_compiled bench_resnet50
-# fmnist msam_cli profile_resnet50 msam_engines (default: the first four); GPU_TESTS overrides the pytest targets (default: the
-# files whose gpu tests have not all passed on a GPU yet, m-SAM's first; the inductor replay tests of
-# tests/test_models_zoo.py, which compile whole models, only when named here); BENCH_SAM_VARIANTS /
-# BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py (BENCH_SAM_COMPILED_VARIANTS, default
-# msam,sam, for the compiled stage);
+# fmnist msam_cli msam_engines profile_resnet50 (default: the first four); GPU_TESTS overrides the
+# pytest targets (default: the files whose gpu tests have not all passed on a GPU yet, m-SAM's
+# first; the inductor replay tests of tests/test_models_zoo.py, which compile whole models, only
+# when named here); BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py
+# (BENCH_SAM_COMPILED_VARIANTS, default msam,sam, for the compiled stage);
 # RESNET50_COMPILE_MODE (default: default) and RESNET50_BATCH (default 256) set the ResNet-50 stage.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}

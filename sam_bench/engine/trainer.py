@@ -50,8 +50,8 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if requested == "auto" and engine == "vmap" and batch // m > SPLIT_MAX_CHUNKS:
-        log.info("m-sharpness: %d chunks per batch is more than the split engine's %d (its kernels per chunk cost "
-                 "more than vmap's batched ones); optimizer.m_engine=split forces it", batch // m, SPLIT_MAX_CHUNKS)
+        log.info("m-sharpness: %d chunks per batch is more than the split engine's %d (its host cost grows with the "
+                 "chunk count); optimizer.m_engine=split forces it", batch // m, SPLIT_MAX_CHUNKS)
     log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, batch // m, engine, requested,
              ("; its training steps run the compiled model" if engine == "split" else
               "; its training steps run the eager model (trainer.compile applies to evaluation)") if compiled else "")

@@ -365,7 +365,7 @@ def msam_step(
         for l2, (ws, es) in _by_l2(params, eps, groups):  # mean_c l2·(w + ε_c)
             final = [w.grad for w in ws]
             torch._foreach_add_(final, ws, alpha=l2)  # one fused kernel (w.grad has w's layout)
-            for g, e in zip(final, es):  # ε is [C, ...] in the layout autograd gives an expanded leaf
+            for g, e in zip(final, es):  # ε has the clean gradients' layout (contiguous), maybe not w's
                 g.add_(e.mean(dim=0), alpha=l2)
     loss = losses.detach().mean()
     optimizer.record_loss_gap(loss, losses2.detach().mean())
