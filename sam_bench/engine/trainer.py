@@ -49,7 +49,7 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
         engine = resolve_engine(model, requested, batch // m)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if requested == "auto" and engine == "vmap" and batch // m > SPLIT_MAX_CHUNKS:
+    if engine != resolve_engine(model, requested):  # the chunk count decided it
         log.info("m-sharpness: %d chunks per batch is more than the split engine's %d (its host cost grows with the "
                  "chunk count); optimizer.m_engine=split forces it", batch // m, SPLIT_MAX_CHUNKS)
     log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, batch // m, engine, requested,

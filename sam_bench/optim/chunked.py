@@ -218,12 +218,11 @@ def _batch_norm_vectorised(bn: _BatchNorm, x: torch.Tensor, params: dict[str, St
     pointwise kernel shared by all chunks (and with the neighbouring layers), where the eager form
     gives C kernels and a concatenation per layer. Same arithmetic as ``F.batch_norm``: biased
     variance to normalise, unbiased for the running variance, fp32 statistics for fp16/bf16."""
-    xv = x.view(chunks, -1, *x.shape[1:])
-    xf = at_least_fp32(xv)
+    xf = at_least_fp32(x.view(chunks, -1, *x.shape[1:]))
     per_chunk = [chunks, 1, -1] + [1] * (x.dim() - 2)  # [C, ch] -> broadcast against [C, m, ch, ...]
     per_channel = [1, 1, -1] + [1] * (x.dim() - 2)
     if bn.training or bn.running_mean is None:
-        var, mean = torch.var_mean(xf, dim=[1, *range(3, xv.dim())], correction=0, keepdim=True)
+        var, mean = _chunk_moments(xf)
     else:
         var, mean = (s.to(xf.dtype).view(per_channel) for s in (bn.running_var, bn.running_mean))
     scale = torch.rsqrt(var + bn.eps)
@@ -235,26 +234,32 @@ def _batch_norm_vectorised(bn: _BatchNorm, x: torch.Tensor, params: dict[str, St
     if _updates_running_stats(bn, update_stats):
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
-            n = xv.numel() // (chunks * x.shape[1])
-            _move_running_stats(bn, mean, var * (n / (n - 1)) if n > 1 else var)
+            _move_running_stats(bn, var, mean, xf)
     return y.to(x.dtype).reshape(x.shape)
+
+
+def _chunk_moments(xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean of every (chunk, channel) of the [C, m, channels, ...] view, in one
+    reduction, shaped [C, 1, channels, 1, ...] to broadcast against it."""
+    return torch.var_mean(xv, dim=[1, *range(3, xv.dim())], correction=0, keepdim=True)
 
 
 def _cumulative_average(bn: _BatchNorm, x: torch.Tensor, chunks: int) -> None:
     """momentum None in the eager path (``F.batch_norm`` would need the count as a host float: a
     sync): the chunk statistics computed here, then :func:`_move_running_stats`."""
     xv = at_least_fp32(x.detach()).view(chunks, -1, *x.shape[1:])
+    _move_running_stats(bn, *_chunk_moments(xv), xv)
+
+
+def _move_running_stats(bn: _BatchNorm, chunk_vars: torch.Tensor, chunk_means: torch.Tensor, xv: torch.Tensor) -> None:
+    """running ← (1 − mom)·running + mom·(mean over chunks of the chunk statistics, the variances
+    made unbiased over the n values per chunk and channel of the [C, m, channels, ...] view ``xv``),
+    mom = ``bn.momentum``, or 1/count (cumulative average) for momentum None, with the count kept on
+    the device (already advanced for this step)."""
     n = xv.numel() // (xv.shape[0] * xv.shape[2])
-    var, mean = torch.var_mean(xv, dim=[1, *range(3, xv.dim())], correction=1 if n > 1 else 0)
-    _move_running_stats(bn, mean, var)
-
-
-def _move_running_stats(bn: _BatchNorm, chunk_means: torch.Tensor, chunk_vars: torch.Tensor) -> None:
-    """running ← (1 − mom)·running + mom·(mean over chunks of the chunk statistics; unbiased
-    variances), mom = ``bn.momentum``, or 1/count (cumulative average) for momentum None, with the
-    count kept on the device (already advanced for this step)."""
     mom = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
-    for stat, new in ((bn.running_mean, chunk_means), (bn.running_var, chunk_vars)):
+    unbiased = chunk_vars * (n / (n - 1)) if n > 1 else chunk_vars
+    for stat, new in ((bn.running_mean, chunk_means), (bn.running_var, unbiased)):
         stat.mul_(1 - mom).add_(mom * new.detach().mean(0).flatten().to(stat.dtype))
 
 
