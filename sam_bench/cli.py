@@ -20,6 +20,8 @@ commands:
   report   collect result.json files under the run roots and write tables to results/; e.g.
              sam-bench report runs=[multirun] out=results
   models   list every model with its parameters (M) and forward GFLOPs
+  hessian  top eigenvalues of the training-loss Hessian of a checkpoint (Fig. 3 left); e.g.
+             sam-bench hessian checkpoint=runs/<run>/checkpoint_epoch0050.pt
 
 `sam-bench <command> --help` lists the config groups and every key of the command.
 """
@@ -192,6 +194,47 @@ def report() -> None:
     _report()
 
 
+PATH_KEYS = ("checkpoint", "out", "data_root")
+
+
+def _quote_paths(args: list[str]) -> list[str]:
+    """``checkpoint=runs/a=1,b=2`` as ``checkpoint='runs/a=1,b=2'``: run directories are named after
+    their overrides, and Hydra's grammar would read the ``=`` and ``,`` in them as syntax."""
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and key in PATH_KEYS and value and value[0] not in "'\"" and "'" not in value:
+            a = f"{key}='{value}'"
+        out.append(a)
+    return out
+
+
+def hessian() -> None:
+    import hydra
+
+    from sam_bench.errors import SamBenchError
+    from sam_bench.paths import config_dir
+
+    sys.argv = [sys.argv[0], *_quote_paths(sys.argv[1:])]
+    _register()
+    _preflight("hessian")
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="hessian")
+    def _hessian(cfg) -> None:
+        from omegaconf import OmegaConf
+
+        from sam_bench.analysis.spectrum import describe, hessian_spectrum
+
+        if OmegaConf.is_missing(cfg, "checkpoint"):
+            _fail("checkpoint=... is missing: give a checkpoint file (e.g. <run dir>/checkpoint_epoch0050.pt) or a run directory")
+        try:
+            print(describe(hessian_spectrum(cfg)))
+        except SamBenchError as e:
+            _fail(str(e))
+
+    _hessian()
+
+
 def models() -> None:
     """Print every registered sam-bench model and every model config with parameters and GFLOPs."""
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
@@ -205,7 +248,7 @@ def models() -> None:
     print(summary(config_dir()), end="")
 
 
-COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report, "models": models}
+COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report, "models": models, "hessian": hessian}
 
 # At import: a launcher that runs jobs in other processes (submitit) unpickles the task there,
 # which imports this module, and then composes the job's config with these resolvers and schemas.

@@ -157,6 +157,9 @@ class TrainerConfig:
     sync_bn: bool = False  # torchrun only: SyncBatchNorm across ranks (off, as the official code)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns, slower on CUDA
     num_threads: Optional[int] = None  # CPU threads; null = torch's default
+    # also keep a copy of the checkpoint after these epochs (checkpoint_epoch<N>.pt), e.g. [1, 50, 300]
+    # for the Hessian spectra of Fig. 3 (sam-bench hessian)
+    keep_epochs: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -179,10 +182,25 @@ class ReportConfig:
     tensorboard: bool = False
 
 
+@dataclass
+class HessianConfig:
+    checkpoint: str = MISSING  # a checkpoint file (e.g. <run>/checkpoint_epoch0050.pt) or a run directory (its newest)
+    images: int = 5000  # training images, a seeded random subset (0 = all)
+    batch_size: int = 250  # images per forward/double-backward pass (memory only; same result)
+    top_k: int = 5  # eigenvalues reported (the paper: λ_max and λ_max/λ_5)
+    iters: int = 30  # Lanczos steps (one Hessian-vector product over all the images each)
+    seed: int = 0  # which training images (the subset)
+    lanczos_seed: int = 0  # the Gaussian start vector (another one checks convergence on the same images)
+    device: Device = Device.auto
+    data_root: Optional[str] = None  # where the dataset is, if not where the run read it from
+    out: Optional[str] = None  # default: hessian_<checkpoint name>.json beside the checkpoint
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="report_schema", node=ReportConfig)
+    cs.store(name="hessian_schema", node=HessianConfig)
     cs.store(group="schema", name="dataset", node=DatasetConfig)
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="optimizer", node=OptimizerConfig)
@@ -203,6 +221,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.progress",
     "trainer.log_every_steps",
     "trainer.num_threads",
+    "trainer.keep_epochs",
     "trainer.eval_batch_size",
     "trainer.compile",
     "trainer.compile_mode",
@@ -263,6 +282,13 @@ def validate(cfg: Any) -> None:
                           "(torch.compile's modes)")
     if tr.checkpoint_every_steps is not None and tr.checkpoint_every_steps < 1:
         raise ConfigError(f"trainer.checkpoint_every_steps={tr.checkpoint_every_steps} must be >= 1, or null for epoch ends only")
+    outside = [e for e in tr.get("keep_epochs", []) if not 1 <= e <= tr.epochs]
+    if outside:
+        raise ConfigError(f"trainer.keep_epochs={list(tr.keep_epochs)}: {outside} outside 1..trainer.epochs={tr.epochs}; "
+                          "keep epochs the run reaches")
+    if tr.get("keep_epochs") and not tr.checkpoint:
+        raise ConfigError("trainer.keep_epochs keeps copies of the epoch checkpoints, but trainer.checkpoint=false writes none; "
+                          "set trainer.checkpoint=true")
     # batch vs dataset size, when known without loading the data (fail in the first second)
     n_train = ds.train_size if ds.name == "synthetic" else None
     if ds.train_subset:

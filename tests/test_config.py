@@ -105,3 +105,11 @@ def test_run_directory_names_stay_short_and_distinct():
     a, b = _sanitize_dirname(long_a), _sanitize_dirname(long_b)
     assert len(a.encode()) <= MAX_DIRNAME and len(b.encode()) <= MAX_DIRNAME
     assert a != b and a == _sanitize_dirname(long_a)
+
+
+def test_keep_epochs_is_checked_against_the_run(compose_train):
+    with pytest.raises(ConfigError, match=r"trainer.keep_epochs=\[3\]: \[3\] outside 1..trainer.epochs=2"):
+        validate(compose_train(["trainer.epochs=2", "trainer.keep_epochs=[3]"]))
+    with pytest.raises(ConfigError, match="trainer.checkpoint=false"):
+        validate(compose_train(["trainer.epochs=2", "trainer.keep_epochs=[1]", "trainer.checkpoint=false"]))
+    validate(compose_train(["trainer.epochs=2", "trainer.keep_epochs=[1,2]"]))

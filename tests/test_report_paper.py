@@ -184,7 +184,8 @@ def test_report_is_byte_stable_and_writes_only_under_out(tree):
     assert after == set(before) and all(p.stat().st_mtime_ns == before[p] for p in after)
     files1 = sorted(p.relative_to(tree / "out1") for p in (tree / "out1").rglob("*"))
     files2 = sorted(p.relative_to(tree / "out2") for p in (tree / "out2").rglob("*"))
-    assert files1 == files2 and len(files1) == 2 + 2 * len(layouts()) + 2 + 1
+    # summary.md/.csv, each table's .md/.csv, sweeps.md/.csv, hessian.md, README.md
+    assert files1 == files2 and len(files1) == 2 + 2 * len(layouts()) + 2 + 1 + 1
     for f in files1:
         assert (tree / "out1" / f).read_bytes() == (tree / "out2" / f).read_bytes(), f
 

@@ -72,13 +72,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Serialise with a checksum, write atomically, then rotate: the old newest becomes the previous."""
+def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = None) -> Path:
+    """Serialise with a checksum, write atomically, then rotate: the old newest becomes the previous.
+
+    ``keep_as``: also write the same bytes under this name (a lasting copy that resuming never
+    reads), before the rotation, so a crash cannot leave a resumable checkpoint without its copy."""
     state = {**state, "format": FORMAT}
     state["checksum"] = content_digest({k: v for k, v in state.items() if k != "checksum"})
     buf = io.BytesIO()
     torch.save(state, buf)
     run_dir = Path(run_dir)
+    if keep_as is not None:
+        _write_atomic(run_dir / keep_as, buf.getvalue())
     newest, previous, nxt = run_dir / CHECKPOINT, run_dir / PREVIOUS, run_dir / NEXT
     _write_atomic(nxt, buf.getvalue())
     fsync_dir(run_dir)
@@ -91,10 +96,16 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     return newest
 
 
+def kept_name(epoch: int) -> str:
+    """The lasting copy of the checkpoint at the end of ``epoch`` (``trainer.keep_epochs``)."""
+    return f"checkpoint_epoch{epoch:04d}.pt"
+
+
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete half-written temporaries left by a process killed mid-write (call under the run lock)."""
-    for tmp in Path(run_dir).glob(f"{NEXT}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for pattern in (f"{NEXT}.*.tmp", "checkpoint_epoch*.pt.*.tmp"):
+        for tmp in Path(run_dir).glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -343,6 +343,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             )
         if not main:  # rank 0 writes; the others hold the same state
             return run_dir / ckpt.CHECKPOINT
+        keep = ckpt.kept_name(epoch_done) if progress is None and epoch_done in tr.keep_epochs else None
         path = ckpt.save_checkpoint(run_dir, {
             "epoch": epoch_done,  # completed epochs
             "step": step,
@@ -356,7 +357,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             "config": config,
             "config_hash": chash,
             "labels_hash": labels_hash,
-        })
+        }, keep_as=keep)
+        if keep:
+            log.info("epoch %d's checkpoint kept as %s", epoch_done, run_dir / keep)
         guard.last_checkpoint = f"{path}, step {step}"
         return path
 

@@ -2,8 +2,9 @@
 
 Files under ``out`` (nothing is written elsewhere): ``README.md`` (index), ``summary.md/.csv``
 (every group), ``table<N>.md/.csv`` (paper | ours | Δ, compute and provenance), ``sweeps.md/.csv``
-and ``sweep_<id>.png``, and with ``tensorboard=true`` ``tensorboard/`` (HParams). Same inputs give
-the same bytes (except the TensorBoard event files).
+and ``sweep_<id>.png``, ``hessian.md`` (the spectra of ``sam-bench hessian`` beside Fig. 3 left),
+and with ``tensorboard=true`` ``tensorboard/`` (HParams). Same inputs give the same bytes (except
+the TensorBoard event files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sam_bench.errors import ConfigError
 from sam_bench.report.collect import find_runs, group_runs, run_name
 from sam_bench.report.paper import layouts
 from sam_bench.report.plots import sweep_png
+from sam_bench.report.spectra import find_spectra, spectra_markdown
 from sam_bench.report.sweeps import find_sweeps, sweeps_csv, sweeps_markdown
 from sam_bench.report.tables import index_groups, markdown, paper_csv, paper_markdown, to_csv
 from sam_bench.tracking.results import atomic_write_bytes
@@ -62,7 +64,11 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False) -> str:
             stale.unlink()
     for s in sweeps if plots else []:
         write(f"sweep_{s.id}.png", sweep_png(s))
-    index += [f"- [ρ sweeps](sweeps.md) (sweeps.csv): {len(sweeps)} sweeps", "- [All runs](summary.md) (summary.csv)", ""]
+    spectra = find_spectra(roots)
+    write("hessian.md", spectra_markdown(spectra))
+    index += [f"- [ρ sweeps](sweeps.md) (sweeps.csv): {len(sweeps)} sweeps",
+              f"- [Hessian spectra, Fig. 3 left](hessian.md): {len(spectra)} spectra",
+              "- [All runs](summary.md) (summary.csv)", ""]
     write("README.md", "\n".join(index))
     if tensorboard:
         from sam_bench.report.hparams import write_hparams

@@ -1,0 +1,115 @@
+"""Hessian spectra in the report: the paper's Fig. 3 left beside ours, and every spectrum measured.
+
+``sam-bench hessian`` writes ``hessian_<checkpoint>.json`` into a run directory; the report reads
+them all under the run roots. The paper's panel (WRN-40-10 without BN on CIFAR-10; λ_max and
+λ_max/λ_5 for SGD and SAM after epochs 1, 50 and 300) is matched by model config ``wrn40_10_nobn``,
+dataset ``cifar10``, optimizer and epoch; ours is the mean over training seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from sam_bench.report.paper import PAPER_YAML
+
+PAPER_ARCH, PAPER_DATASET = "wrn40_10_nobn", "cifar10"
+
+
+@lru_cache(maxsize=1)
+def paper_spectra() -> list[dict]:
+    """Fig. 3 left as printed: optimizer ("SGD"/"SAM"), epoch, lambda_max, lambda_max_over_lambda_5."""
+    return yaml.safe_load(PAPER_YAML.read_text())["figures_with_numbers"]["figure_3_left_hessian"]["values"]
+
+
+def find_spectra(roots: list[str]) -> list[dict]:
+    """Every readable ``hessian_*.json`` under the roots (sorted by path; unreadable files skipped)."""
+    found = []
+    for root in roots:
+        for path in sorted(Path(root).rglob("hessian_*.json")) if Path(root).exists() else []:
+            try:
+                spectrum = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(spectrum, dict) and spectrum.get("eigenvalues"):
+                found.append({**spectrum, "path": str(path)})
+    return sorted(found, key=lambda s: s["path"])
+
+
+def _ratio(s: dict) -> float | None:
+    return s.get(f"lambda_max_over_lambda_{len(s['eigenvalues'])}")
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3g} ({len(values)})" if values else "—"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def _paper_rows(spectra: list[dict]) -> list[str]:
+    rows = []
+    for p in paper_spectra():
+        ours = [s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
+                and s.get("optimizer") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]]
+        rhos = sorted({s.get("rho") for s in ours}, key=str)
+        if len(rhos) > 1:  # different experiments: not averaged
+            lam = ratio = f"several ρ ({', '.join(map(str, rhos))}): see the list"
+        else:
+            lam = _mean([s["lambda_max"] for s in ours])
+            ratio = _mean([_ratio(s) for s in ours if len(s["eigenvalues"]) == 5 and _ratio(s) is not None])
+        rows.append(f"| {p['optimizer']} | {p['epoch']} | {p['lambda_max']} | {lam} | {p['lambda_max_over_lambda_5']} | {ratio} |")
+    return rows
+
+
+def spectra_markdown(spectra: list[dict]) -> str:
+    lines = [
+        "# Hessian spectra (Fig. 3 left)",
+        "",
+        "Top eigenvalues of the training-loss Hessian (`sam-bench hessian`: Lanczos, model in eval mode, "
+        "training images without augmentation, cross-entropy without the L2 term).",
+        "",
+        f"## The paper's panel: WRN-40-10 without BN on CIFAR-10 (`model={PAPER_ARCH} dataset={PAPER_DATASET}`)",
+        "",
+        "Ours: mean over training seeds (n). λ_max/λ_5 only from spectra with top_k = 5.",
+        "",
+        "| optimizer | epoch | λ_max paper | ours | λ_max/λ_5 paper | ours |",
+        "|---|---|---|---|---|---|",
+        *_paper_rows(spectra),
+        "",
+        "## By experiment: mean ± std over training seeds",
+        "",
+    ]
+    if not spectra:
+        return "\n".join(lines + ["No `hessian_*.json` under the run roots yet.", ""])
+    lines += ["| experiment | model | dataset | optimizer | ρ | epoch | images | λ_max | λ_max/λ_k (k) | n |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for s in spectra:
+        key = tuple(str(s.get(k)) for k in ("name", "arch", "dataset", "optimizer", "rho", "epoch", "images")) + (len(s["eigenvalues"]),)
+        groups.setdefault(key, []).append(s)
+    for key, members in sorted(groups.items()):
+        ratios = [r for r in map(_ratio, members) if r is not None]
+        lines.append(f"| {' | '.join(key[:7])} | {_mean_std([m['lambda_max'] for m in members])} "
+                     f"| {_mean_std(ratios)} ({key[7]}) | {len(members)} |")
+    lines += ["", "## Every spectrum measured", ""]
+    lines += ["| file | model | dataset | optimizer | ρ | epoch | images | eigenvalues | λ_max/λ_k | converged |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in spectra:
+        ratio = _ratio(s)
+        converged = s.get("converged")
+        settled = f"{sum(map(bool, converged))} of {len(converged)}" if converged is not None else "—"
+        lines.append(
+            f"| {s['path']} | {s.get('arch')} | {s.get('dataset')} | {s.get('optimizer')} | {s.get('rho')} | {s.get('epoch')} "
+            f"| {s.get('images')} | {', '.join(f'{v:.4g}' for v in s['eigenvalues'])} "
+            f"| {f'{ratio:.3g}' if ratio is not None else '—'} | {settled} |")
+    return "\n".join(lines + [""])

@@ -1,0 +1,202 @@
+"""The Hessian spectrum (Fig. 3 left): H·v against an explicit float64 Hessian, Lanczos against
+eigvalsh, kept epoch checkpoints, and `sam-bench hessian` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from conftest import sam_bench_cmd
+import sam_bench.models  # noqa: F401  (registers the CIFAR models with timm)
+from sam_bench.analysis.hessian import LossHessian, lanczos, top_eigenvalues
+from sam_bench.data import load_arrays
+
+
+def small_net() -> nn.Module:
+    """Conv, BatchNorm (eval, non-trivial running statistics), tanh, linear: every kind of curvature."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
+    bn = net[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def batches_of(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)) for n in sizes]
+
+
+def explicit_hessian(net: nn.Module, batches) -> torch.Tensor:
+    """d²/dw² of the mean cross-entropy over all images of ``batches``, as one dense float64 matrix."""
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        parts = flat.split([s.numel() for s in shapes])
+        params = {n: p.view(s) for n, p, s in zip(names, parts, shapes)}
+        return F.cross_entropy(functional_call(net, params, (x,)), y)
+
+    w = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    return torch.autograd.functional.hessian(loss, w)
+
+
+def test_hessian_vector_products_match_the_explicit_float64_hessian():
+    net = small_net()
+    batches = batches_of([5, 3])  # unequal batches: each must count by its share of the images
+    h = explicit_hessian(net, batches)
+    op = LossHessian(net, batches, nn.CrossEntropyLoss())
+    assert op.dim == h.shape[0] and op.images == 8
+    assert torch.allclose(h, h.T, atol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = torch.randn(op.dim, generator=g, dtype=torch.float64)
+        assert torch.allclose(op(v), h @ v, rtol=0, atol=1e-10)
+    # weights untouched, no gradient left behind
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_lanczos_top_eigenvalues_match_eigvalsh_and_respect_their_residual_bounds():
+    net = small_net()
+    batches = batches_of([6])
+    h = explicit_hessian(net, batches)
+    exact = torch.linalg.eigvalsh(h).flip(0)
+    op = LossHessian(net, batches, nn.CrossEntropyLoss())
+    v0 = torch.randn(op.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    full, _ = lanczos(op, v0, op.dim)  # the whole Krylov space: every eigenvalue Lanczos can see
+    assert torch.allclose(full[:5], exact[:5], rtol=0, atol=1e-8)
+    values, residuals = lanczos(op, v0, 20)  # a partial run: each Ritz value is within its bound of some eigenvalue
+    for theta, r in zip(values, residuals):
+        assert (exact - theta).abs().min() <= r + 1e-9
+    assert abs(values[0] - exact[0]) < 1e-6 * exact[0]  # the top one has converged after 20 steps
+
+
+def test_lanczos_stops_when_the_krylov_space_is_exhausted():
+    diag = torch.tensor([5.0, 5.0, 3.0, 1.0, 3.0, 1.0, 5.0], dtype=torch.float64)  # three distinct eigenvalues
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return diag * v
+
+    values, residuals = lanczos(matvec, torch.ones(7, dtype=torch.float64), 7)
+    assert len(calls) == 3
+    assert torch.allclose(values, torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64), atol=1e-12)
+    assert residuals.max() < 1e-9
+
+
+def test_top_eigenvalues_reports_ratio_and_convergence():
+    net = small_net()
+    op = LossHessian(net, batches_of([6]), nn.CrossEntropyLoss())
+    exact = torch.linalg.eigvalsh(explicit_hessian(net, batches_of([6]))).flip(0)
+    out = top_eigenvalues(op, k=3, iters=op.dim, seed=0)
+    assert out["eigenvalues"] == sorted(out["eigenvalues"], reverse=True) and len(out["eigenvalues"]) == 3
+    assert out["lambda_max"] == pytest.approx(exact[0].item(), rel=1e-9)
+    assert out["lambda_max_over_lambda_3"] == pytest.approx((exact[0] / exact[2]).item(), rel=1e-7)
+    assert out["converged"] == [True, True, True] and out["images"] == 6 and out["num_params"] == op.dim
+    with pytest.raises(ValueError, match="top_k"):
+        top_eigenvalues(op, k=0)
+
+
+TINY = ["dataset=synthetic", "dataset.train_size=128", "dataset.test_size=64", "model.kwargs.depth=10", "model.kwargs.width=1",
+        "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.epochs=2", "trainer.progress=false", "optimizer=sam"]
+
+
+def run(args, env, check=True):
+    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.slow
+def test_hessian_command_on_a_kept_epoch_checkpoint(cli_env, tmp_path):
+    run_dir = tmp_path / "optimizer=sam,seed=0"  # named as sam-bench names runs: "=" and "," in the path
+    run(["train", *TINY, "trainer.keep_epochs=[1]", f"hydra.run.dir='{run_dir}'"], cli_env)
+    kept = run_dir / "checkpoint_epoch0001.pt"
+    # after 2 epochs the previous checkpoint is epoch 1's: the kept copy is that file, byte for byte
+    assert kept.read_bytes() == (run_dir / "checkpoint.prev.pt").read_bytes()
+    assert not (run_dir / "checkpoint_epoch0002.pt").exists()
+
+    out = run(["hessian", f"checkpoint={kept}", "images=0", "iters=6", "top_k=3", "batch_size=50"], cli_env).stdout  # unquoted
+    result = json.loads((run_dir / "hessian_checkpoint_epoch0001.json").read_text())
+    assert result["epoch"] == 1 and result["images"] == 128 and result["optimizer"] == "sam"
+    assert len(result["eigenvalues"]) == 3 and result["eigenvalues"] == sorted(result["eigenvalues"], reverse=True)
+    assert result["lambda_max_over_lambda_3"] == pytest.approx(result["eigenvalues"][0] / result["eigenvalues"][2])
+    assert "lambda_max" in out and str(run_dir / "hessian_checkpoint_epoch0001.json") in out
+
+    # independently: the epoch-1 weights in eval mode on all 128 training images (order does not
+    # change a mean) give the loss the command reports
+    state = torch.load(kept, weights_only=True)
+    model = timm.create_model("wide_resnet_cifar", depth=10, width=1, num_classes=10)
+    model.load_state_dict(state["model"])
+    from omegaconf import OmegaConf
+
+    ds = OmegaConf.create(state["config"]["dataset"])
+    x, y, _, _ = load_arrays(ds)
+    mean, std = (torch.tensor(list(v)).view(1, -1, 1, 1) for v in (ds.mean, ds.std))
+    with torch.no_grad():
+        loss = F.cross_entropy(model.eval()((x.float() / 255 - mean) / std), y).item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_hessian_command_bad_input_is_one_line(cli_env, tmp_path):
+    proc = run(["hessian"], cli_env, check=False)
+    assert proc.returncode == 2 and "checkpoint=... is missing" in proc.stderr
+    proc = run(["hessian", f"checkpoint={tmp_path / 'nope.pt'}"], cli_env, check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run(["hessian", f"checkpoint={tmp_path / 'empty'}"], cli_env, check=False)
+    assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    proc = run(["hessian", f"checkpoint={tmp_path / 'junk.pt'}"], cli_env, check=False)
+    assert proc.returncode == 2 and "not a readable sam-bench checkpoint" in proc.stderr
+
+
+def fake_spectrum(path, arch, dataset, optimizer, rho, epoch, eigenvalues, converged=True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = len(eigenvalues)
+    spectrum = {"arch": arch, "dataset": dataset, "optimizer": optimizer, "rho": rho, "epoch": epoch, "images": 5000,
+                "eigenvalues": eigenvalues, "lambda_max": eigenvalues[0], f"lambda_max_over_lambda_{k}": eigenvalues[0] / eigenvalues[-1]}
+    if converged is not None:
+        spectrum["converged"] = [converged] * k
+    path.write_text(json.dumps(spectrum))
+
+
+def test_report_puts_spectra_beside_fig3_left(tmp_path):
+    from sam_bench.report import write_report
+
+    runs = tmp_path / "runs"
+    fake_spectrum(runs / "sgd_s0" / "hessian_checkpoint_epoch0300.json", "wrn40_10_nobn", "cifar10", "sgd", 0.0, 300, [20.0, 8, 6, 4, 2.0])
+    fake_spectrum(runs / "sgd_s1" / "hessian_checkpoint_epoch0300.json", "wrn40_10_nobn", "cifar10", "sgd", 0.0, 300, [30.0, 9, 7, 5, 2.5])
+    fake_spectrum(runs / "sam_a" / "hessian_checkpoint_epoch0001.json", "wrn40_10_nobn", "cifar10", "sam", 0.05, 1, [18.0, 9, 8, 7, 5.0])
+    fake_spectrum(runs / "sam_b" / "hessian_checkpoint_epoch0001.json", "wrn40_10_nobn", "cifar10", "sam", 0.1, 1, [12.0, 9, 8, 7, 5.0])
+    fake_spectrum(runs / "other" / "hessian_checkpoint.json", "wrn_mini", "synthetic", "sam", 0.05, 2, [3.0, 1.5], converged=None)
+    (runs / "broken").mkdir()
+    (runs / "broken" / "hessian_checkpoint.json").write_text("{not json")
+    write_report([str(runs)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "hessian.md").read_text()
+    assert "| SGD | 300 | 24.2 | 25 (2) | 11.4 | 11 (2) |" in md  # means over the two seeds: 25 and (10 + 12) / 2
+    assert "| SGD | 1 | 62.9 | — | 2.5 | — |" in md
+    assert "| SAM | 1 | 18.6 | several ρ (0.05, 0.1): see the list |" in md  # two experiments are not averaged
+    grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]
+    assert "| None | wrn40_10_nobn | cifar10 | sgd | 0.0 | 300 | 5000 | 25 ± 7.1 | 11 ± 1.4 (5) | 2 |" in grouped  # std of 20, 30
+    assert grouped.count("| sam | 0.05 |") == 2 and "| sam | 0.1 | 1 | 5000 | 12 | 2.4 (5) | 1 |" in grouped
+    listed = md.split("## Every spectrum measured")[1]
+    assert listed.count("hessian_") == 5 and "broken" not in listed
+    assert "| wrn_mini | synthetic | sam | 0.05 | 2 | 5000 | 3, 1.5 | 2 | — |" in listed  # no convergence record: not claimed
+    assert "5 of 5" in listed
+    assert "[Hessian spectra, Fig. 3 left](hessian.md): 5 spectra" in (tmp_path / "out" / "README.md").read_text()
