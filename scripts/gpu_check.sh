@@ -10,10 +10,11 @@
 # stage and the benchmark JSON. Each stage has its own time limit; one failing stage does not stop
 # the others. Default stages total 8 minutes of limits (480 s) on an H100/H200.
 # STAGES (space-separated) picks stages: gpu_tests bench_sam bench_sam_compiled bench_resnet50
-# fmnist msam_cli msam_engines profile_resnet50 (default: the first four); GPU_TESTS overrides the
-# pytest targets (default: the files whose gpu tests have not all passed on a GPU yet, m-SAM's
-# first; the inductor replay tests of tests/test_models_zoo.py, which compile whole models, only
-# when named here); BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py
+# fmnist hessian msam_cli msam_engines profile_resnet50 (default: the first four; hessian needs
+# fmnist's runs: STAGES="fmnist hessian"); GPU_TESTS overrides the pytest targets (default: the
+# files whose gpu tests have not all passed on a GPU yet, m-SAM's first; the inductor replay tests
+# of tests/test_models_zoo.py, which compile whole models, only when named here);
+# BENCH_SAM_VARIANTS / BENCH_SAM_PROFILE / BENCH_SAM_STEPS go to bench_sam.py
 # (BENCH_SAM_COMPILED_VARIANTS, default msam,sam, for the compiled stage);
 # RESNET50_COMPILE_MODE (default: default) and RESNET50_BATCH (default 256) set the ResNet-50 stage.
 set -uo pipefail
@@ -42,7 +43,7 @@ stage() {  # stage NAME SECONDS CMD...   (log: $OUT/NAME.log; its tail goes to s
 
 STAGES=${STAGES:-gpu_tests bench_sam bench_sam_compiled bench_resnet50}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
-GPU_TESTS=${GPU_TESTS:-tests/test_sam_family.py tests/test_gpu.py tests/test_data_zoo.py}
+GPU_TESTS=${GPU_TESTS:-tests/test_sam_family.py tests/test_gpu.py tests/test_hessian.py tests/test_data_zoo.py}
 want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-150} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
 want bench_sam && stage bench_sam 70 python3 scripts/bench_sam.py --no-cpu --gpu-steps ${BENCH_SAM_STEPS:-15} --warmup 3 \
   --variants ${BENCH_SAM_VARIANTS:-sgd,sam,msam,msam_vmap,asam} ${BENCH_SAM_PROFILE:+--profile $BENCH_SAM_PROFILE} \
@@ -78,5 +79,8 @@ if want fmnist && ls .fmnist/*.gz >/dev/null 2>&1; then
     optimizer=sgd,sam optimizer.rho=0.05 optimizer.lr=0.1 seed=0
   python3 -m sam_bench report "runs=[/tmp/sb_multirun]" out=/tmp/sb_report >> "$OUT/fmnist_sgd_vs_sam.log" 2>&1
   cat /tmp/sb_report/summary.md 2>/dev/null | tee -a "$SUMMARY"
+fi
+if want hessian && ls -d /tmp/sb_multirun/*/ >/dev/null 2>&1; then  # after fmnist: the Hessian spectra of its SGD and SAM runs
+  stage hessian 120 bash -c 'for d in /tmp/sb_multirun/*/; do python3 -m sam_bench hessian checkpoint="$d" images=5000 iters=20; done'
 fi
 echo "done $(date +%T)" | tee -a "$SUMMARY"

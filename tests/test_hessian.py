@@ -161,9 +161,19 @@ def test_hessian_command_bad_input_is_one_line(cli_env, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run(["hessian", f"checkpoint={tmp_path / 'empty'}"], cli_env, check=False)
     assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
+    proc = run(["hessian", f"checkpoint={tmp_path / 'nope.pt'}", "top_k=5", "iters=3"], cli_env, check=False)
+    assert proc.returncode == 2 and "iters >= top_k" in proc.stderr
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     proc = run(["hessian", f"checkpoint={tmp_path / 'junk.pt'}"], cli_env, check=False)
     assert proc.returncode == 2 and "not a readable sam-bench checkpoint" in proc.stderr
+
+
+def test_streamed_datasets_are_refused_with_the_reason():
+    from sam_bench.analysis.spectrum import training_images
+    from sam_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="in-memory datasets .* this checkpoint trained on imagenet"):
+        training_images({"dataset": {"name": "imagenet"}}, 100, 10, 0, torch.device("cpu"), None)
 
 
 def fake_spectrum(path, arch, dataset, optimizer, rho, epoch, eigenvalues, converged=True):
@@ -200,3 +210,19 @@ def test_report_puts_spectra_beside_fig3_left(tmp_path):
     assert "| wrn_mini | synthetic | sam | 0.05 | 2 | 5000 | 3, 1.5 | 2 | — |" in listed  # no convergence record: not claimed
     assert "5 of 5" in listed
     assert "[Hessian spectra, Fig. 3 left](hessian.md): 5 spectra" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hessian_on_cuda_in_float32_matches_the_float64_explicit_hessian():
+    """On CUDA the products run in float32 with TF32 off (exact_float32): the top eigenvalues of a
+    conv net match the float64 CPU eigvalsh to float32 accuracy (on the CPU in float32: 8e-8)."""
+    from sam_bench.analysis.hessian import exact_float32
+
+    net = small_net()
+    batches = batches_of([64, 32])
+    exact = torch.linalg.eigvalsh(explicit_hessian(net, batches)).flip(0)
+    cuda_batches = [(x.float().cuda(), y.cuda()) for x, y in batches]
+    with exact_float32():
+        out = top_eigenvalues(LossHessian(net.float().cuda(), cuda_batches, nn.CrossEntropyLoss()), k=3, iters=40)
+    assert torch.allclose(torch.tensor(out["eigenvalues"], dtype=torch.float64), exact[:3], rtol=1e-4, atol=0)

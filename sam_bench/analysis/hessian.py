@@ -146,6 +146,7 @@ def top_eigenvalues(hessian: LossHessian, k: int = 5, iters: int = 30, seed: int
     p = hessian.params[0]
     gen = torch.Generator(device=p.device).manual_seed(seed)
     v0 = torch.randn(hessian.dim, generator=gen, device=p.device, dtype=p.dtype)
+    before = hessian.products
     values, residuals = lanczos(hessian, v0, max(iters, k))
     values, residuals = values[:k].tolist(), residuals[:k].tolist()
     return {
@@ -154,7 +155,7 @@ def top_eigenvalues(hessian: LossHessian, k: int = 5, iters: int = 30, seed: int
         "converged": [r <= CONVERGED * abs(v) for v, r in zip(values, residuals)],
         "lambda_max": values[0],
         f"lambda_max_over_lambda_{len(values)}": values[0] / values[-1] if values[-1] else None,
-        "lanczos_iters": hessian.products,
+        "lanczos_iters": hessian.products - before,
         "images": hessian.images,
         "num_params": hessian.dim,
     }
