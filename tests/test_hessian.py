@@ -192,6 +192,7 @@ def test_report_puts_spectra_beside_fig3_left(tmp_path):
     runs = tmp_path / "runs"
     fake_spectrum(runs / "sgd_s0" / "hessian_checkpoint_epoch0300.json", "wrn40_10_nobn", "cifar10", "sgd", 0.0, 300, [20.0, 8, 6, 4, 2.0])
     fake_spectrum(runs / "sgd_s1" / "hessian_checkpoint_epoch0300.json", "wrn40_10_nobn", "cifar10", "sgd", 0.0, 300, [30.0, 9, 7, 5, 2.5])
+    fake_spectrum(runs / "sgd_s1" / "hessian_checkpoint_epoch0050.json", "wrn40_10_nobn", "cifar10", "sgd", 0.0, 50, [10.0, 9, 7, 5, 4.0])
     fake_spectrum(runs / "sam_a" / "hessian_checkpoint_epoch0001.json", "wrn40_10_nobn", "cifar10", "sam", 0.05, 1, [18.0, 9, 8, 7, 5.0])
     fake_spectrum(runs / "sam_b" / "hessian_checkpoint_epoch0001.json", "wrn40_10_nobn", "cifar10", "sam", 0.1, 1, [12.0, 9, 8, 7, 5.0])
     fake_spectrum(runs / "other" / "hessian_checkpoint.json", "wrn_mini", "synthetic", "sam", 0.05, 2, [3.0, 1.5], converged=None)
@@ -200,16 +201,18 @@ def test_report_puts_spectra_beside_fig3_left(tmp_path):
     write_report([str(runs)], str(tmp_path / "out"))
     md = (tmp_path / "out" / "hessian.md").read_text()
     assert "| SGD | 300 | 24.2 | 25 (2) | 11.4 | 11 (2) |" in md  # means over the two seeds: 25 and (10 + 12) / 2
-    assert "| SGD | 1 | 62.9 | — | 2.5 | — |" in md
+    assert "| SGD | 1 | 62.9 | — | 2.5 | — |" in md and "| SGD | 50 | 12.5 | 10 (1) | 1.7 | 2.5 (1) |" in md
     assert "| SAM | 1 | 18.6 | several ρ (0.05, 0.1): see the list |" in md  # two experiments are not averaged
     grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]
-    assert "| None | wrn40_10_nobn | cifar10 | sgd | 0.0 | 300 | 5000 | 25 ± 7.1 | 11 ± 1.4 (5) | 2 |" in grouped  # std of 20, 30
+    assert "| None | wrn40_10_nobn | cifar10 | sgd | 0.0 | 300 | 5000 | 25 ± 7.07 | 11 ± 1.41 (5) | 2 |" in grouped  # std of 20, 30
     assert grouped.count("| sam | 0.05 |") == 2 and "| sam | 0.1 | 1 | 5000 | 12 | 2.4 (5) | 1 |" in grouped
+    sgd_epochs = [line.split(" | ")[5] for line in grouped.splitlines() if "| wrn40_10_nobn | cifar10 | sgd |" in line]
+    assert sgd_epochs == ["50", "300"]  # numeric order, not "300" before "50"
     listed = md.split("## Every spectrum measured")[1]
-    assert listed.count("hessian_") == 5 and "broken" not in listed
+    assert listed.count("hessian_") == 6 and "broken" not in listed
     assert "| wrn_mini | synthetic | sam | 0.05 | 2 | 5000 | 3, 1.5 | 2 | — |" in listed  # no convergence record: not claimed
     assert "5 of 5" in listed
-    assert "[Hessian spectra, Fig. 3 left](hessian.md): 5 spectra" in (tmp_path / "out" / "README.md").read_text()
+    assert "[Hessian spectra, Fig. 3 left](hessian.md): 6 spectra" in (tmp_path / "out" / "README.md").read_text()
 
 
 @pytest.mark.gpu

@@ -48,12 +48,17 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3g} ({len(values)})" if values else "—"
 
 
+def _sortable(value) -> tuple:
+    """Numbers in numeric order (epoch 50 before 300), then everything else as text."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "—"
     if len(values) == 1:
         return f"{values[0]:.4g}"
-    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.3g}"
 
 
 def _paper_rows(spectra: list[dict]) -> list[str]:
@@ -95,11 +100,11 @@ def spectra_markdown(spectra: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for s in spectra:
-        key = tuple(str(s.get(k)) for k in ("name", "arch", "dataset", "optimizer", "rho", "epoch", "images")) + (len(s["eigenvalues"]),)
+        key = tuple(s.get(k) for k in ("name", "arch", "dataset", "optimizer", "rho", "epoch", "images")) + (len(s["eigenvalues"]),)
         groups.setdefault(key, []).append(s)
-    for key, members in sorted(groups.items()):
+    for key, members in sorted(groups.items(), key=lambda kv: tuple(map(_sortable, kv[0]))):
         ratios = [r for r in map(_ratio, members) if r is not None]
-        lines.append(f"| {' | '.join(key[:7])} | {_mean_std([m['lambda_max'] for m in members])} "
+        lines.append(f"| {' | '.join(map(str, key[:7]))} | {_mean_std([m['lambda_max'] for m in members])} "
                      f"| {_mean_std(ratios)} ({key[7]}) | {len(members)} |")
     lines += ["", "## Every spectrum measured", ""]
     lines += ["| file | model | dataset | optimizer | ρ | epoch | images | eigenvalues | λ_max/λ_k | converged |",
