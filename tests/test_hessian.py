@@ -136,6 +136,10 @@ def test_hessian_command_on_a_kept_epoch_checkpoint(cli_env, tmp_path):
     assert len(result["eigenvalues"]) == 3 and result["eigenvalues"] == sorted(result["eigenvalues"], reverse=True)
     assert result["lambda_max_over_lambda_3"] == pytest.approx(result["eigenvalues"][0] / result["eigenvalues"][2])
     assert "lambda_max" in out and str(run_dir / "hessian_checkpoint_epoch0001.json") in out
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where out= needs a directory: refused before any computation
+    proc = run(["hessian", f"checkpoint={kept}", f"out={blocked / 'x.json'}"], cli_env, check=False)
+    assert proc.returncode == 2 and "cannot create the directory of out=" in proc.stderr
 
     # independently: the epoch-1 weights in eval mode on all 128 training images (order does not
     # change a mean) give the loss the command reports
