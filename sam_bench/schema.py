@@ -282,11 +282,11 @@ def validate(cfg: Any) -> None:
                           "(torch.compile's modes)")
     if tr.checkpoint_every_steps is not None and tr.checkpoint_every_steps < 1:
         raise ConfigError(f"trainer.checkpoint_every_steps={tr.checkpoint_every_steps} must be >= 1, or null for epoch ends only")
-    outside = [e for e in tr.get("keep_epochs", []) if not 1 <= e <= tr.epochs]
+    outside = [e for e in tr.keep_epochs if not 1 <= e <= tr.epochs]
     if outside:
         raise ConfigError(f"trainer.keep_epochs={list(tr.keep_epochs)}: {outside} outside 1..trainer.epochs={tr.epochs}; "
                           "keep epochs the run reaches")
-    if tr.get("keep_epochs") and not tr.checkpoint:
+    if tr.keep_epochs and not tr.checkpoint:
         raise ConfigError("trainer.keep_epochs keeps copies of the epoch checkpoints, but trainer.checkpoint=false writes none; "
                           "set trainer.checkpoint=true")
     # batch vs dataset size, when known without loading the data (fail in the first second)

@@ -28,15 +28,14 @@ import torch
 import torch.nn as nn
 
 
-def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def _unflatten(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like ``params`` (the inverse of :func:`_flatten`, no copy)."""
     return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def _flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """One flat vector (``reshape``: gradients may be non-contiguous views, where torch's
+    ``parameters_to_vector`` fails)."""
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -63,12 +62,11 @@ class LossHessian:
         if not batches:
             raise ValueError("the Hessian needs at least one batch of images")
         self.model, self.batches, self.loss_fn = model, batches, loss_fn
-        self.params = trainable_parameters(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.images = sum(len(y) for _, y in batches)
         self.dim = sum(p.numel() for p in self.params)
-        self.products = 0
 
     def _weighted_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model(x), y) * (len(y) / self.images)
@@ -92,15 +90,15 @@ class LossHessian:
             if isinstance(gv, torch.Tensor):  # else the loss is linear in every parameter: H = 0
                 hv = torch.autograd.grad(gv, self.params, allow_unused=True, materialize_grads=True)
                 out += _flatten(hv)
-        self.products += 1
         return out
 
 
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos with full reorthogonalisation from the start vector ``v0``.
 
-    Returns (Ritz values in descending order, their residual bounds), both float64 on the CPU;
-    stops early when the Krylov space is exhausted (β = 0: the Ritz values are then exact).
+    Returns (Ritz values in descending order, their residual bounds), both float64 on the CPU, one
+    per step taken (one product each); stops early when the Krylov space is exhausted (β = 0: the
+    Ritz values are then exact).
     """
     if iters < 1:
         raise ValueError(f"Lanczos needs at least one iteration, got {iters}")
@@ -146,8 +144,8 @@ def top_eigenvalues(hessian: LossHessian, k: int = 5, iters: int = 30, seed: int
     p = hessian.params[0]
     gen = torch.Generator(device=p.device).manual_seed(seed)
     v0 = torch.randn(hessian.dim, generator=gen, device=p.device, dtype=p.dtype)
-    before = hessian.products
     values, residuals = lanczos(hessian, v0, max(iters, k))
+    steps = len(values)
     values, residuals = values[:k].tolist(), residuals[:k].tolist()
     return {
         "eigenvalues": values,
@@ -155,7 +153,7 @@ def top_eigenvalues(hessian: LossHessian, k: int = 5, iters: int = 30, seed: int
         "converged": [r <= CONVERGED * abs(v) for v, r in zip(values, residuals)],
         "lambda_max": values[0],
         f"lambda_max_over_lambda_{len(values)}": values[0] / values[-1] if values[-1] else None,
-        "lanczos_iters": hessian.products - before,
+        "lanczos_iters": steps,
         "images": hessian.images,
         "num_params": hessian.dim,
     }

@@ -8,7 +8,6 @@ checkpoint (atomically). See :mod:`sam_bench.analysis.hessian` for the method.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from sam_bench.analysis.hessian import LossHessian, exact_float32, top_eigenvalu
 from sam_bench.data import IN_MEMORY, DeviceLoader, build_data
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.precision import resolve_device
+from sam_bench.engine.rundir import ensure_writable
 from sam_bench.errors import CheckpointError, ConfigError
 from sam_bench.models import build_model
 from sam_bench.tracking.results import atomic_write_json, versions
@@ -39,17 +39,6 @@ def read_any_checkpoint(where: Path) -> tuple[dict[str, Any], Path]:
         return ckpt.read_checkpoint(where), where
     except Exception as e:
         raise CheckpointError(f"{where} is not a readable sam-bench checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-
-
-def writable_output(out: Path) -> Path:
-    """``out``, its directory created; a clear error before the computation if it cannot be written."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the directory of out={out} ({e}); pass a writable out=FILE") from e
-    if not os.access(out.parent, os.W_OK):
-        raise ConfigError(f"{out.parent} is not writable; pass out=FILE in a writable directory")
-    return out
 
 
 def training_images(config: dict, images: int, batch_size: int, seed: int, device: torch.device,
@@ -76,7 +65,8 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
         raise ConfigError(f"need top_k >= 1, iters >= top_k and batch_size >= 1 (got top_k={cfg.top_k}, iters={cfg.iters}, "
                           f"batch_size={cfg.batch_size})")
     state, path = read_any_checkpoint(Path(cfg.checkpoint))
-    out = writable_output(Path(cfg.out) if cfg.out else path.parent / f"hessian_{path.stem}.json")
+    out = Path(cfg.out) if cfg.out else path.parent / f"hessian_{path.stem}.json"
+    ensure_writable(out.parent, key="out")  # before the computation, not after it
     config = state["config"]
     device = resolve_device(cfg.device)
     batches, num_classes, in_chans = training_images(config, cfg.images, cfg.batch_size, cfg.seed, device, cfg.data_root)

@@ -85,9 +85,14 @@ TABLE4_METHODS = {"SGD": "sgd", "SAM": "sam"}  # the other methods (Mixup, Boots
 
 
 @lru_cache(maxsize=1)
+def paper_data() -> dict:
+    """paper/tables.yaml (every value a string as printed)."""
+    return yaml.safe_load(PAPER_YAML.read_text())
+
+
 def paper_tables() -> dict:
-    """``tables:`` of paper/tables.yaml (every value a string as printed)."""
-    return yaml.safe_load(PAPER_YAML.read_text())["tables"]
+    """``tables:`` of paper/tables.yaml."""
+    return paper_data()["tables"]
 
 
 def _table1() -> Layout:

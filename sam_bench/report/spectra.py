@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import json
 import statistics
-from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
-from sam_bench.report.paper import PAPER_YAML
+from sam_bench.report.paper import paper_data
 
 PAPER_ARCH, PAPER_DATASET = "wrn40_10_nobn", "cifar10"
 
 
-@lru_cache(maxsize=1)
 def paper_spectra() -> list[dict]:
     """Fig. 3 left as printed: optimizer ("SGD"/"SAM"), epoch, lambda_max, lambda_max_over_lambda_5."""
-    return yaml.safe_load(PAPER_YAML.read_text())["figures_with_numbers"]["figure_3_left_hessian"]["values"]
+    return paper_data()["figures_with_numbers"]["figure_3_left_hessian"]["values"]
 
 
 def find_spectra(roots: list[str]) -> list[dict]:
