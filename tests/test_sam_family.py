@@ -1131,6 +1131,36 @@ def test_auto_engine_takes_vmap_above_the_split_engines_chunk_bound(caplog, monk
     assert not torch.equal(model[5].weight, tiny_model()[5].weight)  # it trained
 
 
+def test_auto_engine_takes_vmap_for_an_eager_cuda_model_and_split_when_compiled(caplog):
+    """Measured on an H200 (results/benchmarks.md, eighth session): eager, vmap beat split at every
+    chunk count tried (the eager split engine is host-bound there); compiled, split is the fastest.
+    On the CPU split stays. A model split cannot run gets vmap, and the log says why."""
+    import logging
+
+    from sam_bench.engine.trainer import _m_sharpness_engine
+
+    model = tiny_model()
+    assert msam.resolve_engine(model, "auto", 8, compiled=False, device="cuda") == "vmap"
+    assert msam.resolve_engine(model, "auto", 8, compiled=True, device="cuda") == "split"
+    assert msam.resolve_engine(model, "auto", 8, compiled=False, device="cpu") == "split"
+    assert msam.resolve_engine(model, "auto", 8) == "split"  # defaults: not compiled, the parameters' device (cpu)
+    assert msam.resolve_engine(model, "split", 8, compiled=False, device="cuda") == "split"
+    assert msam.resolve_engine(torch.compile(model), "auto", 8, device="cuda") == "split"  # the wrapper is compiled
+    grouped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(5))
+    with caplog.at_level(logging.INFO, logger="sam_bench"):
+        assert _m_sharpness_engine(model, "auto", 4, 32, False, "cuda") == "vmap"
+        assert _m_sharpness_engine(model, "auto", 4, 32, True, "cuda") == "split"
+        assert _m_sharpness_engine(grouped, "auto", 4, 32, False, "cpu") == "vmap"
+    eager_why, eager, compiled, blocked_why, blocked = [r.getMessage() for r in caplog.records]
+    assert eager_why.startswith("m-sharpness: engine auto takes vmap: the model runs eagerly on CUDA")
+    assert eager_why.endswith("optimizer.m_engine=split forces it")
+    assert eager.endswith("m=4, 8 chunks per batch, engine vmap (optimizer.m_engine=auto)")
+    assert compiled.endswith("engine split (optimizer.m_engine=auto); its training steps run the compiled model")
+    assert "the split engine cannot run this model: 1 (GroupNorm) is not Conv2d, Linear" in blocked_why
+    assert "forces it" not in blocked_why
+    assert blocked.endswith("engine vmap (optimizer.m_engine=auto)")
+
+
 def test_m_sharpness_refuses_k_step_ascent_and_second_order_from_python():
     """The config validation refuses these combinations; a direct train_step call must too, instead
     of silently running one ascent step without the second-order term."""

@@ -39,20 +39,23 @@ from sam_bench.tracking.results import RESULT_FILE, atomic_write_json, git_commi
 log = logging.getLogger("sam_bench")
 
 
-def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int, compiled: bool) -> str:
-    """The m-sharpness engine this run uses ("auto" resolved for this model), logged once."""
-    from sam_bench.optim.msam import SPLIT_MAX_CHUNKS, resolve_engine
+def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int, compiled: bool,
+                        device: str = "cpu") -> str:
+    """The m-sharpness engine this run uses ("auto" resolved for this model, its compile setting and
+    device), logged once with the reason when "auto" takes vmap."""
+    from sam_bench.optim.msam import why_vmap
 
     if m is None:
         return requested
+    chunks = batch // m
     try:
-        engine = resolve_engine(model, requested, batch // m)
+        why = why_vmap(model, requested, chunks, compiled=compiled, device=device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if engine != resolve_engine(model, requested):  # the chunk count decided it
-        log.info("m-sharpness: %d chunks per batch is more than the split engine's %d (its host cost grows with the "
-                 "chunk count); optimizer.m_engine=split forces it", batch // m, SPLIT_MAX_CHUNKS)
-    log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, batch // m, engine, requested,
+    engine = "vmap" if why else "split"
+    if requested == "auto" and why:
+        log.info("m-sharpness: engine auto takes vmap: %s", why)
+    log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, chunks, engine, requested,
              ("; its training steps run the compiled model" if engine == "split" else
               "; its training steps run the eager model (trainer.compile applies to evaluation)") if compiled else "")
     return engine
@@ -300,7 +303,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
     scaler = LossScaler(device) if precision == "fp16" else None
     m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) and optimizer.two_pass else None
-    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile)
+    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile, device.type)
     step_kwargs = {"m": m, "m_engine": m_engine, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)

@@ -10,8 +10,9 @@ So a chunk is a device in every respect:
   BN state);
 - the final gradient is mean_c ∇L_c(w + ε_c), then clipped and applied once.
 
-Two engines compute exactly this (``ENGINE``; "auto" picks the first that fits the model, and vmap
-above ``SPLIT_MAX_CHUNKS`` chunks per batch):
+Two engines compute exactly this (``ENGINE``; "auto" takes split for a compiled model or on the CPU,
+vmap for an eager CUDA model, above ``SPLIT_MAX_CHUNKS`` chunks per batch, or where split cannot run
+the model: measured, see ``why_auto_takes_vmap``):
 
 - **split** (:mod:`sam_bench.optim.chunked`): the network runs on the whole batch and only the
   parts that differ per chunk run per chunk: in the clean pass (all chunks at w) a convolution's
@@ -50,12 +51,14 @@ the end of the network.
 
 Speed, WRN-28-10 (CUDA) / WRN-16-4 (CPU), batch 256, m = 32 (results/benchmarks.md):
 
-- vmap, H200 bf16 (torch 2.11): about 3× a plain SAM step (151-159 ms against 53 ms), 1.6× faster
-  than a Python loop over the chunks. The profile puts the excess in cuDNN's grouped convolutions
-  (NCHW<->NHWC transposes around each one, slower grouped weight-gradient kernels).
+- H200 bf16, torch 2.11 (eighth session): plain SAM 52.8 ms eager, 43.1 ms compiled; vmap 142.5 ms
+  (eager only); split 181.5 ms eager, **106.3 ms compiled** (m-SAM/SAM 2.46, compiled both). The
+  eager split engine is host-bound there (the profiler saw 78 ms of kernels in a 167 ms step: about
+  C kernels per layer and pass, a concatenation per layer); under ``reduce-overhead`` (CUDA graphs)
+  the compiled split step took 297 ms (not diagnosed yet). The vmap profile (third session) puts its
+  excess in cuDNN's grouped convolutions (NCHW<->NHWC transposes, slower grouped weight gradients).
 - CPU fp32 (2 cores), one run: split 6.67 s, vmap 8.57 s, plain SAM 6.57 s per step (m-SAM/SAM
-  1.02 split, 1.30 vmap); compiled, split m-SAM 5.33 s against SAM 4.75 s (1.12). The split
-  engine has not run on a GPU yet (``scripts/gpu_check.sh`` times it eager and compiled).
+  1.02 split, 1.30 vmap); compiled, split m-SAM 5.33 s against SAM 4.75 s (1.12).
 """
 
 from __future__ import annotations
@@ -273,23 +276,54 @@ def _by_l2(a: list, b: list, groups: list[dict]) -> list[tuple[float, tuple[list
 #: "auto" takes the split engine up to this many chunks per batch, the vmap engine above. The split
 #: engine launches a few kernels per chunk for every layer, so its host cost grows with the chunk
 #: count, while vmap's does not (one grouped kernel per layer). On 2 CPU cores (ResNet-32, batch 256,
-#: fp32, results/benchmarks.md) split is faster up to 16 chunks, even at 64 and slower at 256; on a
-#: GPU a step's host cost weighs more (compute is faster), so the bound is not set higher. The
+#: fp32, results/benchmarks.md) split is faster up to 16 chunks, even at 64 and slower at 256. The
 #: compiled split engine also unrolls every chunk into its graphs (compile time grows with it).
 SPLIT_MAX_CHUNKS = 32
 
 
-def resolve_engine(model: nn.Module, engine: str, chunks: int | None = None) -> str:
+def why_auto_takes_vmap(chunks: int | None, compiled: bool, device: str) -> str | None:
+    """Why engine "auto" takes vmap for this run (None: it takes split). Measured, H200 bf16,
+    torch 2.11 (results/benchmarks.md, eighth session): eager, vmap beat split at every chunk count
+    tried (WRN-28-10, 8 chunks: 142.5 against 181.5 ms/step; ResNet-32, 4/16/64 chunks: 105/146/159
+    against 132/215/809), the eager split engine being host-bound there (its kernels kept the GPU
+    busy about 78 of its 167 ms); compiled, split is the fastest (WRN-28-10: 106.3 ms), while vmap
+    runs the eager model. On the CPU split wins up to ``SPLIT_MAX_CHUNKS`` chunks."""
+    if chunks is not None and chunks > SPLIT_MAX_CHUNKS:
+        return (f"{chunks} chunks per batch is more than the split engine's {SPLIT_MAX_CHUNKS} (its host cost grows "
+                "with the chunk count); optimizer.m_engine=split forces it")
+    if device == "cuda" and not compiled:
+        return ("the model runs eagerly on CUDA, where the vmap engine is faster (the split engine is for "
+                "trainer.compile=true); optimizer.m_engine=split forces it")
+    return None
+
+
+def resolve_engine(model: nn.Module, engine: str, chunks: int | None = None, *, compiled: bool | None = None,
+                   device: str | None = None) -> str:
     """"split" or "vmap" for ``engine`` ("auto", "split", "vmap") on this model with ``chunks`` chunks
-    per batch (None: not known, the chunk count does not decide); a clear error when "split" is
-    asked of a model it cannot run."""
+    per batch (None: not known, the chunk count does not decide); ``compiled`` (default: whether
+    ``model`` is a ``torch.compile`` wrapper) and ``device`` ("cuda", "cpu"; default: where the
+    model's parameters are) decide "auto" as :func:`why_auto_takes_vmap` says. A clear error when
+    "split" is asked of a model it cannot run."""
+    return "vmap" if why_vmap(model, engine, chunks, compiled=compiled, device=device) else "split"
+
+
+def why_vmap(model: nn.Module, engine: str, chunks: int | None = None, *, compiled: bool | None = None,
+             device: str | None = None) -> str | None:
+    """Why :func:`resolve_engine` gives vmap (None when it gives split), for the run's log."""
     if engine not in ("auto", "split", "vmap"):
         raise ValueError(f"m-sharpness engine {engine!r} is unknown: use auto, split or vmap")
-    blocker = chunked.unsupported_layer(getattr(model, "_orig_mod", model)) if engine != "vmap" else None
+    if engine == "vmap":
+        return "asked for"
+    blocker = chunked.unsupported_layer(getattr(model, "_orig_mod", model))
     if engine == "split" and blocker:
         raise ValueError(f"optimizer.m_engine=split cannot run this model: {blocker}; use optimizer.m_engine=auto or vmap")
-    many = engine == "auto" and chunks is not None and chunks > SPLIT_MAX_CHUNKS
-    return "vmap" if engine == "vmap" or blocker or many else "split"
+    if engine == "split":
+        return None
+    if blocker:
+        return f"the split engine cannot run this model: {blocker}"
+    compiled = hasattr(model, "_orig_mod") if compiled is None else compiled
+    device = device or next((p.device.type for p in model.parameters()), "cpu")
+    return why_auto_takes_vmap(chunks, compiled, device)
 
 
 def msam_step(
@@ -322,7 +356,7 @@ def msam_step(
     groups = [g for _, g in owned]
     engine = engine or ENGINE
     if engine not in ("split", "vmap"):  # the trainer passes the engine it resolved once
-        engine = resolve_engine(model, engine, chunks)
+        engine = resolve_engine(runner, engine, chunks, device=images.device.type)
     if engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
         passes = _SplitPasses(model, runner, names, params, images, labels, loss_fn, autocast, chunks)
     else:
