@@ -120,7 +120,8 @@ def _preflight(config_name: str) -> None:
         parsed = OverridesParser.create().parse_overrides(args)
         points = _sweep_points(parsed)
     except OverrideParseException as e:
-        _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]} "
+        _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]}; a value with '=' or ',' "
+              "in it (a run directory's name) needs quotes: key='value' "
               "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
     except Exception:  # a sweep form this cannot expand: Hydra will judge it
         return
@@ -146,6 +147,7 @@ def train() -> None:
     from sam_bench.errors import SamBenchError
     from sam_bench.paths import config_dir
 
+    sys.argv = [sys.argv[0], *_quote_paths(sys.argv[1:], TRAIN_PATH_KEYS)]
     _register()
     _preflight("train")
 
@@ -177,6 +179,7 @@ def report() -> None:
     from sam_bench.errors import SamBenchError
     from sam_bench.paths import config_dir
 
+    sys.argv = [sys.argv[0], *_quote_run_list(_quote_paths(sys.argv[1:], ("out",)))]
     _register()
     _preflight("report")
 
@@ -195,18 +198,60 @@ def report() -> None:
 
 
 PATH_KEYS = ("checkpoint", "out", "data_root")
+#: train: the run and sweep directories (never swept, so a comma in them is part of the name)
+TRAIN_PATH_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
 
-def _quote_paths(args: list[str]) -> list[str]:
+def _quote_paths(args: list[str], keys: tuple[str, ...] = PATH_KEYS) -> list[str]:
     """``checkpoint=runs/a=1,b=2`` as ``checkpoint='runs/a=1,b=2'``: run directories are named after
-    their overrides, and Hydra's grammar would read the ``=`` and ``,`` in them as syntax."""
+    their overrides, and Hydra's grammar would read the ``=`` and ``,`` in them as syntax. Values
+    already quoted, and values with an interpolation (``${...}``), are left as they are."""
     out = []
     for a in args:
         key, eq, value = a.partition("=")
-        if eq and key in PATH_KEYS and value and value[0] not in "'\"" and "'" not in value:
+        if eq and key in keys and value and not any(c in value for c in "'\"$"):
             a = f"{key}='{value}'"
         out.append(a)
     return out
+
+
+def _quote_run_list(args: list[str]) -> list[str]:
+    """``report runs=[multirun/x/a=1,b=2,runs]`` as ``runs=['multirun/x/a=1,b=2','runs']``, and a
+    single ``runs=DIR`` as a one-item list. A comma splits the list unless it belongs to a name on
+    disk (see :func:`_split_run_list`). Quoted values and interpolations are left to Hydra."""
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and key == "runs" and value and not any(c in value for c in "'\"$"):
+            listed = value.startswith("[") and value.endswith("]")
+            items = _split_run_list(value[1:-1]) if listed else [value]
+            a = "runs=[" + ",".join(f"'{item}'" for item in items if item) + "]"
+        out.append(a)
+    return out
+
+
+def _split_run_list(inner: str) -> list[str]:
+    """The paths of a comma-separated list whose paths may hold commas themselves: a comma joins two
+    pieces when the joined path exists, or begins the name of an entry in its directory
+    (``a=1,b=2`` of ``a=1,b=2,c=3``); otherwise it separates two paths."""
+    import os
+
+    def leads_to_a_path(path: str) -> bool:
+        if os.path.exists(path):
+            return True
+        parent, name = os.path.split(path)
+        try:
+            return any(entry.startswith(name + ",") for entry in os.listdir(parent or "."))
+        except OSError:
+            return False
+
+    items: list[str] = []
+    for piece in inner.split(","):
+        if items and leads_to_a_path(f"{items[-1]},{piece}"):
+            items[-1] = f"{items[-1]},{piece}"
+        else:
+            items.append(piece.strip())
+    return items
 
 
 def hessian() -> None:

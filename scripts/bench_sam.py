@@ -101,6 +101,19 @@ def profile_step(step, device: torch.device) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
+#: --mark-step: call ``torch.compiler.cudagraph_mark_step_begin()`` before every step, telling CUDA
+#: graph trees (compile mode reduce-overhead) that a new iteration begins, so that they may reuse the
+#: memory of the last step's outputs instead of recording around tensors still alive.
+MARK_STEP = False
+
+
+def _marking_step_begin(step):
+    def marked():
+        torch.compiler.cudagraph_mark_step_begin()
+        step()
+    return marked
+
+
 def time_variant(arch: str, variant: str, device: torch.device, precision: str, batch: int, m: int | None,
                  steps: int, warmup: int, diagnostics: bool, profile: bool = False,
                  compile_mode: str | None = None, image_size: int = 32, num_classes: int = 10) -> tuple[list[float], float]:
@@ -126,6 +139,8 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     msam.ENGINE, msam.LAYOUT = MSAM_SETTINGS.get(variant, MSAM_SETTINGS["msam"])
     step = (lambda: loop_over_chunks_step(net, opt, x, y, loss_fn, amp, m)) if variant == "msam_loop" else \
         (lambda: train_step(net, opt, x, y, loss_fn, amp, bn, None, m=chunk))
+    if MARK_STEP:
+        step = _marking_step_begin(step)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(warmup + steps):
@@ -205,8 +220,12 @@ def main() -> None:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode with --compile")
     p.add_argument("--image-size", type=int, default=32, help="square input size (224 for --gpu-arch resnet50)")
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--mark-step", action="store_true", help="torch.compiler.cudagraph_mark_step_begin() before every "
+                   "step (for --compile-mode reduce-overhead: a new iteration of CUDA graph trees begins)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
+    global MARK_STEP
+    MARK_STEP = args.mark_step
     if args.threads:
         torch.set_num_threads(args.threads)
     diag = not args.no_diagnostics

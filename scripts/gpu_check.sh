@@ -75,9 +75,12 @@ want profile_resnet50 && stage profile_resnet50 150 python3 scripts/bench_sam.py
 want msam_profile_compiled && stage msam_profile_compiled 150 python3 scripts/bench_sam.py --no-cpu --compile \
   --gpu-steps 5 --warmup 2 --no-diagnostics --variants msam --profile msam
 # on request: why CUDA graphs (reduce-overhead) made the compiled split m-SAM step slower (297 against
-# 106 ms, eighth session): the skip and re-record reasons of cudagraph trees, then SAM for comparison
-want msam_cudagraphs && stage msam_cudagraphs 220 env TORCH_LOGS=perf_hints,cudagraphs python3 scripts/bench_sam.py \
-  --no-cpu --compile --compile-mode reduce-overhead --gpu-steps 10 --warmup 3 --no-diagnostics --variants msam,sam
+# 106 ms, eighth session): the skip and re-record reasons of cudagraph trees, then SAM for comparison;
+# then the same m-SAM step with a step boundary marked for cudagraph trees (--mark-step; compile cached)
+want msam_cudagraphs && stage msam_cudagraphs 300 bash -c 'TORCH_LOGS=perf_hints,cudagraphs python3 scripts/bench_sam.py \
+  --no-cpu --compile --compile-mode reduce-overhead --gpu-steps 10 --warmup 3 --no-diagnostics --variants msam,sam; \
+  python3 scripts/bench_sam.py --no-cpu --compile --compile-mode reduce-overhead --gpu-steps 10 --warmup 3 \
+  --no-diagnostics --variants msam --mark-step'
 if [ "${GPU_CHECK_WRN:-0}" = 1 ]; then
   stage bench_wrn 270 python3 scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 \
     --steps 15 --warmup 5 --out /tmp/bench_wrn.json

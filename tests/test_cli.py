@@ -47,18 +47,19 @@ def test_cfg_job_prints_composed_config(cli_env):
 
 
 def test_train_writes_result_and_artifacts(cli_env, tmp_path):
-    run(["train", *TINY, f"hydra.run.dir={tmp_path / 'one'}"], cli_env)
-    result = json.loads((tmp_path / "one" / "result.json").read_text())
+    one = tmp_path / "a=1,b=2"  # unquoted: a run directory named like Hydra's (the CLI quotes it)
+    run(["train", *TINY, f"hydra.run.dir={one}"], cli_env)
+    result = json.loads((one / "result.json").read_text())
     assert result["status"] == "complete" and result["epochs"] == 2 and result["steps"] == 16
     assert 0 <= result["final_test_error"] <= 100
     for key in ("config", "seed", "git_commit", "versions", "device", "wall_time_s", "images_per_s", "peak_memory_mb"):
         assert key in result
     assert result["config"]["optimizer"]["name"] == "sam" and result["device"] == "cpu"
-    lines = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    lines = (one / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-    assert (tmp_path / "one" / "checkpoint.pt").exists() and any((tmp_path / "one" / "tb").iterdir())
+    assert (one / "checkpoint.pt").exists() and any((one / "tb").iterdir())
     # re-running a finished run does nothing and says so
-    again = run(["train", *TINY, f"hydra.run.dir={tmp_path / 'one'}"], cli_env)
+    again = run(["train", *TINY, f"hydra.run.dir={one}"], cli_env)
     assert "nothing to do" in again.stdout
 
 
@@ -77,6 +78,16 @@ def test_multirun_sgd_and_sam_then_report(cli_env, tmp_path):
     assert len(rows) == 2
     assert any("| sgd | 0 |" in r for r in rows) and any("| sam | 0.1 |" in r for r in rows)
     assert (out_dir / "summary.csv").read_text().count("\n") == 3
+    # the run directories themselves, unquoted, though their names hold '=' and ','
+    run_dirs = sorted(p.parent for p in results)
+    assert all("=" in d.name and "," in d.name for d in run_dirs), run_dirs
+    run(["report", f"runs=[{run_dirs[0]},{run_dirs[1]}]", f"out={tmp_path / 'both'}"], cli_env)
+    assert (tmp_path / "both" / "summary.csv").read_text() == (out_dir / "summary.csv").read_text()
+    run(["report", f"runs={run_dirs[0]}", f"out={tmp_path / 'single'}"], cli_env)  # one directory, no list
+    assert (tmp_path / "single" / "summary.csv").read_text().count("\n") == 2
+    # a comma list with a name that is no directory is still split at its commas
+    missing = run(["report", f"runs=[{tmp_path / 'x=1'},{tmp_path / 'y=2'}]", f"out={tmp_path / 'none'}"], cli_env, check=False)
+    assert missing.returncode == 2 and f"'{tmp_path / 'x=1'}', '{tmp_path / 'y=2'}'" in missing.stderr
 
 
 def test_killed_run_resumes_to_the_same_result(cli_env, tmp_path):
