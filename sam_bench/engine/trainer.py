@@ -40,9 +40,10 @@ log = logging.getLogger("sam_bench")
 
 
 def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int, compiled: bool,
-                        device: str = "cpu") -> str:
+                        device: str = "cpu", compile_mode: str = "default") -> str:
     """The m-sharpness engine this run uses ("auto" resolved for this model, its compile setting and
-    device), logged once with the reason when "auto" takes vmap."""
+    device), logged once with the reason when "auto" takes vmap; a warning for a compile mode measured
+    slow with it."""
     from sam_bench.optim.msam import why_vmap
 
     if m is None:
@@ -58,6 +59,10 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
     log.info("m-sharpness: m=%d, %d chunks per batch, engine %s (optimizer.m_engine=%s)%s", m, chunks, engine, requested,
              ("; its training steps run the compiled model" if engine == "split" else
               "; its training steps run the eager model (trainer.compile applies to evaluation)") if compiled else "")
+    if engine == "split" and compiled and compile_mode == "reduce-overhead":
+        log.warning("m-sharpness under trainer.compile_mode=reduce-overhead: CUDA graphs made the split engine's step "
+                    "2.8x slower than compile mode default on an H200 (297 against 106 ms, WRN-28-10, "
+                    "results/benchmarks.md); trainer.compile_mode=default is faster")
     return engine
 
 
@@ -303,7 +308,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
     scaler = LossScaler(device) if precision == "fp16" else None
     m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) and optimizer.two_pass else None
-    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile, device.type)
+    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile, device.type,
+                                   str(tr.compile_mode))
     step_kwargs = {"m": m, "m_engine": m_engine, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
