@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sys
 from typing import Callable
 
@@ -179,7 +180,7 @@ def report() -> None:
     from sam_bench.errors import SamBenchError
     from sam_bench.paths import config_dir
 
-    sys.argv = [sys.argv[0], *_quote_run_list(_quote_paths(sys.argv[1:], ("out",)))]
+    sys.argv = [sys.argv[0], *_quote_paths(sys.argv[1:], ("out",), list_keys=("runs",))]
     _register()
     _preflight("report")
 
@@ -202,52 +203,44 @@ PATH_KEYS = ("checkpoint", "out", "data_root")
 TRAIN_PATH_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
 
-def _quote_paths(args: list[str], keys: tuple[str, ...] = PATH_KEYS) -> list[str]:
+def _quote_paths(args: list[str], keys: tuple[str, ...] = PATH_KEYS, list_keys: tuple[str, ...] = ()) -> list[str]:
     """``checkpoint=runs/a=1,b=2`` as ``checkpoint='runs/a=1,b=2'``: run directories are named after
-    their overrides, and Hydra's grammar would read the ``=`` and ``,`` in them as syntax. Values
-    already quoted, and values with an interpolation (``${...}``), are left as they are."""
+    their overrides, and Hydra's grammar would read the ``=`` and ``,`` in them as syntax. A key of
+    ``list_keys`` takes a list of such paths: ``runs=[multirun/a=1,b=2,runs]`` becomes
+    ``runs=['multirun/a=1,b=2','runs']`` (see :func:`_split_path_list`), and ``runs=DIR`` a one-item
+    list. Values already quoted, and values with an interpolation (``${...}``), are left as they are."""
     out = []
     for a in args:
         key, eq, value = a.partition("=")
-        if eq and key in keys and value and not any(c in value for c in "'\"$"):
-            a = f"{key}='{value}'"
+        if eq and value and not any(c in value for c in "'\"$"):
+            if key in keys:
+                a = f"{key}='{value}'"
+            elif key in list_keys:
+                listed = value.startswith("[") and value.endswith("]")
+                items = _split_path_list(value[1:-1]) if listed else [value]
+                a = f"{key}=[" + ",".join(f"'{item}'" for item in items if item) + "]"
         out.append(a)
     return out
 
 
-def _quote_run_list(args: list[str]) -> list[str]:
-    """``report runs=[multirun/x/a=1,b=2,runs]`` as ``runs=['multirun/x/a=1,b=2','runs']``, and a
-    single ``runs=DIR`` as a one-item list. A comma splits the list unless it belongs to a name on
-    disk (see :func:`_split_run_list`). Quoted values and interpolations are left to Hydra."""
-    out = []
-    for a in args:
-        key, eq, value = a.partition("=")
-        if eq and key == "runs" and value and not any(c in value for c in "'\"$"):
-            listed = value.startswith("[") and value.endswith("]")
-            items = _split_run_list(value[1:-1]) if listed else [value]
-            a = "runs=[" + ",".join(f"'{item}'" for item in items if item) + "]"
-        out.append(a)
-    return out
+def _leads_to_a_path(path: str) -> bool:
+    """Whether ``path`` exists or begins the name of an entry in its directory followed by a comma."""
+    if os.path.exists(path):
+        return True
+    parent, name = os.path.split(path)
+    try:
+        return any(entry.startswith(name + ",") for entry in os.listdir(parent or "."))
+    except OSError:
+        return False
 
 
-def _split_run_list(inner: str) -> list[str]:
+def _split_path_list(inner: str) -> list[str]:
     """The paths of a comma-separated list whose paths may hold commas themselves: a comma joins two
     pieces when the joined path exists, or begins the name of an entry in its directory
     (``a=1,b=2`` of ``a=1,b=2,c=3``); otherwise it separates two paths."""
-    import os
-
-    def leads_to_a_path(path: str) -> bool:
-        if os.path.exists(path):
-            return True
-        parent, name = os.path.split(path)
-        try:
-            return any(entry.startswith(name + ",") for entry in os.listdir(parent or "."))
-        except OSError:
-            return False
-
     items: list[str] = []
     for piece in inner.split(","):
-        if items and leads_to_a_path(f"{items[-1]},{piece}"):
+        if items and _leads_to_a_path(f"{items[-1]},{piece}"):
             items[-1] = f"{items[-1]},{piece}"
         else:
             items.append(piece.strip())
