@@ -103,6 +103,20 @@ def test_crash_between_renames_keeps_the_newest(tmp_path):
     assert ckpt.load_checkpoint(tmp_path)[0]["step"] == 20
 
 
+def test_stale_temporaries_are_removed_and_finished_checkpoints_kept(tmp_path):
+    """A process killed mid-write leaves ``<name>.<pid>.tmp``: of the rotating checkpoint and of a
+    kept per-epoch copy. The next run removes both, and nothing whole."""
+    ckpt.save_checkpoint(tmp_path, _state(10), keep_as=ckpt.kept_name(1))
+    stale = [tmp_path / f"{ckpt.NEXT}.999.tmp", tmp_path / f"{ckpt.kept_name(2)}.999.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    whole = sorted(p.name for p in tmp_path.iterdir() if p not in stale)
+    assert ckpt.kept_name(1) in whole and ckpt.CHECKPOINT in whole
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == whole
+    assert ckpt.read_checkpoint(tmp_path / ckpt.kept_name(1))["step"] == 10
+
+
 # ---------------------------------------------------------------- signals, lock, non-finite
 
 

@@ -29,6 +29,8 @@ FORMAT = 2
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 NEXT = ".checkpoint.next.pt"
+#: prefix of the lasting per-epoch copies (``trainer.keep_epochs``), see :func:`kept_name`
+KEPT_PREFIX = "checkpoint_epoch"
 REQUIRED_KEYS = ("format", "epoch", "step", "model", "optimizer", "rng", "history", "config_hash")
 
 
@@ -98,12 +100,12 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = 
 
 def kept_name(epoch: int) -> str:
     """The lasting copy of the checkpoint at the end of ``epoch`` (``trainer.keep_epochs``)."""
-    return f"checkpoint_epoch{epoch:04d}.pt"
+    return f"{KEPT_PREFIX}{epoch:04d}.pt"
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete half-written temporaries left by a process killed mid-write (call under the run lock)."""
-    for pattern in (f"{NEXT}.*.tmp", "checkpoint_epoch*.pt.*.tmp"):
+    for pattern in (f"{NEXT}.*.tmp", f"{KEPT_PREFIX}*.pt.*.tmp"):
         for tmp in Path(run_dir).glob(pattern):
             tmp.unlink(missing_ok=True)
 
