@@ -245,6 +245,26 @@ def semantic_config(config: dict, drop: tuple[str, ...] = NON_SEMANTIC_KEYS) -> 
     return out
 
 
+def method_label(opt: Any) -> str:
+    """The method an ``optimizer`` config (a DictConfig or a result.json dict) trains with, as logs
+    and reports name it: ``sgd``, ``sam`` or ``asam`` (``optimizer.adaptive``), then each variant
+    of the ascent that is a different method, joined with "+": ``p=inf`` / ``p=random`` (App. C.5),
+    ``k=N`` (N projected ascent steps, Table 11), ``second_order`` (App. C.4); e.g. ``sam+k=3``.
+    The report fills a paper cell ``<name>@<method>``, so an ASAM or k-step run never stands in for
+    the paper's SAM. Settings of the same method (m, bn, rng_replay, weight decay mode, ...) are
+    not part of it: runs that differ in them stay separate groups of one cell."""
+    if opt.get("name") == "sgd":
+        return "sgd"
+    parts = ["asam" if opt.get("adaptive") else "sam"]
+    if str(opt.get("p", "2")) != "2":
+        parts.append(f"p={opt.get('p')}")
+    if int(opt.get("ascent_steps") or 1) > 1:
+        parts.append(f"k={int(opt.get('ascent_steps'))}")
+    if opt.get("second_order"):
+        parts.append("second_order")
+    return "+".join(parts)
+
+
 def config_hash(config: dict) -> str:
     """Short stable hash of the semantic config."""
     blob = json.dumps(semantic_config(config), sort_keys=True, default=str)

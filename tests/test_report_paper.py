@@ -25,13 +25,14 @@ def ref_ci(xs):
     return T_REF[n - 1] * s / math.sqrt(n)
 
 
-def fake_run(root, sub, name, optimizer="sam", rho=0.05, seed=0, error=2.7, *, m=None, val=None, extra=None, status="complete"):
+def fake_run(root, sub, name, optimizer="sam", rho=0.05, seed=0, error=2.7, *, m=None, val=None, extra=None, status="complete",
+             opt=None):
     d = root / sub
     (d / ".hydra").mkdir(parents=True)
     config = {
         "dataset": {"name": "cifar10", "root": "/data", "val_size": None if val is None else 5000},
         "model": {"arch": "wide_resnet_cifar", "kwargs": {"depth": 28}},
-        "optimizer": {"name": optimizer, "rho": rho, "m": m},
+        "optimizer": {"name": optimizer, "rho": rho, "m": m, **(opt or {})},
         "trainer": {"epochs": 200, "progress": False},
         "seed": seed,
         "name": name,
@@ -140,6 +141,52 @@ def test_several_configs_for_one_cell_resolved_on_validation_only(tmp_path):
     fake_run(root, "r0.2", T1, "sam", 0.2, 0, 2.0)  # no val error: cannot choose
     m = measure(cell, index_groups(group_runs(find_runs([str(root)])[0])))
     assert m.values is None and "validation" in m.note
+
+
+def _row_cells(md: str, prefix: str) -> list[str]:
+    row = next(line for line in md.splitlines() if line.startswith(prefix))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_a_variant_of_sam_fills_its_own_cell_never_the_papers_sam(tmp_path):
+    root = tmp_path / "runs"
+    # ASAM, p = inf and 3-step runs of the Table 1 preset: none of them is the paper's SAM
+    fake_run(root, "asam", T1, "sam", 0.5, 0, 2.1, opt={"adaptive": True, "eta": 0.01})
+    fake_run(root, "pinf", T1, "sam", 0.05, 0, 2.2, opt={"p": "inf"})
+    fake_run(root, "k3", T1, "sam", 0.05, 0, 2.3, opt={"ascent_steps": 3})
+    fake_run(root, "sgd", T1, "sgd", 0.05, 0, 3.6, opt={"adaptive": True})  # SGD whatever the SAM keys say
+    # Table 11: its k = 3 row is filled by 3-step runs only, its k = 1 row by plain SAM
+    k3 = "table11/k3/cifar100"
+    fake_run(root, "t11k3", k3, "sam", 0.1, 0, 16.6, opt={"ascent_steps": 3})
+    fake_run(root, "t11k3_but_k1", k3, "sam", 0.1, 1, 15.0, opt={"ascent_steps": 1})
+    fake_run(root, "t11k1", "table11/k1/cifar100", "sam", 0.1, 0, 16.7, opt={"ascent_steps": 1})
+    write_report([str(root)], str(tmp_path / "out"))
+
+    t1 = _row_cells((tmp_path / "out" / "table1.md").read_text(), "| WRN-28-10 (200 epochs) | Basic |")
+    assert t1[2:8] == ["2.7 ± 0.1", "—", "—", "3.5 ± 0.1", "3.60 (n=1)", "+0.10"]
+    t11 = (tmp_path / "out" / "table11.md").read_text()
+    assert _row_cells(t11, "| 3 |")[7:10] == ["16.62 ± 0.09", "16.60 (n=1)", "-0.02"]  # paper 16.62; not the k = 1 run's 15.0
+    assert _row_cells(t11, "| 1 |")[7:10] == ["16.72 ± 0.08", "16.70 (n=1)", "-0.02"]  # paper 16.72
+
+    summary = list(csv.DictReader(io.StringIO((tmp_path / "out" / "summary.csv").read_text())))
+    by_method = {(r["experiment"], r["optimizer"]): r["test error % (mean ± std)"] for r in summary}
+    assert by_method == {
+        (T1, "asam"): "2.10", (T1, "sam+p=inf"): "2.20", (T1, "sam+k=3"): "2.30", (T1, "sgd"): "3.60",
+        (k3, "sam+k=3"): "16.60", (k3, "sam"): "15.00", ("table11/k1/cifar100", "sam"): "16.70",
+    }
+
+
+def test_method_label_names_the_method_not_its_settings():
+    from sam_bench.schema import method_label
+
+    assert method_label({"name": "sgd", "adaptive": True, "ascent_steps": 3}) == "sgd"
+    assert method_label({"name": "sam"}) == "sam"  # result.json files from before the variants existed
+    assert method_label({"name": "sam", "p": "2", "ascent_steps": 1, "second_order": False, "adaptive": False,
+                         "m": 32, "bn": "both", "weight_decay_mode": "decoupled"}) == "sam"
+    assert method_label({"name": "sam", "adaptive": True}) == "asam"
+    assert method_label({"name": "sam", "p": "random"}) == "sam+p=random"
+    assert method_label({"name": "sam", "p": "inf", "ascent_steps": 5}) == "sam+p=inf+k=5"
+    assert method_label({"name": "sam", "second_order": True}) == "sam+second_order"
 
 
 def test_sweep_table_plot_and_chosen_rho(tmp_path):

@@ -33,7 +33,7 @@ from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
-from sam_bench.schema import config_hash, semantic_config, validate
+from sam_bench.schema import config_hash, method_label, semantic_config, validate
 from sam_bench.tracking.results import RESULT_FILE, atomic_write_json, git_commit, read_result, versions, write_metrics
 
 log = logging.getLogger("sam_bench")
@@ -410,7 +410,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s | %s (%.2fM params) | %s rho=%g | %d epochs x %d steps, batch %d | %s %s",
-        cfg.dataset.name, cfg.model.arch, n_params / 1e6, cfg.optimizer.name, cfg.optimizer.rho,
+        cfg.dataset.name, cfg.model.arch, n_params / 1e6, method_label(cfg.optimizer), effective_rho(cfg.optimizer),
         tr.epochs, steps_per_epoch, tr.batch_size, device_name(device), precision,
     )
     wall_start = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from sam_bench.schema import semantic_config
+from sam_bench.schema import method_label, semantic_config
 from sam_bench.tracking.results import RESULT_FILE
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables). Hard-coded so
@@ -88,8 +88,9 @@ class Group:
         return str(self.config.get("name") or "")
 
     @property
-    def optimizer(self) -> str:
-        return str(self.config.get("optimizer", {}).get("name", ""))
+    def method(self) -> str:
+        """``sgd``, ``sam``, ``asam``, ``sam+k=3``, ... (:func:`sam_bench.schema.method_label`)."""
+        return method_label(self.config.get("optimizer", {}))
 
     @property
     def rho(self) -> float:
@@ -99,8 +100,8 @@ class Group:
 
     @property
     def cell_key(self) -> str:
-        """``name@optimizer``, or the name itself when it names a variant (``...@sgd2x``)."""
-        return self.name if "@" in self.name else f"{self.name}@{self.optimizer}"
+        """``name@method``, or the name itself when it names a variant (``...@sgd2x``)."""
+        return self.name if "@" in self.name else f"{self.name}@{self.method}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:

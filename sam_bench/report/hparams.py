@@ -26,7 +26,7 @@ def write_hparams(sweeps: list[Sweep], out: Path) -> list[Path]:
             for g in groups:
                 log_dir = Path(out) / "tensorboard" / s.id / f"{slug(label)}_rho{g.rho:g}"
                 m = g.config.get("optimizer", {}).get("m")
-                hparams = {"rho": g.rho, "optimizer": g.optimizer, "m": -1 if m is None else int(m), "sweep": s.name or s.id}
+                hparams = {"rho": g.rho, "optimizer": g.method, "m": -1 if m is None else int(m), "sweep": s.name or s.id}
                 metrics = {"hparam/test_error": g.mean, "hparam/test_error_ci95": ci95(g.errors) or 0.0,
                            "hparam/n_seeds": float(len(g.runs)), "hparam/chosen_on_val": float(chosen is g)}
                 if g.val_errors:

@@ -3,14 +3,16 @@
 Cell-naming scheme. A preset sets ``name: <table>/<row>/<column>`` where ``<table>`` is ``table1``
 ... ``table11`` (or ``fig3``), ``<row>`` is one or more ``/``-separated slugs for the paper row
 (model, epochs, augmentation, method, ...) and ``<column>`` is the last slug (the dataset, or the
-paper's column). The runs of a cell are the groups whose **cell key** ``<name>@<optimizer.name>``
-(``sam`` / ``sgd``) matches; a preset that is a variant of a cell (the "2× epochs for SGD" baseline)
-names it explicitly after ``@``: ``table1/wrn28_10_200ep/basic/cifar10@sgd2x``. Examples::
+paper's column). The runs of a cell are the groups whose **cell key** ``<name>@<method>`` matches,
+the method being ``sgd``, ``sam``, or a variant that is another method (``asam``, ``sam+k=3``, ...:
+:func:`sam_bench.schema.method_label`), so an ASAM run of a Table 1 preset fills no SAM cell; a
+preset that is a variant of a cell (the "2× epochs for SGD" baseline) names it explicitly after
+``@``: ``table1/wrn28_10_200ep/basic/cifar10@sgd2x``. Examples::
 
     table1/wrn28_10_200ep/basic/cifar10@sam   Table 1, WRN-28-10 (200 epochs), Basic, CIFAR-10, SAM
     table2/resnet50/100ep/imagenet@sgd        Table 2, ResNet-50, 100 epochs, standard training
     table4/resnet32/noise40/cifar10@sam       Table 4, SAM row, 40 % noise
-    table11/k3/cifar100@sam                   Table 11, 3 ascent steps, CIFAR-100
+    table11/k3/cifar100@sam+k=3               Table 11, 3 ascent steps, CIFAR-100
 
 The numbers come from ``paper/tables.yaml`` (strings as printed, so "<0.1" and trailing zeros stay).
 """
@@ -38,7 +40,7 @@ class Cell:
 
     paper: str | None  # as printed; None = not printed
     paper_pm: str | None = None
-    key: str | None = None  # run key name@optimizer; None = no run can fill it (paper only)
+    key: str | None = None  # run key name@method; None = no run can fill it (paper only)
     metric: str = TOP1  # result.json field averaged over seeds
     accuracy: bool = False  # the paper prints accuracy: show 100 − error
 
@@ -235,7 +237,8 @@ def _table11() -> Layout:
     for r in t["rows"]:
         cells = []
         for ds in ("cifar10", "cifar100"):
-            p, key = r[ds], f"table11/k{r['steps']}/{ds}@sam"
+            k = int(r["steps"])
+            p, key = r[ds], f"table11/k{k}/{ds}@" + ("sam" if k == 1 else f"sam+k={k}")
             cells += [Cell(p["test_error"], p["test_error_pm"], key), Cell(p["sharpness"], p["sharpness_pm"], key, SHARPNESS)]
         rows.append(((r["steps"],), tuple(cells)))
     return Layout(

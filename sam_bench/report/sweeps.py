@@ -43,7 +43,7 @@ class Sweep:
 
 def series_label(g: Group) -> str:
     m = g.config.get("optimizer", {}).get("m")
-    return g.optimizer if m is None or g.optimizer == "sgd" else f"{g.optimizer} m={m}"
+    return g.method if m is None or g.method == "sgd" else f"{g.method} m={m}"
 
 
 def _series_order(label: str) -> tuple:
@@ -60,7 +60,7 @@ def find_sweeps(groups: list[Group]) -> list[Sweep]:
     sweeps = []
     for key in sorted(families):
         members = families[key]
-        if len({g.rho for g in members if g.optimizer != "sgd"}) < 2:
+        if len({g.rho for g in members if g.method != "sgd"}) < 2:
             continue  # SGD beside one SAM ρ is a comparison, not a sweep
         name = members[0].name
         sweep = Sweep(f"{slug(name) or 'unnamed'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}", name)

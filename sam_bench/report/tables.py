@@ -11,22 +11,24 @@ from statistics import fmean
 from sam_bench.report.collect import Group, ci95, flatten
 from sam_bench.report.paper import Cell, Layout, paper_float
 
-# Always shown, in this order, with a short header.
+# Always shown, in this order, with a short header. "method" is not a config key: it is
+# Group.method (sgd, sam, asam, sam+k=3, ...), which optimizer.name alone does not tell.
 BASE_COLUMNS = [
     ("name", "experiment"),
     ("dataset.name", "dataset"),
     ("model.arch", "model"),
-    ("optimizer.name", "optimizer"),
+    ("method", "optimizer"),
     ("optimizer.rho", "rho"),
     ("trainer.epochs", "epochs"),
 ]
 
 
 def varying_keys(groups: list[Group]) -> list[str]:
-    """Config keys (besides the base columns) whose value differs between groups."""
+    """Config keys (besides the base columns and optimizer.name, which the method shows) whose value
+    differs between groups."""
     flat = [flatten(g.config) for g in groups]
     keys = sorted(set().union(*flat)) if flat else []
-    base = {k for k, _ in BASE_COLUMNS}
+    base = {k for k, _ in BASE_COLUMNS} | {"optimizer.name"}
     return [k for k in keys if k not in base and len({repr(f.get(k)) for f in flat}) > 1]
 
 
@@ -43,7 +45,7 @@ def rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     header = [h for _, h in BASE_COLUMNS] + extra + ["test error % (mean ± std)", "n", "seeds"]
     body = []
     for g in groups:
-        flat = flatten(g.config)
+        flat = {**flatten(g.config), "method": g.method}
         cells = [_fmt(flat.get(k)) for k, _ in BASE_COLUMNS] + [_fmt(flat.get(k)) for k in extra]
         err = f"{g.mean:.2f}" + (f" ± {g.std:.2f}" if g.std is not None else "")
         body.append(cells + [err, str(len(g.runs)), ",".join(str(s) for s in g.seeds)])
@@ -96,7 +98,7 @@ class Measured:
 
 
 def index_groups(groups: list[Group]) -> dict[str, list[Group]]:
-    """Cell key (name@optimizer) -> groups, for the groups that carry a name."""
+    """Cell key (name@method) -> groups, for the groups that carry a name."""
     out: dict[str, list[Group]] = {}
     for g in groups:
         if g.name:
