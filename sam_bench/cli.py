@@ -82,8 +82,50 @@ def _sweep_points(overrides: list) -> list[list[str]]:
     return [first] + [first[:i] + [other] + first[i + 1:] for i, vs in enumerate(values) for other in vs[1:]]
 
 
-def _describe_composition_error(e: Exception, command: str) -> str:
-    """Hydra's multi-line composition report as one line that names the override and the fix."""
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    """Every leaf key of a plain nested dict, dotted (``model.kwargs.depth``)."""
+    if not isinstance(node, dict) or not node:
+        return [prefix[:-1]] if prefix else []
+    return [k for name, child in node.items() for k in _dotted_keys(child, f"{prefix}{name}.")]
+
+
+def _similar_keys(keys: list[str], unknown: str) -> list[str]:
+    """The keys ``unknown`` was likely meant to be: those with the same last part anywhere
+    (``model.depth`` -> ``model.kwargs.depth``), else its siblings spelt alike (``optimizer.rhoo`` ->
+    ``optimizer.rho``)."""
+    import difflib
+
+    parent, _, leaf = unknown.rpartition(".")
+    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf]
+    if same_leaf:
+        return same_leaf
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.75)
+    return [f"{parent}.{k}" if parent else k for k in close]
+
+
+def _suggest_keys(compose_without: Callable[[str], object], text: str) -> str:
+    """' did you mean X?' for the key Hydra could not override (named in ``text``), from the config
+    composed without that override; '' when there is no good guess."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    found = re.search(r"Could not override '([^']+)'", text)
+    if not found:
+        return ""
+    unknown = found.group(1).lstrip("+~")
+    try:
+        cfg = OmegaConf.to_container(compose_without(unknown), resolve=False)
+    except Exception:  # noqa: BLE001 - a hint must never hide the real error
+        return ""
+    similar = _similar_keys(_dotted_keys(cfg), unknown)
+    return f" did you mean {' or '.join(similar)}?" if similar else ""
+
+
+def _describe_composition_error(e: Exception, command: str, suggest: Callable[[str], str] = lambda text: "") -> str:
+    """Hydra's multi-line composition report as one line that names the override and the fix
+    (``suggest(text)`` adds a likely key for an unknown one)."""
     text = str(e)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     head = lines[0].rstrip(".") if lines else type(e).__name__
@@ -95,7 +137,7 @@ def _describe_composition_error(e: Exception, command: str) -> str:
     if cause is not None:
         detail = str(cause).strip().splitlines()[0]
         if "not in" in detail:
-            detail += f" (no such key: `sam-bench {command} --help` lists every key)"
+            detail += f" (no such key;{suggest(text)} `sam-bench {command} --help` lists every key)"
         return f"{head}: {detail}"
     return head
 
@@ -133,7 +175,12 @@ def _preflight(config_name: str) -> None:
             try:
                 cfg = compose(config_name, overrides=point, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException) as e:
-                _fail(_describe_composition_error(e, config_name) + where)
+                def compose_without(key: str, point=point):
+                    rest = [o for o in point if o.split("=", 1)[0].lstrip("+~") != key]
+                    return compose(config_name, overrides=rest)
+
+                suggest = lambda text: _suggest_keys(compose_without, text)  # noqa: E731
+                _fail(_describe_composition_error(e, config_name, suggest) + where)
             if config_name == "train":
                 try:
                     validate(cfg)

@@ -141,7 +141,12 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["-m", "optimizer=sgd,sam", "optimizer.rhoo=0.1,0.2"], "Key 'rhoo' not in 'OptimizerConfig'"),
+        (["-m", "optimizer=sgd,sam", "optimizer.rhoo=0.1,0.2"], "Key 'rhoo' not in 'OptimizerConfig' (no such key; did you mean optimizer.rho?"),
+        # an unknown key gets the likely one: same last part elsewhere, else a sibling spelt alike
+        (["model.depth=10"], "(no such key; did you mean model.kwargs.depth? `sam-bench train --help` lists every key)"),
+        (["trainer.epoch=3"], "did you mean trainer.epochs?"),
+        (["seeed=1"], "did you mean seed?"),
+        (["nosuchkey=1"], "Key 'nosuchkey' not in 'TrainConfig' (no such key; `sam-bench train --help` lists every key)"),
         (["model=resnet9000"], "choose one of: "),
         (["optimizer.rho=[1,"], "cannot parse the overrides"),
         (["hydra/launcher=nosuch"], "Could not find 'hydra/launcher/nosuch'; choose one of: basic,"),
