@@ -1,6 +1,8 @@
 """Loaders on files written in the real on-disk formats; the GPU-style batch augmentation."""
 
+import gzip
 import pickle
+import zlib
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from datafiles import patch_cifar_md5, write_cifar, write_fashion_mnist_gz
+from datafiles import idx_bytes, patch_cifar_md5, write_cifar, write_fashion_mnist_gz
 from sam_bench.data import DeviceLoader
 from sam_bench.data.cifar import load_cifar
 from sam_bench.data.fashion_mnist import load_fashion_mnist
@@ -50,6 +52,17 @@ def test_cifar_corrupt_file_fails_its_checksum(tmp_path, monkeypatch):
         load_cifar("cifar10", str(tmp_path), download=False)
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_cifar_meta_file_is_checked_like_the_batches(tmp_path, monkeypatch, damage):
+    md5 = write_cifar(tmp_path)
+    patch_cifar_md5(monkeypatch, CIFAR10, md5)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.unlink() if damage == "missing" else meta.write_bytes(meta.read_bytes()[:10])
+    want = r"batches.meta is missing.*cifar-10-python.tar.gz" if damage == "missing" else r"batches.meta fails its md5 checksum"
+    with pytest.raises(DataError, match=want):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
 def test_fashion_mnist_from_system_gz_files(tmp_path):
     arrays = write_fashion_mnist_gz(tmp_path / "system")
     train_x, train_y, test_x, test_y = load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
@@ -71,6 +84,40 @@ def test_fashion_mnist_truncated_file_is_a_clear_error(tmp_path):
     raw.write_bytes(raw.read_bytes()[:1000])
     with pytest.raises(DataError, match=r"t10k-\*-ubyte is unreadable"):
         load_fashion_mnist(str(tmp_path / "root"), None, download=False)
+
+
+def test_fashion_mnist_corrupt_system_gz_is_a_clear_error_and_leaves_no_temporary(tmp_path):
+    write_fashion_mnist_gz(tmp_path / "system")
+    gz = tmp_path / "system" / "train-images-idx3-ubyte.gz"
+    data = bytearray(gzip.compress(gzip.decompress(gz.read_bytes()), mtime=0))  # a 10-byte header
+    data[10] ^= 0xFF  # the first bytes of the deflate stream: zlib.error, which is not an OSError
+    data[11] ^= 0xFF
+    gz.write_bytes(bytes(data))
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(data))
+    with pytest.raises(DataError, match=r"cannot decompress .*train-images-idx3-ubyte.gz.*reinstall"):
+        load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    assert [p.name for p in raw.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize("num_classes,label", [(10, 200), (5, 9)])  # a corrupt byte; num_classes too small
+def test_labels_outside_num_classes_are_a_clear_error(tmp_path, num_classes, label):
+    """A corrupt label byte, or a dataset.num_classes smaller than the data's, fails at loading."""
+    from types import SimpleNamespace
+
+    from sam_bench.data import load_arrays
+
+    arrays = write_fashion_mnist_gz(tmp_path / "system")
+    labels = arrays["train-labels-idx1-ubyte"]
+    labels[:] = np.minimum(labels, num_classes - 1)
+    labels[3] = label  # the only label outside [0, num_classes)
+    with gzip.open(tmp_path / "system" / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(idx_bytes(labels))
+    ds = SimpleNamespace(name="fashion_mnist", root=str(tmp_path / "root"), system_dir=str(tmp_path / "system"), download=False,
+                         train_subset=None, test_subset=None, in_chans=1, image_size=28, num_classes=num_classes)
+    with pytest.raises(DataError, match=rf"fashion_mnist: \d+ training label\(s\) outside \[0, {num_classes}\) \(e.g. {label}\)"):
+        load_arrays(ds)
 
 
 def test_synthetic_is_seeded_and_learnable_shape():

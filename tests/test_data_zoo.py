@@ -457,12 +457,119 @@ def test_finetune_builds_stream_loaders_from_torchvision_classes(monkeypatch, tm
         build_finetune(SimpleNamespace(**{**vars(cfg), "num_classes": 102}), 4, 4, torch.device("cpu"), 0, False)
 
 
-def test_stream_loader_shards_across_ranks(imagenet_root):
-    """Under DDP each rank reads a disjoint shard (DistributedSampler); together they cover the set."""
-    train, _ = build_imagenet(imagenet_cfg(imagenet_root), 1, 1, torch.device("cpu"), 0, False)
-    seen = []
-    for rank in (0, 1):
-        train.world, train.rank = 2, rank  # what torch.distributed would report
-        assert train.num_examples == 5 and len(train) == 5
-        seen.append([int(i) for i in train._sampler(0)])
-    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(10))
+def _rank_view(loader, world: int, rank: int):
+    loader.world, loader.rank = world, rank  # what torch.distributed would report
+    return loader
+
+
+@pytest.mark.parametrize("gpu_decode", [False, True])
+def test_stream_loader_ranks_read_the_single_process_batches_sliced(imagenet_root, gpu_decode):
+    """Under DDP each rank gets its ShardedLoader slice of the single process's global batches (the
+    same images, augmented the same), reading only those; evaluation covers every image once."""
+    from sam_bench.engine.distributed import DistInfo, ShardedLoader, shard
+
+    cfg = imagenet_cfg(imagenet_root, gpu_decode=gpu_decode)
+    train, test = build_imagenet(cfg, 4, 3, torch.device("cpu"), 0, False)
+    assert shard(train, DistInfo(rank=0, world_size=2)) is train  # the trainer does not slice again
+    single = {name: [(x.clone(), y.clone()) for x, y in loader.epoch(1)] for name, loader in (("train", train), ("test", test))}
+    for name in ("train", "test"):
+        per_rank = []
+        for rank in (0, 1):
+            loader = _rank_view(build_imagenet(cfg, 4, 3, torch.device("cpu"), 0, False)[name == "test"], 2, rank)
+            assert loader.num_examples == (10 if name == "train" else 4)  # the whole split, as DeviceLoader's
+            assert len(loader) == len(single[name])
+            sliced = ShardedLoader(SimpleNamespace(epoch=lambda e, s=0, name=name: iter(single[name])), DistInfo(rank=rank, world_size=2))
+            got, want = list(loader.epoch(1)), [b for b in sliced.epoch(1) if len(b[1])]
+            assert len(got) == len(want)
+            for (x, y), (wx, wy) in zip(got, want):
+                assert torch.equal(y, wy) and torch.equal(x, wx)
+            per_rank.append(torch.cat([y for _, y in got]))
+        if name == "test":
+            assert sorted(torch.cat(per_rank).tolist()) == [0, 0, 1, 1]  # every image once, no padding
+
+
+@pytest.mark.parametrize("gpu_decode", [False, True])
+def test_stream_loader_resumed_epoch_repeats_the_augmented_images(imagenet_root, gpu_decode):
+    """Workers take batches in turn and carry their RNG on; an item seeded by (seed, epoch, index)
+    makes a resume mid-epoch read the very images of the uninterrupted epoch."""
+    for workers in (0, 2):
+        train, _ = build_imagenet(imagenet_cfg(imagenet_root, num_workers=workers, gpu_decode=gpu_decode), 2, 2, torch.device("cpu"), 0, False)
+        full = list(train.epoch(3))
+        tail = list(train.epoch(3, start_step=2))
+        assert len(tail) == len(full) - 2
+        for (x, y), (fx, fy) in zip(tail, full[2:]):
+            assert torch.equal(y, fy) and torch.equal(x, fx), workers
+    again = list(build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=gpu_decode), 2, 2, torch.device("cpu"), 0, False)[0].epoch(3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, full))  # and with any number of workers
+
+
+def test_stream_loader_epoch_orders_do_not_repeat_across_seeds(imagenet_root):
+    """DistributedSampler shuffled with seed + epoch, so seed 1's epoch 0 was seed 0's epoch 1."""
+    def order(seed, epoch):
+        train, _ = build_imagenet(imagenet_cfg(imagenet_root), 1, 1, torch.device("cpu"), seed, False)
+        return [int(i) for b in train._batches(epoch) for i, _ in b]
+
+    assert order(0, 1) == order(0, 1) and sorted(order(0, 1)) == list(range(10))
+    assert order(1, 0) != order(0, 1) and order(0, 0) != order(0, 1)
+
+
+def test_imagenet_val_needs_the_class_folders_of_train(imagenet_root):
+    """Labels are folder positions: a val folder missing would shift every later class's label."""
+    import shutil
+
+    shutil.rmtree(imagenet_root / "imagenet" / "val" / "n01")
+    write_image_folder(imagenet_root / "imagenet" / "val", classes=("n03",), per_class=1)
+    with pytest.raises(DataError, match=r"val has other class folders than .*train \(only in train: \['n01'\], only in val: \['n03'\]\)"):
+        build_imagenet(imagenet_cfg(imagenet_root), 4, 4, torch.device("cpu"), 0, False)
+
+
+def test_streamed_augment_none_trains_on_the_evaluation_crops(imagenet_root):
+    """dataset.augment=none: training images are prepared as the evaluation ones (no random crop or
+    flip), on the CPU and for GPU decoding; basic keeps the Inception crop + flip."""
+    from sam_bench.data.imagenet import eval_transform, pil_rgb
+
+    train, test = build_imagenet(imagenet_cfg(imagenet_root, augment="none"), 4, 4, torch.device("cpu"), 0, False)
+    path = train.dataset.samples[0][0]
+    assert torch.equal(train.dataset[0][0], eval_transform(16, 20)(pil_rgb(path)))
+    gpu_train, gpu_test = build_imagenet(imagenet_cfg(imagenet_root, augment="none", gpu_decode=True), 4, 4, torch.device("cpu"), 0, False)
+    assert gpu_train.gpu_transform is gpu_test.gpu_transform
+    basic, _ = build_imagenet(imagenet_cfg(imagenet_root, augment="basic"), 4, 4, torch.device("cpu"), 0, False)
+    draws = [basic.dataset[0][0] for _ in range(5)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+
+
+def test_a_corrupt_image_in_a_torchvision_dataset_is_named(tmp_path):
+    """torchvision's dataset classes open images with their own PIL loader: the OSError becomes a
+    DataError naming the file (as ImageFolder's pil_rgb does)."""
+    from PIL import Image
+
+    from sam_bench.data.stream import StreamLoader
+
+    files = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=3)
+    files[1].write_bytes(files[1].read_bytes()[:200])
+
+    class Pets(torch.utils.data.Dataset):  # the shape of torchvision's OxfordIIITPet: _images, PIL inside
+        def __init__(self):
+            self._images = [str(f) for f in files]
+
+        def __len__(self):
+            return len(self._images)
+
+        def __getitem__(self, i):
+            img = Image.open(self._images[i]).convert("RGB")
+            return torch.from_numpy(np.asarray(img.resize((8, 8)))).permute(2, 0, 1).contiguous(), 0
+
+    parts = torch.utils.data.ConcatDataset([Pets(), Pets()])
+    for workers in (0, 1):
+        loader = StreamLoader(parts, 6, [0.5] * 3, [0.25] * 3, train=False, device=torch.device("cpu"), num_workers=workers)
+        with pytest.raises(DataError, match=rf"{files[1]} is unreadable \(OSError") as e:
+            list(loader.epoch(0))
+        assert "\n" not in str(e.value)
+
+
+def test_gpu_decode_of_a_corrupt_jpeg_names_the_file(imagenet_root):
+    bad = imagenet_root / "imagenet" / "val" / "n02" / "n02_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])
+    _, test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True), 4, 4, torch.device("cpu"), 0, False)
+    with pytest.raises(DataError, match=r"n02_1.JPEG is unreadable"):
+        list(test.epoch(0))

@@ -16,7 +16,7 @@ from sam_bench.data.noisy import NoisyLabels, make_noisy_labels
 from sam_bench.data.stream import StreamLoader
 from sam_bench.data.svhn import load_svhn
 from sam_bench.data.synthetic import make_synthetic
-from sam_bench.errors import ConfigError
+from sam_bench.errors import ConfigError, DataError
 
 IN_MEMORY = ("cifar10", "cifar100", "cifar10_noisy", "cifar100_noisy", "fashion_mnist", "svhn", "synthetic")
 STREAMED = ("imagenet",) + tuple(FINETUNE)
@@ -57,7 +57,18 @@ def load_arrays(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     expected = (ds.in_chans, ds.image_size, ds.image_size)
     if tuple(train_x.shape[1:]) != expected:
         raise ConfigError(f"dataset {ds.name}: images are {tuple(train_x.shape[1:])}, config says (in_chans, image_size, image_size) = {expected}")
+    for split, y in (("training", train_y), ("test", test_y)):
+        _check_labels(ds, split, y)
     return train_x, train_y, test_x, test_y
+
+
+def _check_labels(ds, split: str, labels: torch.Tensor) -> None:
+    """Every label in [0, num_classes): a corrupt label file or a wrong ``dataset.num_classes``
+    fails here with its numbers, not as an index error deep in the loss."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= ds.num_classes):
+        bad = labels[(labels < 0) | (labels >= ds.num_classes)]
+        raise DataError(f"dataset {ds.name}: {len(bad)} {split} label(s) outside [0, {ds.num_classes}) (e.g. {int(bad[0])}); the label "
+                        f"file is corrupt or dataset.num_classes={ds.num_classes} is wrong")
 
 
 def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int | None):

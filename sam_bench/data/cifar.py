@@ -15,8 +15,9 @@ CIFAR_CLASSES = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
 def _first_bad_file(cls: type[CIFAR10], root: str) -> str | None:
-    """The first pickle that is missing or fails torchvision's md5 check, else None."""
-    for filename, md5 in cls.train_list + cls.test_list:
+    """The first pickle (data batches, then the class-name meta file) that is missing or fails
+    torchvision's md5 check, else None."""
+    for filename, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
         path = os.path.join(root, cls.base_folder, filename)
         if not check_integrity(path, md5):
             return path

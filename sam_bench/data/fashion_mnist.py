@@ -12,6 +12,7 @@ import gzip
 import os
 import shutil
 import tempfile
+import zlib
 
 import torch
 from torchvision.datasets import FashionMNIST
@@ -40,7 +41,7 @@ def _extract_from(system_dir: str, root: str) -> None:
             with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
             os.replace(tmp, dst)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # missing, truncated, or corrupt deflate data
             os.unlink(tmp)
             raise DataError(f"fashion_mnist: cannot decompress {src} ({e}); reinstall the package (apt-get install --reinstall dataset-fashion-mnist)") from e
 

@@ -2,7 +2,7 @@
 
 Each comes from its torchvision class under ``<data_root>`` (checksummed download where the
 dataset's host still serves it; Stanford Cars must be placed by hand, see torchvision's docs).
-Training: Inception crop + flip to ``image_size``; evaluation: resize to ``resize`` + centre crop,
+Training: Inception crop + flip to ``image_size`` (``dataset.augment=none``: as evaluation); evaluation: resize to ``resize`` + centre crop,
 as for ImageNet. Streamed by :class:`StreamLoader` with the same interface as the CIFAR loader.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tvd
 
-from sam_bench.data.imagenet import eval_transform, train_transform
+from sam_bench.data.imagenet import augments, eval_transform, train_transform
 from sam_bench.data.stream import StreamLoader
 from sam_bench.errors import DataError
 
@@ -38,7 +38,7 @@ def build_finetune(ds, batch_size: int, eval_batch_size: int, device, seed: int,
     _, train_splits, test_split, _, classes = FINETUNE[ds.name]
     if ds.num_classes != classes:
         raise DataError(f"{ds.name} has {classes} classes; dataset.num_classes={ds.num_classes}")
-    tt = train_transform(ds.image_size)
+    tt = train_transform(ds.image_size) if augments(ds) else eval_transform(ds.image_size, ds.resize)
     parts = [_open(ds.name, s, ds.root, ds.download, tt) for s in train_splits]
     train_ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     test_ds = _open(ds.name, test_split, ds.root, ds.download, eval_transform(ds.image_size, ds.resize))

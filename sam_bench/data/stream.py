@@ -4,38 +4,93 @@ Workers decode and augment images into uint8 tensors (4x less to copy than float
 to the device through pinned memory and are normalised there. The iteration interface is
 :class:`~sam_bench.data.loader.DeviceLoader`'s (``epoch(epoch, start_step)``, ``__len__``,
 ``num_examples``, ``device``), so the trainer does not care which one it gets. Under
-torch.distributed each rank reads its shard through a ``DistributedSampler``.
+torch.distributed each rank reads only its slice of every global batch (``shards_by_rank``: the
+trainer does not slice these batches again), and the random crop and flip of an image are seeded
+by (seed, epoch, index), so a run resumed mid-epoch reads the same augmented images.
 """
 
 from __future__ import annotations
 
-import itertools
+import bisect
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from sam_bench.data.gpu_augment import normalize
 from sam_bench.data.loader import derived_seed
 from sam_bench.errors import DataError
 
 
-class _SkipSampler(Sampler[int]):
-    """A DistributedSampler for one epoch, starting ``skip`` indices in (resume mid-epoch)."""
+class _RankBatches(Sampler[list[tuple[int, int]]]):
+    """One epoch's batches from ``start_step`` on: the global batches a single process reads (one
+    shuffle per (seed, epoch), the last partial batch dropped when training), each cut to this
+    rank's slice as :class:`~sam_bench.engine.distributed.ShardedLoader` cuts a batch, so N ranks
+    read together exactly the single process's batches and each decodes only its own images.
+    Every index comes with its own augmentation seed (seed, epoch, index)."""
 
-    def __init__(self, inner: DistributedSampler, skip: int):
-        self.inner, self.skip = inner, skip
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, epoch: int,
+                 world: int, rank: int, start_step: int):
+        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = n, batch_size, shuffle, seed, epoch
+        self.world, self.rank, self.start_step = world, rank, start_step
+        self.batches = n // batch_size if drop_last else -(-n // batch_size)
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.inner), self.skip, None)
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))).tolist()
+        else:
+            order = list(range(self.n))
+        for b in range(self.start_step, self.batches):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            per = -(-len(batch) // self.world)
+            mine = batch[self.rank * per:(self.rank + 1) * per]
+            if mine:  # the last evaluation batch may leave a rank nothing
+                yield [(i, derived_seed(self.seed, self.epoch, i)) for i in mine]
 
     def __len__(self) -> int:
-        return max(0, len(self.inner) - self.skip)
+        return max(0, self.batches - self.start_step)
 
 
-def _collate_bytes(batch: Sequence) -> tuple[list[torch.Tensor], torch.Tensor]:
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.int64)
+class _SeededItems(Dataset):
+    """``dataset[i]`` with torch's CPU generator seeded for that one item: an image's random crop and
+    flip depend on (seed, epoch, index) only, not on which worker reads it or when, so a resumed
+    epoch repeats them. A file that cannot be decoded becomes a DataError naming it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, item_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(item_seed)
+            try:
+                image, label = self.dataset[index]
+            except DataError:
+                raise
+            except (OSError, SyntaxError, ValueError) as e:  # PIL inside a torchvision dataset class
+                raise DataError(f"{item_path(self.dataset, index)} is unreadable ({type(e).__name__}: {e}); it is truncated or "
+                                "corrupt: replace or delete it") from e
+        return image, label, index
+
+
+def item_path(dataset: Dataset, index: int) -> str:
+    """The file behind ``dataset[index]`` (ImageFolder, torchvision's dataset classes, ConcatDataset
+    of them), else a description by index."""
+    if isinstance(dataset, ConcatDataset):
+        part = bisect.bisect_right(dataset.cumulative_sizes, index)
+        start = dataset.cumulative_sizes[part - 1] if part else 0
+        return item_path(dataset.datasets[part], index - start)
+    for name in ("samples", "_samples"):  # [(path, label), ...]
+        if isinstance(getattr(dataset, name, None), list):
+            return str(getattr(dataset, name)[index][0])
+    for name in ("_image_files", "_images"):  # [path, ...]
+        if isinstance(getattr(dataset, name, None), list):
+            return str(getattr(dataset, name)[index])
+    return f"image {index} of {type(dataset).__name__}"
 
 
 def _one_line(e: Exception) -> str:
@@ -44,8 +99,23 @@ def _one_line(e: Exception) -> str:
     return last.split("DataError: ", 1)[-1]
 
 
+def _collate_bytes(batch: Sequence) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """JPEG files of a batch as one flat uint8 tensor and their lengths: a worker hands the main
+    process one tensor, not one per image (which also failed: "Bad file descriptor" while sharing)."""
+    files = [b[0] for b in batch]
+    flat = torch.cat(files) if files else torch.empty(0, dtype=torch.uint8)
+    lengths = torch.tensor([len(f) for f in files], dtype=torch.int64)
+    return (flat, lengths), torch.tensor([b[1] for b in batch], dtype=torch.int64), torch.tensor([b[2] for b in batch])
+
+
 class StreamLoader:
-    """Normalised float batches on ``device`` from a map-style dataset of (uint8 CHW, label)."""
+    """Normalised float batches on ``device`` from a map-style dataset of (uint8 CHW, label).
+
+    ``batch_size`` is the global batch and ``num_examples`` the whole split, as for
+    :class:`~sam_bench.data.loader.DeviceLoader`; under torch.distributed each rank receives its
+    slice of every batch (``shards_by_rank``)."""
+
+    shards_by_rank = True
 
     def __init__(
         self,
@@ -75,45 +145,63 @@ class StreamLoader:
         else:
             self.world, self.rank = 1, 0
 
-    def _sampler(self, epoch: int) -> DistributedSampler:
-        s = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=self.train, seed=self.seed, drop_last=self.train)
-        s.set_epoch(epoch)
-        return s
+    def _batches(self, epoch: int, start_step: int = 0) -> _RankBatches:
+        return _RankBatches(len(self.dataset), self.batch_size, shuffle=self.train, drop_last=self.train, seed=self.seed,
+                            epoch=epoch, world=self.world, rank=self.rank, start_step=start_step)
 
     @property
     def num_examples(self) -> int:
-        """Examples this rank sees per epoch."""
-        return len(self._sampler(0))
+        """Examples in the split (all ranks together)."""
+        return len(self.dataset)
 
     def __len__(self) -> int:
-        n = self.num_examples
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return self._batches(0).batches
 
-    def _to_device(self, images) -> torch.Tensor:
-        if self.gpu_transform is not None:
-            from torchvision.io import ImageReadMode, decode_jpeg
+    def _decode(self, images: list[torch.Tensor], seeds: list[int], indices: list[int]) -> torch.Tensor:
+        """JPEG bytes -> the transformed uint8 images on the device, each transform seeded like a
+        worker's (:class:`_SeededItems`); a file that cannot be decoded named in a DataError."""
+        from torchvision.io import ImageReadMode, decode_jpeg
 
+        try:
             decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
-            images = torch.stack([self.gpu_transform(im) for im in decoded])
+        except RuntimeError:
+            for data, index in zip(images, indices):  # find the culprit
+                try:
+                    decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError as e:
+                    raise DataError(f"{item_path(self.dataset, index)} is unreadable ({str(e).strip().splitlines()[0]}); it is "
+                                    "truncated or corrupt: replace or delete it") from None
+            raise
+        out = []
+        for image, item_seed in zip(decoded, seeds):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(item_seed)
+                out.append(self.gpu_transform(image))
+        return torch.stack(out)
+
+    def _to_device(self, images, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        if self.gpu_transform is not None:
+            flat, lengths = images
+            idx = indices.tolist()
+            images = self._decode(list(flat.split(lengths.tolist())), [derived_seed(self.seed, epoch, i) for i in idx], idx)
         else:
             images = images.to(self.device, non_blocking=True)
         return normalize(images, self.mean, self.std).contiguous(memory_format=self.memory_format)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of ``epoch`` from ``start_step`` on (same order for the same seed)."""
+        """This rank's part of the batches of ``epoch`` from ``start_step`` on (same images, same
+        augmentation for the same seed, whatever the number of workers or where it resumed)."""
         loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=_SkipSampler(self._sampler(epoch), start_step * self.batch_size),
+            _SeededItems(self.dataset),
+            batch_sampler=self._batches(epoch, start_step),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda" and self.gpu_transform is None,
-            drop_last=self.train,
             persistent_workers=False,
             collate_fn=_collate_bytes if self.gpu_transform is not None else None,
-            generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)),  # worker seeds per epoch
+            generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)),  # never the global RNG
         )
         try:
-            for images, labels in loader:
-                yield self._to_device(images), labels.to(self.device, non_blocking=True)
+            for images, labels, indices in loader:
+                yield self._to_device(images, indices, epoch), labels.to(self.device, non_blocking=True)
         except DataError as e:
             raise DataError(_one_line(e)) from None

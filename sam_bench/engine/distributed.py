@@ -77,6 +77,14 @@ class ShardedLoader:
             yield images[sl], labels[sl]
 
 
+def shard(loader, info: DistInfo):
+    """``loader`` giving each rank its slice of every batch: wrapped in :class:`ShardedLoader`, unless
+    it cuts the batches itself (``shards_by_rank``: a streamed loader reads only its own images)."""
+    if loader is None or not info.enabled or getattr(loader, "shards_by_rank", False):
+        return loader
+    return ShardedLoader(loader, info)
+
+
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True when ``flag`` is true on any rank (every rank must call it at the same point)."""
     if not info.enabled:

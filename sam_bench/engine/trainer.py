@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
-from sam_bench.engine.distributed import DistInfo, ShardedLoader, all_reduce_sum, any_rank, init_distributed, per_rank_batch
+from sam_bench.engine.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, per_rank_batch, shard
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
 from sam_bench.engine.rundir import ensure_writable, run_lock
@@ -294,10 +294,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     seed_everything(cfg.seed + dist_info.rank)  # dropout & co differ per rank; DDP broadcasts rank 0's weights
     channels_last = tr.channels_last and device.type == "cuda"
     data: DataBundle = build_data(cfg.dataset, tr.batch_size, tr.eval_batch_size, device, cfg.seed, channels_last)
-    if dist_info.enabled:  # same global batches on every rank, each keeps its slice
-        data.train, data.test = ShardedLoader(data.train, dist_info), ShardedLoader(data.test, dist_info)
-        data.val = ShardedLoader(data.val, dist_info) if data.val is not None else None
-        data.noisy_train = ShardedLoader(data.noisy_train, dist_info) if data.noisy_train is not None else None
+    # same global batches on every rank, each keeps its slice
+    data.train, data.test, data.val, data.noisy_train = (shard(x, dist_info) for x in (data.train, data.test, data.val, data.noisy_train))
     if data.noise is not None:
         noise_file, noise_sha = data.noise.save(run_dir)
         log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
