@@ -1,5 +1,7 @@
 """The CLI end to end in subprocesses: train, multirun, report, resume, bad input."""
 
+import csv
+import io
 import json
 import signal
 import subprocess
@@ -88,6 +90,24 @@ def test_multirun_sgd_and_sam_then_report(cli_env, tmp_path):
     # a comma list with a name that is no directory is still split at its commas
     missing = run(["report", f"runs=[{tmp_path / 'x=1'},{tmp_path / 'y=2'}]", f"out={tmp_path / 'none'}"], cli_env, check=False)
     assert missing.returncode == 2 and f"'{tmp_path / 'x=1'}', '{tmp_path / 'y=2'}'" in missing.stderr
+
+
+def test_rho_sweep_with_a_validation_split_is_chosen_on_it_by_the_report(cli_env, tmp_path):
+    """The trainer records the final validation (and, above 5 classes, top-5) errors in result.json,
+    and the report marks the ρ with the lowest one: the paper's protocol, end to end."""
+    run(["train", "-m", *TINY, "trainer.epochs=1", "optimizer.rho=0.05,0.5", "dataset.val_size=64", "dataset.num_classes=10"], cli_env)
+    files = sorted((tmp_path / "multirun").rglob("result.json"))
+    results = [json.loads(p.read_text()) for p in files]
+    assert len(results) == 2
+    for path, r in zip(files, results):
+        last = json.loads((path.parent / "metrics.jsonl").read_text().splitlines()[-1])
+        assert (r["final_val_error"], r["final_val_loss"], r["final_test_top5_error"]) == \
+            (last["val_error"], last["val_loss"], last["test_top5_error"])
+        assert 0 <= r["final_test_top5_error"] <= r["final_test_error"]
+    chosen = min(results, key=lambda r: (r["final_val_error"], r["config"]["optimizer"]["rho"]))["config"]["optimizer"]["rho"]
+    run(["report", f"runs=[{tmp_path / 'multirun'}]", f"out={tmp_path / 'out'}"], cli_env)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "sweeps.csv").read_text())))
+    assert {(float(r["rho"]), r["chosen"]) for r in rows} == {(0.05, "1" if chosen == 0.05 else "0"), (0.5, "1" if chosen == 0.5 else "0")}
 
 
 def test_killed_run_resumes_to_the_same_result(cli_env, tmp_path):

@@ -180,11 +180,11 @@ def test_streamed_datasets_are_refused_with_the_reason():
         training_images({"dataset": {"name": "imagenet"}}, 100, 10, 0, torch.device("cpu"), None)
 
 
-def fake_spectrum(path, arch, dataset, optimizer, rho, epoch, eigenvalues, converged=True):
+def fake_spectrum(path, arch, dataset, optimizer, rho, epoch, eigenvalues, converged=True, **extra):
     path.parent.mkdir(parents=True, exist_ok=True)
     k = len(eigenvalues)
     spectrum = {"arch": arch, "dataset": dataset, "optimizer": optimizer, "rho": rho, "epoch": epoch, "images": 5000,
-                "eigenvalues": eigenvalues, "lambda_max": eigenvalues[0], f"lambda_max_over_lambda_{k}": eigenvalues[0] / eigenvalues[-1]}
+                "eigenvalues": eigenvalues, "lambda_max": eigenvalues[0], f"lambda_max_over_lambda_{k}": eigenvalues[0] / eigenvalues[-1], **extra}
     if converged is not None:
         spectrum["converged"] = [converged] * k
     path.write_text(json.dumps(spectrum))
@@ -217,6 +217,24 @@ def test_report_puts_spectra_beside_fig3_left(tmp_path):
     assert "| wrn_mini | synthetic | sam | 0.05 | 2 | 5000 | 3, 1.5 | 2 | — |" in listed  # no convergence record: not claimed
     assert "5 of 5" in listed
     assert "[Hessian spectra, Fig. 3 left](hessian.md): 6 spectra" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_spectrum_measured_again_is_not_another_training_seed(tmp_path):
+    """The README's convergence check (lanczos_seed=1 on the same checkpoint) gives a second file
+    for one training run: the mean over training seeds counts that run once."""
+    from sam_bench.report import write_report
+
+    runs = tmp_path / "runs"
+    args = ("wrn40_10_nobn", "cifar10", "sgd", 0.0, 300)
+    fake_spectrum(runs / "s0" / "hessian_checkpoint_epoch0300.json", *args, [20.0, 8, 6, 4, 2.0], training_seed=0, lanczos_seed=0)
+    fake_spectrum(runs / "s0" / "hessian_again.json", *args, [20.5, 8, 6, 4, 2.0], training_seed=0, lanczos_seed=1)
+    fake_spectrum(runs / "s1" / "hessian_checkpoint_epoch0300.json", *args, [30.0, 9, 7, 5, 2.5], training_seed=1, lanczos_seed=0)
+    write_report([str(runs)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "hessian.md").read_text()
+    assert "| SGD | 300 | 24.2 | 25 (2) | 11.4 | 11 (2) |" in md  # seeds 0 and 1, the restart not counted
+    grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]
+    assert "| 25 ± 7.07 | 11 ± 1.41 (5) | 2 |" in grouped
+    assert md.split("## Every spectrum measured")[1].count("hessian_") == 3  # every file still listed
 
 
 @pytest.mark.gpu

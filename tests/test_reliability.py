@@ -249,6 +249,32 @@ def test_killed_anywhere_resumes_bit_exactly(compose_train, tmp_path):
     assert momenta and all(torch.equal(x, y) for x, y in momenta)
 
 
+@pytest.mark.parametrize("fault", ["checkpoint_written@3", "checkpoint_rotated@3"])
+def test_killed_in_the_last_checkpoint_finishes_with_every_epoch_recorded(compose_train, tmp_path, fault):
+    """Killed while the final epoch's checkpoint is rotated in: the re-run finds the training done,
+    completes the rotation, and writes metrics.jsonl (it still lacked that epoch) and the result."""
+    cfg = compose_train(TINY)  # 3 epochs: the third checkpoint write is the last
+    assert _run_child(cfg, tmp_path / "clean") == 0
+    assert _run_child(cfg, tmp_path / "victim", fault) == -signal.SIGKILL
+    assert len(_metrics(tmp_path / "victim")) == 2
+    assert _run_child(cfg, tmp_path / "victim") == 0
+    assert _metrics(tmp_path / "victim") == _metrics(tmp_path / "clean")
+    assert json.loads((tmp_path / "victim" / "result.json").read_text())["final_test_loss"] == \
+        json.loads((tmp_path / "clean" / "result.json").read_text())["final_test_loss"]
+    files = {p.name: ckpt.read_checkpoint(p)["epoch"] for p in ckpt.checkpoint_files(tmp_path / "victim")}
+    assert files == {ckpt.CHECKPOINT: 3, ckpt.PREVIOUS: 2}  # as an uninterrupted run leaves them
+
+
+def test_preempted_during_the_epoch_end_checkpoint_keeps_the_previous_epoch(compose_train, tmp_path):
+    """SIGTERM while epoch 2's checkpoint is written: that checkpoint is the one the run stops with;
+    it is not written a second time, which would turn epoch 1's fallback into a copy of it."""
+    cfg = compose_train([*TINY, "trainer.keep_epochs=[2]"])
+    assert _run_child(cfg, tmp_path, "checkpoint_written@2:TERM") == PREEMPTED_EXIT_CODE
+    files = {p.name: ckpt.read_checkpoint(p)["epoch"] for p in ckpt.checkpoint_files(tmp_path)}
+    assert files == {ckpt.CHECKPOINT: 2, ckpt.PREVIOUS: 1}
+    assert ckpt.read_checkpoint(tmp_path / ckpt.kept_name(2))["epoch"] == 2
+
+
 def test_nonfinite_state_is_never_checkpointed(compose_train, tmp_path):
     cfg = compose_train([*TINY, "trainer.checkpoint_every_steps=2", "optimizer.lr=1e30", "optimizer.grad_clip=null"])
     with pytest.raises(TrainingDiverged, match=r"non-finite training loss or gradient at step \d+ \(epoch 1\)"):

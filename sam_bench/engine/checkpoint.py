@@ -98,6 +98,21 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = 
     return newest
 
 
+def complete_rotation(run_dir: Path, loaded: Path) -> Path:
+    """Finish the rotation a kill interrupted when the checkpoint resumed from is the new one not yet
+    renamed (``NEXT``): the newest becomes the previous, ``NEXT`` the newest, as
+    :func:`save_checkpoint` would have ended. Returns where the loaded checkpoint now is."""
+    run_dir = Path(run_dir)
+    if Path(loaded).name != NEXT:
+        return Path(loaded)
+    newest = run_dir / CHECKPOINT
+    if newest.exists():
+        os.replace(newest, run_dir / PREVIOUS)
+    os.replace(run_dir / NEXT, newest)
+    fsync_dir(run_dir)
+    return newest
+
+
 def kept_name(epoch: int) -> str:
     """The lasting copy of the checkpoint at the end of ``epoch`` (``trainer.keep_epochs``)."""
     return f"{KEPT_PREFIX}{epoch:04d}.pt"

@@ -231,19 +231,25 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DeviceLoader, amp, dist_info: DistInfo = DistInfo()) -> dict[str, float]:
-    """Test loss and error (%) over the whole split, in eval mode (summed over ranks under DDP)."""
+    """Test loss, error and (with more than 5 classes) top-5 error (%) over the whole split, in eval
+    mode (summed over ranks under DDP)."""
     model.eval()
     device = loader.device
-    loss_sum = torch.zeros((), device=device)
-    errors = torch.zeros((), device=device, dtype=torch.long)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, errors, top-5 errors
+    classes = 0
     for images, labels in loader.epoch(0):
         with amp():
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        errors += (logits.argmax(dim=1) != labels).sum()
-    loss_sum, errors = all_reduce_sum(torch.stack([loss_sum.double(), errors.double()]), dist_info).tolist()
+        classes = logits.shape[1]
+        missed5 = (logits.topk(min(5, classes), dim=1).indices != labels[:, None]).all(dim=1)
+        sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum").double(),
+                             (logits.argmax(dim=1) != labels).sum().double(), missed5.sum().double()])
+    loss_sum, errors, errors5 = all_reduce_sum(sums, dist_info).tolist()
     n = loader.num_examples
-    return {"test_loss": loss_sum / n, "test_error": 100.0 * errors / n}
+    out = {"test_loss": loss_sum / n, "test_error": 100.0 * errors / n}
+    if classes > 5:
+        out["test_top5_error"] = 100.0 * errors5 / n
+    return out
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -336,8 +342,12 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["partial"].items()}
         guard.checked_step = global_step
         guard.last_checkpoint = f"{path}, step {global_step}"
-        log.info("resuming %s from epoch %d step %d (global step %d)", run_dir, start_epoch + 1,
-                 partial["epoch_step"] if partial else 0, global_step)
+        path = ckpt.complete_rotation(run_dir, path)
+        if start_epoch >= tr.epochs:
+            log.info("%s holds the finished training (epoch %d of %d); writing its result", path, start_epoch, tr.epochs)
+        else:
+            log.info("resuming %s from epoch %d step %d (global step %d)", run_dir, start_epoch + 1,
+                     partial["epoch_step"] if partial else 0, global_step)
 
     def save(epoch_done: int, step: int, progress: dict[str, Any] | None) -> Path:
         """Checkpoint the full state; refuses (TrainingDiverged) to write non-finite weights."""
@@ -370,7 +380,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         guard.last_checkpoint = f"{path}, step {step}"
         return path
 
-    def stop_if_preempted(epoch_done: int, step: int, progress: dict[str, Any] | None) -> None:
+    def stop_if_preempted(epoch_done: int, step: int, progress: dict[str, Any] | None, written: Path | None = None) -> None:
+        """Checkpoint and stop if a preemption signal came; ``written``: this state's checkpoint was
+        just saved (the epoch end), so it is not written again (that would rotate the previous
+        epoch's fallback away)."""
         if dist_info.enabled:  # all ranks stop at the same step: agree at log intervals and epoch ends
             if progress is not None and step % tr.log_every_steps:
                 return
@@ -378,7 +391,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                 return
         elif not preempt.requested:
             return
-        where = f"{save(epoch_done, step, progress)} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
+        if written is None and tr.checkpoint:
+            written = save(epoch_done, step, progress)
+        where = f"{written} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
         raise Preempted(f"stopped by {preempt.signal_name} at step {step}; checkpoint {where}; re-run the same command to resume")
 
     def after_step(epoch: int, step: int, progress: dict[str, Any]) -> None:
@@ -452,13 +467,14 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), epoch + 1)
             writer.flush()
-            if tr.checkpoint:
-                save(epoch + 1, global_step, None)
+            written = save(epoch + 1, global_step, None) if tr.checkpoint else None
             if main:
                 write_metrics(run_dir, history)
             if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
-                stop_if_preempted(epoch + 1, global_step, None)
+                stop_if_preempted(epoch + 1, global_step, None, written)
     writer.close()
+    if main:  # a run killed between its last checkpoint and metrics.jsonl resumes straight to here
+        write_metrics(run_dir, history)
 
     last = history[-1]
     result = {
@@ -467,6 +483,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         "final_test_error": last["test_error"],
         "final_test_loss": last["test_loss"],
         "final_train_error": last["train_error"],
+        **{f"final_{k}": last[k] for k in ("test_top5_error", "val_error", "val_loss", "val_top5_error") if last.get(k) is not None},
         "epochs": tr.epochs,
         "steps": global_step,
         "seed": cfg.seed,

@@ -57,11 +57,23 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.3g}"
 
 
+def one_per_training_seed(spectra: list[dict]) -> list[dict]:
+    """The replicates of a mean over training seeds: one spectrum per training run. Spectra of the
+    same run measured again (another ``lanczos_seed``, the convergence check) are not more seeds;
+    the one with the lowest Lanczos seed (then path) stands for its run. Spectra without a
+    recorded training seed count each (files from before it was recorded)."""
+    chosen: dict[object, dict] = {}
+    for s in sorted(spectra, key=lambda s: (_sortable(s.get("lanczos_seed")), s["path"])):
+        run = ("seed", s["training_seed"]) if s.get("training_seed") is not None else ("file", s["path"])
+        chosen.setdefault(run, s)
+    return sorted(chosen.values(), key=lambda s: s["path"])
+
+
 def _paper_rows(spectra: list[dict]) -> list[str]:
     rows = []
     for p in paper_spectra():
-        ours = [s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
-                and s.get("optimizer") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]]
+        ours = one_per_training_seed([s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
+                                      and s.get("optimizer") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]])
         rhos = sorted({s.get("rho") for s in ours}, key=str)
         if len(rhos) > 1:  # different experiments: not averaged
             lam = ratio = f"several ρ ({', '.join(map(str, rhos))}): see the list"
@@ -99,6 +111,7 @@ def spectra_markdown(spectra: list[dict]) -> str:
         key = tuple(s.get(k) for k in ("name", "arch", "dataset", "optimizer", "rho", "epoch", "images")) + (len(s["eigenvalues"]),)
         groups.setdefault(key, []).append(s)
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(_sortable, kv[0]))):
+        members = one_per_training_seed(members)
         ratios = [r for r in map(_ratio, members) if r is not None]
         lines.append(f"| {' | '.join(map(str, key[:7]))} | {_mean_std([m['lambda_max'] for m in members])} "
                      f"| {_mean_std(ratios)} ({key[7]}) | {len(members)} |")
