@@ -160,6 +160,9 @@ class TrainerConfig:
     # also keep a copy of the checkpoint after these epochs (checkpoint_epoch<N>.pt), e.g. [1, 50, 300]
     # for the Hessian spectra of Fig. 3 (sam-bench hessian)
     keep_epochs: List[int] = field(default_factory=list)
+    # Table 11: after training, estimate max_ε L(w+ε) − L(w) (L = error rate, %) over one epoch of
+    # training batches with the run's own ascent; result.json field final_sharpness
+    final_sharpness: bool = False
 
 
 @dataclass
@@ -229,6 +232,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.checkpoint",
     "dataset.num_workers",
     "trainer.checkpoint_every_steps",
+    "trainer.final_sharpness",  # a measurement after training; the training is the same
 )
 
 

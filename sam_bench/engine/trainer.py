@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from sam_bench.analysis.sharpness import estimate_sharpness
 from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
@@ -475,6 +476,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     writer.close()
     if main:  # a run killed between its last checkpoint and metrics.jsonl resumes straight to here
         write_metrics(run_dir, history)
+    sharpness = _final_sharpness(cfg, model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info) if tr.final_sharpness else None
 
     last = history[-1]
     result = {
@@ -484,6 +486,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         "final_test_loss": last["test_loss"],
         "final_train_error": last["train_error"],
         **{f"final_{k}": last[k] for k in ("test_top5_error", "val_error", "val_loss", "val_top5_error") if last.get(k) is not None},
+        **({"final_sharpness": sharpness} if sharpness is not None else {}),
         "epochs": tr.epochs,
         "steps": global_step,
         "seed": cfg.seed,
@@ -507,6 +510,23 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         atomic_write_json(run_dir / RESULT_FILE, result)
     log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
     return result
+
+
+def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo) -> float | None:
+    """Table 11's sharpness (:mod:`sam_bench.analysis.sharpness`) over one more epoch of training
+    batches, each rank on its own slice with its own ε (the raw model: no gradient all-reduce)."""
+    if not optimizer.two_pass:
+        log.info("trainer.final_sharpness: skipped, rho = 0 (SGD) has no perturbation to measure")
+        return None
+    t0 = time.perf_counter()
+    total, count = estimate_sharpness(model, optimizer, train.epoch(cfg.trainer.epochs), loss_fn, amp, rng, bn_mode == "frozen")
+    device = next(model.parameters()).device
+    total, count = all_reduce_sum(torch.stack([total.to(device, torch.float64), torch.tensor(float(count), device=device, dtype=torch.float64)]),
+                                  dist_info).tolist()
+    sharpness = total / count
+    log.info("sharpness max_eps err(w+eps) - err(w) = %.3f%% (rho %g, %d ascent step(s), %d batches, %.0fs)", sharpness,
+             cfg.optimizer.rho, optimizer.ascent_steps, int(count), time.perf_counter() - t0)
+    return sharpness
 
 
 def _no_buffer_sync() -> dict[str, bool]:

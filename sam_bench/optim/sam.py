@@ -368,7 +368,7 @@ class SAM(torch.optim.Optimizer):
         if not self._l2_preloaded:
             self._add_l2()  # official: the L2 term is evaluated at w + ε̂ too
         self._l2_preloaded = False
-        torch._foreach_copy_(self._perturbed, self._backup)
+        self.restore()
         if self.second_order:
             if hvp is None:
                 raise ValueError("second_order=True needs the step to pass hvp= to second_step")
@@ -376,6 +376,13 @@ class SAM(torch.optim.Optimizer):
         self.descend(found_inf)
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the w saved by :meth:`first_step` (exactly), without a descent step."""
+        if self._backup is None:
+            raise RuntimeError("restore() called before first_step()")
+        torch._foreach_copy_(self._perturbed, self._backup)
 
     @torch.no_grad()
     def _add_second_order(self, hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> None:

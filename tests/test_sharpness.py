@@ -1,0 +1,110 @@
+"""Table 11's sharpness estimate against an independent float64 reference."""
+
+import copy
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from sam_bench.analysis.sharpness import estimate_sharpness
+from sam_bench.engine.step import RngReplay
+from sam_bench.optim.sam import SAM
+
+RHO, L2 = 0.8, 5e-3
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 5)).double()
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (12,), generator=g)) for _ in range(3)]
+
+
+def reference(model: nn.Module, data, steps: int) -> float:
+    """err(w+ε) − err(w) (%) per batch, averaged: ε by `steps` projected ascent steps on CE + L2/2·‖w‖²,
+    every forward in train mode from the same RNG state, BN statistics of the batch, nothing updated."""
+    names = [n for n, _ in model.named_parameters()]
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def forward(params, x, state):
+        torch.set_rng_state(state)
+        return functional_call(model, (params, {n: b.clone() for n, b in buffers.items()}), (x,))
+
+    def direction(params, x, y, state):
+        ps = {n: params[n].clone().requires_grad_(True) for n in names}
+        loss = nn.functional.cross_entropy(forward(ps, x, state), y)
+        grads = torch.autograd.grad(loss, [ps[n] for n in names])
+        grads = [g + L2 * ps[n].detach() for g, n in zip(grads, names)]
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        return [RHO * g / norm for g in grads]
+
+    gaps = []
+    for x, y in data:
+        state = torch.get_rng_state()
+        eps = direction(w, x, y, state)
+        for _ in range(steps - 1):
+            step = direction({n: w[n] + e for n, e in zip(names, eps)}, x, y, state)
+            eps = [e + s for e, s in zip(eps, step)]
+            norm = torch.sqrt(sum((e * e).sum() for e in eps))
+            eps = [e * min(1.0, RHO / norm.item()) for e in eps]
+        err = lambda params: (forward(params, x, state).argmax(1) != y).double().mean().item()  # noqa: E731
+        gaps.append(100.0 * (err({n: w[n] + e for n, e in zip(names, eps)}) - err(w)))  # RNG left one forward on
+    return sum(gaps) / len(gaps)
+
+
+def test_sharpness_matches_the_reference_and_leaves_the_model_as_it_was():
+    for steps in (1, 2, 3):
+        model = tiny_model()
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, weight_decay=L2, ascent_steps=steps, lr=0.1, momentum=0.9)
+        x, y = batches()[0]
+        nn.functional.cross_entropy(model(x), y).backward()  # give the base optimizer a momentum buffer
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y).backward())
+        before = copy.deepcopy(model.state_dict())
+        momentum = {k: v["momentum_buffer"].clone() for k, v in opt.base_optimizer.state.items()}
+
+        torch.manual_seed(7)
+        want = reference(model, batches(), steps)
+        torch.manual_seed(7)
+        total, count = estimate_sharpness(model, opt, batches(), nn.CrossEntropyLoss(), contextlib.nullcontext, RngReplay(torch.device("cpu")))
+        assert count == 3
+        assert abs(total.item() / count - want) < 1e-10, (steps, total.item() / count, want)
+        assert want != 0.0  # the perturbation changes some predictions: the comparison is not vacuous
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), steps  # weights and BN statistics
+        assert all(torch.equal(momentum[k], v["momentum_buffer"]) for k, v in opt.base_optimizer.state.items())
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_run_with_final_sharpness_fills_table11(tmp_path):
+    """trainer.final_sharpness=true: result.json gets final_sharpness, and the report puts it (and
+    the test error) in Table 11's row for the run's number of ascent steps."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sam_bench.cli import _register
+    from sam_bench.engine.trainer import fit
+    from sam_bench.paths import config_dir
+    from sam_bench.report import write_report
+
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "dataset=synthetic", "dataset.train_size=128", "dataset.test_size=64", "model=wrn", "model.kwargs.depth=10",
+            "model.kwargs.width=1", "trainer.batch_size=32", "trainer.epochs=1", "trainer.progress=false",
+            "optimizer.ascent_steps=2", "trainer.final_sharpness=true", "name=table11/k2/cifar10"])
+    GlobalHydra.instance().clear()
+    result = fit(cfg, tmp_path / "runs" / "r")
+    assert isinstance(result["final_sharpness"], float)
+    assert json.loads((tmp_path / "runs" / "r" / "result.json").read_text())["final_sharpness"] == result["final_sharpness"]
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    row = next(line for line in (tmp_path / "out" / "table11.md").read_text().splitlines() if line.startswith("| 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{result['final_test_error']:.2f} (n=1)" and cells[5] == f"{result['final_sharpness']:.2f} (n=1)"
