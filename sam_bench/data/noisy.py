@@ -17,12 +17,14 @@ noisy labels, as in practice).
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sam_bench.errors import ConfigError, DataError
+from sam_bench.tracking.results import atomic_write_bytes
 
 MODES = ("uniform", "exclusive", "asymmetric")
 NOISE_FILE = "noisy_labels.pt"
@@ -48,10 +50,13 @@ class NoisyLabels:
         return self.corrupted.float().mean().item()
 
     def save(self, run_dir: Path) -> tuple[Path, str]:
-        """Write ``noisy_labels.pt`` beside the run; returns (path, sha256 of the file)."""
+        """Write ``noisy_labels.pt`` beside the run (atomically: every rank of a torchrun job writes
+        the same bytes); returns (path, sha256 of the file)."""
         path = Path(run_dir) / NOISE_FILE
-        torch.save({"clean": self.clean, "noisy": self.noisy, "rate": self.rate, "mode": self.mode, "seed": self.seed}, path)
-        return path, hashlib.sha256(path.read_bytes()).hexdigest()
+        buf = io.BytesIO()
+        torch.save({"clean": self.clean, "noisy": self.noisy, "rate": self.rate, "mode": self.mode, "seed": self.seed}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        return path, hashlib.sha256(buf.getvalue()).hexdigest()
 
     @classmethod
     def load(cls, path: Path) -> "NoisyLabels":
