@@ -89,6 +89,25 @@ def shake_shake_params(blocks: int, width: int, k: int) -> int:
     return total + dense(cin, k)
 
 
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_wide_resnet_block_adds_its_input_unchanged(bn):
+    """Pre-activation block (not the first of a group): branch(relu(bn(x))) + x, with x itself, not
+    relu(x), on the shortcut, and x left as it was (an in-place ReLU right after a removed BN would
+    overwrite it: Fig. 3's WRN without BN)."""
+    from sam_bench.models.wide_resnet import WideResNetBlock
+
+    torch.manual_seed(0)
+    block = WideResNetBlock(8, 8, 1, activate_before_residual=False, dropout=0.0, bn=bn).double().eval()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    x0 = x.clone()
+    out = block(x)
+    assert torch.equal(x, x0)
+    pre = torch.relu(block.init_bn[0](x0))
+    branch = block.conv2(torch.relu(block.bn2[0](block.conv1(pre))))
+    assert torch.allclose(out, branch + x0, rtol=0, atol=1e-12)
+    assert (x0 < 0).any()  # relu(x) != x here: the check can tell them apart
+
 def test_shake_shake_26_2x96d_parameter_count():
     n = count_on_meta("shake_shake_26_2x96d", num_classes=10)
     assert n == shake_shake_params(4, 6, 10) == 26_192_922

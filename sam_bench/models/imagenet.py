@@ -2,7 +2,10 @@
 
 ResNet-50/101/152: timm's ``resnet50/101/152`` are the official code's ResNet V1 (stride in the
 3x3 convolution, 1x1-conv + BN projection shortcuts, 7x7 stem + max-pool); ``zero_init_last=True``
-(timm's default) zero-initialises the last BN γ of each block, as the official code does.
+(timm's default) zero-initialises the last BN γ of each block, as the official code does. Two
+differences from the official ``sam_jax/imagenet_models/resnet.py`` remain, kept as timm (and every
+other ResNet) has them: its stem has no ReLU between the BN and the max-pool, and its convolutions
+start from flax's default LeCun-normal initialisation (timm: Kaiming-normal, fan-out).
 
 EfficientNet-B7/L2 for finetuning (Table 3): timm's TF-ported ``tf_efficientnet_b7.ra_in1k``
 (RandAugment, the paper's b7 checkpoint) and ``tf_efficientnet_l2.ns_jft_in1k_475`` (NoisyStudent

@@ -24,7 +24,9 @@ SHORTCUTS = ("official", "conv1x1")
 
 
 def _bn_relu(channels: int, bn: bool = True) -> nn.Sequential:
-    return nn.Sequential(batchnorm(channels, bn), nn.ReLU(inplace=True))
+    """BN then ReLU. The ReLU works in place only after a BN, whose output is a new tensor: without
+    BN it would overwrite its input, which a block still adds as its shortcut."""
+    return nn.Sequential(batchnorm(channels, bn), nn.ReLU(inplace=bn))
 
 
 class WideResNetBlock(nn.Module):
