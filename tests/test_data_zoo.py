@@ -417,6 +417,30 @@ def test_fit_records_validation_and_label_noise(compose_train, tmp_path):
     assert 0.0 <= result["fitted_noisy_labels_pct"] <= 100.0
 
 
+def test_fit_trains_and_resumes_on_a_streamed_imagefolder(compose_train, tmp_path):
+    """The trainer end to end on ImageNet's on-disk layout: trains, evaluates every val image,
+    records top-5, and a re-run of the finished run is refused nothing and trains nothing."""
+    import json
+
+    from sam_bench.data.stream import dataset_labels
+    from sam_bench.engine.trainer import fit
+
+    write_image_folder(tmp_path / "data" / "imagenet" / "train", classes=("n01", "n02", "n03", "n04", "n05", "n06"), per_class=6)
+    write_image_folder(tmp_path / "data" / "imagenet" / "val", classes=("n01", "n02", "n03", "n04", "n05", "n06"), per_class=2, seed=1)
+    cfg = compose_train(["dataset=imagenet", f"data_root={tmp_path / 'data'}", "dataset.num_classes=6", "dataset.image_size=16",
+                         "dataset.resize=20", "dataset.num_workers=0", "model=wrn", "model.kwargs.depth=10", "model.kwargs.width=1",
+                         "trainer.batch_size=12", "trainer.eval_batch_size=5", "trainer.epochs=2", "trainer.progress=false",
+                         "trainer.device=cpu"])
+    result = fit(cfg, tmp_path / "run")
+    assert result["steps"] == 6 and result["status"] == "complete"
+    assert 0 <= result["final_test_top5_error"] <= result["final_test_error"] and result["final_test_error"] in [100 * k / 12 for k in range(13)]
+    train, _ = build_imagenet(imagenet_cfg(tmp_path / "data", num_classes=6), 12, 5, torch.device("cpu"), 0, False)
+    assert dataset_labels(train.dataset) == [c for c in range(6) for _ in range(6)] and train.labels.shape == (36,)
+    again = fit(cfg, tmp_path / "run")  # finished: read back, not trained again
+    assert again["final_test_error"] == result["final_test_error"]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 6
+
+
 def test_validate_rejects_bad_data_options(compose_train):
     from sam_bench.schema import validate
 

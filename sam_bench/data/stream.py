@@ -93,6 +93,20 @@ def item_path(dataset: Dataset, index: int) -> str:
     return f"image {index} of {type(dataset).__name__}"
 
 
+def dataset_labels(dataset: Dataset) -> list[int] | None:
+    """The labels a map-style dataset keeps in a list (ImageFolder, torchvision's dataset classes,
+    ConcatDataset of them), without reading any image; None when it keeps none."""
+    if isinstance(dataset, ConcatDataset):
+        parts = [dataset_labels(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else [y for p in parts for y in p]
+    for name in ("targets", "_labels"):
+        if isinstance(getattr(dataset, name, None), list):
+            return [int(y) for y in getattr(dataset, name)]
+    if isinstance(getattr(dataset, "_samples", None), list):  # StanfordCars: [(path, label), ...]
+        return [int(y) for _, y in dataset._samples]
+    return None
+
+
 def _one_line(e: Exception) -> str:
     """The original message of an error re-raised from a DataLoader worker (it embeds a traceback)."""
     last = str(e).strip().splitlines()[-1]
@@ -153,6 +167,14 @@ class StreamLoader:
     def num_examples(self) -> int:
         """Examples in the split (all ranks together)."""
         return len(self.dataset)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every label of the split in index order, as the dataset lists them without reading an
+        image (ImageFolder's ``targets``, torchvision's ``_labels``); empty when it lists none.
+        The trainer hashes them to refuse resuming a run whose labels changed."""
+        found = dataset_labels(self.dataset)
+        return torch.as_tensor(found if found is not None else [], dtype=torch.int64)
 
     def __len__(self) -> int:
         return self._batches(0).batches
