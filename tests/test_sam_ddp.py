@@ -15,6 +15,7 @@ from sam_bench.engine.step import train_step
 from sam_bench.optim import SAM, batchnorm_modules
 
 N, M, STEPS = 8, 4, 2
+VARIANTS = ("clean", "sync", "both")
 NO_AMP = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
 
@@ -35,22 +36,24 @@ def _worker(rank, world, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for sync in (False, True):
-            _train(rank, f"{out}_{sync}")
+        for variant in VARIANTS:
+            _train(rank, f"{out}_{variant}")
     finally:
         dist.destroy_process_group()
 
 
 def _train(rank: int, out: str) -> None:
-    """Train on this rank's half of each batch; save the model state to ``out.<rank>``."""
-    sync = out.endswith("True")
+    """Train on this rank's half of each batch; save the model state to ``out.<rank>``. Variant
+    "clean": BN statistics from the clean pass; "sync": synchronised ascent; "both": BN statistics
+    from both passes."""
+    sync, both = out.endswith("_sync"), out.endswith("_both")
     model, _ = model_and_opt()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.05, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True)
     for s in range(STEPS):
         x, y = batch(s)
         sl = slice(rank * M, (rank + 1) * M)
-        train_step(ddp, opt, x[sl], y[sl], F.cross_entropy, NO_AMP, batchnorm_modules(model), sync_perturbation=sync)
+        train_step(ddp, opt, x[sl], y[sl], F.cross_entropy, NO_AMP, None if both else batchnorm_modules(model), sync_perturbation=sync)
     torch.save(model.state_dict(), f"{out}.{rank}")
 
 
@@ -62,19 +65,22 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    """{sync: (rank-0 state, rank-1 state)} from one 2-process run (spawning is the slow part)."""
+    """{variant: (rank-0 state, rank-1 state)} from one 2-process run (spawning is the slow part)."""
     out = str(tmp_path_factory.mktemp("ddp") / "state")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    return {sync: (torch.load(f"{out}_{sync}.0"), torch.load(f"{out}_{sync}.1")) for sync in (False, True)}
+    return {v: (torch.load(f"{out}_{v}.0"), torch.load(f"{out}_{v}.1")) for v in VARIANTS}
 
 
 @pytest.mark.slow
-def test_two_rank_sam_equals_m_sharpness(ddp_results):
-    got, other = ddp_results[False]
+@pytest.mark.parametrize("variant", ["clean", "both"])
+def test_two_rank_sam_equals_m_sharpness(ddp_results, variant):
+    """Weights and BN running statistics; with BN mode "both" the perturbed pass's statistics are
+    averaged over ranks too (as m-sharpness averages them over chunks)."""
+    got, other = ddp_results[variant]
     model, opt = model_and_opt()
     for s in range(STEPS):
         x, y = batch(s)
-        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=M)
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, None if variant == "both" else batchnorm_modules(model), m=M)
     for (name, want), a, b in zip(model.state_dict().items(), got.values(), other.values()):
         torch.testing.assert_close(a, want, rtol=0, atol=1e-10, msg=name)
         torch.testing.assert_close(b, want, rtol=0, atol=1e-10, msg=name)  # ranks agree
@@ -84,7 +90,7 @@ def test_two_rank_sam_equals_m_sharpness(ddp_results):
 def test_sync_perturbation_differs_from_per_rank(ddp_results):
     """With synchronised ascent gradients the result is no longer m-sharpness (guard that the
     option does something and that the test above can fail)."""
-    got, _ = ddp_results[True]
+    got, _ = ddp_results["sync"]
     model, opt = model_and_opt()
     for s in range(STEPS):
         x, y = batch(s)

@@ -176,6 +176,8 @@ def train_step(
     with running_stats_frozen(bn_untouched), autocast():
         perturbed_loss = loss_fn(model(images), labels)
     _backward(perturbed_loss, scaler)  # the only synchronised backward under DDP
+    if ddp and bn_modules is None:  # BN mode "both": the perturbed pass's updates are averaged too
+        _average_bn_state(model)  # (after the backward, which saved the running statistics)
     _unscale(optimizer, scaler)
     optimizer.record_loss_gap(loss, perturbed_loss)
     hvp = _hessian_vector_product(model, optimizer, images, labels, loss_fn, autocast, rng) if optimizer.second_order else None
