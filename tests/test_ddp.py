@@ -59,3 +59,24 @@ def test_m_must_match_the_per_rank_batch_under_torchrun(cli_env, tmp_path):
                           env=cli_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "optimizer.m=16 under torchrun" in proc.stdout + proc.stderr
+
+
+def test_preempted_mid_epoch_under_torchrun_resumes_with_the_epochs_true_stats(cli_env, tmp_path):
+    """SIGTERM to both ranks at step 2 of 4: the checkpoint holds the epoch's running loss and error
+    summed over ranks, so the resumed epoch reports what the uninterrupted one does (it reported
+    rank 0's part twice and lost rank 1's). Resuming the 2-rank run in one process is refused:
+    the ranks set SAM's m."""
+    args = [*ARGS, "dataset.train_size=256", "trainer.log_every_steps=1", f"hydra.run.dir={tmp_path / 'victim'}"]
+    run(torchrun_cmd(2) + ["train", *args[:-1], f"hydra.run.dir={tmp_path / 'clean'}"], cli_env)
+    stopped = subprocess.run(torchrun_cmd(2) + ["train", *args], env={**cli_env, "SAM_BENCH_FAULT": "step@2:TERM"},
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode != 0 and "preempted" in stopped.stderr, stopped.stderr[-2000:]
+    state = torch.load(tmp_path / "victim" / "checkpoint.pt", weights_only=True)
+    assert state["partial"]["epoch_step"] == 2 and state["partial"]["seen"] == 128  # 2 steps x 64 images, both ranks
+    alone = subprocess.run(sam_bench_cmd() + ["train", *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 2 and "ranks: 2 -> None" in alone.stderr, alone.stderr[-2000:]
+    run(torchrun_cmd(2) + ["train", *args], cli_env)
+    clean, victim = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("clean", "victim"))
+    assert victim["train_loss"] == pytest.approx(clean["train_loss"], rel=1e-6)
+    assert victim["train_error"] == pytest.approx(clean["train_error"], rel=1e-9)
+    assert max_diff(weights(tmp_path / "victim"), weights(tmp_path / "clean")) == 0.0

@@ -161,6 +161,14 @@ def new_epoch_progress(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _summed_over_ranks(progress: dict[str, Any], dist_info: DistInfo) -> dict[str, Any]:
+    """A partly trained epoch's accumulators summed over ranks (every rank calls this together)."""
+    loss_sum, correct = progress["loss_sum"], progress["correct"]
+    sums = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                       torch.tensor(float(progress["seen"]), device=loss_sum.device, dtype=torch.float64)]), dist_info)
+    return {**progress, "loss_sum": sums[0].to(loss_sum.dtype), "correct": sums[1].to(correct.dtype), "seen": int(sums[2].item())}
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DeviceLoader,
@@ -275,6 +283,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         log.info("optimizer=sgd: optimizer.rho=%s ignored (SGD is SAM with rho=0, one pass per step)", cfg.optimizer.rho)
     cfg.optimizer.rho = effective_rho(cfg.optimizer)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if dist_info.world_size > 1:  # the ranks set SAM's m (the per-rank batch): part of what the run computes
+        config["ranks"] = dist_info.world_size
     chash = config_hash(config)
 
     done = read_result(run_dir)
@@ -341,6 +351,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         start_epoch, global_step, history, train_time = state["epoch"], state["step"], state["history"], state["train_time"]
         if state.get("partial") is not None:
             partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["partial"].items()}
+            if dist_info.rank != 0:  # the checkpoint holds the sums over ranks: rank 0 carries them
+                partial.update(seen=0, loss_sum=torch.zeros_like(partial["loss_sum"]), correct=torch.zeros_like(partial["correct"]))
         guard.checked_step = global_step
         guard.last_checkpoint = f"{path}, step {global_step}"
         path = ckpt.complete_rotation(run_dir, path)
@@ -359,6 +371,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                 f"non-finite weights after step {step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
                 f"{guard.last_checkpoint}. Lower optimizer.lr or set optimizer.grad_clip, then train into a new run directory"
             )
+        if progress is not None and dist_info.enabled:  # the epoch's running stats over all ranks
+            progress = _summed_over_ranks(progress, dist_info)
         if not main:  # rank 0 writes; the others hold the same state
             return run_dir / ckpt.CHECKPOINT
         keep = ckpt.kept_name(epoch_done) if progress is None and epoch_done in tr.keep_epochs else None
