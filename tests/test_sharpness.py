@@ -80,6 +80,21 @@ def test_sharpness_matches_the_reference_and_leaves_the_model_as_it_was():
         assert all(p.grad is None for p in model.parameters())
 
 
+def test_m_sharpness_runs_measure_each_chunk_of_m_as_its_own_batch():
+    """With m = 4 of 12, each chunk gets its own ε and BN statistics: the reference on the chunks."""
+    model = tiny_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, weight_decay=L2, lr=0.1)
+    chunks = [(x[i:i + 4], y[i:i + 4]) for x, y in batches() for i in range(0, 12, 4)]
+    torch.manual_seed(7)
+    want = reference(model, chunks, 1)
+    torch.manual_seed(7)
+    total, count = estimate_sharpness(model, opt, batches(), nn.CrossEntropyLoss(), contextlib.nullcontext, RngReplay(torch.device("cpu")), m=4)
+    assert count == 9 and abs(total.item() / count - want) < 1e-10
+    torch.manual_seed(7)
+    whole = estimate_sharpness(model, opt, batches(), nn.CrossEntropyLoss(), contextlib.nullcontext, RngReplay(torch.device("cpu")))
+    assert whole[1] == 3 and abs(whole[0].item() / 3 - want) > 1e-6  # the chunking changes the figure
+
+
 def test_a_run_with_final_sharpness_fills_table11(tmp_path):
     """trainer.final_sharpness=true: result.json gets final_sharpness, and the report puts it (and
     the test error) in Table 11's row for the run's number of ascent steps."""

@@ -3,9 +3,9 @@ the current training batch.
 
 The paper (App. C.6) finds the inner max with the run's own ascent: k projected steps of radius ρ
 (Table 11 compares k = 1, 2, 3, 5). Here ε is found that way on each batch of one more pass over
-the training set (the training augmentation, a fresh epoch index), from the whole per-device
-batch (on one device: m = batch; under torchrun: each rank its own slice, the paper's setting),
-with the run's ρ, p and L2 term; the figure is the mean over batches of err(w+ε) − err(w). The
+the training set (the training augmentation, a fresh epoch index), from each device's batch
+(under torchrun each rank's slice, the paper's setting; on one device the run's chunks of m, or
+the whole batch), with the run's ρ, p and L2 term; the figure is the mean over batches of err(w+ε) − err(w). The
 model is in training mode as in training (batch statistics, dropout drawing the same numbers in
 every pass), and leaves as it came: weights restored exactly, BN running statistics untouched,
 base-optimizer state unused.
@@ -27,6 +27,15 @@ def _error_rate(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) != labels).double().mean()
 
 
+def _chunks(batches, m: int | None):
+    """Each batch, or each chunk of ``m`` examples of it."""
+    for images, labels in batches:
+        if m is None or m >= len(labels):
+            yield images, labels
+        else:
+            yield from zip(images.split(m), labels.split(m))
+
+
 def estimate_sharpness(
     model: nn.Module,
     optimizer: SAM,
@@ -35,10 +44,13 @@ def estimate_sharpness(
     amp: Callable[[], object],
     rng=None,
     bn_frozen: bool = False,
+    m: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(sum over ``batches`` of err(w+ε) − err(w) in %, as a device scalar; the number of batches).
     ``rng``: the trainer's :class:`~sam_bench.engine.step.RngReplay` (None: the model draws no
-    random numbers); ``bn_frozen``: BN in eval mode, as trained with ``optimizer.bn=frozen``."""
+    random numbers); ``bn_frozen``: BN in eval mode, as trained with ``optimizer.bn=frozen``;
+    ``m``: an m-sharpness run's m: each chunk of m examples is a batch of its own (its own ε and BN
+    statistics), as a device is under torchrun."""
     bn = batchnorm_modules(model)
     model.train()
     if bn_frozen:
@@ -47,7 +59,7 @@ def estimate_sharpness(
     total, count = None, 0
     optimizer.zero_grad()
     with running_stats_frozen(bn):
-        for images, labels in batches:
+        for images, labels in _chunks(batches, m):
             if rng is not None:
                 rng.save()
 

@@ -490,7 +490,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     writer.close()
     if main:  # a run killed between its last checkpoint and metrics.jsonl resumes straight to here
         write_metrics(run_dir, history)
-    sharpness = _final_sharpness(cfg, model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info) if tr.final_sharpness else None
+    sharpness = _final_sharpness(cfg, model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info, m) if tr.final_sharpness else None
 
     last = history[-1]
     result = {
@@ -526,19 +526,21 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     return result
 
 
-def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo) -> float | None:
+def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo,
+                     m: int | None) -> float | None:
     """Table 11's sharpness (:mod:`sam_bench.analysis.sharpness`) over one more epoch of training
-    batches, each rank on its own slice with its own ε (the raw model: no gradient all-reduce)."""
+    batches, each rank on its own slice with its own ε (the raw model: no gradient all-reduce), or
+    each chunk of m examples in an m-sharpness run on one device."""
     if not optimizer.two_pass:
         log.info("trainer.final_sharpness: skipped, rho = 0 (SGD) has no perturbation to measure")
         return None
     t0 = time.perf_counter()
-    total, count = estimate_sharpness(model, optimizer, train.epoch(cfg.trainer.epochs), loss_fn, amp, rng, bn_mode == "frozen")
+    total, count = estimate_sharpness(model, optimizer, train.epoch(cfg.trainer.epochs), loss_fn, amp, rng, bn_mode == "frozen", m)
     device = next(model.parameters()).device
     total, count = all_reduce_sum(torch.stack([total.to(device, torch.float64), torch.tensor(float(count), device=device, dtype=torch.float64)]),
                                   dist_info).tolist()
     sharpness = total / count
-    log.info("sharpness max_eps err(w+eps) - err(w) = %.3f%% (rho %g, %d ascent step(s), %d batches, %.0fs)", sharpness,
+    log.info("sharpness max_eps err(w+eps) - err(w) = %.3f%% (rho %g, %d ascent step(s), %d device batches, %.0fs)", sharpness,
              cfg.optimizer.rho, optimizer.ascent_steps, int(count), time.perf_counter() - t0)
     return sharpness
 
