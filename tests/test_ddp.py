@@ -80,3 +80,10 @@ def test_preempted_mid_epoch_under_torchrun_resumes_with_the_epochs_true_stats(c
     assert victim["train_loss"] == pytest.approx(clean["train_loss"], rel=1e-6)
     assert victim["train_error"] == pytest.approx(clean["train_error"], rel=1e-9)
     assert max_diff(weights(tmp_path / "victim"), weights(tmp_path / "clean")) == 0.0
+
+
+def test_sync_bn_without_cuda_is_a_config_error(cli_env, tmp_path):
+    proc = subprocess.run(torchrun_cmd(2) + ["train", *ARGS, "trainer.sync_bn=true", f"hydra.run.dir={tmp_path / 'bad'}"],
+                          env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "trainer.sync_bn=true needs CUDA" in proc.stderr, proc.stderr[-2000:]
+    assert "sam_bench/" not in proc.stderr  # one line per rank, no traceback of ours (torchrun prints its own)

@@ -418,14 +418,16 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         if tr.checkpoint and every and step % every == 0 and progress["epoch_step"] < steps_per_epoch:
             save(epoch, step, progress)  # mid-epoch recovery point (the epoch end writes its own)
 
-    bn = batchnorm_modules(model)
     bn_mode = str(config["optimizer"]["bn"])
     net = model
     if dist_info.enabled:
         if tr.sync_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            if device.type != "cuda":
+                raise ConfigError("trainer.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); set trainer.sync_bn=false")
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # replaces model's BN modules in place
         # BN statistics stay per rank as in the official code (the step averages the running stats)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
+    bn = batchnorm_modules(model)  # after the SyncBatchNorm conversion: the modules that run
     forward = compile_model(net, tr.compile_mode) if tr.compile else net
     if tr.compile:
         log.info("torch.compile (mode %s): the first training step and the first evaluation compile their graphs "
