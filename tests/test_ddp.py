@@ -65,8 +65,10 @@ def test_preempted_mid_epoch_under_torchrun_resumes_with_the_epochs_true_stats(c
     """SIGTERM to both ranks at step 2 of 4: the checkpoint holds the epoch's running loss and error
     summed over ranks, so the resumed epoch reports what the uninterrupted one does (it reported
     rank 0's part twice and lost rank 1's). Resuming the 2-rank run in one process is refused:
-    the ranks set SAM's m."""
-    args = [*ARGS, "dataset.train_size=256", "trainer.log_every_steps=1", f"hydra.run.dir={tmp_path / 'victim'}"]
+    the ranks set SAM's m. Each rank's RNGs (dropout, the random-direction generator) come back as
+    that rank left them, so the weights end identical too."""
+    args = [*ARGS, "dataset.train_size=256", "trainer.log_every_steps=1", "model.kwargs.dropout=0.3", "optimizer.p=random",
+            f"hydra.run.dir={tmp_path / 'victim'}"]
     run(torchrun_cmd(2) + ["train", *args[:-1], f"hydra.run.dir={tmp_path / 'clean'}"], cli_env)
     stopped = subprocess.run(torchrun_cmd(2) + ["train", *args], env={**cli_env, "SAM_BENCH_FAULT": "step@2:TERM"},
                              capture_output=True, text=True, timeout=300)

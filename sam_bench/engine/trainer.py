@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sam_bench.analysis.sharpness import estimate_sharpness
 from sam_bench.data import DataBundle, DeviceLoader, build_data
+from sam_bench.data.loader import derived_seed
 from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, per_rank_batch, shard
@@ -159,6 +161,29 @@ def new_epoch_progress(device: torch.device) -> dict[str, Any]:
         "correct": torch.zeros((), device=device, dtype=torch.long),
         "time_s": 0.0,
     }
+
+
+def _gather_rank_rngs(optimizer: SAM, device: torch.device, dist_info: DistInfo) -> list[dict] | None:
+    """Under torchrun, every rank's RNGs (dropout draws and the SAM generator differ per rank), for
+    rank 0's checkpoint; None in a single process (``rng`` and the optimizer state hold them)."""
+    if not dist_info.enabled:
+        return None
+    mine = {"rng": rng_state(device), "sam": optimizer._generator.get_state() if optimizer._generator is not None else None}
+    states: list[dict | None] = [None] * dist_info.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _restore_rank_rngs(state: dict, optimizer: SAM, device: torch.device, dist_info: DistInfo) -> None:
+    """This rank's RNGs from a checkpoint: its own entry of ``rng_ranks`` when the checkpoint has one
+    per rank of this run, else the single process's."""
+    ranks = state.get("rng_ranks")
+    if dist_info.enabled and ranks is not None and len(ranks) == dist_info.world_size:
+        set_rng_state(ranks[dist_info.rank]["rng"], device)
+        if ranks[dist_info.rank]["sam"] is not None:
+            optimizer._rng(device).set_state(ranks[dist_info.rank]["sam"])
+    else:
+        set_rng_state(state["rng"], device)
 
 
 def _summed_over_ranks(progress: dict[str, Any], dist_info: DistInfo) -> dict[str, Any]:
@@ -320,7 +345,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     model = build_model(cfg.model.arch, data.num_classes, data.in_chans, **cfg.model.kwargs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed)
+    # each rank its own generator (optimizer.p=random: every device draws its own direction)
+    optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed if dist_info.rank == 0 else derived_seed(cfg.seed, dist_info.rank))
     scaler = LossScaler(device) if precision == "fp16" else None
     m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) and optimizer.two_pass else None
     m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile, device.type,
@@ -347,7 +373,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], device)
+        _restore_rank_rngs(state, optimizer, device, dist_info)
         start_epoch, global_step, history, train_time = state["epoch"], state["step"], state["history"], state["train_time"]
         if state.get("partial") is not None:
             partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["partial"].items()}
@@ -373,6 +399,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             )
         if progress is not None and dist_info.enabled:  # the epoch's running stats over all ranks
             progress = _summed_over_ranks(progress, dist_info)
+        ranks_rng = _gather_rank_rngs(optimizer, device, dist_info)
         if not main:  # rank 0 writes; the others hold the same state
             return run_dir / ckpt.CHECKPOINT
         keep = ckpt.kept_name(epoch_done) if progress is None and epoch_done in tr.keep_epochs else None
@@ -384,6 +411,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(device),
+            "rng_ranks": ranks_rng,
             "history": history,
             "train_time": train_time,
             "config": config,
