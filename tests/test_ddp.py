@@ -89,3 +89,19 @@ def test_sync_bn_without_cuda_is_a_config_error(cli_env, tmp_path):
                           env=cli_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "trainer.sync_bn=true needs CUDA" in proc.stderr, proc.stderr[-2000:]
     assert "sam_bench/" not in proc.stderr  # one line per rank, no traceback of ours (torchrun prints its own)
+
+
+def test_a_busy_run_directory_stops_every_rank_before_it_is_touched(cli_env, tmp_path):
+    """Rank 0 cannot take the lock: rank 1 learns it too and leaves the directory alone (it went on
+    and, among other things, deleted the running job's half-written temporaries)."""
+    from sam_bench.engine.rundir import run_lock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    planted = busy / ".checkpoint.next.pt.99999.tmp"  # the running job's checkpoint being written
+    planted.write_bytes(b"in flight")
+    with run_lock(busy):
+        proc = subprocess.run(torchrun_cmd(2) + ["train", *ARGS, f"hydra.run.dir={busy}"], env=cli_env,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count("is in use by another sam-bench process") == 2, proc.stderr[-2000:]
+    assert planted.read_bytes() == b"in flight" and not (busy / "checkpoint.pt").exists()

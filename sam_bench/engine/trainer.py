@@ -294,12 +294,33 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     validate(cfg)
     run_dir = Path(run_dir)
-    dist_info = init_distributed(resolve_device(cfg.trainer.device).type)
+    device_type = resolve_device(cfg.trainer.device).type
+    dist_info = init_distributed(device_type)
     if not dist_info.is_main:
         log.setLevel(logging.WARNING)  # one log, one set of files: rank 0's
     ensure_writable(run_dir)
-    with run_lock(run_dir) if dist_info.is_main else contextlib.nullcontext(), PreemptionHandler() as preempt:
+    with _locked_by_rank0(run_dir, dist_info, device_type), PreemptionHandler() as preempt:
         return _fit(cfg, run_dir, preempt, dist_info)
+
+
+@contextlib.contextmanager
+def _locked_by_rank0(run_dir: Path, dist_info: DistInfo, device_type: str):
+    """Rank 0 holds the run directory's lock; under torchrun every rank learns whether it got it
+    before any of them touches the directory (a second job's other ranks would otherwise go on to
+    read its checkpoints and clean up its temporaries)."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if dist_info.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir))
+            except ConfigError as e:
+                refused = e
+        device = torch.device("cuda", dist_info.local_rank) if device_type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors
+        if dist_info.enabled and any_rank(refused is not None, dist_info, device) and refused is None:
+            raise ConfigError(f"{run_dir} is in use by another sam-bench process (rank 0 could not lock it)")
+        if refused is not None:
+            raise refused
+        yield
 
 
 def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
