@@ -384,7 +384,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
     if loaded is not None:
         state, path = loaded
-        ckpt.check_config_matches(semantic_config(state["config"]), semantic_config(config), run_dir)
+        current = semantic_config(config)
+        if "ranks" not in state["config"]:  # checkpoints from before the key: not comparable, as before
+            current.pop("ranks", None)
+        ckpt.check_config_matches(semantic_config(state["config"]), current, run_dir)
         if state.get("labels_hash", labels_hash) != labels_hash:
             raise CheckpointError(
                 f"{path} was trained on different training labels (dataset files or label-noise settings changed); "
