@@ -4,8 +4,9 @@
 # SLURM: scripts/table11.sh hydra/launcher=submitit_slurm hydra.launcher.partition=<partition> hydra.launcher.gpus_per_node=1
 set -euo pipefail
 # shellcheck source=scripts/_paper.sh
+USER_SEEDS="${SEEDS:-}"  # before _paper.sh sets its default of 5: the paper's Table 11 has 20 runs
 source "$(dirname "${BASH_SOURCE[0]}")/_paper.sh"
 EXTRA=("$@")
 cd "$ROOT"
-SEEDS="${SEEDS_TABLE11:-range(20)}" train_presets "table11_*"
+SEEDS="${USER_SEEDS:-range(20)}" train_presets "table11_*"
 report

@@ -309,3 +309,33 @@ def test_without_matplotlib_tables_are_written_and_plots_skipped(tmp_path, monke
     write_report([str(root)], str(tmp_path / "out"))
     assert not list((tmp_path / "out").glob("sweep_*.png"))
     assert "matplotlib is not installed" in (tmp_path / "out" / "sweeps.md").read_text()
+
+
+def test_committed_paper_tables_are_what_the_reporter_writes(tmp_path):
+    """results/table*.md/.csv hold no runs yet: they must equal a fresh report of no runs, so a
+    change to the layouts or keys cannot leave them stale."""
+    from pathlib import Path
+
+    (tmp_path / "none").mkdir()
+    write_report([str(tmp_path / "none")], str(tmp_path / "out"))
+    committed = Path(__file__).resolve().parents[1] / "results"
+    fresh = sorted(p.name for p in (tmp_path / "out").glob("table*"))
+    assert fresh == sorted(p.name for p in committed.glob("table*")) and len(fresh) == 18
+    for name in fresh:
+        assert (tmp_path / "out" / name).read_text() == (committed / name).read_text(), name
+
+
+def test_table11_script_takes_seeds_from_the_user_else_the_papers_20():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "table11.sh"
+
+    def first_command(**env):
+        base = {k: v for k, v in os.environ.items() if k != "SEEDS"}
+        out = subprocess.run(["bash", str(script)], env={**base, "DRY_RUN": "1", **env}, capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()[0].rstrip()
+
+    assert first_command(SEEDS="0,1").endswith("seed=0\\,1")
+    assert first_command().endswith("seed=range\\(20\\)")

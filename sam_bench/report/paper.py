@@ -206,7 +206,7 @@ def _table9() -> Layout:
         cells = []
         for ds in ("cifar10", "cifar100"):
             cells += [Cell(r9[ds]["sam_rho_0_05"], None, f"table9/{base}/{ds}@sam"), Cell(r9[ds]["sgd"], None, f"table1/{base}/{ds}@sgd")]
-        rows.append(((r1["model"], r1["augmentation"]), tuple(cells)))
+        rows.append(((r9["model"], r9["augmentation"]), tuple(cells)))  # labels as Table 9 prints them
     return Layout(
         "table9", t9["caption"], ("model", "augmentation"),
         ("CIFAR-10 SAM ρ=0.05", "CIFAR-10 SGD", "CIFAR-100 SAM ρ=0.05", "CIFAR-100 SGD"), tuple(rows),

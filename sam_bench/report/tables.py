@@ -116,7 +116,7 @@ def measure(cell: Cell, by_key: dict[str, list[Group]]) -> Measured | None:
     if len(candidates) == 1:
         group = candidates[0]
     elif all(g.val_errors for g in candidates):
-        group = min(candidates, key=lambda g: (fmean(g.val_errors), json_key(g)))
+        group = min(candidates, key=lambda g: (fmean(g.val_errors), g.rho, json_key(g)))  # ties: lower ρ, as sweeps.md
         note = f"chosen on validation error among {len(candidates)} configs (rho={group.rho:g})"
     else:
         return Measured(None, None, f"{len(candidates)} configs share this name and not all recorded a validation error: see summary.md")
