@@ -339,3 +339,14 @@ def test_table11_script_takes_seeds_from_the_user_else_the_papers_20():
 
     assert first_command(SEEDS="0,1").endswith("seed=0\\,1")
     assert first_command().endswith("seed=range\\(20\\)")
+
+
+def test_a_validation_tie_goes_to_the_lower_rho_in_the_table_as_in_the_sweep(tmp_path):
+    root = tmp_path / "runs"
+    for rho in (1e-05, 0.0001, 0.5):  # json order would pick 0.0001 ("1e-05" sorts after it)
+        fake_run(root, f"r{rho}", T1, "sam", rho, 0, 2.0 + rho, val=4.0)
+    groups = group_runs(find_runs([str(root)])[0])
+    cell = next(c for _, cells in layouts()[0].rows for c in cells if c.key == f"{T1}@sam")
+    assert measure(cell, index_groups(groups)).group.rho == 1e-05
+    (sweep,) = find_sweeps(groups)
+    assert sweep.chosen("sam").rho == 1e-05
