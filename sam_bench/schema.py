@@ -355,5 +355,8 @@ def _validate_sam_family(opt: Any, tr: Any) -> None:
         raise ConfigError("optimizer.ascent_steps > 1 needs optimizer.p=2 or inf and optimizer.adaptive=false")
     if (opt.adaptive or opt.second_order) and str(opt.p) != "2":
         raise ConfigError("optimizer.adaptive and optimizer.second_order are defined for optimizer.p=2 only")
+    if opt.second_order and (opt.adaptive or opt.ascent_steps > 1):
+        raise ConfigError("optimizer.second_order differentiates plain SAM's ε = ρg/‖g‖ (App. C.4): use it with "
+                          "optimizer.adaptive=false and optimizer.ascent_steps=1")
     if opt.second_order and str(getattr(tr.precision, "value", tr.precision)) == "fp16":
         raise ConfigError("optimizer.second_order needs a double backward without loss scaling: use trainer.precision=bf16 or fp32")

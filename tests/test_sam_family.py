@@ -1188,3 +1188,90 @@ def test_m_sharpness_refuses_k_step_ascent_and_second_order_from_python():
     for kw in (dict(ascent_steps=2), dict(second_order=True)):
         with pytest.raises(ValueError, match="m-sharpness .* supports one ascent step without the second-order term"):
             train_step(model, make_sam(model, **kw), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+
+
+# ---------------------------------------------------------------- the optimizer as a library
+
+
+def _three_params(seed_offset: int = 0):
+    return [torch.randn(3, generator=torch.Generator().manual_seed(i + seed_offset), dtype=torch.float64).requires_grad_(True)
+            for i in range(3)]
+
+
+def _toggling_loss(a, b, c, second: bool):
+    """a is used in both passes; b only in the first, c only in the later ones (same shapes, so a
+    pairing by position would not even fail)."""
+    x = torch.arange(1.0, 5.0, dtype=torch.float64)
+    return ((a * x[:1]).sum() + ((c if second else b) * x[1:4]).sum()) ** 2 + (a ** 2).sum()
+
+
+def test_gradients_are_paired_by_parameter_when_the_passes_use_different_ones():
+    """Diagnostics' cosine, k-step ascent and the second-order term with parameters that get a
+    gradient in one pass only: the clean and the later gradients are matched by parameter (a
+    missing one is zero), and w comes back exactly."""
+    a, b, c = _three_params()
+    opt = SAM([a, b, c], torch.optim.SGD, rho=0.1, lr=1.0, diagnostics=True)
+    _toggling_loss(a, b, c, False).backward()
+    clean = torch.cat([a.grad, b.grad, torch.zeros(3, dtype=torch.float64)])
+    opt.first_step(zero_grad=True)
+    _toggling_loss(a, b, c, True).backward()
+    sam = torch.cat([a.grad, torch.zeros(3, dtype=torch.float64), c.grad])
+    opt.second_step()
+    want = (clean @ sam / clean.norm() / sam.norm()).item()
+    assert abs(opt.read_diagnostics()["sam/cosine"] - want) < 1e-12
+
+    for kw in ({"ascent_steps": 2}, {"second_order": True}):
+        a, b, c = _three_params()
+        w0 = [t.detach().clone() for t in (a, b, c)]
+        opt = SAM([a, b, c], torch.optim.SGD, rho=0.1, lr=0.0, **kw)  # lr 0: the step must leave w as it was
+        _toggling_loss(a, b, c, False).backward()
+        opt.first_step(zero_grad=True)
+        if kw.get("ascent_steps"):
+            _toggling_loss(a, b, c, True).backward()
+            opt.ascent_step(zero_grad=True)
+            eps = torch.cat([t.detach() - w for t, w in zip((a, b, c), w0)])
+            assert eps.norm() <= 0.1 + 1e-12 and (c.detach() != w0[2]).any()  # c, gradient-less at first, moved too
+        _toggling_loss(a, b, c, True).backward()
+        opt.second_step(hvp=lambda u: [2 * t for t in u]) if kw.get("second_order") else opt.second_step()
+        assert all(torch.equal(t.detach(), w) for t, w in zip((a, b, c), w0)), kw
+
+
+@pytest.mark.parametrize("mode", ["loss", "decoupled"])
+def test_a_param_group_added_later_behaves_like_one_given_at_construction(mode):
+    """add_param_group (layers unfrozen for finetuning): SAM's rho and weight decay, split between the
+    loss and the base optimizer as for the first groups; the same steps as constructing with both."""
+    def train(later: bool):
+        ps = _three_params(7)
+        kw = dict(rho=0.1, weight_decay=1e-2, weight_decay_mode=mode, lr=0.1, momentum=0.9)
+        if later:
+            opt = SAM([ps[0]], torch.optim.SGD, **kw)
+            opt.add_param_group({"params": ps[1:]})
+        else:
+            opt = SAM([{"params": [ps[0]]}, {"params": ps[1:]}], torch.optim.SGD, **kw)
+        for _ in range(3):
+            _toggling_loss(*ps, False).backward()
+            opt.step(lambda: _toggling_loss(*ps, False).backward())
+            opt.zero_grad()
+        return ps, opt
+
+    (want, opt_a), (got, opt_b) = train(False), train(True)
+    assert all(torch.equal(x, y) for x, y in zip(want, got))
+    assert {k: opt_b.param_groups[1][k] for k in ("rho", "l2", "weight_decay", "momentum")} == \
+        {k: opt_a.param_groups[1][k] for k in ("rho", "l2", "weight_decay", "momentum")}
+    assert opt_b.param_groups is opt_b.base_optimizer.param_groups and len(opt_b.param_groups) == 2
+
+
+@pytest.mark.parametrize("kw,group", [
+    ({"p": "inf"}, {"adaptive": True}),  # a group switching ASAM on meets the same checks as the flag
+    ({"ascent_steps": 2}, {"adaptive": True}),
+    ({"second_order": True, "adaptive": True}, {}),
+    ({"second_order": True, "ascent_steps": 2}, {}),
+])
+def test_combinations_without_their_maths_are_refused(kw, group):
+    a, b, _ = _three_params()
+    with pytest.raises(ValueError):
+        SAM([{"params": [a]}, {"params": [b], **group}], torch.optim.SGD, rho=0.1, lr=0.1, **kw)
+    if group:  # a group added later is checked the same way
+        opt = SAM([a], torch.optim.SGD, rho=0.1, lr=0.1, **kw)
+        with pytest.raises(ValueError):
+            opt.add_param_group({"params": [b], **group})

@@ -381,7 +381,7 @@ def msam_step(
         optimizer.grad_norm = optimizer._clean_norm.mean()
         optimizer._eps = eps
         if optimizer.diagnostics:
-            optimizer._keep_clean_grad([g.mean(dim=0) for g in grads])
+            optimizer._keep_clean_grad(params, [g.mean(dim=0) for g in grads])
     del grads
 
     # perturbed pass: mean_c ∇L_c(w + ε_c) lands in w.grad

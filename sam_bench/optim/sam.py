@@ -138,10 +138,6 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("ascent_steps > 1 needs a gradient direction: use p='2' or p='inf'")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if (adaptive or second_order) and p != "2":
-            raise ValueError("adaptive and second_order are defined for p='2' only")
-        if adaptive and ascent_steps > 1:
-            raise ValueError("ascent_steps > 1 is defined for non-adaptive SAM (projection onto the Euclidean/∞ ball)")
         self.weight_decay_mode = weight_decay_mode
         self.grad_clip = grad_clip
         self.p = p
@@ -150,15 +146,12 @@ class SAM(torch.optim.Optimizer):
         self.second_order = second_order
         self.diagnostics = diagnostics
         self.seed = seed
+        self._sam_defaults = dict(rho=rho, weight_decay=weight_decay, adaptive=adaptive)
         defaults = dict(rho=rho, weight_decay=weight_decay, adaptive=adaptive, **kwargs)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            # "l2" is SAM's own term (in the loss); "weight_decay" is what the base optimizer applies.
-            wd = group["weight_decay"]
-            group["l2"] = wd if weight_decay_mode == "loss" else 0.0
-            group["weight_decay"] = 0.0 if weight_decay_mode == "loss" else wd
-        if ascent_steps > 1 and len({g["rho"] for g in self.param_groups}) > 1:
-            raise ValueError("ascent_steps > 1 projects onto one ρ-ball: give all param groups the same rho")
+            self._split_weight_decay(group)
+        self._check_groups(self.param_groups)
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups  # shared: schedulers see one lr
         self.defaults.update(self.base_optimizer.defaults)
@@ -166,6 +159,8 @@ class SAM(torch.optim.Optimizer):
         self._perturbed: list[torch.Tensor] = []
         self._eps: list[torch.Tensor] = []  # current ε (stacked [C, ...]), for k-step ascent
         self._clean_grad: list[torch.Tensor] | None = None  # g (for diagnostics / second order)
+        self._clean_params: list[torch.Tensor] = []  # the parameters of self._clean_grad
+        self._moved: list[torch.Tensor] = []  # the parameters of self._eps (plain SAM)
         self._clean_norm = torch.zeros(1)
         self._generator: torch.Generator | None = None
         self.grad_norm = torch.zeros(())  # ‖g‖ of the last first pass (device scalar, for logging)
@@ -173,6 +168,36 @@ class SAM(torch.optim.Optimizer):
         self._l2_preloaded = False
 
     # ---- bookkeeping ------------------------------------------------------------------------
+
+    def _split_weight_decay(self, group: dict) -> None:
+        """"l2" is SAM's own term (in the loss); "weight_decay" is what the base optimizer applies."""
+        wd = group["weight_decay"]
+        group["l2"] = wd if self.weight_decay_mode == "loss" else 0.0
+        group["weight_decay"] = 0.0 if self.weight_decay_mode == "loss" else wd
+
+    def _check_groups(self, groups: list[dict]) -> None:
+        """The variants' constraints, with ``adaptive`` as any group sets it (a group may switch ASAM on)."""
+        adaptive = any(g["adaptive"] for g in groups)
+        if (adaptive or self.second_order) and self.p != "2":
+            raise ValueError("adaptive and second_order are defined for p='2' only")
+        if adaptive and self.ascent_steps > 1:
+            raise ValueError("ascent_steps > 1 is defined for non-adaptive SAM (projection onto the Euclidean/∞ ball)")
+        if self.second_order and (adaptive or self.ascent_steps > 1):
+            raise ValueError("second_order differentiates plain SAM's ε = ρg/‖g‖ (App. C.4): use adaptive=False and ascent_steps=1")
+        if self.ascent_steps > 1 and len({g["rho"] for g in groups}) > 1:
+            raise ValueError("ascent_steps > 1 projects onto one ρ-ball: give all param groups the same rho")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """A group added later (e.g. layers unfrozen for finetuning) gets SAM's own defaults (rho,
+        weight_decay, adaptive) and the same weight-decay split as the groups given at
+        construction, then joins the base optimizer's list, which SAM shares."""
+        if "base_optimizer" not in self.__dict__:  # during __init__: torch's Optimizer builds the groups
+            super().add_param_group(param_group)
+            return
+        group = {**self._sam_defaults, **param_group}
+        self._split_weight_decay(group)
+        self._check_groups([*self.param_groups, group])
+        self.base_optimizer.add_param_group(group)
 
     @property
     def two_pass(self) -> bool:
@@ -290,16 +315,17 @@ class SAM(torch.optim.Optimizer):
         pairs = [(p, g) for p, g in self.trainable() if p.grad is not None]
         all_params = [p for p, _ in pairs]
         grads = [p.grad.unsqueeze(0) for p in all_params]
-        self._save_backup(all_params)
+        # every parameter is saved, not only those with a gradient now: a later ascent pass may move
+        # one that got none in this pass (k-step ascent), and restore() must put it back too
+        self._save_backup([p for p, _ in self.trainable()])
         if self.diagnostics or self.second_order:
-            self._keep_clean_grad([p.grad for p in all_params])
+            self._keep_clean_grad(all_params, [p.grad for p in all_params])
         eps = self.direction(grads, all_params, [g for _, g in pairs], 1)
         self.grad_norm = self._clean_norm.reshape(())
         self._eps = [e for e, (_, g) in zip(eps, pairs) if g["rho"] > 0]
-        moved = [p for p, g in pairs if g["rho"] > 0]
-        self._perturbed = all_params
-        if moved:
-            torch._foreach_add_(moved, [e[0] for e in self._eps])
+        self._moved = [p for p, g in pairs if g["rho"] > 0]  # the parameters self._eps belongs to
+        if self._moved:
+            torch._foreach_add_(self._moved, [e[0] for e in self._eps])
         if zero_grad:
             self.zero_grad()
 
@@ -307,10 +333,15 @@ class SAM(torch.optim.Optimizer):
     def ascent_step(self, zero_grad: bool = False) -> None:
         """One more projected ascent step from the gradient at w + ε (k-step SAM)."""
         self._add_l2()
-        moved = [p for p, g in self.trainable() if p.grad is not None and g["rho"] > 0]
-        groups = [g for p, g in self.trainable() if p.grad is not None and g["rho"] > 0]
-        step = self.direction([p.grad.unsqueeze(0) for p in moved], moved, groups, 1)
-        self._eps = self.project([e + s for e, s in zip(self._eps, step)], 1)
+        before = dict(zip(map(id, self._moved), self._eps))
+        # ε lives on the parameters moved so far and those with a gradient now (a missing gradient is 0)
+        pairs = [(p, g) for p, g in self.trainable() if g["rho"] > 0 and (p.grad is not None or id(p) in before)]
+        moved, groups = [p for p, _ in pairs], [g for _, g in pairs]
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).unsqueeze(0) for p in moved]
+        step = self.direction(grads, moved, groups, 1)
+        previous = [before.get(id(p), torch.zeros_like(s)) for p, s in zip(moved, step)]
+        self._eps = self.project([e + s for e, s in zip(previous, step)], 1)
+        self._moved = moved
         backup = dict(zip(map(id, self._perturbed), self._backup))
         torch._foreach_copy_(moved, [backup[id(p)] for p in moved])
         torch._foreach_add_(moved, [e[0] for e in self._eps])
@@ -318,13 +349,25 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _keep_clean_grad(self, grads: list[torch.Tensor]) -> None:
-        """Copy g into persistent buffers (one fused copy per step, no allocation)."""
+    def _keep_clean_grad(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Copy g (of ``params``) into persistent buffers (one fused copy per step, no allocation)."""
+        self._clean_params = params
         buf = self._clean_grad
         if buf is None or len(buf) != len(grads) or any(b.shape != g.shape or b.dtype != g.dtype for b, g in zip(buf, grads)):
             self._clean_grad = [g.detach().clone() for g in grads]
         else:
             torch._foreach_copy_(buf, grads)
+
+    def _clean_index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(self._clean_params)}
+
+    def _clean_grads_for(self, params) -> list[torch.Tensor]:
+        """The clean-pass gradient of each of ``params`` (zeros where that pass gave it none): the
+        two passes' gradient lists are paired by parameter, never by position."""
+        if list(map(id, params)) == list(map(id, self._clean_params)):
+            return self._clean_grad
+        index = self._clean_index()
+        return [self._clean_grad[index[id(p)]] if id(p) in index else torch.zeros_like(p) for p in params]
 
     def _save_backup(self, params: list[torch.Tensor]) -> None:
         if self._backup is None or len(self._backup) != len(params) or any(b.shape != p.shape for b, p in zip(self._backup, params)):
@@ -389,7 +432,7 @@ class SAM(torch.optim.Optimizer):
         """g' += J_ε̂ᵀ g' = ρ·H(u), u = (g' − ĝ ĝᵀg')/‖g‖, H = H_L + l2·I (App. C.4)."""
         params, groups = zip(*[(p, g) for p, g in self.trainable() if p.grad is not None])
         v = [p.grad for p in params]
-        g = self._clean_grad
+        g = self._clean_grads_for(params)
         norm = self._clean_norm.reshape(()).clamp_min(torch.finfo(self._clean_norm.dtype).tiny)
         rv = [b * grp["rho"] for b, grp in zip(v, groups)]  # diag(ρ)·g' (ε̂ᵢ = ρᵢ gᵢ/‖g‖)
         gv = sum((a * b).sum() for a, b in zip(g, rv))
@@ -459,8 +502,9 @@ class SAM(torch.optim.Optimizer):
     def _record_cosine(self) -> None:
         """‖g‖, ‖ε‖ (chunk means) and cos(clean g, SAM g) before clipping, with fused norms:
         cos = (‖a‖² + ‖b‖² − ‖a−b‖²) / (2‖a‖‖b‖)."""
-        sam = [p.grad for p, _ in self.trainable() if p.grad is not None]
-        clean = self._clean_grad
+        params = [p for p, _ in self.trainable() if p.grad is not None or id(p) in self._clean_index()]
+        sam = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        clean = self._clean_grads_for(params)
         na, nb = global_norm(clean).double(), global_norm(sam).double()
         nd = global_norm(torch._foreach_sub(clean, sam)).double()
         cos = (na**2 + nb**2 - nd**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
