@@ -214,6 +214,20 @@ def test_sweep_table_plot_and_chosen_rho(tmp_path):
     assert sorted((r["series"], r["rho"]) for r in chosen) == [("sam m=16", "0.05"), ("sam m=4", "0.05")]
 
 
+def test_sgd_is_the_baseline_of_an_asam_sweep_too(tmp_path):
+    """`optimizer=sgd,asam optimizer.rho=...`: the SGD run (ASAM's keys are off in it) joins ASAM's
+    sweep as its ρ = 0 point, and still joins SAM's."""
+    root = tmp_path / "runs"
+    asam = {"adaptive": True, "eta": 0.01}
+    for rho in (0.5, 1.0):
+        fake_run(root, f"asam{rho}", "x", "sam", rho, 0, 3.0 + rho, val=4.0 + rho, opt=asam)
+        fake_run(root, f"sam{rho}", "x", "sam", rho / 10, 0, 3.0 + rho, val=4.0 + rho, opt={"adaptive": False, "eta": 0.01})
+    fake_run(root, "sgd", "x", "sgd", 0.0, 0, 5.0, val=6.0, opt={"adaptive": False, "eta": 0.01})
+    sweeps = find_sweeps(group_runs(find_runs([str(root)])[0]))
+    assert sorted(tuple(s.series) for s in sweeps) == [("asam", "sgd"), ("sam", "sgd")]
+    assert all(s.rhos[0] == 0.0 for s in sweeps)
+
+
 def test_sweep_without_validation_marks_nothing(tmp_path):
     root = tmp_path / "runs"
     for rho in (0.02, 0.05):

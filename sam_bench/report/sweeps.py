@@ -2,7 +2,8 @@
 
 A sweep family is every group whose semantic config is the same once ``optimizer.rho``,
 ``optimizer.m`` and ``optimizer.name`` are removed; it is a sweep when its non-SGD groups hold at
-least two distinct ρ (SGD joins the family as one point at ρ = 0). Inside a family one series per (optimizer, m). The chosen ρ of
+least two distinct ρ. SGD joins every family it is the baseline of (whatever ASAM's or the other
+variants' keys say: it takes no ascent) as one point at ρ = 0. Inside a family one series per (optimizer, m). The chosen ρ of
 a series is the one with the lowest mean ``final_val_error`` (the paper's protocol: 10 % of the
 training set held out, ``dataset.val_size``); when any point lacks it, nothing is marked.
 """
@@ -21,6 +22,12 @@ from sam_bench.report.paper import slug
 from sam_bench.schema import semantic_config
 
 SWEEP_DROP = ("optimizer.rho", "optimizer.m", "optimizer.name")
+# keys that only shape the ascent: an SGD run (no ascent) is the same run whatever they say
+SAM_ONLY = ("optimizer.adaptive", "optimizer.eta", "optimizer.p", "optimizer.ascent_steps", "optimizer.second_order")
+
+
+def _family_key(g: Group, drop: tuple[str, ...]) -> str:
+    return json.dumps(semantic_config(g.config, drop=drop), sort_keys=True, default=str)
 
 
 @dataclass
@@ -55,8 +62,13 @@ def find_sweeps(groups: list[Group]) -> list[Sweep]:
     """Every ρ sweep among ``groups``, in a stable order."""
     families: dict[str, list[Group]] = {}
     for g in groups:
-        key = json.dumps(semantic_config(g.config, drop=SWEEP_DROP), sort_keys=True, default=str)
-        families.setdefault(key, []).append(g)
+        if g.method != "sgd":
+            families.setdefault(_family_key(g, SWEEP_DROP), []).append(g)
+    for g in (g for g in groups if g.method == "sgd"):  # SGD is every variant's baseline (ASAM's too)
+        mine = _family_key(g, SWEEP_DROP + SAM_ONLY)
+        for members in families.values():
+            if _family_key(members[0], SWEEP_DROP + SAM_ONLY) == mine:
+                members.append(g)
     sweeps = []
     for key in sorted(families):
         members = families[key]
