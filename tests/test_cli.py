@@ -199,3 +199,18 @@ def test_missing_dataset_names_directory_file_and_url(cli_env, tmp_path):
 def test_unknown_command(cli_env):
     proc = run(["trian"], cli_env, check=False)
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
+
+
+def test_a_refused_resume_names_the_keys_and_leaves_the_run_described_as_it_was(cli_env, tmp_path):
+    """Re-running a directory with another config is refused (exit 2, the keys named); Hydra has
+    already rewritten .hydra/config.yaml by then, so the trainer puts the run's own back (the report
+    names unfinished runs from it)."""
+    import yaml
+
+    run_dir = tmp_path / "r"
+    run(["train", *TINY, "trainer.epochs=1", "name=first", f"hydra.run.dir={run_dir}"], cli_env)
+    (run_dir / "result.json").unlink()  # as if it had been stopped before finishing
+    proc = run(["train", *TINY, "trainer.epochs=1", "name=second", "optimizer.rho=0.2", f"hydra.run.dir={run_dir}"], cli_env, check=False)
+    assert proc.returncode == 2 and "optimizer.rho: 0.05 -> 0.2" in proc.stderr, proc.stderr[-2000:]
+    saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert saved["name"] == "first" and saved["optimizer"]["rho"] == 0.05

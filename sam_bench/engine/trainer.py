@@ -37,7 +37,7 @@ from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
 from sam_bench.schema import config_hash, method_label, semantic_config, validate
-from sam_bench.tracking.results import RESULT_FILE, atomic_write_json, git_commit, read_result, versions, write_metrics
+from sam_bench.tracking.results import RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_result, versions, write_metrics
 
 log = logging.getLogger("sam_bench")
 
@@ -387,7 +387,12 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         current = semantic_config(config)
         if "ranks" not in state["config"]:  # checkpoints from before the key: not comparable, as before
             current.pop("ranks", None)
-        ckpt.check_config_matches(semantic_config(state["config"]), current, run_dir)
+        try:
+            ckpt.check_config_matches(semantic_config(state["config"]), current, run_dir)
+        except CheckpointError:
+            if main:
+                _restore_hydra_config(run_dir, state["config"])
+            raise
         if state.get("labels_hash", labels_hash) != labels_hash:
             raise CheckpointError(
                 f"{path} was trained on different training labels (dataset files or label-noise settings changed); "
@@ -578,6 +583,15 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         atomic_write_json(run_dir / RESULT_FILE, result)
     log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
     return result
+
+
+def _restore_hydra_config(run_dir: Path, config: dict) -> None:
+    """Hydra rewrote ``.hydra/config.yaml`` with the refused command's config before the trainer
+    ran: put back the config the directory's checkpoint was trained with (the report names an
+    unfinished run from that file)."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if path.parent.is_dir():
+        atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
 
 
 def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo,
