@@ -20,6 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from sam_bench.data.gpu_augment import normalize
 from sam_bench.data.loader import derived_seed
+from sam_bench.engine.distributed import rank_slice
 from sam_bench.errors import DataError
 
 
@@ -43,8 +44,7 @@ class _RankBatches(Sampler[list[tuple[int, int]]]):
             order = list(range(self.n))
         for b in range(self.start_step, self.batches):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            per = -(-len(batch) // self.world)
-            mine = batch[self.rank * per:(self.rank + 1) * per]
+            mine = batch[rank_slice(len(batch), self.world, self.rank)]
             if mine:  # the last evaluation batch may leave a rank nothing
                 yield [(i, derived_seed(self.seed, self.epoch, i)) for i in mine]
 
@@ -69,8 +69,6 @@ class _SeededItems(Dataset):
             torch.default_generator.manual_seed(item_seed)
             try:
                 image, label = self.dataset[index]
-            except DataError:
-                raise
             except (OSError, SyntaxError, ValueError) as e:  # PIL inside a torchvision dataset class
                 raise DataError(f"{item_path(self.dataset, index)} is unreadable ({type(e).__name__}: {e}); it is truncated or "
                                 "corrupt: replace or delete it") from e

@@ -67,14 +67,16 @@ class ShardedLoader:
     def __getattr__(self, name: str):  # device, labels, num_examples, ... of the wrapped loader
         return getattr(self.loader, name)
 
-    def _slice(self, n: int) -> slice:
-        per = -(-n // self.info.world_size)
-        return slice(self.info.rank * per, min((self.info.rank + 1) * per, n))
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader.epoch(epoch, start_step):
-            sl = self._slice(len(labels))
+            sl = rank_slice(len(labels), self.info.world_size, self.info.rank)
             yield images[sl], labels[sl]
+
+
+def rank_slice(n: int, world: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous part of a batch of ``n`` (the last ranks' may be short or empty)."""
+    per = -(-n // world)
+    return slice(rank * per, min((rank + 1) * per, n))
 
 
 def shard(loader, info: DistInfo):

@@ -547,7 +547,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
                 stop_if_preempted(epoch + 1, global_step, None, written)
     writer.close()
-    if main:  # a run killed between its last checkpoint and metrics.jsonl resumes straight to here
+    if main and start_epoch >= tr.epochs:  # killed between the last checkpoint and metrics.jsonl: resumed to here
         write_metrics(run_dir, history)
     sharpness = _final_sharpness(cfg, model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info, m) if tr.final_sharpness else None
 

@@ -358,15 +358,13 @@ class SAM(torch.optim.Optimizer):
         else:
             torch._foreach_copy_(buf, grads)
 
-    def _clean_index(self) -> dict[int, int]:
-        return {id(p): i for i, p in enumerate(self._clean_params)}
-
-    def _clean_grads_for(self, params) -> list[torch.Tensor]:
+    def _clean_grads_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The clean-pass gradient of each of ``params`` (zeros where that pass gave it none): the
-        two passes' gradient lists are paired by parameter, never by position."""
+        two passes' gradient lists are paired by parameter, never by position. The kept list itself
+        when the parameters are the same (every step of a model whose passes use the same ones)."""
         if list(map(id, params)) == list(map(id, self._clean_params)):
             return self._clean_grad
-        index = self._clean_index()
+        index = {id(p): i for i, p in enumerate(self._clean_params)}
         return [self._clean_grad[index[id(p)]] if id(p) in index else torch.zeros_like(p) for p in params]
 
     def _save_backup(self, params: list[torch.Tensor]) -> None:
@@ -502,7 +500,10 @@ class SAM(torch.optim.Optimizer):
     def _record_cosine(self) -> None:
         """‖g‖, ‖ε‖ (chunk means) and cos(clean g, SAM g) before clipping, with fused norms:
         cos = (‖a‖² + ‖b‖² − ‖a−b‖²) / (2‖a‖‖b‖)."""
-        params = [p for p, _ in self.trainable() if p.grad is not None or id(p) in self._clean_index()]
+        params = [p for p, _ in self.trainable() if p.grad is not None]
+        if list(map(id, params)) != list(map(id, self._clean_params)):  # some parameter has a gradient in one pass only
+            clean_ids = set(map(id, self._clean_params))
+            params = [p for p, _ in self.trainable() if p.grad is not None or id(p) in clean_ids]
         sam = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         clean = self._clean_grads_for(params)
         na, nb = global_norm(clean).double(), global_norm(sam).double()

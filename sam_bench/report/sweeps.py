@@ -64,10 +64,11 @@ def find_sweeps(groups: list[Group]) -> list[Sweep]:
     for g in groups:
         if g.method != "sgd":
             families.setdefault(_family_key(g, SWEEP_DROP), []).append(g)
+    baseline_of = {key: _family_key(members[0], SWEEP_DROP + SAM_ONLY) for key, members in families.items()}
     for g in (g for g in groups if g.method == "sgd"):  # SGD is every variant's baseline (ASAM's too)
         mine = _family_key(g, SWEEP_DROP + SAM_ONLY)
-        for members in families.values():
-            if _family_key(members[0], SWEEP_DROP + SAM_ONLY) == mine:
+        for key, members in families.items():
+            if baseline_of[key] == mine:
                 members.append(g)
     sweeps = []
     for key in sorted(families):
