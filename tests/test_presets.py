@@ -121,7 +121,7 @@ def expected(name: str) -> dict:
         h = table6("WRN 28-10 (200 epochs)")
         return {"choice.dataset": ds, "choice.model": "wrn", "optimizer.ascent_steps": k, "optimizer.rho": num(h[f"rho_{ds}"]),
                 "optimizer.lr": num(h["lr"]), "optimizer.weight_decay": num(h["wd"]), "trainer.epochs": 200, "trainer.final_sharpness": True,
-                **augmentation("basic")}
+                "trainer.batch_size": CIFAR_BATCH, "optimizer.m": CIFAR_M, **augmentation("basic")}
     if table == "fig3":
         fig = FIGS["figure_3_middle_m_sharpness"]
         return {"choice.dataset": "cifar10", "sweep.optimizer.m": [int(m) for m in fig["m_values"]], "dataset.val_size": 5000}

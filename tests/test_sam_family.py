@@ -253,6 +253,31 @@ def test_rng_replay_seen_through_the_loss_gap(replay, m, engine):
     assert (gap < 1e-7) if replay else (gap > 1e-3)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_k_step_split_engine_under_torch_compile_matches_loop_reference_without_recompiling(backend):
+    """trainer.compile with k = 2 and m-sharpness: the ascent pass (per-chunk weights and weight
+    gradients) is a third graph, compiled once; float64 steps equal the loop reference."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, batches, _, _ = rich_net_case("clean", seed=8)
+    ref = generic_loop_reference(model, batches, 4, "clean", k=2)
+    opt = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=RHO, weight_decay=WD,
+              grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True, ascent_steps=2)
+    compiled = torch.compile(model, backend=backend)
+    graphs, breaks = [], sum(counters["graph_break"].values())
+    start = counters["stats"]["unique_graphs"]
+    for x, y in batches:
+        train_step(compiled, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4, m_engine="split")
+        graphs.append(counters["stats"]["unique_graphs"] - start)
+    assert graphs == [3, 3, 3], graphs  # clean, ascent and perturbed pass, compiled once
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("m", [None, 4])
 @pytest.mark.parametrize("replay", [True, False])
 def test_rng_replay_under_inductor(replay, m):
@@ -343,11 +368,41 @@ def test_true_gradient_on_for_ascent_passes_only(k):
     assert shake.true_gradient is False
 
 
-def test_true_gradient_in_m_sharpness_path(engine):
+@pytest.mark.parametrize("k", [1, 3])
+def test_true_gradient_in_m_sharpness_path(k, engine):
     shake = ShakeLike()
     model = nn.Sequential(nn.Linear(4, 3), shake).double()
-    train_step(model, make_sam(model), torch.randn(8, 4), torch.randint(0, 3, (8,)), F.cross_entropy, NO_AMP, m=4)
-    assert shake.seen == [True, False]
+    train_step(model, make_sam(model, ascent_steps=k), torch.randn(8, 4), torch.randint(0, 3, (8,)), F.cross_entropy,
+               NO_AMP, m=4)
+    assert shake.seen == [True] * k + [False]
+
+
+class RngProbe(nn.Module):
+    """Dropout that records the CPU generator's state before its draw (works inside vmap too)."""
+
+    stochastic = True
+
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def forward(self, x):
+        self.states.append(torch.get_rng_state())
+        return F.dropout(x, 0.5, self.training)
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_k_step_m_sharpness_passes_replay_the_clean_pass_draws(replay, engine):
+    """k = 3 with m-sharpness: both ascent passes and the perturbed pass start from the generator
+    state of the clean pass when replayed (fresh draws when not)."""
+    probe = RngProbe()
+    model = nn.Sequential(nn.Linear(4, 6), probe, nn.Linear(6, 3)).double()
+    rng = RngReplay(torch.device("cpu")) if replay else None
+    train_step(model, make_sam(model, ascent_steps=3), torch.randn(8, 4), torch.randint(0, 3, (8,)), F.cross_entropy,
+               NO_AMP, None, rng, m=4)
+    assert len(probe.states) == 4
+    same = [torch.equal(st, probe.states[0]) for st in probe.states[1:]]
+    assert same == ([True] * 3 if replay else [False] * 3)
 
 
 # ---- 2. m-sharpness -------------------------------------------------------------------------
@@ -533,9 +588,10 @@ class RichNet(nn.Module):
         return self.fc2(torch.relu(self.bn3(self.fc1(h))))
 
 
-def generic_loop_reference(model, batches, m, bn_mode):
-    """Any model: one deep copy per chunk ("device") with plain autograd, SAM on the chunk, then the
-    mean of the chunk gradients and of the BN state (official pmap semantics), Nesterov SGD."""
+def generic_loop_reference(model, batches, m, bn_mode, k=1):
+    """Any model: one deep copy per chunk ("device") with plain autograd, SAM on the chunk (k
+    projected ascent steps, BN state left alone by the extra ones), then the mean of the chunk
+    gradients and of the BN state (official pmap semantics), Nesterov SGD."""
     model = copy.deepcopy(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     v = {n: 0.0 for n in names}
@@ -547,7 +603,18 @@ def generic_loop_reference(model, batches, m, bn_mode):
             g = torch.autograd.grad(F.cross_entropy(dev(xc), yc), [dp[n] for n in names])
             g = [a + WD * dp[n].detach() for a, n in zip(g, names)]
             eps = [RHO * a / norm(g) for a in g]
-            clean = {k: b.clone() for k, b in dev.named_buffers()}
+            clean = {key: b.clone() for key, b in dev.named_buffers()}
+            w0 = [dp[n].detach().clone() for n in names]
+            for _ in range(k - 1):  # an ascent pass at w + ε on a copy whose BN state is thrown away
+                shifted = copy.deepcopy(dev)
+                sp = dict(shifted.named_parameters())
+                with torch.no_grad():
+                    for n, a, e in zip(names, w0, eps):
+                        sp[n].copy_(a + e)
+                ga = torch.autograd.grad(F.cross_entropy(shifted(xc), yc), [sp[n] for n in names])
+                ga = [a + WD * sp[n].detach() for a, n in zip(ga, names)]
+                eps = [e + RHO * a / norm(ga) for e, a in zip(eps, ga)]
+                eps = [e * min(1.0, RHO / norm(eps)) for e in eps]
             with torch.no_grad():
                 for n, e in zip(names, eps):
                     dp[n].add_(e)
@@ -556,8 +623,8 @@ def generic_loop_reference(model, batches, m, bn_mode):
                 total[n] = total[n] + (a + WD * dp[n].detach()) * m / x.shape[0]
             states.append(clean if bn_mode == "clean" else dict(dev.named_buffers()))
         with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(states[0][k] if b.dtype == torch.long else torch.stack([st[k] for st in states]).mean(0))
+            for key, b in model.named_buffers():
+                b.copy_(states[0][key] if b.dtype == torch.long else torch.stack([st[key] for st in states]).mean(0))
             c = min(1.0, 5.0 / norm(list(total.values())))
             params = dict(model.named_parameters())
             for n in names:
@@ -757,6 +824,49 @@ def test_second_order_matches_autograd_through_epsilon():
     assert max(float((p - q).abs().max()) for p, q in zip(first, expected)) > 1e-7  # the term matters
 
 
+@pytest.mark.parametrize("k,variant,m", [(2, "sam", 4), (3, "sam", 2), (3, "inf", 4)])
+def test_k_step_ascent_with_m_sharpness_matches_reference(k, variant, m, engine):
+    """Table 11 with m-sharpness: every chunk takes its own k projected ascent steps from its own
+    gradients at w + ε_c (the reference loops over chunks, each a plain k-step SAM on its examples)."""
+    model = tiny_model()
+    expected = ref_steps(weights(model), 3, variant=variant, k=k, m=m)
+    run(model, make_sam(model, ascent_steps=k, p="inf" if variant == "inf" else "2"), 3, m=m)
+    assert_weights(model, expected)
+    one_step = ref_steps(weights(tiny_model()), 3, variant=variant, k=1, m=m)
+    assert max(float((p - q).abs().max()) for p, q in zip(one_step, expected)) > 1e-7  # the extra steps matter
+
+
+@pytest.mark.parametrize("bn_mode", ["clean", "both", "frozen"])
+def test_k_step_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine):
+    """k = 3 with m = 4 on every layer kind (strided/dilated/grouped conv with bias, BN1d/2d with and
+    without affine or momentum, Linear, a frozen parameter): weights and BN state equal the loop
+    over chunks, whose ascent passes leave the BN state alone."""
+    model, batches, k1, _ = rich_net_case(bn_mode, seed=7)
+    ref = generic_loop_reference(model, batches, 4, bn_mode, k=3)
+    opt = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=RHO, weight_decay=WD,
+              grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True, ascent_steps=3)
+    bn_mods = batchnorm_modules(model)
+    for x, y in batches:
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, bn_mods if bn_mode == "clean" else None, m=4)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    assert not torch.allclose(k1.fc2.weight, ref.fc2.weight, rtol=0, atol=1e-9)  # k matters
+
+
+def test_k_step_m_sharpness_diagnostics_report_the_clean_gradient_norm(engine):
+    """‖g‖ in the diagnostics is the mean over chunks of the clean pass's ‖g_c‖ (with its L2 term),
+    and ‖ε‖ the final ε's: ρ after a projection onto the ρ-ball (p = 2)."""
+    model = tiny_model()
+    w = weights(model)
+    x, y = batch(0)
+    expected = sum(norm(ref_grad(w, x[i:i + 4], y[i:i + 4])) for i in (0, 4)) / 2
+    opt = make_sam(model, ascent_steps=3, diagnostics=True)
+    run(model, opt, 1, m=4)
+    diag = opt.read_diagnostics()
+    assert diag["sam/grad_norm"] == pytest.approx(expected, rel=1e-10)
+    assert diag["sam/eps_norm"] == pytest.approx(RHO, rel=1e-10)
+
+
 @pytest.mark.parametrize("variant", ["asam", "inf"])
 def test_variants_with_m_sharpness(variant, engine):
     model = tiny_model()
@@ -855,13 +965,14 @@ def fp16_model(when):
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), Inject(when), nn.Linear(8, 3)).float()
 
 
-@pytest.mark.parametrize("bad_pass", [0, 1])
+@pytest.mark.parametrize("k,bad_pass", [(1, 0), (1, 1), (2, 1)])  # (2, 1): k-step's extra ascent pass
 @pytest.mark.parametrize("m", [None, 4])
-def test_fp16_overflow_in_either_pass_skips_the_whole_step(bad_pass, m, engine):
+def test_fp16_overflow_in_either_pass_skips_the_whole_step(k, bad_pass, m, engine):
     torch.set_default_dtype(torch.float32)
-    # forward calls: step 0 -> passes (0, 1), step 1 -> (2, 3), step 2 -> (4, 5); the inf hits step 1
-    model = fp16_model({2 + bad_pass})
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM)
+    # forward calls (k = 1): step 0 -> passes (0, 1), step 1 -> (2, 3), step 2 -> (4, 5); the inf hits step 1
+    model = fp16_model({k + 1 + bad_pass})
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM,
+              ascent_steps=k)
     scaler = LossScaler(torch.device("cpu"), init_scale=2.0**10)
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     train_step(model, opt, x, y, F.cross_entropy, NO_AMP, scaler=scaler, m=m)
@@ -877,17 +988,19 @@ def test_fp16_overflow_in_either_pass_skips_the_whole_step(bad_pass, m, engine):
     assert any(not torch.equal(p.detach(), a) for p, a in zip(model.parameters(), w))
 
 
-def test_fp16_scaled_step_equals_unscaled_step():
-    """Without overflow, scaling both passes and unscaling gives the fp32 SAM step (scale 2^k exact)."""
+@pytest.mark.parametrize("k,m", [(1, None), (2, None), (2, 4)])
+def test_fp16_scaled_step_equals_unscaled_step(k, m, engine):
+    """Without overflow, scaling every pass and unscaling gives the fp32 SAM step (scale 2^n exact),
+    k-step ascent and m-sharpness included (an ascent gradient left scaled would drown its L2 term)."""
     torch.set_default_dtype(torch.float32)
     a, b = fp16_model(set()), fp16_model(set())
-    kw = dict(rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM)
+    kw = dict(rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM, ascent_steps=k)
     oa, ob = SAM(a.parameters(), torch.optim.SGD, **kw), SAM(b.parameters(), torch.optim.SGD, **kw)
     scaler = LossScaler(torch.device("cpu"), init_scale=2.0**8)
     for s in range(3):
         x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-        train_step(a, oa, x, y, F.cross_entropy, NO_AMP, scaler=scaler)
-        train_step(b, ob, x, y, F.cross_entropy, NO_AMP)
+        train_step(a, oa, x, y, F.cross_entropy, NO_AMP, scaler=scaler, m=m)
+        train_step(b, ob, x, y, F.cross_entropy, NO_AMP, m=m)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
@@ -1180,14 +1293,13 @@ def test_trainer_warns_that_cuda_graphs_slow_the_compiled_split_engine(caplog):
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_m_sharpness_refuses_k_step_ascent_and_second_order_from_python():
-    """The config validation refuses these combinations; a direct train_step call must too, instead
-    of silently running one ascent step without the second-order term."""
+def test_m_sharpness_refuses_second_order_from_python():
+    """The config validation refuses this combination; a direct train_step call must too, instead
+    of silently running without the second-order term."""
     model = tiny_model()
     x, y = batch(0)
-    for kw in (dict(ascent_steps=2), dict(second_order=True)):
-        with pytest.raises(ValueError, match="m-sharpness .* supports one ascent step without the second-order term"):
-            train_step(model, make_sam(model, **kw), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+    with pytest.raises(ValueError, match="m-sharpness .* does not support the second-order term"):
+        train_step(model, make_sam(model, second_order=True), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
 
 
 # ---------------------------------------------------------------- the optimizer as a library

@@ -13,6 +13,9 @@ weight gradient    C kernels of m examples (g_c per chunk) one full-batch kernel
                                                            over chunks is needed: it is w.grad)
 =================  ======================================  =======================================
 
+The extra ascent passes of k-step m-SAM (Table 11) evaluate chunk c at w + ε_c *and* need g_c per
+chunk: every kernel of those passes runs per chunk (``Stacked.per_chunk``).
+
 Every per-chunk kernel is an ordinary dense convolution on a batch of m, so no grouped convolution and
 no layout transpose is involved (the vmap engine in :mod:`sam_bench.optim.msam` turns each convolution
 into a grouped one). BatchNorm normalises each chunk with its own statistics (ghost BN: one fused
@@ -28,7 +31,8 @@ paper). :func:`supports` says whether a model qualifies; the others use the vmap
 Parameters are given per pass as *stacked* tensors [C, ...]. In the clean pass an optimised
 parameter is a leaf [C, ...] (w repeated), so autograd leaves g_c in ``leaf.grad[c]``; in the
 perturbed pass it is ``w + ε`` built from the parameter itself, so autograd leaves
-mean_c ∇L_c(w + ε_c) (times C, see the loss) directly in ``w.grad``.
+mean_c ∇L_c(w + ε_c) (times C, see the loss) directly in ``w.grad``; in an ascent pass it is a leaf
+``w + ε_c`` per chunk, and autograd leaves ∇L_c(w + ε_c) in ``leaf.grad[c]``.
 """
 
 from __future__ import annotations
@@ -72,10 +76,13 @@ class Stacked:
 
     ``base`` is the parameter itself when the pass is the perturbed one (value = base + ε, the weight
     gradient is wanted summed over chunks, in ``base.grad``); None when all chunks share the value
-    (clean pass, or a parameter the optimizer does not own)."""
+    (clean pass, or a parameter the optimizer does not own) or when ``per_chunk``: the chunks'
+    values differ and each chunk's gradient is wanted in ``value.grad[c]`` (the ascent passes of
+    k-step m-SAM, value = w + ε_c as a leaf)."""
 
     value: torch.Tensor
     base: torch.Tensor | None = None
+    per_chunk: bool = False
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -125,18 +132,30 @@ class _SharedWeightConv(torch.autograd.Function):
         return gx, gw, None, None
 
 
+def _per_chunk_conv(xc: torch.Tensor, ws: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Chunk c of ``xc`` through conv(·, ws[c]): C dense kernels of m examples, concatenated."""
+    with torch.autocast(xc.device.type, enabled=False):
+        return torch.cat([F.conv2d(xi, wi, None, *_conv_args(conv)) for xi, wi in zip(xc.chunk(len(ws)), ws)])
+
+
+def _per_chunk_input_grad(grad_out: torch.Tensor, xc: torch.Tensor, ws: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    pairs = zip(grad_out.chunk(len(ws)), xc.chunk(len(ws)), ws)
+    return torch.cat([_input_grad(g, xi, wi, conv) for g, xi, wi in pairs])
+
+
 class _PerChunkWeightConv(torch.autograd.Function):
-    """Perturbed pass: chunk c through conv(x_c, w + ε_c); the weight gradient summed over chunks
-    (one full-batch kernel) goes to w."""
+    """Chunk c through conv(x_c, w_c), w_c = w + ε_c = ``shifted[c]``; input gradient per chunk. The
+    weight gradient goes to ``target``: summed over chunks (one full-batch kernel) when ``target`` is
+    w itself (perturbed pass: mean_c ∇L_c(w + ε_c) is all that is needed), per chunk [C, ...] when
+    ``per_chunk_grad`` (``target`` = the stacked leaf w + ε_c: the ascent passes of k-step m-SAM)."""
 
     @staticmethod
-    def forward(ctx, x, w, shifted, conv):
+    def forward(ctx, x, target, shifted, conv, per_chunk_grad):
         dt = _compute_dtype(x)
         xc, ws = x.to(dt), shifted.to(dt)
-        with torch.autocast(x.device.type, enabled=False):
-            y = torch.cat([F.conv2d(xi, wi, None, *_conv_args(conv)) for xi, wi in zip(xc.chunk(len(ws)), ws)])
+        y = _per_chunk_conv(xc, ws, conv)
         ctx.save_for_backward(xc, ws)
-        ctx.conv, ctx.w_dtype, ctx.x_dtype = conv, w.dtype, x.dtype
+        ctx.conv, ctx.w_dtype, ctx.x_dtype, ctx.per_chunk_grad = conv, target.dtype, x.dtype, per_chunk_grad
         return y
 
     @staticmethod
@@ -145,19 +164,23 @@ class _PerChunkWeightConv(torch.autograd.Function):
         grad_out = grad_out.to(xc.dtype)
         gx = gw = None
         if ctx.needs_input_grad[0]:
+            gx = _per_chunk_input_grad(grad_out, xc, ws, ctx.conv).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1] and ctx.per_chunk_grad:
             pairs = zip(grad_out.chunk(len(ws)), xc.chunk(len(ws)), ws)
-            gx = torch.cat([_input_grad(g, xi, wi, ctx.conv) for g, xi, wi in pairs]).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
+            gw = torch.stack([_weight_grad(g, xi, wi, ctx.conv) for g, xi, wi in pairs]).to(ctx.w_dtype)
+        elif ctx.needs_input_grad[1]:
             gw = _weight_grad(grad_out, xc, ws[0], ctx.conv).to(ctx.w_dtype)
-        return gx, gw, None, None
+        return gx, gw, None, None, None
 
 
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor, params: dict[str, Stacked], chunks: int) -> torch.Tensor:
     w = params["weight"]
-    if w.base is None:
-        y = _SharedWeightConv.apply(x, w.value, conv, chunks)
+    if w.base is not None:
+        y = _PerChunkWeightConv.apply(x, w.base, w.value.detach(), conv, False)
+    elif w.per_chunk:
+        y = _PerChunkWeightConv.apply(x, w.value, w.value.detach(), conv, True)
     else:
-        y = _PerChunkWeightConv.apply(x, w.base, w.value.detach(), conv)
+        y = _SharedWeightConv.apply(x, w.value, conv, chunks)
     if "bias" in params:  # per chunk: [C, Cout] -> [C, 1, Cout, 1, 1] against [C, m, Cout, H, W]
         b = params["bias"].value
         y = (y.view(chunks, -1, *y.shape[1:]) + b.reshape(chunks, 1, -1, 1, 1).to(y.dtype)).view(y.shape)

@@ -4,7 +4,10 @@ The paper's multi-accelerator SAM treats every device as an independent SAM step
 and averages the resulting SAM gradients; m-sharpness is that with "device" = chunk of m examples.
 So a chunk is a device in every respect:
 
-- ε_c = ρ·g_c/‖g_c‖ from the chunk's own clean gradient g_c = ∇L_c(w) (+ L2 term, per chunk);
+- ε_c = ρ·g_c/‖g_c‖ from the chunk's own clean gradient g_c = ∇L_c(w) (+ L2 term, per chunk), or
+  any variant's direction (ASAM, p = ∞, random); with k ascent steps (Table 11) each chunk takes
+  its own k − 1 further projected steps from its gradient at w + ε_c (an extra pass each, in which
+  every chunk has its own weights and gets its own gradient; BN state untouched);
 - BatchNorm normalises with per-chunk statistics in both passes (ghost BN), and the running
   statistics become the average over chunks of the clean-pass updates (official ``pmean`` of the
   BN state);
@@ -210,13 +213,21 @@ class _VmapPasses:
         """Per-chunk losses [C], logits [batch, ...] and per-chunk gradients [C, ...] at w."""
         leaf = {n: p.detach().unsqueeze(0).expand(self.chunks, *p.shape).contiguous().requires_grad_(True)
                 for n, p in zip(self.names, self.params)}
+        losses, logits, grads = self._per_chunk_grads(leaf, scaler, update_stats=True)
+        return losses, logits.reshape(-1, *logits.shape[2:]), grads
+
+    def ascent(self, eps: list[torch.Tensor], scaler) -> list[torch.Tensor]:
+        """Per-chunk gradients [C, ...] of chunk c's loss at w + ε_c (k-step ascent; BN state untouched)."""
+        leaf = {n: (p.detach().unsqueeze(0) + e).requires_grad_(True) for n, p, e in zip(self.names, self.params, eps)}
+        return self._per_chunk_grads(leaf, scaler, update_stats=False)[2]
+
+    def _per_chunk_grads(self, leaf: dict, scaler, update_stats: bool):
         bufs = _stack(self.bn_bufs, self.chunks)
         losses, logits = self.batched(leaf, bufs, self.x, self.y)
         (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
-        if self.bn_bufs:
+        if update_stats and self.bn_bufs:
             _write_back(self.bn_bufs, bufs)
-        grads = [leaf[n].grad if leaf[n].grad is not None else torch.zeros_like(leaf[n]) for n in self.names]
-        return losses, logits.reshape(-1, *logits.shape[2:]), grads
+        return losses, logits, [leaf[n].grad if leaf[n].grad is not None else torch.zeros_like(leaf[n]) for n in self.names]
 
     def perturbed(self, eps: list[torch.Tensor], scaler, update_stats: bool) -> torch.Tensor:
         """Per-chunk losses at w + ε_c; mean_c ∇L_c(w + ε_c) lands in w.grad."""
@@ -250,7 +261,16 @@ class _SplitPasses:
 
     def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         leaf = [p.detach().unsqueeze(0).expand(self.chunks, *p.shape).requires_grad_(True) for p in self.params]
-        losses, logits = self._run({n: chunked.Stacked(t) for n, t in zip(self.names, leaf)}, True)
+        return self._per_chunk_grads(leaf, scaler, per_chunk=False, update_stats=True)
+
+    def ascent(self, eps: list[torch.Tensor], scaler) -> list[torch.Tensor]:
+        """Per-chunk gradients [C, ...] of chunk c's loss at w + ε_c (k-step ascent; BN state untouched)."""
+        leaf = [(p.detach().unsqueeze(0) + e).requires_grad_(True) for p, e in zip(self.params, eps)]
+        return self._per_chunk_grads(leaf, scaler, per_chunk=True, update_stats=False)[2]
+
+    def _per_chunk_grads(self, leaf: list[torch.Tensor], scaler, per_chunk: bool, update_stats: bool):
+        stacked = {n: chunked.Stacked(t, per_chunk=per_chunk) for n, t in zip(self.names, leaf)}
+        losses, logits = self._run(stacked, update_stats)
         (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
         return losses, logits, [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaf]
 
@@ -345,9 +365,9 @@ def msam_step(
 
     runner = model  # the split engine calls the model as given (a torch.compile wrapper stays compiled)
     model = getattr(model, "_orig_mod", model)
-    if optimizer.ascent_steps > 1 or optimizer.second_order:
-        raise ValueError("m-sharpness (m < batch) supports one ascent step without the second-order term: "
-                         "use ascent_steps=1 and second_order=False, or m=None")
+    if optimizer.second_order:
+        raise ValueError("m-sharpness (m < batch) does not support the second-order term: "
+                         "use second_order=False, or m=None")
     chunks = images.shape[0] // m
     name_of = {id(p): n for n, p in model.named_parameters()}
     owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of]  # others get no gradient
@@ -378,11 +398,29 @@ def msam_step(
             if grp["l2"]:
                 g.add_(p.detach().unsqueeze(0), alpha=grp["l2"])  # the L2 term of each chunk's loss
         eps = optimizer.direction(grads, params, groups, chunks)
-        optimizer.grad_norm = optimizer._clean_norm.mean()
-        optimizer._eps = eps
+        clean_norm = optimizer._clean_norm
+        optimizer.grad_norm = clean_norm.mean()
         if optimizer.diagnostics:
             optimizer._keep_clean_grad(params, [g.mean(dim=0) for g in grads])
     del grads
+
+    # k-step ascent (Table 11): each chunk's ε moves along its own gradient at w + ε_c, projected
+    # onto the ρ-ball; same draws, shake layers' true gradient, BN state untouched (as plain SAM)
+    for _ in range(optimizer.ascent_steps - 1):
+        if rng is not None:
+            rng.rewind()
+        grads = passes.ascent(eps, scaler)
+        if scaler is not None:
+            scaler.unscale_(grads)
+        with torch.no_grad():
+            for g, p, e, grp in zip(grads, params, eps, groups):
+                if grp["l2"]:
+                    g.add_(p.detach().unsqueeze(0) + e, alpha=grp["l2"])  # L2 term at w + ε_c
+            step = optimizer.direction(grads, params, groups, chunks)
+            eps = optimizer.project(torch._foreach_add(eps, step), chunks) if eps else eps
+        del grads
+    optimizer._clean_norm = clean_norm  # diagnostics report the clean pass's ‖g_c‖
+    optimizer._eps = eps
 
     # perturbed pass: mean_c ∇L_c(w + ε_c) lands in w.grad
     set_true_gradient(model, False)
