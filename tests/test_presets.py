@@ -125,6 +125,21 @@ def expected(name: str) -> dict:
     if table == "fig3":
         fig = FIGS["figure_3_middle_m_sharpness"]
         return {"choice.dataset": "cifar10", "sweep.optimizer.m": [int(m) for m in fig["m_values"]], "dataset.val_size": 5000}
+    h = table6("WRN 28-10 (200 epochs)")  # Figs. 4-6: "WideResNet" on CIFAR-10, hyperparameters not printed
+    common = {"choice.dataset": "cifar10", "choice.model": "wrn", "optimizer.lr": num(h["lr"]), "optimizer.weight_decay": num(h["wd"]),
+              "optimizer.rho": num(h["rho_cifar10"]), "trainer.epochs": 200, "trainer.batch_size": CIFAR_BATCH, **augmentation("basic")}
+    if table == "fig4":
+        setup = FIGS["figure_4_5_second_order_ablation"]["setup"]
+        depth, width = map(int, re.search(r"WideResNet-(\d+)x(\d+)", setup).groups())
+        assert "~40k steps" in setup
+        return {**common, "model.kwargs.depth": depth, "model.kwargs.width": width, "optimizer.m": None,
+                "optimizer.diagnostics": True, "steps": (40000, 50000), "sweep.optimizer.second_order": ["false", "true"]}
+    if table == "fig6":
+        setup = FIGS["figure_6_p_norm"]["setup"]
+        low, high = (int(e) for e in re.search(r"log axis 1e(-?\d+)\.\.1e(-?\d+)", setup).groups())
+        assert "||ε||∞=ρ" in setup and "random Gaussian" in setup
+        return {**common, "model.kwargs.depth": 28, "model.kwargs.width": 10, "optimizer.m": CIFAR_M,
+                "sweep.optimizer.p": ["2", "inf", "random"], "sweep.optimizer.rho": [10.0**e for e in range(low, high + 1)]}
     raise AssertionError(f"{name}: no paper table {table}")
 
 
@@ -156,7 +171,7 @@ def test_every_preset_is_named_after_its_cell_and_cites_it():
         assert text.startswith("# @package _global_\n"), path.name
         assert path.stem == name.replace("/", "_").replace("@", "_"), path.name
         table = name.split("/")[0]
-        cite = f"Paper Table {table.removeprefix('table')}" if table.startswith("table") else "Paper Fig. 3"
+        cite = f"Paper Table {table.removeprefix('table')}" if table.startswith("table") else f"Paper Fig. {table.removeprefix('fig')}"
         assert cite in text, f"{path.name} does not cite '{cite}'"
         assert "defaults:\n  - override /dataset:" in text, path.name
 
@@ -191,10 +206,14 @@ def test_preset_composes_and_matches_the_paper(compose_preset, path):
         elif key == "steps":
             steps, n = want
             got_steps = cfg.trainer.epochs * n / cfg.trainer.batch_size
-            assert abs(got_steps - steps) / steps < 0.02, (name, got_steps, steps)
+            assert abs(got_steps - steps) / steps < (0.03 if name.startswith("fig4/") else 0.02), (name, got_steps, steps)  # "~40k"
             continue
         elif key.startswith("sweep."):
-            got = [int(v) for v in str(cfg.hydra.sweeper.params[key.removeprefix("sweep.")]).split(",")]
+            kind = type(want[0])
+            got = [kind(v) for v in str(cfg.hydra.sweeper.params[key.removeprefix("sweep.")]).split(",")]
+            if kind is float:
+                assert got == pytest.approx(want, rel=1e-12), (name, key, got, want)
+                continue
         else:
             got = get(cfg, key)
         if isinstance(want, float):
@@ -205,7 +224,7 @@ def test_preset_composes_and_matches_the_paper(compose_preset, path):
         assert cfg.optimizer.grad_clip == 5.0 and cfg.optimizer.nesterov and cfg.optimizer.warmup_epochs == 0.0  # official code
     # the cell its runs fill, <name>@<method> as the report keys it, is one the paper's tables print
     key = name if "@" in name else f"{name}@{method_label(cfg.optimizer)}"
-    if not name.startswith("fig3/") and "/birdsnap/" not in name:
+    if not name.startswith("fig") and "/birdsnap/" not in name:  # the figures print no numbers (no cell)
         assert key in LAYOUT_KEYS, (path.name, key)
 
 

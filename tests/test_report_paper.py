@@ -214,6 +214,51 @@ def test_sweep_table_plot_and_chosen_rho(tmp_path):
     assert sorted((r["series"], r["rho"]) for r in chosen) == [("sam m=16", "0.05"), ("sam m=4", "0.05")]
 
 
+def test_p_norm_sweep_is_one_plot_with_a_series_per_perturbation(tmp_path):
+    """Fig. 6: p = 2, ∞ and random over decades of ρ form one sweep (a series each, SGD at ρ = 0),
+    drawn on a log ρ axis; another p is never pooled into SAM's series."""
+    root = tmp_path / "runs"
+    name = "fig6/p_norm/cifar10"
+    for p in ("2", "inf", "random"):
+        for i, rho in enumerate((1e-4, 1e-2, 1.0, 100.0)):
+            fake_run(root, f"p{p}_r{rho}", name, "sam", rho, 0, 3.5 + i + (p != "2"), m=32, opt={"p": p})
+    fake_run(root, "sgd", name, "sgd", 0.0, 0, 4.0, opt={"p": "2"})
+    sweeps = find_sweeps(group_runs(find_runs([str(root)])[0]))
+    assert len(sweeps) == 1
+    s = sweeps[0]
+    assert list(s.series) == ["sam m=32", "sam+p=inf m=32", "sam+p=random m=32", "sgd"]
+    assert s.rhos == [0.0, 1e-4, 1e-2, 1.0, 100.0]
+    assert [g.mean for g in s.series["sam+p=inf m=32"]] == [4.5, 5.5, 6.5, 7.5]
+    write_report([str(root)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "sweeps.md").read_text()
+    assert "| 0.0001 | 3.50 (n=1) | — | 4.50 (n=1) | — | 4.50 (n=1) | — | — | — |" in md
+    assert (tmp_path / "out" / f"sweep_{s.id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plot_takes_a_log_axis_over_decades_of_rho():
+    from unittest import mock
+
+    from matplotlib.figure import Figure
+
+    from sam_bench.report.collect import Group
+    from sam_bench.report.plots import sweep_png
+    from sam_bench.report.sweeps import Sweep
+
+    axes, add_subplot = [], Figure.add_subplot
+
+    def spy(self, *a, **kw):
+        axes.append(add_subplot(self, *a, **kw))
+        return axes[-1]
+
+    def group(rho):
+        return Group({"name": "x", "optimizer": {"name": "sam", "rho": rho}}, [{"final_test_error": 3.0, "seed": 0}])
+
+    with mock.patch.object(Figure, "add_subplot", spy):
+        for rhos in ((0.01, 0.05, 0.1), (1e-6, 1e-3, 1.0)):
+            sweep_png(Sweep("id", "x", {"sam": [group(r) for r in rhos]}))
+    assert [ax.get_xscale() for ax in axes] == ["linear", "symlog"]
+
+
 def test_sgd_is_the_baseline_of_an_asam_sweep_too(tmp_path):
     """`optimizer=sgd,asam optimizer.rho=...`: the SGD run (ASAM's keys are off in it) joins ASAM's
     sweep as its ρ = 0 point, and still joins SAM's."""

@@ -824,6 +824,29 @@ def test_second_order_matches_autograd_through_epsilon():
     assert max(float((p - q).abs().max()) for p, q in zip(first, expected)) > 1e-7  # the term matters
 
 
+def test_second_order_cosine_diagnostic_matches_reference():
+    """Fig. 5: the cosine between the first-order SAM gradient ∇L(w + ε̂) and the full gradient of
+    L(w + ε̂(w)) (autograd through ε̂, float64), both with the L2 term; logged only with second_order."""
+    model = tiny_model()
+    w = [t.detach().requires_grad_(True) for t in weights(model)]
+    x, y = batch(0)
+    full = lambda u: ref_loss(u, x, y) + 0.5 * WD * sum((t * t).sum() for t in u)  # noqa: E731
+    g = torch.autograd.grad(full(w), w, create_graph=True)
+    gn = torch.sqrt(sum((t * t).sum() for t in g))
+    shifted = [a + RHO * b / gn for a, b in zip(w, g)]
+    second = torch.autograd.grad(full(shifted), w)
+    first = ref_grad([t.detach() for t in shifted], x, y)
+    expected = sum(float((a * b).sum()) for a, b in zip(first, second)) / (norm(first) * norm(second))
+    opt = make_sam(model, second_order=True, diagnostics=True)
+    run(model, opt, 1)
+    assert opt.read_diagnostics()["sam/second_order_cosine"] == pytest.approx(expected, rel=1e-10, abs=0)
+    assert expected < 1 - 1e-9  # the second-order term turns the update
+    plain = tiny_model()
+    opt = make_sam(plain, diagnostics=True)
+    run(plain, opt, 1)
+    assert set(opt.read_diagnostics()) == {"sam/grad_norm", "sam/eps_norm", "sam/loss_gap", "sam/cosine"}
+
+
 @pytest.mark.parametrize("k,variant,m", [(2, "sam", 4), (3, "sam", 2), (3, "inf", 4)])
 def test_k_step_ascent_with_m_sharpness_matches_reference(k, variant, m, engine):
     """Table 11 with m-sharpness: every chunk takes its own k projected ascent steps from its own

@@ -45,7 +45,9 @@ import torch
 
 WEIGHT_DECAY_MODES = ("loss", "decoupled")
 P_NORMS = ("2", "inf", "random")
-DIAGNOSTICS = ("grad_norm", "eps_norm", "loss_gap", "cosine")
+DIAGNOSTICS = ("grad_norm", "eps_norm", "loss_gap", "cosine", "second_order_cosine")
+#: recorded only by an optimizer with ``second_order`` (App. C.4, Fig. 5)
+SECOND_ORDER_DIAGNOSTICS = ("second_order_cosine",)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -100,7 +102,8 @@ class SAM(torch.optim.Optimizer):
         p: ``"2"`` (SAM), ``"inf"`` (sign) or ``"random"`` (Gaussian direction of norm ρ).
         ascent_steps: k projected ascent steps (Table 11).
         second_order: keep the dε̂/dw term (App. C.4); the step must pass ``hvp`` to second_step.
-        diagnostics: accumulate ‖g‖, ‖ε‖, L(w+ε)−L(w), cos(g, g_SAM) on the device.
+        diagnostics: accumulate ‖g‖, ‖ε‖, L(w+ε)−L(w), cos(g, g_SAM) on the device, and with
+            ``second_order`` the cosine between the first-order and the full update (Fig. 5).
         seed: seed of the generator for ``p="random"``.
         **kwargs: the base optimizer's arguments (lr, momentum, nesterov, ...).
     """
@@ -436,10 +439,13 @@ class SAM(torch.optim.Optimizer):
         gv = sum((a * b).sum() for a, b in zip(g, rv))
         u = [(b - a * (gv / norm**2)) / norm for a, b in zip(g, rv)]
         hu = hvp(list(u))
-        for p, grp, ui, hui in zip(params, groups, u, hu):
-            p.grad.add_(hui)
-            if grp["l2"]:
-                p.grad.add_(ui, alpha=grp["l2"])
+        terms = [hui + ui * grp["l2"] if grp["l2"] else hui for grp, ui, hui in zip(groups, u, hu)]
+        first_order_norm = global_norm(v).double() if self.diagnostics else None
+        torch._foreach_add_(v, terms)
+        if self.diagnostics:  # Fig. 5: cos(first-order g', full g' + J_ε̂ᵀ g'), from three fused norms
+            na, nb, nt = first_order_norm, global_norm(v).double(), global_norm(terms).double()
+            cos = (na**2 + nb**2 - nt**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
+            self._accumulate(DIAGNOSTICS.index("second_order_cosine"), cos)
 
     @torch.no_grad()
     def descend(self, found_inf: torch.Tensor | None = None) -> None:
@@ -528,7 +534,8 @@ class SAM(torch.optim.Optimizer):
         count = values[-1]
         if not count:
             return {}
-        return {f"sam/{name}": v / count for name, v in zip(DIAGNOSTICS, values)}
+        return {f"sam/{name}": v / count for name, v in zip(DIAGNOSTICS, values)
+                if self.second_order or name not in SECOND_ORDER_DIAGNOSTICS}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

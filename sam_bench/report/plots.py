@@ -29,6 +29,9 @@ def sweep_png(sweep: Sweep) -> bytes:
         if chosen is not None:
             ax.plot([chosen.rho], [chosen.mean], marker="*", markersize=16, linestyle="none",
                     color=line[0].get_color(), markeredgecolor="black")
+    positive = [r for r in sweep.rhos if r > 0]
+    if positive and max(positive) / min(positive) >= 100:  # decades of ρ (Fig. 6): log scale, ρ = 0 still drawn
+        ax.set_xscale("symlog", linthresh=min(positive))
     ax.set_xlabel("ρ")
     ax.set_ylabel("test error (%)")
     ax.set_title(sweep.name or sweep.id, fontsize=9)

@@ -1,9 +1,10 @@
-"""ρ sweeps: groups that differ only in ρ (and m, and SGD vs SAM), with ρ chosen on validation.
+"""ρ sweeps: groups that differ only in ρ (and m, p, and SGD vs SAM), with ρ chosen on validation.
 
 A sweep family is every group whose semantic config is the same once ``optimizer.rho``,
-``optimizer.m`` and ``optimizer.name`` are removed; it is a sweep when its non-SGD groups hold at
-least two distinct ρ. SGD joins every family it is the baseline of (whatever ASAM's or the other
-variants' keys say: it takes no ascent) as one point at ρ = 0. Inside a family one series per (optimizer, m). The chosen ρ of
+``optimizer.m``, ``optimizer.p`` and ``optimizer.name`` are removed (the perturbation's norm is a
+series of its own, so Fig. 6's p = 2, ∞ and random share one plot); it is a sweep when its non-SGD
+groups hold at least two distinct ρ. SGD joins every family it is the baseline of (whatever ASAM's or the other
+variants' keys say: it takes no ascent) as one point at ρ = 0. Inside a family one series per (method, m). The chosen ρ of
 a series is the one with the lowest mean ``final_val_error`` (the paper's protocol: 10 % of the
 training set held out, ``dataset.val_size``); when any point lacks it, nothing is marked.
 """
@@ -21,7 +22,7 @@ from sam_bench.report.collect import Group, ci95
 from sam_bench.report.paper import slug
 from sam_bench.schema import semantic_config
 
-SWEEP_DROP = ("optimizer.rho", "optimizer.m", "optimizer.name")
+SWEEP_DROP = ("optimizer.rho", "optimizer.m", "optimizer.p", "optimizer.name")
 # keys that only shape the ascent: an SGD run (no ascent) is the same run whatever they say
 SAM_ONLY = ("optimizer.adaptive", "optimizer.eta", "optimizer.p", "optimizer.ascent_steps", "optimizer.second_order")
 
