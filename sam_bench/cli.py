@@ -188,16 +188,34 @@ def _preflight(config_name: str) -> None:
                     _fail(f"{e}{where}")
 
 
+def _skip_diverged_sweep_point(error: Exception, diverged: list[str]) -> None:
+    """In a multirun, a point whose training diverged (an extreme ρ or lr of a grid) is logged in its
+    run directory and skipped, so the sweep goes on; outside a sweep it is an error."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        _fail(str(error))
+    point = " ".join(hc.overrides.task)
+    logging.getLogger("sam_bench").error("diverged, so this sweep point is skipped and the sweep goes on: %s", error)
+    print(f"sam-bench: error: {error} (sweep point {point}: skipped, the sweep goes on)", file=sys.stderr)
+    diverged.append(point)
+
+
 def train() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from sam_bench.errors import SamBenchError
+    from sam_bench.errors import SamBenchError, TrainingDiverged
     from sam_bench.paths import config_dir
 
     sys.argv = [sys.argv[0], *_quote_paths(sys.argv[1:], TRAIN_PATH_KEYS)]
     _register()
     _preflight("train")
+    diverged: list[str] = []
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def _train(cfg) -> None:
@@ -212,6 +230,8 @@ def train() -> None:
 
         try:
             fit(cfg, HydraConfig.get().runtime.output_dir)
+        except TrainingDiverged as e:
+            _skip_diverged_sweep_point(e, diverged)
         except SamBenchError as e:
             _fail(str(e))
         except Preempted as e:
@@ -219,6 +239,10 @@ def train() -> None:
             sys.exit(PREEMPTED_EXIT_CODE)
 
     _train()
+    if diverged:  # every other point ran; the report lists these runs as failed
+        print(f"sam-bench: error: {len(diverged)} sweep point(s) diverged and have no result:\n"
+              + "".join(f"  {p}\n" for p in diverged), end="", file=sys.stderr)
+        sys.exit(1)
 
 
 def report() -> None:

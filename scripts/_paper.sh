@@ -36,17 +36,32 @@ presets() {
   done
 }
 
+FAILED=()  # presets whose multirun exited non-zero (e.g. a sweep point diverged); the others still run
+
 # train_presets GLOB [ARGS...]: one multirun per preset matching GLOB; ARGS before the user's overrides.
 train_presets() {
   local glob="$1"; shift
-  local stem found=0
+  local stem found=0 rc
   for stem in $(presets "$glob"); do
     found=1
-    run "$PYTHON" -m sam_bench train -m "experiment=paper/$stem" "seed=$SEEDS" "$@" "${EXTRA[@]}"
+    rc=0
+    run "$PYTHON" -m sam_bench train -m "experiment=paper/$stem" "seed=$SEEDS" "$@" "${EXTRA[@]}" || rc=$?
+    if (( rc == 75 || rc >= 128 )); then  # preempted (sam-bench's 75) or killed by a signal (Ctrl-C): stop here
+      echo "$stem: sam-bench train exited $rc (preempted or interrupted); stopping" >&2
+      exit "$rc"
+    elif [[ $rc != 0 ]]; then
+      echo "$stem: sam-bench train exited $rc; going on with the other presets" >&2
+      FAILED+=("$stem")
+    fi
   done
   [[ $found == 1 ]] || { echo "no preset matches $glob${PRESETS:+ and PRESETS=$PRESETS}" >&2; exit 2; }
 }
 
+# report: regenerate the tables (runs that failed are listed in them), then exit 1 if any preset failed.
 report() {
   run "$PYTHON" -m sam_bench report "out=$REPORT_OUT"
+  if [[ ${#FAILED[@]} != 0 ]]; then
+    echo "failed presets (the report lists their unfinished runs): ${FAILED[*]}" >&2
+    exit 1
+  fi
 }

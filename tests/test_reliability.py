@@ -388,6 +388,23 @@ def test_bad_input_one_line_and_exit_2(cli_env, tmp_path, name, overrides, setup
 
 
 @pytest.mark.slow
+def test_a_diverged_sweep_point_is_skipped_and_the_sweep_goes_on(cli_env, tmp_path):
+    """Multirun: the point that diverges (lr 1e30) is logged in its run directory and skipped, the
+    next point trains to its result, and the command then exits 1 naming the diverged point."""
+    sweep = tmp_path / "sweep"
+    proc = _cli(["-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
+                 f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    tail = proc.stderr.strip().splitlines()[-2:]
+    assert tail[0] == "sam-bench: error: 1 sweep point(s) diverged and have no result:"
+    assert "optimizer.lr=1e+30" in tail[1] and "optimizer.lr=0.1" not in tail[1]
+    assert not (sweep / "0" / "result.json").exists()
+    assert "diverged, so this sweep point is skipped and the sweep goes on: non-finite training loss" in (sweep / "0" / "train.log").read_text()
+    assert json.loads((sweep / "1" / "result.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
 def test_second_process_on_a_busy_run_directory_fails_fast(cli_env, tmp_path):
     run = tmp_path / "busy"
     run.mkdir()
