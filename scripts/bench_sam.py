@@ -5,7 +5,8 @@ autocast, channels_last. Prints ms/step, SAM/SGD and m-SAM/SAM ratios; --out wri
 m-SAM variants: "msam" is what the trainer runs (engine "auto"), "msam_split" and "msam_vmap" force
 an engine of sam_bench.optim.msam, "msam_il" is vmap with the interleaved layout, and "msam_loop" the
 naive alternative: a Python loop over the chunks, each a plain SAM ascent + perturbed backward on m
-examples (same FLOPs).
+examples (same FLOPs). "sam_k2" and "msam_k2": two ascent steps (Table 11's k = 2), on the whole
+batch and per chunk of m (an extra pass each; in m-SAM's every kernel runs per chunk).
 A variant that fails is reported with its error and the others still run.
 --compile times every variant with the model under ``torch.compile`` (as ``trainer.compile=true``):
 SGD, SAM, ASAM and the split m-SAM engine run compiled graphs; the vmap engine runs eagerly.
@@ -51,10 +52,12 @@ VARIANTS = {
     "msam_split": dict(name="sam", rho=0.05),
     "msam_vmap": dict(name="sam", rho=0.05),
     "msam_il": dict(name="sam", rho=0.05),
+    "sam_k2": dict(name="sam", rho=0.05, ascent_steps=2),  # Table 11, k = 2, on the whole batch
+    "msam_k2": dict(name="sam", rho=0.05, ascent_steps=2),  # and per chunk of m (the trainer's engine)
 }
 #: m-SAM variants -> (sam_bench.optim.msam.ENGINE, sam_bench.optim.msam.LAYOUT)
 MSAM_SETTINGS = {"msam": (msam.ENGINE, msam.LAYOUT), "msam_split": ("split", msam.LAYOUT),
-                 "msam_vmap": ("vmap", msam.LAYOUT), "msam_il": ("vmap", "interleaved")}
+                 "msam_vmap": ("vmap", msam.LAYOUT), "msam_il": ("vmap", "interleaved"), "msam_k2": (msam.ENGINE, msam.LAYOUT)}
 
 
 def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
@@ -193,6 +196,7 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
     out["msam_split_over_sam"] = ratio("msam_split", "sam")
     out["msam_vmap_over_sam"] = ratio("msam_vmap", "sam")
     out["msam_il_over_sam"] = ratio("msam_il", "sam")
+    out["msam_k2_over_sam_k2"] = ratio("msam_k2", "sam_k2")
     print(f"{label:>6} SAM/SGD {out['sam_over_sgd']:.3f}   m-SAM/SAM {out['msam_over_sam']:.3f} (m={m} of {batch})"
           f"   ASAM/SAM {out['asam_over_sam']:.3f}   loop-over-chunks/m-SAM {out['msam_loop_over_msam']:.3f}",
           flush=True)

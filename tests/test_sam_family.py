@@ -1094,18 +1094,19 @@ def test_m_sharpness_runs_on_cuda_channels_last_under_autocast(precision, engine
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_m_sharpness_on_cuda_matches_the_float64_cpu_step(engine):
-    """The m-sharpness step (each engine) on CUDA, fp32 without TF32 and with a
-    channels_last model, equals the float64 CPU step that matches the loop-over-chunks reference."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_m_sharpness_on_cuda_matches_the_float64_cpu_step(k, engine):
+    """The m-sharpness step (each engine, one or two ascent steps) on CUDA, fp32 without TF32 and
+    with a channels_last model, equals the float64 CPU step that matches the loop-over-chunks reference."""
     cpu = tiny_model()
     model = copy.deepcopy(cpu).float().cuda().to(memory_format=torch.channels_last)
-    run(cpu, make_sam(cpu), 2, m=4)
+    run(cpu, make_sam(cpu, ascent_steps=k), 2, m=4)
     batches = [batch(s, 8) for s in range(2)]  # drawn in float64, as run() draws them
     torch.set_default_dtype(torch.float32)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        opt = make_sam(model)
+        opt = make_sam(model, ascent_steps=k)
         bn_mods = batchnorm_modules(model)
         for x, y in batches:
             x = x.float().cuda().contiguous(memory_format=torch.channels_last)

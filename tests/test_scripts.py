@@ -16,14 +16,14 @@ def test_bench_sam_writes_every_variant_and_ratio(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "scripts/bench_sam.py", "--cpu-arch", "wrn_mini", "--cpu-batch", "8", "--cpu-m", "4",
-         "--steps", "1", "--warmup", "0", "--variants", "sgd,sam,msam,msam_vmap", "--out", str(out)],
+         "--steps", "1", "--warmup", "0", "--variants", "sgd,sam,msam,msam_vmap,sam_k2,msam_k2", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = json.loads(out.read_text())["runs"][0]
     assert run["errors"] == {}
-    assert set(run["ms_per_step"]) == set(run["first_step_s"]) == {"sgd", "sam", "msam", "msam_vmap"}
+    assert set(run["ms_per_step"]) == set(run["first_step_s"]) == {"sgd", "sam", "msam", "msam_vmap", "sam_k2", "msam_k2"}
     assert all(s > 0 for s in run["first_step_s"].values())
-    assert run["compile"] is None and run["sam_over_sgd"] > 0 and run["msam_over_sam"] > 0
+    assert run["compile"] is None and run["sam_over_sgd"] > 0 and run["msam_over_sam"] > 0 and run["msam_k2_over_sam_k2"] > 0
     assert "m-SAM/SAM" in proc.stdout
 
 
