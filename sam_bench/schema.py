@@ -275,6 +275,11 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def experiment_hash(config: dict) -> str:
+    """:func:`config_hash` without the seed: equal for the seeds of one experiment."""
+    return config_hash(semantic_config(config, drop=("seed",)))
+
+
 def validate(cfg: Any) -> None:
     """Checks that relate values or bound them; raises :class:`ConfigError` naming key and fix."""
     opt, tr, ds = cfg.optimizer, cfg.trainer, cfg.dataset

@@ -133,6 +133,8 @@ def test_hessian_command_on_a_kept_epoch_checkpoint(cli_env, tmp_path):
     out = run(["hessian", f"checkpoint={kept}", "images=0", "iters=6", "top_k=3", "batch_size=50"], cli_env).stdout  # unquoted
     result = json.loads((run_dir / "hessian_checkpoint_epoch0001.json").read_text())
     assert result["epoch"] == 1 and result["images"] == 128 and result["optimizer"] == "sam"
+    from sam_bench.schema import experiment_hash
+    assert result["experiment_hash"] == experiment_hash(json.loads((run_dir / "result.json").read_text())["config"])
     assert len(result["eigenvalues"]) == 3 and result["eigenvalues"] == sorted(result["eigenvalues"], reverse=True)
     assert result["lambda_max_over_lambda_3"] == pytest.approx(result["eigenvalues"][0] / result["eigenvalues"][2])
     assert "lambda_max" in out and str(run_dir / "hessian_checkpoint_epoch0001.json") in out
@@ -235,6 +237,31 @@ def test_a_spectrum_measured_again_is_not_another_training_seed(tmp_path):
     grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]
     assert "| 25 ± 7.07 | 11 ± 1.41 (5) | 2 |" in grouped
     assert md.split("## Every spectrum measured")[1].count("hessian_") == 3  # every file still listed
+
+
+def test_spectra_of_one_name_with_other_settings_are_other_experiments(tmp_path):
+    """Runs of one experiment name that differ in a setting other than the seed (here the lr, so
+    another experiment_hash) are never averaged together, in the paper's panel or the grouped table;
+    the seeds of one experiment still are."""
+    from sam_bench.report import write_report
+    from sam_bench.schema import experiment_hash
+
+    def config(lr, seed):
+        return {"name": "fig3/hessian", "optimizer": {"name": "sgd", "lr": lr, "rho": 0.0}, "seed": seed}
+
+    assert experiment_hash(config(0.1, 0)) == experiment_hash(config(0.1, 1)) != experiment_hash(config(0.05, 0))
+    runs = tmp_path / "runs"
+    args = ("wrn40_10_nobn", "cifar10", "sgd", 0.0, 300)
+    for lr, seed, lam in ((0.1, 0, 20.0), (0.1, 1, 30.0), (0.05, 0, 100.0)):
+        fake_spectrum(runs / f"lr{lr}_s{seed}" / "hessian_checkpoint_epoch0300.json", *args, [lam, 8, 6, 4, 2.0],
+                      name="fig3/hessian", training_seed=seed, experiment_hash=experiment_hash(config(lr, seed)))
+    write_report([str(runs)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "hessian.md").read_text()
+    h1, h2 = experiment_hash(config(0.1, 0)), experiment_hash(config(0.05, 0))
+    assert f"| SGD | 300 | 24.2 | several configurations ({', '.join(sorted((h1, h2)))}): see the list |" in md
+    grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]
+    assert f"| fig3/hessian [{h1}] | wrn40_10_nobn | cifar10 | sgd | 0.0 | 300 | 5000 | 25 ± 7.07 |" in grouped
+    assert f"| fig3/hessian [{h2}] | wrn40_10_nobn | cifar10 | sgd | 0.0 | 300 | 5000 | 100 |" in grouped
 
 
 @pytest.mark.gpu

@@ -23,6 +23,7 @@ from sam_bench.engine.precision import resolve_device
 from sam_bench.engine.rundir import ensure_writable
 from sam_bench.errors import CheckpointError, ConfigError
 from sam_bench.models import build_model
+from sam_bench.schema import experiment_hash
 from sam_bench.tracking.results import atomic_write_json, versions
 
 
@@ -95,6 +96,7 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
         "lanczos_seed": cfg.lanczos_seed,
         "training_seed": config.get("seed"),
         "config_hash": state.get("config_hash"),
+        "experiment_hash": experiment_hash(config),  # the report averages over training seeds of one experiment
         "device": str(device),
         "seconds": time.perf_counter() - t0,
         "versions": versions(),

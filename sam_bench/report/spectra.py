@@ -64,9 +64,16 @@ def one_per_training_seed(spectra: list[dict]) -> list[dict]:
     recorded training seed count each (files from before it was recorded)."""
     chosen: dict[object, dict] = {}
     for s in sorted(spectra, key=lambda s: (_sortable(s.get("lanczos_seed")), s["path"])):
-        run = ("seed", s["training_seed"]) if s.get("training_seed") is not None else ("file", s["path"])
+        run = ("seed", s.get("experiment_hash"), s["training_seed"]) if s.get("training_seed") is not None else ("file", s["path"])
         chosen.setdefault(run, s)
     return sorted(chosen.values(), key=lambda s: s["path"])
+
+
+def _experiment(s: dict) -> str:
+    """The experiment column: its name, and the hash of its config without the seed when recorded
+    (runs of one name that differ in lr or epochs are different experiments)."""
+    name = str(s.get("name"))
+    return f"{name} [{s['experiment_hash']}]" if s.get("experiment_hash") else name
 
 
 def _paper_rows(spectra: list[dict]) -> list[str]:
@@ -75,8 +82,11 @@ def _paper_rows(spectra: list[dict]) -> list[str]:
         ours = one_per_training_seed([s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
                                       and s.get("optimizer") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]])
         rhos = sorted({s.get("rho") for s in ours}, key=str)
+        configs = {s["experiment_hash"] for s in ours if s.get("experiment_hash")}
         if len(rhos) > 1:  # different experiments: not averaged
             lam = ratio = f"several ρ ({', '.join(map(str, rhos))}): see the list"
+        elif len(configs) > 1:  # e.g. another lr or epoch count
+            lam = ratio = f"several configurations ({', '.join(sorted(configs))}): see the list"
         else:
             lam = _mean([s["lambda_max"] for s in ours])
             ratio = _mean([_ratio(s) for s in ours if len(s["eigenvalues"]) == 5 and _ratio(s) is not None])
@@ -107,8 +117,8 @@ def spectra_markdown(spectra: list[dict]) -> str:
     lines += ["| experiment | model | dataset | optimizer | ρ | epoch | images | λ_max | λ_max/λ_k (k) | n |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
-    for s in spectra:
-        key = tuple(s.get(k) for k in ("name", "arch", "dataset", "optimizer", "rho", "epoch", "images")) + (len(s["eigenvalues"]),)
+    for s in spectra:  # one experiment: same config but the seed (experiment_hash; older files lack it)
+        key = (_experiment(s),) + tuple(s.get(k) for k in ("arch", "dataset", "optimizer", "rho", "epoch", "images")) + (len(s["eigenvalues"]),)
         groups.setdefault(key, []).append(s)
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(_sortable, kv[0]))):
         members = one_per_training_seed(members)
