@@ -7,6 +7,9 @@ an engine of sam_bench.optim.msam, "msam_il" is vmap with the interleaved layout
 naive alternative: a Python loop over the chunks, each a plain SAM ascent + perturbed backward on m
 examples (same FLOPs). "sam_k2" and "msam_k2": two ascent steps (Table 11's k = 2), on the whole
 batch and per chunk of m (an extra pass each; in m-SAM's every kernel runs per chunk).
+"sam_graphed" and "msam_graphed" (CUDA only; split engine): the whole step captured once in a CUDA
+graph and replayed, to see what the step costs without its host work (an experiment, not a
+trainer option; the "first step" they report is a replay, capture happens before).
 A variant that fails is reported with its error and the others still run.
 --compile times every variant with the model under ``torch.compile`` (as ``trainer.compile=true``):
 SGD, SAM, ASAM and the split m-SAM engine run compiled graphs; the vmap engine runs eagerly.
@@ -54,10 +57,15 @@ VARIANTS = {
     "msam_il": dict(name="sam", rho=0.05),
     "sam_k2": dict(name="sam", rho=0.05, ascent_steps=2),  # Table 11, k = 2, on the whole batch
     "msam_k2": dict(name="sam", rho=0.05, ascent_steps=2),  # and per chunk of m (the trainer's engine)
+    "sam_graphed": dict(name="sam", rho=0.05),  # the whole step replayed from one CUDA graph (CUDA only)
+    "msam_graphed": dict(name="sam", rho=0.05),  # the same for the split m-SAM engine
 }
+#: variants whose step is captured once in a CUDA graph and replayed (:func:`_graphed`)
+GRAPHED = ("sam_graphed", "msam_graphed")
 #: m-SAM variants -> (sam_bench.optim.msam.ENGINE, sam_bench.optim.msam.LAYOUT)
 MSAM_SETTINGS = {"msam": (msam.ENGINE, msam.LAYOUT), "msam_split": ("split", msam.LAYOUT),
-                 "msam_vmap": ("vmap", msam.LAYOUT), "msam_il": ("vmap", "interleaved"), "msam_k2": (msam.ENGINE, msam.LAYOUT)}
+                 "msam_vmap": ("vmap", msam.LAYOUT), "msam_il": ("vmap", "interleaved"), "msam_k2": (msam.ENGINE, msam.LAYOUT),
+                 "msam_graphed": ("split", msam.LAYOUT)}
 
 
 def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
@@ -117,6 +125,24 @@ def _marking_step_begin(step):
     return marked
 
 
+def _graphed(step):
+    """The replay of one whole training step captured in a CUDA graph: the step's host work (Python,
+    dispatch, kernel launches) is paid once, at capture. An experiment for the host-bound m-SAM
+    step: a SAM step has no host sync, so it can be captured, and the batch stays in the same
+    tensors. Three eager warm-up steps on a side stream first (cuDNN autotuning, optimizer state),
+    as ``torch.cuda.graph`` requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def time_variant(arch: str, variant: str, device: torch.device, precision: str, batch: int, m: int | None,
                  steps: int, warmup: int, diagnostics: bool, profile: bool = False,
                  compile_mode: str | None = None, image_size: int = 32, num_classes: int = 10) -> tuple[list[float], float]:
@@ -144,6 +170,10 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
         (lambda: train_step(net, opt, x, y, loss_fn, amp, bn, None, m=chunk))
     if MARK_STEP:
         step = _marking_step_begin(step)
+    if variant in GRAPHED:
+        if device.type != "cuda":
+            raise RuntimeError(f"{variant} captures the step in a CUDA graph: it needs CUDA")
+        step = _graphed(step)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(warmup + steps):
@@ -197,6 +227,7 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
     out["msam_vmap_over_sam"] = ratio("msam_vmap", "sam")
     out["msam_il_over_sam"] = ratio("msam_il", "sam")
     out["msam_k2_over_sam_k2"] = ratio("msam_k2", "sam_k2")
+    out["msam_graphed_over_sam_graphed"] = ratio("msam_graphed", "sam_graphed")
     print(f"{label:>6} SAM/SGD {out['sam_over_sgd']:.3f}   m-SAM/SAM {out['msam_over_sam']:.3f} (m={m} of {batch})"
           f"   ASAM/SAM {out['asam_over_sam']:.3f}   loop-over-chunks/m-SAM {out['msam_loop_over_msam']:.3f}",
           flush=True)
@@ -217,7 +248,8 @@ def main() -> None:
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU benchmark")
     p.add_argument("--no-diagnostics", action="store_true", help="time without the SAM diagnostics")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in GRAPHED),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all but the CUDA-graph ones)")
     p.add_argument("--profile", default="", help="comma-separated variants to profile (kernel table) before timing")
     p.add_argument("--compile", action="store_true", help="time the models under torch.compile (trainer.compile=true); "
                    "the first steps compile (warm-up is at least 2 steps)")

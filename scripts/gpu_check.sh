@@ -13,7 +13,7 @@
 # caches), hence 165 s now. The limits add up to 480 s, with thin margins (gpu_tests 105 s against 92
 # measured, bench_sam_compiled 160 against 154); GPU_TESTS_LIMIT raises the first.
 # STAGES (space-separated) picks stages: gpu_tests bench_sam bench_sam_compiled bench_resnet50
-# fmnist hessian msam_cli msam_engines profile_resnet50 msam_profile_compiled msam_cudagraphs
+# fmnist hessian msam_cli msam_engines profile_resnet50 msam_profile_compiled msam_cudagraphs msam_graphed
 # (default: the first four; hessian needs fmnist's runs: STAGES="fmnist hessian"); GPU_TESTS overrides
 # the pytest targets (default: every file with gpu tests, m-SAM's first, all 14 passed on an H200 in
 # the eighth session; the inductor replay tests of tests/test_models_zoo.py, which compile whole
@@ -81,6 +81,11 @@ want msam_cudagraphs && stage msam_cudagraphs 300 bash -c 'TORCH_LOGS=perf_hints
   --no-cpu --compile --compile-mode reduce-overhead --gpu-steps 10 --warmup 3 --no-diagnostics --variants msam,sam; \
   python3 scripts/bench_sam.py --no-cpu --compile --compile-mode reduce-overhead --gpu-steps 10 --warmup 3 \
   --no-diagnostics --variants msam --mark-step'
+# on request: the eager SAM and split m-SAM steps (WRN-28-10, m = 32 of 256) with their host work
+# removed: each step captured once in a CUDA graph and replayed (bench_sam.py *_graphed; never run
+# before the next GPU session), beside the same steps launched from Python
+want msam_graphed && stage msam_graphed 120 python3 scripts/bench_sam.py --no-cpu --gpu-steps 10 --warmup 3 \
+  --no-diagnostics --variants sam,msam_split,sam_graphed,msam_graphed --out "$OUT/bench_msam_graphed.json"
 if [ "${GPU_CHECK_WRN:-0}" = 1 ]; then
   stage bench_wrn 270 python3 scripts/bench.py --models wrn28_10 --batch 256 --precision bf16 --compile 0,1 \
     --steps 15 --warmup 5 --out /tmp/bench_wrn.json
