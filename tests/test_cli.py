@@ -203,8 +203,8 @@ def test_unknown_command(cli_env):
 
 def test_a_refused_resume_names_the_keys_and_leaves_the_run_described_as_it_was(cli_env, tmp_path):
     """Re-running a directory with another config is refused (exit 2, the keys named); Hydra has
-    already rewritten .hydra/config.yaml by then, so the trainer puts the run's own back (the report
-    names unfinished runs from it)."""
+    already rewritten .hydra/config.yaml and overrides.yaml by then, so the trainer puts the run's
+    own back (the report names unfinished runs from config.yaml)."""
     import yaml
 
     run_dir = tmp_path / "r"
@@ -214,3 +214,5 @@ def test_a_refused_resume_names_the_keys_and_leaves_the_run_described_as_it_was(
     assert proc.returncode == 2 and "optimizer.rho: 0.05 -> 0.2" in proc.stderr, proc.stderr[-2000:]
     saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert saved["name"] == "first" and saved["optimizer"]["rho"] == 0.05
+    command = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())  # the command that trained it
+    assert "name=first" in command and not any(o.startswith("optimizer.rho") for o in command)

@@ -381,6 +381,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     start_epoch, global_step, history, train_time, partial = 0, 0, [], 0.0, None
     if tr.checkpoint:
         ckpt.remove_stale_temporaries(run_dir)
+    overrides = _hydra_overrides(run_dir)  # this command's, kept in the checkpoints it writes
     loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
     if loaded is not None:
         state, path = loaded
@@ -391,7 +392,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             ckpt.check_config_matches(semantic_config(state["config"]), current, run_dir)
         except CheckpointError:
             if main:
-                _restore_hydra_config(run_dir, state["config"])
+                _restore_hydra_config(run_dir, state["config"], state.get("hydra_overrides"))
             raise
         if state.get("labels_hash", labels_hash) != labels_hash:
             raise CheckpointError(
@@ -446,6 +447,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             "config": config,
             "config_hash": chash,
             "labels_hash": labels_hash,
+            "hydra_overrides": overrides,
         }, keep_as=keep)
         if keep:
             log.info("epoch %d's checkpoint kept as %s", epoch_done, run_dir / keep)
@@ -585,13 +587,25 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     return result
 
 
-def _restore_hydra_config(run_dir: Path, config: dict) -> None:
-    """Hydra rewrote ``.hydra/config.yaml`` with the refused command's config before the trainer
-    ran: put back the config the directory's checkpoint was trained with (the report names an
-    unfinished run from that file)."""
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if path.parent.is_dir():
-        atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
+def _hydra_overrides(run_dir: Path) -> str | None:
+    """The text of ``.hydra/overrides.yaml`` (the command line Hydra ran this job with), if any."""
+    try:
+        return (Path(run_dir) / ".hydra" / "overrides.yaml").read_text()
+    except OSError:
+        return None
+
+
+def _restore_hydra_config(run_dir: Path, config: dict, overrides: str | None) -> None:
+    """Hydra rewrote ``.hydra/config.yaml`` and ``overrides.yaml`` with the refused command's before
+    the trainer ran: put back the config the directory's checkpoint was trained with (the report
+    names an unfinished run from that file) and, when the checkpoint holds it (those written since
+    it was added), the command line that wrote the checkpoint."""
+    hydra_dir = Path(run_dir) / ".hydra"
+    if hydra_dir.is_dir():
+        atomic_write_bytes(hydra_dir / "config.yaml",
+                           OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
+        if overrides is not None:
+            atomic_write_bytes(hydra_dir / "overrides.yaml", overrides.encode())
 
 
 def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo,
