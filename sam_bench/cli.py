@@ -142,12 +142,28 @@ def _describe_composition_error(e: Exception, command: str, suggest: Callable[[s
     return head
 
 
+def _preset_sweeps(config_name: str, parsed: list) -> list[str]:
+    """``key=values`` for each key of the composed config's ``hydra.sweeper.params`` (a preset's
+    grid) that the command line does not set itself (Hydra's sweeper gives the command line
+    precedence); [] when the first point does not compose (the point-by-point check reports it)."""
+    from hydra import compose
+
+    first = [_values(o)[0] for o in parsed]
+    try:
+        params = compose(config_name, overrides=first, return_hydra_config=True).hydra.sweeper.get("params") or {}
+    except Exception:  # noqa: BLE001 - judged below, point by point
+        return []
+    given = {o.get_key_element().lstrip("+~") for o in parsed}
+    return [f"{key}={value}" for key, value in params.items() if key not in given]
+
+
 def _preflight(config_name: str) -> None:
     """Compose (and for ``train`` validate) the points of the command line's sweep before Hydra runs
     any, so that a bad override or value fails at once with one line naming it (exit 2), not with
     Hydra's multi-line report (exit 1) or after the sweep's first jobs have trained.
     Flags (--help, --cfg, --info, ...) and anything this cannot judge are left to Hydra."""
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    multirun = len(args) < len(sys.argv) - 1
     if any(a.startswith("-") for a in args):
         return
     from hydra import compose, initialize_config_dir
@@ -159,17 +175,19 @@ def _preflight(config_name: str) -> None:
     from sam_bench.paths import config_dir
     from sam_bench.schema import validate
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-        points = _sweep_points(parsed)
-    except OverrideParseException as e:
-        _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]}; a value with '=' or ',' "
-              "in it (a run directory's name) needs quotes: key='value' "
-              "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
-    except Exception:  # a sweep form this cannot expand: Hydra will judge it
-        return
-    swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        try:
+            parsed = OverridesParser.create().parse_overrides(args)
+            if multirun:  # a preset's own grid (hydra.sweeper.params, e.g. Fig. 6's p x rho) is swept too
+                parsed += OverridesParser.create().parse_overrides(_preset_sweeps(config_name, parsed))
+            points = _sweep_points(parsed)
+        except OverrideParseException as e:
+            _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]}; a value with '=' or ',' "
+                  "in it (a run directory's name) needs quotes: key='value' "
+                  "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
+        except Exception:  # a sweep form this cannot expand: Hydra will judge it
+            return
+        swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
         for point in points:
             where = f" (sweep point {' '.join(point[i] for i in swept)})" if len(points) > 1 else ""
             try:
@@ -189,15 +207,18 @@ def _preflight(config_name: str) -> None:
 
 
 def _skip_diverged_sweep_point(error: Exception, diverged: list[str]) -> None:
-    """In a multirun, a point whose training diverged (an extreme ρ or lr of a grid) is logged in its
-    run directory and skipped, so the sweep goes on; outside a sweep it is an error."""
+    """In a multirun on the local launcher (one process runs the points in turn), a point whose
+    training diverged (an extreme ρ or lr of a grid) is logged in its run directory and skipped, so
+    the sweep goes on. Outside a sweep, and under a launcher that runs each point as a job of its
+    own (SLURM), it is an error: there the job fails, the other jobs run anyway, and the launcher
+    reports the failure."""
     import logging
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
+    if hc.mode != RunMode.MULTIRUN or not str(hc.launcher.get("_target_", "")).endswith(".BasicLauncher"):
         _fail(str(error))
     point = " ".join(hc.overrides.task)
     logging.getLogger("sam_bench").error("diverged, so this sweep point is skipped and the sweep goes on: %s", error)

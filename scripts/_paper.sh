@@ -59,9 +59,13 @@ train_presets() {
 
 # report: regenerate the tables (runs that failed are listed in them), then exit 1 if any preset failed.
 report() {
-  run "$PYTHON" -m sam_bench report "out=$REPORT_OUT"
+  local rc=0
+  run "$PYTHON" -m sam_bench report "out=$REPORT_OUT" || rc=$?
   if [[ ${#FAILED[@]} != 0 ]]; then
     echo "failed presets (the report lists their unfinished runs): ${FAILED[*]}" >&2
-    exit 1
   fi
+  if [[ $rc != 0 ]]; then
+    exit "$rc"
+  fi
+  [[ ${#FAILED[@]} == 0 ]] || exit 1
 }

@@ -264,6 +264,22 @@ def test_spectra_of_one_name_with_other_settings_are_other_experiments(tmp_path)
     assert f"| fig3/hessian [{h2}] | wrn40_10_nobn | cifar10 | sgd | 0.0 | 300 | 5000 | 100 |" in grouped
 
 
+def test_a_spectrum_from_before_experiment_hash_is_not_another_seed_of_its_run(tmp_path):
+    """A file written before spectra recorded experiment_hash, beside newer ones of the same
+    training run (a convergence check measured later): the paper's panel counts that run once."""
+    from sam_bench.report import write_report
+
+    runs = tmp_path / "runs"
+    args = ("wrn40_10_nobn", "cifar10", "sgd", 0.0, 300)
+    fake_spectrum(runs / "s0" / "hessian_old.json", *args, [20.0, 8, 6, 4, 2.0], name="x", training_seed=0, lanczos_seed=0)
+    fake_spectrum(runs / "s0" / "hessian_new.json", *args, [20.5, 8, 6, 4, 2.0], name="x", training_seed=0, lanczos_seed=1,
+                  experiment_hash="abc")
+    fake_spectrum(runs / "s1" / "hessian_new.json", *args, [30.0, 9, 7, 5, 2.5], name="x", training_seed=1, lanczos_seed=0,
+                  experiment_hash="abc")
+    write_report([str(runs)], str(tmp_path / "out"))
+    assert "| SGD | 300 | 24.2 | 25 (2) | 11.4 | 11 (2) |" in (tmp_path / "out" / "hessian.md").read_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hessian_on_cuda_in_float32_matches_the_float64_explicit_hessian():

@@ -235,6 +235,32 @@ def test_p_norm_sweep_is_one_plot_with_a_series_per_perturbation(tmp_path):
     assert (tmp_path / "out" / f"sweep_{s.id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_one_rho_per_perturbation_is_a_comparison_not_a_sweep(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "p2", "x", "sam", 0.05, 0, 3.0, opt={"p": "2"})
+    fake_run(root, "pinf", "x", "sam", 0.1, 0, 3.5, opt={"p": "inf"})
+    fake_run(root, "sgd", "x", "sgd", 0.0, 0, 4.0, opt={"p": "2"})
+    assert find_sweeps(group_runs(find_runs([str(root)])[0])) == []
+
+
+def test_a_sweep_of_one_p_keeps_the_id_it_had_before_p_became_a_series(tmp_path):
+    """Sweep ids name the PNGs and TensorBoard directories: a sweep whose runs share one p (every
+    sweep before Fig. 6) keeps its id; the id hashes the family config without rho, m and the optimizer name."""
+    import hashlib
+    import json as json_
+
+    from sam_bench.schema import semantic_config
+
+    root = tmp_path / "runs"
+    for rho in (0.01, 0.05):
+        fake_run(root, f"m4_{rho}", "fig3/m_sharpness/cifar10", "sam", rho, 0, 5.0, m=4, opt={"p": "2"})
+    fake_run(root, "sgd", "fig3/m_sharpness/cifar10", "sgd", 0.0, 0, 6.0, opt={"p": "2"})
+    (sweep,) = find_sweeps(group_runs(find_runs([str(root)])[0]))
+    config = next(g for g in group_runs(find_runs([str(root)])[0]) if g.method == "sam").config
+    old_key = json_.dumps(semantic_config(config, drop=("optimizer.rho", "optimizer.m", "optimizer.name")), sort_keys=True, default=str)
+    assert sweep.id == f"fig3_m_sharpness_cifar10-{hashlib.sha256(old_key.encode()).hexdigest()[:8]}"
+
+
 def test_sweep_plot_takes_a_log_axis_over_decades_of_rho():
     from unittest import mock
 

@@ -935,6 +935,41 @@ def test_frozen_and_unused_parameters_and_two_groups(engine):
     assert torch.equal(unused.detach(), torch.ones(3))
 
 
+class PartlyUsedNet(nn.Module):
+    """tiny_model plus a Linear layer its forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.unused = tiny_model(), nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("k,p", [(1, "2"), (3, "2"), (1, "random")])
+def test_m_sharpness_leaves_frozen_and_unused_parameters_alone_as_plain_sam_does(k, p, engine):
+    """A parameter frozen after the optimizer was built, and one the forward never uses, get no
+    gradient in plain SAM, hence no L2 term, no ε and no step; m-sharpness must agree: with one
+    chunk it equals the plain step (weight decay on, so an L2 term on them would show), and with
+    two chunks they do not move either."""
+    from sam_bench.optim.msam import msam_step
+
+    nets = [PartlyUsedNet() for _ in range(3)]
+    opts = [make_sam(n, weight_decay=0.05, ascent_steps=k, p=p, seed=3) for n in nets]
+    for n in nets:
+        n.net[1].weight.requires_grad_(False)  # frozen after the optimizer was built
+    frozen, unused = nets[2].net[1].weight.detach().clone(), nets[2].unused.weight.detach().clone()
+    for s in range(2):
+        x, y = batch(s)
+        msam_step(nets[0], opts[0], x, y, F.cross_entropy, NO_AMP, 8, batchnorm_modules(nets[0]), None, None)
+        train_step(nets[1], opts[1], x, y, F.cross_entropy, NO_AMP, batchnorm_modules(nets[1]))
+        train_step(nets[2], opts[2], x, y, F.cross_entropy, NO_AMP, batchnorm_modules(nets[2]), m=4)
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    assert torch.equal(nets[2].net[1].weight, frozen) and torch.equal(nets[2].unused.weight, unused)
+    assert not torch.equal(nets[2].net[0].weight, nets[1].net[0].weight)  # the rest trained (per chunk)
+
+
 def test_random_generator_state_resumes():
     model = tiny_model()
     opt = make_sam(model, p="random", seed=5)

@@ -52,3 +52,18 @@ def test_project_slurm_launcher_config_composes(cli_env):
     out = subprocess.run(sam_bench_cmd() + ["train", "--cfg", "hydra", "hydra/launcher=slurm"], env=cli_env,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "SlurmLauncher" in out and "signal_delay_s: 120" in out and "gpus_per_node: 1" in out
+
+
+def test_a_diverged_job_fails_under_the_submitit_launcher_and_the_others_still_run(cli_env, tmp_path):
+    """Under a launcher that runs each point as a job of its own, a diverged point fails its job
+    (the launcher then reports it and the command exits non-zero) instead of being skipped where
+    the launching process never hears of it."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(sam_bench_cmd() + ["train", "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
+                                             "hydra.sweep.subdir=${hydra.job.num}", *TINY, "trainer.epochs=1",
+                                             "trainer.log_every_steps=1", "optimizer=sgd", "optimizer.grad_clip=null",
+                                             "optimizer.lr=0.01,1e30"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "non-finite training loss or gradient" in proc.stdout + proc.stderr
+    assert json.loads((sweep / "0" / "result.json").read_text())["status"] == "complete"
+    assert not (sweep / "1" / "result.json").exists()

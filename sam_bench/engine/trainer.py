@@ -381,7 +381,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     start_epoch, global_step, history, train_time, partial = 0, 0, [], 0.0, None
     if tr.checkpoint:
         ckpt.remove_stale_temporaries(run_dir)
-    overrides = _hydra_overrides(run_dir)  # this command's, kept in the checkpoints it writes
+    hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
     loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
     if loaded is not None:
         state, path = loaded
@@ -392,7 +392,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             ckpt.check_config_matches(semantic_config(state["config"]), current, run_dir)
         except CheckpointError:
             if main:
-                _restore_hydra_config(run_dir, state["config"], state.get("hydra_overrides"))
+                _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
             raise
         if state.get("labels_hash", labels_hash) != labels_hash:
             raise CheckpointError(
@@ -447,7 +447,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             "config": config,
             "config_hash": chash,
             "labels_hash": labels_hash,
-            "hydra_overrides": overrides,
+            "hydra_files": hydra_files,
         }, keep_as=keep)
         if keep:
             log.info("epoch %d's checkpoint kept as %s", epoch_done, run_dir / keep)
@@ -587,25 +587,33 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     return result
 
 
-def _hydra_overrides(run_dir: Path) -> str | None:
-    """The text of ``.hydra/overrides.yaml`` (the command line Hydra ran this job with), if any."""
-    try:
-        return (Path(run_dir) / ".hydra" / "overrides.yaml").read_text()
-    except OSError:
-        return None
+#: Hydra's records of the command line a job ran with (besides config.yaml, rebuilt from the config)
+HYDRA_FILES = ("overrides.yaml", "hydra.yaml")
 
 
-def _restore_hydra_config(run_dir: Path, config: dict, overrides: str | None) -> None:
-    """Hydra rewrote ``.hydra/config.yaml`` and ``overrides.yaml`` with the refused command's before
-    the trainer ran: put back the config the directory's checkpoint was trained with (the report
-    names an unfinished run from that file) and, when the checkpoint holds it (those written since
-    it was added), the command line that wrote the checkpoint."""
+def _hydra_files(run_dir: Path) -> dict[str, str]:
+    """The text of each of ``.hydra/``'s :data:`HYDRA_FILES` that exists."""
+    out = {}
+    for name in HYDRA_FILES:
+        try:
+            out[name] = (Path(run_dir) / ".hydra" / name).read_text()
+        except OSError:
+            pass
+    return out
+
+
+def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
+    """Hydra rewrote ``.hydra/`` with the refused command's files before the trainer ran: put back
+    the config the directory's checkpoint was trained with (the report names an unfinished run from
+    config.yaml) and, when the checkpoint holds them (those written since they were added), the
+    command line files of the command that wrote it."""
     hydra_dir = Path(run_dir) / ".hydra"
     if hydra_dir.is_dir():
         atomic_write_bytes(hydra_dir / "config.yaml",
                            OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
-        if overrides is not None:
-            atomic_write_bytes(hydra_dir / "overrides.yaml", overrides.encode())
+        for name in HYDRA_FILES:
+            if name in files:
+                atomic_write_bytes(hydra_dir / name, files[name].encode())
 
 
 def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo,

@@ -206,7 +206,7 @@ class _VmapPasses:
                 return at_least_fp32(loss_fn(out, yc)), out
 
         self.batched = vmap(chunk_loss, in_dims=(0, 0, 0, 0), randomness="different")
-        self.names, self.params, self.bn_bufs, self.chunks = names, params, bn_bufs, chunks
+        self.names, self.params, self.bn_bufs, self.chunks, self.consts = names, params, bn_bufs, chunks, consts
         self.x, self.y = _chunked(x, chunks, x.shape[0] // chunks), y.reshape(chunks, -1, *y.shape[1:])
 
     def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -219,15 +219,21 @@ class _VmapPasses:
     def ascent(self, eps: list[torch.Tensor], scaler) -> list[torch.Tensor]:
         """Per-chunk gradients [C, ...] of chunk c's loss at w + ε_c (k-step ascent; BN state untouched)."""
         leaf = {n: (p.detach().unsqueeze(0) + e).requires_grad_(True) for n, p, e in zip(self.names, self.params, eps)}
-        return self._per_chunk_grads(leaf, scaler, update_stats=False)[2]
+        return _zeros_for_none(self._per_chunk_grads(leaf, scaler, update_stats=False)[2], list(leaf.values()))
+
+    def drop(self, names: set[str]) -> None:
+        """Evaluate these parameters as constants from now on (they get no gradient)."""
+        self.names, self.params, dropped = _without(self.names, self.params, names)
+        self.consts.update((n, p.detach()) for n, p in dropped)
 
     def _per_chunk_grads(self, leaf: dict, scaler, update_stats: bool):
+        """Losses, logits and per-chunk gradients (None for a parameter no chunk's loss used)."""
         bufs = _stack(self.bn_bufs, self.chunks)
         losses, logits = self.batched(leaf, bufs, self.x, self.y)
         (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
         if update_stats and self.bn_bufs:
             _write_back(self.bn_bufs, bufs)
-        return losses, logits, [leaf[n].grad if leaf[n].grad is not None else torch.zeros_like(leaf[n]) for n in self.names]
+        return losses, logits, [leaf[n].grad for n in self.names]
 
     def perturbed(self, eps: list[torch.Tensor], scaler, update_stats: bool) -> torch.Tensor:
         """Per-chunk losses at w + ε_c; mean_c ∇L_c(w + ε_c) lands in w.grad."""
@@ -266,19 +272,35 @@ class _SplitPasses:
     def ascent(self, eps: list[torch.Tensor], scaler) -> list[torch.Tensor]:
         """Per-chunk gradients [C, ...] of chunk c's loss at w + ε_c (k-step ascent; BN state untouched)."""
         leaf = [(p.detach().unsqueeze(0) + e).requires_grad_(True) for p, e in zip(self.params, eps)]
-        return self._per_chunk_grads(leaf, scaler, per_chunk=True, update_stats=False)[2]
+        return _zeros_for_none(self._per_chunk_grads(leaf, scaler, per_chunk=True, update_stats=False)[2], leaf)
+
+    def drop(self, names: set[str]) -> None:
+        """Evaluate these parameters as constants from now on (they get no gradient)."""
+        self.names, self.params, dropped = _without(self.names, self.params, names)
+        self.fixed.update((n, chunked.Stacked(p.detach().unsqueeze(0).expand(self.chunks, *p.shape))) for n, p in dropped)
 
     def _per_chunk_grads(self, leaf: list[torch.Tensor], scaler, per_chunk: bool, update_stats: bool):
+        """Losses, logits and per-chunk gradients (None for a parameter no chunk's loss used)."""
         stacked = {n: chunked.Stacked(t, per_chunk=per_chunk) for n, t in zip(self.names, leaf)}
         losses, logits = self._run(stacked, update_stats)
         (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
-        return losses, logits, [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaf]
+        return losses, logits, [t.grad for t in leaf]
 
     def perturbed(self, eps: list[torch.Tensor], scaler, update_stats: bool) -> torch.Tensor:
         stacked = {n: chunked.Stacked(p.unsqueeze(0) + e, base=p) for n, p, e in zip(self.names, self.params, eps)}
         losses, _ = self._run(stacked, update_stats)
         (scaler.scale(losses.mean()) if scaler is not None else losses.mean()).backward()
         return losses
+
+
+def _without(names: list[str], params: list[torch.Tensor], drop: set[str]) -> tuple[list, list, list]:
+    """(names, params) without those named in ``drop``, and the dropped (name, param) pairs."""
+    kept = [(n, p) for n, p in zip(names, params) if n not in drop]
+    return [n for n, _ in kept], [p for _, p in kept], [(n, p) for n, p in zip(names, params) if n in drop]
+
+
+def _zeros_for_none(grads: list, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
 
 
 def _by_l2(a: list, b: list, groups: list[dict]) -> list[tuple[float, tuple[list, list]]]:
@@ -370,7 +392,8 @@ def msam_step(
                          "use second_order=False, or m=None")
     chunks = images.shape[0] // m
     name_of = {id(p): n for n, p in model.named_parameters()}
-    owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of]  # others get no gradient
+    # the optimizer's parameters of this model that train (one frozen after the optimizer was built does not)
+    owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of and p.requires_grad]
     names = [name_of[id(p)] for p, _ in owned]
     params = [p for p, _ in owned]
     groups = [g for _, g in owned]
@@ -391,6 +414,11 @@ def msam_step(
         rng.save()
     set_true_gradient(model, True)
     losses, logits, grads = passes.clean(scaler)
+    unused = {n for n, g in zip(names, grads) if g is None}
+    if unused:  # in no chunk's loss: as in plain SAM, no gradient, so no L2 term, no ε and no step
+        passes.drop(unused)
+        kept = [i for i, n in enumerate(names) if n not in unused]
+        names, params, groups, grads = ([xs[i] for i in kept] for xs in (names, params, groups, grads))
     if scaler is not None:
         scaler.unscale_(grads)
     with torch.no_grad():

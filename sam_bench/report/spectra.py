@@ -64,7 +64,7 @@ def one_per_training_seed(spectra: list[dict]) -> list[dict]:
     recorded training seed count each (files from before it was recorded)."""
     chosen: dict[object, dict] = {}
     for s in sorted(spectra, key=lambda s: (_sortable(s.get("lanczos_seed")), s["path"])):
-        run = ("seed", s.get("experiment_hash"), s["training_seed"]) if s.get("training_seed") is not None else ("file", s["path"])
+        run = ("seed", s["training_seed"]) if s.get("training_seed") is not None else ("file", s["path"])
         chosen.setdefault(run, s)
     return sorted(chosen.values(), key=lambda s: s["path"])
 
@@ -79,10 +79,11 @@ def _experiment(s: dict) -> str:
 def _paper_rows(spectra: list[dict]) -> list[str]:
     rows = []
     for p in paper_spectra():
-        ours = one_per_training_seed([s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
-                                      and s.get("optimizer") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]])
+        measured = [s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
+                    and s.get("optimizer") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]]
+        configs = {s["experiment_hash"] for s in measured if s.get("experiment_hash")}  # files from before it: unknown
+        ours = one_per_training_seed(measured)
         rhos = sorted({s.get("rho") for s in ours}, key=str)
-        configs = {s["experiment_hash"] for s in ours if s.get("experiment_hash")}
         if len(rhos) > 1:  # different experiments: not averaged
             lam = ratio = f"several ρ ({', '.join(map(str, rhos))}): see the list"
         elif len(configs) > 1:  # e.g. another lr or epoch count

@@ -59,6 +59,14 @@ def _series_order(label: str) -> tuple:
     return (opt, int(m) if m.isdigit() else -1)
 
 
+def _id_key(members: list[Group]) -> str:
+    """What a sweep's id hashes: its family key, with the perturbation's p kept in it when all its
+    SAM runs share one p (the ids sweeps had before p became a series; members[0] is not SGD)."""
+    ps = {str(g.config.get("optimizer", {}).get("p", "2")) for g in members if g.method != "sgd"}
+    drop = SWEEP_DROP if len(ps) > 1 else tuple(k for k in SWEEP_DROP if k != "optimizer.p")
+    return _family_key(members[0], drop)
+
+
 def find_sweeps(groups: list[Group]) -> list[Sweep]:
     """Every ρ sweep among ``groups``, in a stable order."""
     families: dict[str, list[Group]] = {}
@@ -74,10 +82,14 @@ def find_sweeps(groups: list[Group]) -> list[Sweep]:
     sweeps = []
     for key in sorted(families):
         members = families[key]
-        if len({g.rho for g in members if g.method != "sgd"}) < 2:
-            continue  # SGD beside one SAM ρ is a comparison, not a sweep
+        rhos_of: dict[str, set[float]] = {}
+        for g in members:
+            if g.method != "sgd":
+                rhos_of.setdefault(series_label(g), set()).add(g.rho)
+        if not any(len(rhos) >= 2 for rhos in rhos_of.values()):
+            continue  # one ρ per series (SGD beside SAM, or p = 2 beside p = ∞) is a comparison, not a sweep
         name = members[0].name
-        sweep = Sweep(f"{slug(name) or 'unnamed'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}", name)
+        sweep = Sweep(f"{slug(name) or 'unnamed'}-{hashlib.sha256(_id_key(members).encode()).hexdigest()[:8]}", name)
         for g in sorted(members, key=lambda g: g.rho):
             sweep.series.setdefault(series_label(g), []).append(g)
         sweep.series = {k: sweep.series[k] for k in sorted(sweep.series, key=_series_order)}
@@ -94,13 +106,14 @@ def sweeps_markdown(sweeps: list[Sweep]) -> str:
     lines = [
         "# ρ sweeps",
         "",
-        "Test error % (mean ± 95 % CI over seeds, final epoch) against ρ, one column per optimizer/m; "
+        "Test error % (mean ± 95 % CI over seeds, final epoch) against ρ, one column per method/m; "
         "val = mean final validation error (runs with dataset.val_size). ✓ = the ρ chosen on validation "
         "(lowest val error); the test error is never used to choose.",
         "",
     ]
     if not sweeps:
-        return "\n".join(lines + ["No sweeps found (a sweep is a set of runs differing only in ρ, m or SGD/SAM).", ""])
+        return "\n".join(lines + ["No sweeps found (a sweep is a set of runs differing only in ρ, m, p or SGD/SAM, "
+                                   "with two ρ or more in one series).", ""])
     for s in sweeps:
         labels = list(s.series)
         lines += [f"## {s.name or '(unnamed)'} — `{s.id}`", "", f"![error vs rho](sweep_{s.id}.png)", ""]
