@@ -259,10 +259,13 @@ def train() -> None:
             print(f"sam-bench: preempted: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
 
-    _train()
+    try:
+        _train()
+    finally:  # also when a later point's error ended the sweep: the diverged ones are still named
+        if diverged:
+            print(f"sam-bench: error: {len(diverged)} sweep point(s) diverged and have no result:\n"
+                  + "".join(f"  {p}\n" for p in diverged), end="", file=sys.stderr)
     if diverged:  # every other point ran; the report lists these runs as failed
-        print(f"sam-bench: error: {len(diverged)} sweep point(s) diverged and have no result:\n"
-              + "".join(f"  {p}\n" for p in diverged), end="", file=sys.stderr)
         sys.exit(1)
 
 

@@ -402,6 +402,28 @@ def test_a_diverged_sweep_point_is_skipped_and_the_sweep_goes_on(cli_env, tmp_pa
     assert not (sweep / "0" / "result.json").exists()
     assert "diverged, so this sweep point is skipped and the sweep goes on: non-finite training loss" in (sweep / "0" / "train.log").read_text()
     assert json.loads((sweep / "1" / "result.json").read_text())["status"] == "complete"
+    # the same sweep again: the diverged point is not trained again (it would diverge again), the other is complete
+    again = _cli(["-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
+                  f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)
+    assert again.returncode == 1, again.stderr
+    assert f"this config diverged in {sweep / '0'} before (non-finite training loss or gradient at step 2 (epoch 1)); " \
+           "delete the run directory to train it again" in again.stderr
+    assert "resuming" not in (sweep / "0" / "train.log").read_text()
+    # the report says why the run has no result
+    subprocess.run(sam_bench_cmd() + ["report", f"runs=[{sweep}]", f"out={tmp_path / 'report'}"], env=cli_env, check=True,
+                   capture_output=True, timeout=120)
+    assert f"- {sweep / '0'} (diverged: non-finite training loss or gradient at step 2 (epoch 1))" in \
+        (tmp_path / "report" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_divergence_record_of_another_config_does_not_stop_a_run_and_goes_when_it_completes(cli_env, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "diverged.json").write_text(json.dumps({"config_hash": "another", "error": "non-finite loss; ..."}))
+    proc = _cli([*TINY, f"hydra.run.dir={run}"], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "result.json").exists() and not (run / "diverged.json").exists()
 
 
 @pytest.mark.slow

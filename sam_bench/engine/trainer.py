@@ -37,7 +37,8 @@ from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
 from sam_bench.schema import config_hash, method_label, semantic_config, validate
-from sam_bench.tracking.results import RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_result, versions, write_metrics
+from sam_bench.tracking.results import (DIVERGED_FILE, RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_divergence,
+                                        read_result, versions, write_divergence, write_metrics)
 
 log = logging.getLogger("sam_bench")
 
@@ -300,7 +301,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.setLevel(logging.WARNING)  # one log, one set of files: rank 0's
     ensure_writable(run_dir)
     with _locked_by_rank0(run_dir, dist_info, device_type), PreemptionHandler() as preempt:
-        return _fit(cfg, run_dir, preempt, dist_info)
+        try:
+            return _fit(cfg, run_dir, preempt, dist_info)
+        except TrainingDiverged as e:
+            if dist_info.is_main and not getattr(e, "recorded", False):
+                write_divergence(run_dir, _run_config(cfg, dist_info)[1], str(e))
+            raise
 
 
 @contextlib.contextmanager
@@ -328,15 +334,18 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     if cfg.optimizer.name == "sgd" and cfg.optimizer.rho != 0:
         log.info("optimizer=sgd: optimizer.rho=%s ignored (SGD is SAM with rho=0, one pass per step)", cfg.optimizer.rho)
     cfg.optimizer.rho = effective_rho(cfg.optimizer)
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    if dist_info.world_size > 1:  # the ranks set SAM's m (the per-rank batch): part of what the run computes
-        config["ranks"] = dist_info.world_size
-    chash = config_hash(config)
+    config, chash = _run_config(cfg, dist_info)
 
     done = read_result(run_dir)
     if done is not None and done.get("config_hash") == chash:
         log.info("%s is complete (final test error %.2f%%); nothing to do", run_dir, done["final_test_error"])
         return done
+    diverged = read_divergence(run_dir)
+    if diverged is not None and diverged.get("config_hash") == chash:  # deterministic: it would diverge again
+        error = TrainingDiverged(f"this config diverged in {run_dir} before ({str(diverged.get('error')).split(';')[0]}); "
+                                 f"delete the run directory to train it again, or change optimizer.lr or optimizer.grad_clip")
+        error.recorded = True
+        raise error
 
     tr = cfg.trainer
     device = resolve_device(tr.device)
@@ -583,12 +592,22 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         result.update(noise_summary(history, fitted, data.noise, noise_sha))
     if main:
         atomic_write_json(run_dir / RESULT_FILE, result)
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an earlier config's record (this one completed)
     log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
     return result
 
 
 #: Hydra's records of the command line a job ran with (besides config.yaml, rebuilt from the config)
 HYDRA_FILES = ("overrides.yaml", "hydra.yaml")
+
+
+def _run_config(cfg: DictConfig, dist_info: DistInfo) -> tuple[dict[str, Any], str]:
+    """The run's config as a plain dict (with the number of ranks under torchrun: it sets SAM's m)
+    and its hash, which identifies the run (resume, result, divergence record)."""
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if dist_info.world_size > 1:  # the ranks set SAM's m (the per-rank batch): part of what the run computes
+        config["ranks"] = dist_info.world_size
+    return config, config_hash(config)
 
 
 def _hydra_files(run_dir: Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from sam_bench.schema import method_label, semantic_config
-from sam_bench.tracking.results import RESULT_FILE
+from sam_bench.tracking.results import RESULT_FILE, read_divergence
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables). Hard-coded so
 # the report needs no scipy and gives the same bytes everywhere; larger df use a Cornish-Fisher
@@ -141,6 +141,12 @@ def find_runs(roots: list[str]) -> tuple[list[dict], list[str]]:
         elif (run_dir / ".hydra").exists() or (run_dir / "checkpoint.pt").exists() or result is not None:
             incomplete.append(str(run_dir))
     return complete, incomplete
+
+
+def failure_note(run_dir: str) -> str:
+    """' (diverged: <where>)' for a run directory whose training diverged, else ''."""
+    record = read_divergence(Path(run_dir))
+    return f" (diverged: {str(record.get('error')).split(';')[0]})" if record else ""
 
 
 def run_name(run_dir: str) -> str:

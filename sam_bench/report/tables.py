@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from statistics import fmean
 
-from sam_bench.report.collect import Group, ci95, flatten
+from sam_bench.report.collect import Group, ci95, failure_note, flatten
 from sam_bench.report.paper import Cell, Layout, paper_float
 
 # Always shown, in this order, with a short header. "method" is not a config key: it is
@@ -60,7 +60,7 @@ def markdown(groups: list[Group], incomplete: list[str]) -> str:
     if not groups:
         text = "No complete runs found.\n"
     if incomplete:
-        text += "\nIncomplete or failed runs (not averaged):\n" + "".join(f"- {d}\n" for d in incomplete)
+        text += "\nIncomplete or failed runs (not averaged):\n" + "".join(f"- {d}{failure_note(d)}\n" for d in incomplete)
     return text
 
 
@@ -230,7 +230,7 @@ def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: l
         lines.append("No runs yet.")
     mine = [d for d, name in incomplete if name.startswith(f"{layout.id}/")]
     if mine:
-        lines += ["", "## Incomplete or failed runs (not averaged)", "", *[f"- {d}" for d in mine]]
+        lines += ["", "## Incomplete or failed runs (not averaged)", "", *[f"- {d}{failure_note(d)}" for d in mine]]
     return "\n".join(lines) + "\n"
 
 

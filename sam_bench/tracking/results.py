@@ -12,6 +12,8 @@ from typing import Any
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
+#: written when training diverged: {"config_hash", "error"}; removed when the directory completes
+DIVERGED_FILE = "diverged.json"
 
 
 def fsync_dir(path: Path) -> None:
@@ -90,3 +92,17 @@ def versions() -> dict[str, str]:
         "hydra": hydra.__version__,
         "sam_bench": sam_bench.__version__,
     }
+
+
+def write_divergence(run_dir: Path, config_hash: str, error: str) -> None:
+    """Record that training with this config diverged in ``run_dir`` (a re-run is told at once)."""
+    atomic_write_json(Path(run_dir) / DIVERGED_FILE, {"config_hash": config_hash, "error": error})
+
+
+def read_divergence(run_dir: Path) -> dict | None:
+    """The run directory's divergence record, or None."""
+    try:
+        record = json.loads((Path(run_dir) / DIVERGED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
