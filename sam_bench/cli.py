@@ -164,6 +164,11 @@ def _preflight(config_name: str) -> None:
     Flags (--help, --cfg, --info, ...) and anything this cannot judge are left to Hydra."""
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     multirun = len(args) < len(sys.argv) - 1
+    exclusive = [a for a in args if a in ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc")]
+    if multirun and exclusive:  # Hydra's own refusal is a ValueError traceback
+        _fail(f"{exclusive[0]} cannot be combined with -m/--multirun (Hydra does one or the other); drop -m to see "
+              f"one point, e.g. sam-bench {config_name} {exclusive[0]} job <that point's overrides>"
+              if exclusive[0] in ("--cfg", "-c") else f"{exclusive[0]} cannot be combined with -m/--multirun; drop -m")
     if any(a.startswith("-") for a in args):
         return
     from hydra import compose, initialize_config_dir

@@ -175,6 +175,8 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         (["-m", "optimizer.m=4,3", "trainer.batch_size=36,32"], "must be >= 1 and divide trainer.batch_size=32 (the per-device batch is split into chunks of m examples); pick a divisor or optimizer.m=null (sweep point optimizer.m=3 trainer.batch_size=32)"),
         # a large sweep (over PREFLIGHT_ALL_POINTS): each value of each swept key checked once
         (["-m", "seed=0,1,2,3,4,5,6,7,8", "optimizer.rho=0.05,-1"], "is negative: rho is a radius, use a value >= 0 (paper grid: 0.01-0.5) (sweep point seed=0 optimizer.rho=-1)"),
+        # Hydra refuses --cfg with -m by a traceback
+        (["-m", "optimizer=sgd,sam", "--cfg", "job"], "--cfg cannot be combined with -m/--multirun (Hydra does one or the other); drop -m"),
         # a preset's own grid (hydra.sweeper.params: Fig. 6's p x rho) is checked too
         (["-m", "experiment=paper/fig6_p_norm_cifar10", "optimizer.adaptive=true"], "optimizer.adaptive and optimizer.second_order "
          "are defined for optimizer.p=2 only (sweep point optimizer.p=inf optimizer.rho=1e-06)"),

@@ -426,6 +426,25 @@ def test_table11_script_takes_seeds_from_the_user_else_the_papers_20():
     assert first_command().endswith("seed=range\\(20\\)")
 
 
+def test_paper_script_with_presets_from_one_of_its_globs_runs_them_and_the_report():
+    """table1.sh trains two globs (the cells, then the 2x-epochs SGD); PRESETS naming one cell
+    preset matches the first only, which is no error; matching nothing is (exit 2)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "table1.sh"
+    env = {**os.environ, "DRY_RUN": "1", "SEEDS": "0", "PYTHON": "py"}
+    one = subprocess.run(["bash", str(script)], env={**env, "PRESETS": "table1_wrn28_10_200ep_basic_cifar10"},
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.splitlines() == ["py -m sam_bench train -m experiment=paper/table1_wrn28_10_200ep_basic_cifar10 seed=0 "
+                                       "optimizer=sgd\\,sam ", "py -m sam_bench report out=results "]
+    none = subprocess.run(["bash", str(script)], env={**env, "PRESETS": "nosuch"}, capture_output=True, text=True)
+    assert none.returncode == 2 and none.stderr.strip() == "no preset matches table1_*[^x] table1_*_sgd2x and PRESETS=nosuch"
+    assert "report" not in none.stdout
+
+
 @pytest.mark.parametrize("code,goes_on", [(1, True), (75, False), (130, False)])
 def test_paper_script_goes_on_after_a_failed_preset_but_not_after_preemption(tmp_path, code, goes_on):
     """A preset whose multirun fails (e.g. a diverged sweep point, exit 1) does not stop the table:

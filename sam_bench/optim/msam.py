@@ -210,7 +210,8 @@ class _VmapPasses:
         self.x, self.y = _chunked(x, chunks, x.shape[0] // chunks), y.reshape(chunks, -1, *y.shape[1:])
 
     def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Per-chunk losses [C], logits [batch, ...] and per-chunk gradients [C, ...] at w."""
+        """Per-chunk losses [C], logits [batch, ...] and per-chunk gradients [C, ...] at w (None for a
+        parameter no chunk's loss used)."""
         leaf = {n: p.detach().unsqueeze(0).expand(self.chunks, *p.shape).contiguous().requires_grad_(True)
                 for n, p in zip(self.names, self.params)}
         losses, logits, grads = self._per_chunk_grads(leaf, scaler, update_stats=True)
@@ -266,6 +267,7 @@ class _SplitPasses:
         return losses, logits
 
     def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """As :meth:`_VmapPasses.clean`."""
         leaf = [p.detach().unsqueeze(0).expand(self.chunks, *p.shape).requires_grad_(True) for p in self.params]
         return self._per_chunk_grads(leaf, scaler, per_chunk=False, update_stats=True)
 
