@@ -350,8 +350,9 @@ def _validate_sam_family(opt: Any, tr: Any) -> None:
                 f"optimizer.m={opt.m} must be >= 1 and divide trainer.batch_size={tr.batch_size} "
                 "(the per-device batch is split into chunks of m examples); pick a divisor or optimizer.m=null"
             )
-        if opt.m != tr.batch_size and opt.second_order:
-            raise ConfigError("optimizer.m with optimizer.second_order is not supported: set optimizer.m=null")
+        if opt.m != tr.batch_size and opt.second_order and str(getattr(opt.m_engine, "value", opt.m_engine)) == "split":
+            raise ConfigError("optimizer.m_engine=split cannot take optimizer.second_order (its layers have no double backward): "
+                              "use optimizer.m_engine=auto or vmap")
     if opt.eta < 0:
         raise ConfigError(f"optimizer.eta={opt.eta} must be >= 0 (ASAM's η)")
     if opt.ascent_steps < 1:

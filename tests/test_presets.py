@@ -132,7 +132,7 @@ def expected(name: str) -> dict:
         setup = FIGS["figure_4_5_second_order_ablation"]["setup"]
         depth, width = map(int, re.search(r"WideResNet-(\d+)x(\d+)", setup).groups())
         assert "~40k steps" in setup
-        return {**common, "model.kwargs.depth": depth, "model.kwargs.width": width, "optimizer.m": None,
+        return {**common, "model.kwargs.depth": depth, "model.kwargs.width": width, "optimizer.m": CIFAR_M,
                 "optimizer.diagnostics": True, "steps": (40000, 50000), "sweep.optimizer.second_order": ["false", "true"]}
     if table == "fig6":
         setup = FIGS["figure_6_p_norm"]["setup"]

@@ -764,7 +764,7 @@ def train_cfg(precision="auto", **opt):
     (dict(ascent_steps=2, p="random"), "auto", r"ascent_steps > 1"),
     (dict(adaptive=True, p="inf"), "auto", r"adaptive"),
     (dict(second_order=True), "fp16", r"second_order"),
-    (dict(m=4, second_order=True), "auto", r"optimizer\.m with"),
+    (dict(m=4, second_order=True, m_engine="split"), "auto", r"optimizer\.m_engine=split cannot take optimizer\.second_order"),
     (dict(eta=-1.0), "auto", r"optimizer\.eta"),
 ])
 def test_validate_rejects_bad_sam_family_keys(opt, precision, message):
@@ -1352,13 +1352,44 @@ def test_trainer_warns_that_cuda_graphs_slow_the_compiled_split_engine(caplog):
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_m_sharpness_refuses_second_order_from_python():
-    """The config validation refuses this combination; a direct train_step call must too, instead
-    of silently running without the second-order term."""
+@pytest.mark.parametrize("m", [2, 4])
+def test_second_order_with_m_sharpness_matches_autograd_through_each_chunks_epsilon(m):
+    """App. C.4 per chunk: each chunk's final gradient is the full gradient of its L(w + ε̂_c(w))
+    (autograd through ε̂_c in the reference, float64), averaged over chunks. Engine auto takes vmap
+    for it (the split engine's layers have no double backward)."""
     model = tiny_model()
+    expected = ref_steps(weights(model), 3, second_order=True, m=m)
+    run(model, make_sam(model, second_order=True), 3, m=m)
+    assert_weights(model, expected)
+    first_order = ref_steps(weights(tiny_model()), 3, m=m)
+    assert max(float((p - q).abs().max()) for p, q in zip(first_order, expected)) > 1e-7  # the term matters
+
+
+def test_second_order_with_m_sharpness_logs_each_chunks_cosine_and_refuses_split_and_fp16():
+    """sam/second_order_cosine under m: the cosine between the chunk means of the first-order and
+    the full gradients (float64 reference); split is refused by name, as is fp16 loss scaling."""
+    model = tiny_model()
+    w = [t.detach() for t in weights(model)]
     x, y = batch(0)
-    with pytest.raises(ValueError, match="m-sharpness .* does not support the second-order term"):
-        train_step(model, make_sam(model, second_order=True), x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+    first, full = [torch.zeros_like(t) for t in w], [torch.zeros_like(t) for t in w]
+    for c in range(2):
+        xc, yc = x[4 * c:4 * c + 4], y[4 * c:4 * c + 4]
+        wr = [t.clone().requires_grad_(True) for t in w]
+        loss = lambda u: ref_loss(u, xc, yc) + 0.5 * WD * sum((t * t).sum() for t in u)  # noqa: E731,B023
+        g = torch.autograd.grad(loss(wr), wr, create_graph=True)
+        gn = torch.sqrt(sum((t * t).sum() for t in g))
+        shifted = [a + RHO * b / gn for a, b in zip(wr, g)]
+        full = [a + b / 2 for a, b in zip(full, torch.autograd.grad(loss(shifted), wr))]
+        first = [a + b / 2 for a, b in zip(first, ref_grad([t.detach() for t in shifted], xc, yc))]
+    expected = sum(float((a * b).sum()) for a, b in zip(first, full)) / (norm(first) * norm(full))
+    opt = make_sam(model, second_order=True, diagnostics=True)
+    run(model, opt, 1, m=4)
+    assert opt.read_diagnostics()["sam/second_order_cosine"] == pytest.approx(expected, rel=1e-10, abs=0)
+    with pytest.raises(ValueError, match="optimizer.m_engine=split cannot take the second-order term"):
+        msam.resolve_engine(model, "split", 2, second_order=True)
+    with pytest.raises(ValueError, match="second_order needs a double backward without loss scaling"):
+        train_step(model, make_sam(model, second_order=True), x.float(), y, F.cross_entropy, NO_AMP,
+                   scaler=LossScaler(torch.device("cpu")), m=4)
 
 
 # ---------------------------------------------------------------- the optimizer as a library

@@ -44,7 +44,7 @@ log = logging.getLogger("sam_bench")
 
 
 def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: int, compiled: bool,
-                        device: str = "cpu", compile_mode: str = "default") -> str:
+                        device: str = "cpu", compile_mode: str = "default", second_order: bool = False) -> str:
     """The m-sharpness engine this run uses ("auto" resolved for this model, its compile setting and
     device), logged once with the reason when "auto" takes vmap; a warning for a compile mode measured
     slow with it."""
@@ -54,7 +54,7 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
         return requested
     chunks = batch // m
     try:
-        why = why_vmap(model, requested, chunks, compiled=compiled, device=device)
+        why = why_vmap(model, requested, chunks, compiled=compiled, device=device, second_order=second_order)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     engine = "vmap" if why else "split"
@@ -380,7 +380,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     scaler = LossScaler(device) if precision == "fp16" else None
     m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) and optimizer.two_pass else None
     m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile, device.type,
-                                   str(tr.compile_mode))
+                                   str(tr.compile_mode), optimizer.second_order)
     step_kwargs = {"m": m, "m_engine": m_engine, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)

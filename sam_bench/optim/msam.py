@@ -7,7 +7,9 @@ So a chunk is a device in every respect:
 - ε_c = ρ·g_c/‖g_c‖ from the chunk's own clean gradient g_c = ∇L_c(w) (+ L2 term, per chunk), or
   any variant's direction (ASAM, p = ∞, random); with k ascent steps (Table 11) each chunk takes
   its own k − 1 further projected steps from its gradient at w + ε_c (an extra pass each, in which
-  every chunk has its own weights and gets its own gradient; BN state untouched);
+  every chunk has its own weights and gets its own gradient; BN state untouched); with the
+  second-order term (App. C.4) each chunk's final gradient gets its own J_cᵀ g'_c, from a Hessian-
+  vector product of its own loss (vmap engine only: a double backward through the vmapped pass);
 - BatchNorm normalises with per-chunk statistics in both passes (ghost BN), and the running
   statistics become the average over chunks of the clean-pass updates (official ``pmean`` of the
   BN state);
@@ -206,7 +208,7 @@ class _VmapPasses:
                 return at_least_fp32(loss_fn(out, yc)), out
 
         self.batched = vmap(chunk_loss, in_dims=(0, 0, 0, 0), randomness="different")
-        self.names, self.params, self.bn_bufs, self.chunks, self.consts = names, params, bn_bufs, chunks, consts
+        self.model, self.names, self.params, self.bn_bufs, self.chunks, self.consts = model, names, params, bn_bufs, chunks, consts
         self.x, self.y = _chunked(x, chunks, x.shape[0] // chunks), y.reshape(chunks, -1, *y.shape[1:])
 
     def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -226,6 +228,24 @@ class _VmapPasses:
         """Evaluate these parameters as constants from now on (they get no gradient)."""
         self.names, self.params, dropped = _without(self.names, self.params, names)
         self.consts.update((n, p.detach()) for n, p in dropped)
+
+    def hessian_vector_products(self, u: list[torch.Tensor]) -> list[torch.Tensor]:
+        """H_c·u_c for every chunk c ([C, ...] each), H_c the Hessian of chunk c's loss (without the L2
+        term) at w: a double backward through the vmapped pass (BN state untouched)."""
+        leaf = {n: p.detach().unsqueeze(0).expand(self.chunks, *p.shape).contiguous().requires_grad_(True)
+                for n, p in zip(self.names, self.params)}
+        with torch.enable_grad():
+            losses, _ = self.batched(leaf, _stack(self.bn_bufs, self.chunks), self.x, self.y)
+            leaves = list(leaf.values())
+            grads = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True)
+            used = [i for i, g in enumerate(grads) if g is not None]
+            hu = torch.autograd.grad([grads[i] for i in used], [leaves[i] for i in used], grad_outputs=[u[i] for i in used],
+                                     allow_unused=True)
+        out = [torch.zeros_like(t) for t in leaves]
+        for i, h in zip(used, hu):
+            if h is not None:
+                out[i] = h
+        return out
 
     def _per_chunk_grads(self, leaf: dict, scaler, update_stats: bool):
         """Losses, logits and per-chunk gradients (None for a parameter no chunk's loss used)."""
@@ -295,6 +315,49 @@ class _SplitPasses:
         return losses
 
 
+def _second_order_final_gradient(passes: "_VmapPasses", optimizer: SAM, params: list, groups: list, eps: list,
+                                 clean_grads: list, clean_norm: torch.Tensor, rng, update_stats: bool) -> torch.Tensor:
+    """App. C.4 per chunk: w.grad = mean_c [g'_c + J_cᵀ g'_c], g'_c = ∇L_c(w + ε_c) + l2·(w + ε_c) and
+    J_cᵀ v = ρ·H_c(u_c) + l2·u_c, u_c = (v − ĝ_c ĝ_cᵀ v)/‖g_c‖ (ĝ_c = g_c/‖g_c‖, g_c the clean gradient
+    with its L2 term, H_c the Hessian of chunk c's loss at w): :meth:`SAM._add_second_order` for each
+    chunk, with the chunk's own ε, gradients and Hessian. Returns the per-chunk losses at w + ε_c."""
+    from sam_bench.engine.step import set_true_gradient
+
+    leaf = {n: (p.detach().unsqueeze(0) + e).requires_grad_(True) for n, p, e in zip(passes.names, params, eps)}
+    losses2, _, grads = passes._per_chunk_grads(leaf, None, update_stats=update_stats)
+    with torch.no_grad():
+        first = _zeros_for_none(grads, list(leaf.values()))
+        for g, p, e, grp in zip(first, params, eps, groups):
+            if grp["l2"]:
+                g.add_(p.detach().unsqueeze(0) + e, alpha=grp["l2"])
+        norm = clean_norm.clamp_min(torch.finfo(clean_norm.dtype).tiny)
+        rv = [g * grp["rho"] for g, grp in zip(first, groups)]
+        gv = sum(_per_chunk_dot(a, b) for a, b in zip(clean_grads, rv))
+        u = [(b - a * _per_chunk(gv / norm**2, a)) / _per_chunk(norm, b) for a, b in zip(clean_grads, rv)]
+    if rng is not None:
+        rng.rewind()
+    set_true_gradient(passes.model, True)
+    hu = passes.hessian_vector_products(u)
+    set_true_gradient(passes.model, False)
+    with torch.no_grad():
+        terms = [h + ui * grp["l2"] if grp["l2"] else h for h, ui, grp in zip(hu, u, groups)]
+        if optimizer.diagnostics:  # Fig. 5: cos(first-order, full), of the chunk means
+            optimizer._record_second_order_cosine([g.mean(dim=0) for g in first], [t.mean(dim=0) for t in terms])
+        for p, g, t in zip(params, first, terms):
+            p.grad = (g + t).mean(dim=0)
+    return losses2
+
+
+def _per_chunk_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ over all but the chunk axis of a·b -> [C]."""
+    return (a * b).flatten(1).sum(dim=1)
+
+
+def _per_chunk(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[C] -> [C, 1, ..., 1] to broadcast against a stacked tensor."""
+    return values.reshape(values.shape + (1,) * (like.dim() - 1)).to(like.dtype)
+
+
 def _without(names: list[str], params: list[torch.Tensor], drop: set[str]) -> tuple[list, list, list]:
     """(names, params) without those named in ``drop``, and the dropped (name, param) pairs."""
     kept = [(n, p) for n, p in zip(names, params) if n not in drop]
@@ -342,22 +405,27 @@ def why_auto_takes_vmap(chunks: int | None, compiled: bool, device: str) -> str 
 
 
 def resolve_engine(model: nn.Module, engine: str, chunks: int | None = None, *, compiled: bool | None = None,
-                   device: str | None = None) -> str:
+                   device: str | None = None, second_order: bool = False) -> str:
     """"split" or "vmap" for ``engine`` ("auto", "split", "vmap") on this model with ``chunks`` chunks
     per batch (None: not known, the chunk count does not decide); ``compiled`` (default: whether
     ``model`` is a ``torch.compile`` wrapper) and ``device`` ("cuda", "cpu"; default: where the
     model's parameters are) decide "auto" as :func:`why_auto_takes_vmap` says. A clear error when
-    "split" is asked of a model it cannot run."""
-    return "vmap" if why_vmap(model, engine, chunks, compiled=compiled, device=device) else "split"
+    "split" is asked of a model it cannot run, or with ``second_order``."""
+    return "vmap" if why_vmap(model, engine, chunks, compiled=compiled, device=device, second_order=second_order) else "split"
 
 
 def why_vmap(model: nn.Module, engine: str, chunks: int | None = None, *, compiled: bool | None = None,
-             device: str | None = None) -> str | None:
+             device: str | None = None, second_order: bool = False) -> str | None:
     """Why :func:`resolve_engine` gives vmap (None when it gives split), for the run's log."""
     if engine not in ("auto", "split", "vmap"):
         raise ValueError(f"m-sharpness engine {engine!r} is unknown: use auto, split or vmap")
     if engine == "vmap":
         return "asked for"
+    if second_order:  # the split engine's layers are autograd Functions without a double backward
+        if engine == "split":
+            raise ValueError("optimizer.m_engine=split cannot take the second-order term (its layers have no double "
+                             "backward); use optimizer.m_engine=auto or vmap")
+        return "the second-order term needs a double backward through the chunks, which only the vmap engine has"
     blocker = chunked.unsupported_layer(getattr(model, "_orig_mod", model))
     if engine == "split" and blocker:
         raise ValueError(f"optimizer.m_engine=split cannot run this model: {blocker}; use optimizer.m_engine=auto or vmap")
@@ -389,9 +457,8 @@ def msam_step(
 
     runner = model  # the split engine calls the model as given (a torch.compile wrapper stays compiled)
     model = getattr(model, "_orig_mod", model)
-    if optimizer.second_order:
-        raise ValueError("m-sharpness (m < batch) does not support the second-order term: "
-                         "use second_order=False, or m=None")
+    if optimizer.second_order and scaler is not None:
+        raise ValueError("second_order needs a double backward without loss scaling: use bf16 or fp32, not fp16")
     chunks = images.shape[0] // m
     name_of = {id(p): n for n, p in model.named_parameters()}
     # the optimizer's parameters of this model that train (one frozen after the optimizer was built does not)
@@ -400,8 +467,8 @@ def msam_step(
     params = [p for p, _ in owned]
     groups = [g for _, g in owned]
     engine = engine or ENGINE
-    if engine not in ("split", "vmap"):  # the trainer passes the engine it resolved once
-        engine = resolve_engine(runner, engine, chunks, device=images.device.type)
+    if engine not in ("split", "vmap") or (optimizer.second_order and engine == "split"):  # the trainer resolves it once
+        engine = resolve_engine(runner, engine, chunks, device=images.device.type, second_order=optimizer.second_order)
     if engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
         passes = _SplitPasses(model, runner, names, params, images, labels, loss_fn, autocast, chunks)
     else:
@@ -432,6 +499,7 @@ def msam_step(
         optimizer.grad_norm = clean_norm.mean()
         if optimizer.diagnostics:
             optimizer._keep_clean_grad(params, [g.mean(dim=0) for g in grads])
+    clean_grads = grads if optimizer.second_order else None
     del grads
 
     # k-step ascent (Table 11): each chunk's ε moves along its own gradient at w + ε_c, projected
@@ -457,18 +525,22 @@ def msam_step(
     if rng is not None:
         rng.rewind()
     optimizer.zero_grad()
-    losses2 = passes.perturbed(eps, scaler, update_stats=bn_modules is None)  # mode "both": stats again
-    if scaler is not None:
-        scaler.unscale_(p.grad for p in params)
-    with torch.no_grad():
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        for l2, (ws, es) in _by_l2(params, eps, groups):  # mean_c l2·(w + ε_c)
-            final = [w.grad for w in ws]
-            torch._foreach_add_(final, ws, alpha=l2)  # one fused kernel (w.grad has w's layout)
-            for g, e in zip(final, es):  # ε has the clean gradients' layout (contiguous), maybe not w's
-                g.add_(e.mean(dim=0), alpha=l2)
+    if optimizer.second_order:
+        losses2 = _second_order_final_gradient(passes, optimizer, params, groups, eps, clean_grads, clean_norm, rng,
+                                               update_stats=bn_modules is None)
+    else:
+        losses2 = passes.perturbed(eps, scaler, update_stats=bn_modules is None)  # mode "both": stats again
+        if scaler is not None:
+            scaler.unscale_(p.grad for p in params)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            for l2, (ws, es) in _by_l2(params, eps, groups):  # mean_c l2·(w + ε_c)
+                final = [w.grad for w in ws]
+                torch._foreach_add_(final, ws, alpha=l2)  # one fused kernel (w.grad has w's layout)
+                for g, e in zip(final, es):  # ε has the clean gradients' layout (contiguous), maybe not w's
+                    g.add_(e.mean(dim=0), alpha=l2)
     loss = losses.detach().mean()
     optimizer.record_loss_gap(loss, losses2.detach().mean())
     optimizer.descend(scaler.found_inf if scaler is not None else None)

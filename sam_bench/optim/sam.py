@@ -440,12 +440,16 @@ class SAM(torch.optim.Optimizer):
         u = [(b - a * (gv / norm**2)) / norm for a, b in zip(g, rv)]
         hu = hvp(list(u))
         terms = [hui + ui * grp["l2"] if grp["l2"] else hui for grp, ui, hui in zip(groups, u, hu)]
-        first_order_norm = global_norm(v).double() if self.diagnostics else None
+        if self.diagnostics:
+            self._record_second_order_cosine(v, terms)
         torch._foreach_add_(v, terms)
-        if self.diagnostics:  # Fig. 5: cos(first-order g', full g' + J_ε̂ᵀ g'), from three fused norms
-            na, nb, nt = first_order_norm, global_norm(v).double(), global_norm(terms).double()
-            cos = (na**2 + nb**2 - nt**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
-            self._accumulate(DIAGNOSTICS.index("second_order_cosine"), cos)
+
+    def _record_second_order_cosine(self, first_order: list[torch.Tensor], terms: list[torch.Tensor]) -> None:
+        """Fig. 5: cos(first-order g', full g' + J_ε̂ᵀ g'), from three fused norms."""
+        na, nt = global_norm(first_order).double(), global_norm(terms).double()
+        nb = global_norm(torch._foreach_add(first_order, terms)).double()
+        cos = (na**2 + nb**2 - nt**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
+        self._accumulate(DIAGNOSTICS.index("second_order_cosine"), cos)
 
     @torch.no_grad()
     def descend(self, found_inf: torch.Tensor | None = None) -> None:
