@@ -1365,6 +1365,24 @@ def test_second_order_with_m_sharpness_matches_autograd_through_each_chunks_epsi
     assert max(float((p - q).abs().max()) for p, q in zip(first_order, expected)) > 1e-7  # the term matters
 
 
+@pytest.mark.parametrize("bn_mode", ["both", "frozen"])
+def test_second_order_with_m_sharpness_keeps_the_bn_state_of_first_order_m_sharpness(bn_mode):
+    """The second-order path replaces the perturbed pass: with BN mode "both" its statistics still
+    join the running ones, with "frozen" nothing moves; after one step the BN state equals the
+    first-order m-SAM step's (the same passes at w and w + ε_c), while the weights differ."""
+    a, b = tiny_model(), tiny_model()
+    if bn_mode == "frozen":
+        for mdl in (a, b):
+            with torch.no_grad():
+                mdl[1].running_mean.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(0))
+    run(a, make_sam(a, second_order=True), 1, m=4, bn=bn_mode)
+    run(b, make_sam(b), 1, m=4, bn=bn_mode)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(a[1], name), getattr(b[1], name), rtol=0, atol=1e-12, msg=name)
+    assert int(a[1].num_batches_tracked) == (2 if bn_mode == "both" else 0)
+    assert not torch.allclose(a[0].weight, b[0].weight, rtol=0, atol=1e-9)
+
+
 def test_second_order_with_m_sharpness_logs_each_chunks_cosine_and_refuses_split_and_fp16():
     """sam/second_order_cosine under m: the cosine between the chunk means of the first-order and
     the full gradients (float64 reference); split is refused by name, as is fp16 loss scaling."""
