@@ -79,7 +79,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from sam_bench.optim import chunked
 from sam_bench.optim.chunked import at_least_fp32
-from sam_bench.optim.sam import SAM
+from sam_bench.optim.sam import SAM, second_order_terms
 
 
 def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -234,18 +234,12 @@ class _VmapPasses:
         term) at w: a double backward through the vmapped pass (BN state untouched)."""
         leaf = {n: p.detach().unsqueeze(0).expand(self.chunks, *p.shape).contiguous().requires_grad_(True)
                 for n, p in zip(self.names, self.params)}
+        leaves = list(leaf.values())  # all used: msam_step drops the parameters no chunk's loss uses
         with torch.enable_grad():
             losses, _ = self.batched(leaf, _stack(self.bn_bufs, self.chunks), self.x, self.y)
-            leaves = list(leaf.values())
-            grads = torch.autograd.grad(losses.sum(), leaves, create_graph=True, allow_unused=True)
-            used = [i for i, g in enumerate(grads) if g is not None]
-            hu = torch.autograd.grad([grads[i] for i in used], [leaves[i] for i in used], grad_outputs=[u[i] for i in used],
-                                     allow_unused=True)
-        out = [torch.zeros_like(t) for t in leaves]
-        for i, h in zip(used, hu):
-            if h is not None:
-                out[i] = h
-        return out
+            grads = torch.autograd.grad(losses.sum(), leaves, create_graph=True)
+            hu = torch.autograd.grad(grads, leaves, grad_outputs=u, allow_unused=True)  # a layer linear in w: H part 0
+        return _zeros_for_none(list(hu), leaves)
 
     def _per_chunk_grads(self, leaf: dict, scaler, update_stats: bool):
         """Losses, logits and per-chunk gradients (None for a parameter no chunk's loss used)."""
@@ -325,37 +319,25 @@ def _second_order_final_gradient(passes: "_VmapPasses", optimizer: SAM, params: 
 
     leaf = {n: (p.detach().unsqueeze(0) + e).requires_grad_(True) for n, p, e in zip(passes.names, params, eps)}
     losses2, _, grads = passes._per_chunk_grads(leaf, None, update_stats=update_stats)
+    def hvp(u: list[torch.Tensor]) -> list[torch.Tensor]:  # at w, the clean pass's draws, shake true gradient
+        if rng is not None:
+            rng.rewind()
+        set_true_gradient(passes.model, True)
+        hu = passes.hessian_vector_products(u)
+        set_true_gradient(passes.model, False)
+        return hu
+
     with torch.no_grad():
         first = _zeros_for_none(grads, list(leaf.values()))
         for g, p, e, grp in zip(first, params, eps, groups):
             if grp["l2"]:
                 g.add_(p.detach().unsqueeze(0) + e, alpha=grp["l2"])
-        norm = clean_norm.clamp_min(torch.finfo(clean_norm.dtype).tiny)
-        rv = [g * grp["rho"] for g, grp in zip(first, groups)]
-        gv = sum(_per_chunk_dot(a, b) for a, b in zip(clean_grads, rv))
-        u = [(b - a * _per_chunk(gv / norm**2, a)) / _per_chunk(norm, b) for a, b in zip(clean_grads, rv)]
-    if rng is not None:
-        rng.rewind()
-    set_true_gradient(passes.model, True)
-    hu = passes.hessian_vector_products(u)
-    set_true_gradient(passes.model, False)
-    with torch.no_grad():
-        terms = [h + ui * grp["l2"] if grp["l2"] else h for h, ui, grp in zip(hu, u, groups)]
+        terms = second_order_terms(clean_grads, first, groups, clean_norm, hvp)
         if optimizer.diagnostics:  # Fig. 5: cos(first-order, full), of the chunk means
             optimizer._record_second_order_cosine([g.mean(dim=0) for g in first], [t.mean(dim=0) for t in terms])
         for p, g, t in zip(params, first, terms):
             p.grad = (g + t).mean(dim=0)
     return losses2
-
-
-def _per_chunk_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ over all but the chunk axis of a·b -> [C]."""
-    return (a * b).flatten(1).sum(dim=1)
-
-
-def _per_chunk(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[C] -> [C, 1, ..., 1] to broadcast against a stacked tensor."""
-    return values.reshape(values.shape + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
 def _without(names: list[str], params: list[torch.Tensor], drop: set[str]) -> tuple[list, list, list]:

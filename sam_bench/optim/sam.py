@@ -87,6 +87,19 @@ def _per_chunk(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.reshape(scale.shape + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
+def second_order_terms(clean: list[torch.Tensor], first_order: list[torch.Tensor], groups: list[dict],
+                       clean_norm: torch.Tensor, hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """J_ε̂ᵀ g' (App. C.4) for stacked tensors [C, ...], one ε̂ per chunk (C = 1 for plain SAM):
+    ρ·H_L(u) + l2·u with u = (g' − ĝ ĝᵀg')/‖g‖ per chunk, where g is the clean gradient with its L2
+    term, ‖g‖ = ``clean_norm`` [C], ĝ = g/‖g‖, g' = ``first_order`` (ρ per parameter group), and
+    ``hvp(u)`` gives H_L·u per chunk (the Hessian of the loss without the L2 term)."""
+    norm = clean_norm.clamp_min(torch.finfo(clean_norm.dtype).tiny)
+    rv = [b * grp["rho"] for b, grp in zip(first_order, groups)]  # diag(ρ)·g' (ε̂ᵢ = ρᵢ gᵢ/‖g‖)
+    gv = sum((a * b).reshape(a.shape[0], -1).sum(dim=1) for a, b in zip(clean, rv))
+    u = [(b - a * _per_chunk(gv / norm**2, a)) / _per_chunk(norm, b) for a, b in zip(clean, rv)]
+    return [h + ui * grp["l2"] if grp["l2"] else h for h, ui, grp in zip(hvp(u), u, groups)]
+
+
 class SAM(torch.optim.Optimizer):
     """SAM around ``base_optimizer`` (a class, e.g. ``torch.optim.SGD``).
 
@@ -433,13 +446,9 @@ class SAM(torch.optim.Optimizer):
         """g' += J_ε̂ᵀ g' = ρ·H(u), u = (g' − ĝ ĝᵀg')/‖g‖, H = H_L + l2·I (App. C.4)."""
         params, groups = zip(*[(p, g) for p, g in self.trainable() if p.grad is not None])
         v = [p.grad for p in params]
-        g = self._clean_grads_for(params)
-        norm = self._clean_norm.reshape(()).clamp_min(torch.finfo(self._clean_norm.dtype).tiny)
-        rv = [b * grp["rho"] for b, grp in zip(v, groups)]  # diag(ρ)·g' (ε̂ᵢ = ρᵢ gᵢ/‖g‖)
-        gv = sum((a * b).sum() for a, b in zip(g, rv))
-        u = [(b - a * (gv / norm**2)) / norm for a, b in zip(g, rv)]
-        hu = hvp(list(u))
-        terms = [hui + ui * grp["l2"] if grp["l2"] else hui for grp, ui, hui in zip(groups, u, hu)]
+        stacked = lambda ts: [t.unsqueeze(0) for t in ts]  # noqa: E731 - one chunk
+        terms = [t[0] for t in second_order_terms(stacked(self._clean_grads_for(params)), stacked(v), list(groups),
+                                                  self._clean_norm.reshape(1), lambda u: stacked(hvp([x[0] for x in u])))]
         if self.diagnostics:
             self._record_second_order_cosine(v, terms)
         torch._foreach_add_(v, terms)
