@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -20,3 +21,9 @@ def config_dir() -> str:
         f"sam-bench config tree not found next to {_PACKAGE_DIR} (looked for conf/train.yaml); "
         "reinstall the package with `pip install .`"
     )
+
+
+def data_dir(ds) -> str:
+    """``dataset.root`` with ``~`` expanded: the shell expands ``data_root=~/x`` but not ``dataset.root=~/x``
+    or ``SAM_BENCH_DATA='~/x'``, and torchvision expands it for some datasets and not for others."""
+    return os.path.expanduser(str(ds.root))

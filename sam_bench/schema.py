@@ -334,8 +334,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"dataset.label_noise.rate={ds.label_noise.rate} must be in [0, 1] (paper: 0.2-0.8)")
     if ds.label_noise.rate > 0 and str(getattr(ds.label_noise.mode, "value", ds.label_noise.mode)) == "asymmetric" and ds.num_classes != 10:
         raise ConfigError("dataset.label_noise.mode=asymmetric is the CIFAR-10 pair flip; use uniform or exclusive for other datasets")
-    if ds.label_noise.rate > 0 and not ds.val_size:
-        raise ConfigError("dataset.label_noise needs dataset.val_size (e.g. 5000): the best epoch is chosen on held-out noisy labels, never on the test set")
+    for key in ("train_subset", "test_subset", "train_size", "test_size"):
+        value = getattr(ds, key, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"dataset.{key}={value} must be >= 1, or null for the whole split")
+    if ds.pad < 0:
+        raise ConfigError(f"dataset.pad={ds.pad} must be >= 0 (pixels of reflect padding before the random crop)")
     if len(ds.mean) != ds.in_chans or len(ds.std) != ds.in_chans:
         raise ConfigError(f"dataset.mean/std need {ds.in_chans} values (dataset.in_chans), got {len(ds.mean)}/{len(ds.std)}")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Paper Table 8's rho grid on noisy CIFAR-10 (plain SAM: bootstrapping is not implemented), on a 10 % held-out split; see results/sweeps.md.
+# Paper Table 8's rho grid on noisy CIFAR-10 (plain SAM: bootstrapping is not implemented), on a 10 % held-out split with clean labels (as the paper); see results/sweeps.md.
 # Usage: scripts/table8.sh [HYDRA_OVERRIDES...]   (env: SEEDS, PRESETS, PYTHON, REPORT_OUT, DRY_RUN=1; see scripts/_paper.sh)
 # SLURM: scripts/table8.sh hydra/launcher=submitit_slurm hydra.launcher.partition=<partition> hydra.launcher.gpus_per_node=1
 set -euo pipefail

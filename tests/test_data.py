@@ -63,6 +63,27 @@ def test_cifar_meta_file_is_checked_like_the_batches(tmp_path, monkeypatch, dama
         load_cifar("cifar10", str(tmp_path), download=False)
 
 
+def test_cifar_with_only_its_meta_file_missing_is_downloaded_again(tmp_path, monkeypatch):
+    """torchvision's own download checks the data batches only, so a missing batches.meta was never
+    fetched: the run failed with "download failed" although nothing was tried."""
+    import sam_bench.data.cifar as cifar
+
+    md5 = write_cifar(tmp_path)
+    patch_cifar_md5(monkeypatch, CIFAR10, md5)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    kept = meta.read_bytes()
+    meta.unlink()
+    fetched = []
+
+    def fake_download(url, root, filename, md5):
+        fetched.append((url, filename))
+        meta.write_bytes(kept)  # the archive's extraction puts the folder back
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", fake_download)
+    train_x, *_ = load_cifar("cifar10", str(tmp_path), download=True)
+    assert fetched == [(CIFAR10.url, CIFAR10.filename)] and train_x.shape == (100, 3, 32, 32)
+
+
 def test_fashion_mnist_from_system_gz_files(tmp_path):
     arrays = write_fashion_mnist_gz(tmp_path / "system")
     train_x, train_y, test_x, test_y = load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
@@ -99,6 +120,49 @@ def test_fashion_mnist_corrupt_system_gz_is_a_clear_error_and_leaves_no_temporar
         load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
     raw = tmp_path / "root" / "FashionMNIST" / "raw"
     assert [p.name for p in raw.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_fashion_mnist_gzip_files_copied_into_the_raw_folder_are_extracted_readable_by_others(tmp_path):
+    """The error message says "copy the gzip IDX files there": that now works, and what is extracted gets the
+    umask's mode (mkstemp's 0600 left the files unreadable to the rest of a shared data root's group)."""
+    import os
+    import shutil
+
+    arrays = write_fashion_mnist_gz(tmp_path / "system")
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    shutil.copytree(tmp_path / "system", raw)
+    old = os.umask(0o022)
+    try:
+        from sam_bench.tracking import results
+
+        mode = results._file_mode()
+        _, train_y, _, _ = load_fashion_mnist(str(tmp_path / "root"), None, download=False)
+    finally:
+        os.umask(old)
+    assert np.array_equal(train_y.numpy(), arrays["train-labels-idx1-ubyte"].astype(np.int64))
+    assert mode == 0o644 and (raw / "train-images-idx3-ubyte").stat().st_mode & 0o777 == results.FILE_MODE
+
+
+def test_fashion_mnist_system_dir_missing_one_file_names_it(tmp_path):
+    write_fashion_mnist_gz(tmp_path / "system")
+    (tmp_path / "system" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"dataset.system_dir=.*system lacks t10k-labels-idx1-ubyte.gz"):
+        load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
+
+
+def test_a_data_root_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    """dataset.root=~/data used to be read as a folder named '~' in the working directory."""
+    from types import SimpleNamespace
+
+    from sam_bench.data import load_arrays
+
+    write_fashion_mnist_gz(tmp_path / "home" / "system")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ds = SimpleNamespace(name="fashion_mnist", root="~/data", system_dir="~/system", download=False,
+                         train_subset=None, test_subset=None, in_chans=1, image_size=28, num_classes=10)
+    assert load_arrays(ds)[0].shape == (64, 1, 28, 28)
+    assert (tmp_path / "home" / "data" / "FashionMNIST" / "raw").is_dir() and not (tmp_path / "~").exists()
 
 
 @pytest.mark.parametrize("num_classes,label", [(10, 200), (5, 9)])  # a corrupt byte; num_classes too small

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.datasets import SVHN
 
 from datafiles import write_image_folder, write_svhn
@@ -215,9 +216,13 @@ def test_noise_is_independent_of_run_seed_and_split():
     a = build_data(synthetic_cfg(val_size=40, label_noise=SimpleNamespace(rate=0.5, mode="exclusive", seed=9)), 32, 64, torch.device("cpu"), 0, False)
     b = build_data(synthetic_cfg(val_size=40, label_noise=SimpleNamespace(rate=0.5, mode="exclusive", seed=9)), 32, 64, torch.device("cpu"), 123, False)
     assert torch.equal(a.train.labels, b.train.labels) and torch.equal(a.val.labels, b.val.labels)
-    assert torch.equal(torch.cat([a.train.labels, a.val.labels]), a.noise.noisy)
+    assert torch.equal(a.train.labels, a.noise.noisy[:160]) and a.noise.corrupted[160:].any()
     assert a.noisy_train.num_examples == int(a.noise.corrupted[:160].sum())
-    assert not torch.equal(a.val.labels, a.noise.clean[160:])  # validation labels are noisy too
+    # the held-out labels stay clean (Table 8 chose ρ on a clean validation split); the training part's noise is the
+    # draw it would be without the split
+    assert torch.equal(a.val.labels, a.noise.clean[160:])
+    whole = build_data(synthetic_cfg(label_noise=SimpleNamespace(rate=0.5, mode="exclusive", seed=9)), 32, 64, torch.device("cpu"), 0, False)
+    assert whole.val is None and torch.equal(whole.train.labels[:160], a.train.labels)
 
 
 def test_noise_summary_picks_best_validation_epoch():
@@ -445,13 +450,27 @@ def test_validate_rejects_bad_data_options(compose_train):
     from sam_bench.schema import validate
 
     for overrides, match in [
-        (["dataset=cifar10_noisy", "dataset.val_size=null"], "needs dataset.val_size"),
+        (["dataset.test_subset=-5"], "dataset.test_subset=-5 must be >= 1"),
+        (["dataset.train_subset=0"], "dataset.train_subset=0 must be >= 1"),
+        (["dataset=synthetic", "dataset.test_size=0"], "dataset.test_size=0 must be >= 1"),
+        (["dataset.pad=-1"], "dataset.pad=-1 must be >= 0"),
         (["dataset=cifar100_noisy", "dataset.label_noise.mode=asymmetric"], "asymmetric"),
         (["dataset.cutout=40"], "dataset.cutout=40"),
         (["dataset.label_noise.rate=1.5", "dataset.val_size=5000"], "label_noise.rate"),
     ]:
         with pytest.raises(ConfigError, match=match):
             validate(compose_train(overrides))
+    validate(compose_train(["dataset=cifar10_noisy"]))  # noisy labels need no validation split (Table 4 trains on all 50k)
+
+
+def test_data_options_that_need_the_images_fail_before_training():
+    """A pad as large as the image, and subsets of a streamed dataset (which used to be ignored:
+    a 'quick' ImageNet run read all of it), are one-line errors."""
+    with pytest.raises(ConfigError, match="dataset.pad=8 must be below the 8 px image size"):
+        build_data(synthetic_cfg(pad=8), 32, 64, torch.device("cpu"), 0, False)
+    for key in ("train_subset", "test_subset"):
+        with pytest.raises(ConfigError, match="train_subset and test_subset apply to in-memory datasets"):
+            build_data(synthetic_cfg(name="imagenet", image_size=224, resize=256, **{key: 4}), 32, 64, torch.device("cpu"), 0, False)
 
 
 def test_finetune_builds_stream_loaders_from_torchvision_classes(monkeypatch, tmp_path):
@@ -597,3 +616,33 @@ def test_gpu_decode_of_a_corrupt_jpeg_names_the_file(imagenet_root):
     _, test = build_imagenet(imagenet_cfg(imagenet_root, gpu_decode=True), 4, 4, torch.device("cpu"), 0, False)
     with pytest.raises(DataError, match=r"n02_1.JPEG is unreadable"):
         list(test.epoch(0))
+
+
+# ---------------------------------------------------------------- finetuning resolution
+
+
+def test_cifar_at_a_larger_image_size_is_upsampled_after_augmentation(tmp_path, monkeypatch):
+    """Table 3 finetunes EfficientNets on CIFAR at 600/475 px: the 32 px batch is augmented and
+    normalised as from scratch (cutout too), then resized bicubically, train and test alike (the
+    official ``dataset_source._resize``); the stored dataset stays 32 px."""
+    from torchvision.datasets import CIFAR10
+
+    from datafiles import patch_cifar_md5, write_cifar
+
+    patch_cifar_md5(monkeypatch, CIFAR10, write_cifar(tmp_path))
+    base = dict(name="cifar10", root=str(tmp_path), image_size=32, pad=4, cutout=8, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
+    native = build_data(synthetic_cfg(**base), 16, 16, torch.device("cpu"), 3, False)
+    big = build_data(synthetic_cfg(**{**base, "image_size": 72}), 16, 16, torch.device("cpu"), 3, False)
+    assert big.train.images.shape[-1] == 32 and native.train.upsample_to is None and big.train.upsample_to == 72
+    for a, b in ((native.train.epoch(1), big.train.epoch(1)), (native.test.epoch(0), big.test.epoch(0))):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert xb.shape == (16, 3, 72, 72) and torch.equal(ya, yb)
+        torch.testing.assert_close(xb, F.interpolate(xa, size=(72, 72), mode="bicubic", align_corners=False), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"images are \(3, 32, 32\)"):
+        build_data(synthetic_cfg(**{**base, "image_size": 24}), 16, 16, torch.device("cpu"), 3, False)
+
+
+def test_a_streamed_dataset_refuses_an_eval_resize_below_its_crop():
+    """Resize(256) then CenterCrop(600) pads: most of every test image would be zeros."""
+    with pytest.raises(ConfigError, match=r"dataset.resize=256 < dataset.image_size=600.*dataset.resize=632"):
+        build_data(synthetic_cfg(name="flowers102", image_size=600, resize=256), 16, 16, torch.device("cpu"), 0, False)

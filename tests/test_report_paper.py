@@ -480,3 +480,15 @@ def test_a_validation_tie_goes_to_the_lower_rho_in_the_table_as_in_the_sweep(tmp
     assert measure(cell, index_groups(groups)).group.rho == 1e-05
     (sweep,) = find_sweeps(groups)
     assert sweep.chosen("sam").rho == 1e-05
+
+
+def test_table10_fills_its_rho_005_column_from_table3_and_leaves_the_optimal_rho_to_the_paper():
+    """The Table 3 presets train at ρ = 0.05 (the optimal ρ is not printed): those runs are Table
+    10's ρ = 0.05 column, and nothing fills 'SAM (optimal ρ)' (it used to take the same runs)."""
+    from sam_bench.report.paper import layouts
+
+    t10 = next(lay for lay in layouts() if lay.id == "table10")
+    for (dataset,), (optimal, rho005, no_sam) in t10.rows:
+        assert optimal.key is None
+        if dataset != "Birdsnap":
+            assert rho005.key.startswith("table3/") and rho005.key.endswith("/b7@sam") and no_sam.key.endswith("/b7@sgd")

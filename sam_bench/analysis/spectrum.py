@@ -55,7 +55,8 @@ def training_images(config: dict, images: int, batch_size: int, seed: int, devic
     x, y = data.train.images, data.train.labels
     n = len(y) if images <= 0 or images >= len(y) else images
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
-    loader = DeviceLoader(x[pick].to(device), y[pick].to(device), batch_size, list(ds.mean), list(ds.std), train=False)
+    loader = DeviceLoader(x[pick].to(device), y[pick].to(device), batch_size, list(ds.mean), list(ds.std), train=False,
+                          upsample_to=data.train.upsample_to)
     batches = list(loader.epoch(0))  # normalised as the evaluation batches of training
     return batches, data.num_classes, data.in_chans
 

@@ -3,6 +3,8 @@ disk for ImageNet and the finetuning sets (:class:`StreamLoader`, same interface
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +19,13 @@ from sam_bench.data.stream import StreamLoader
 from sam_bench.data.svhn import load_svhn
 from sam_bench.data.synthetic import make_synthetic
 from sam_bench.errors import ConfigError, DataError
+from sam_bench.paths import data_dir
 
 IN_MEMORY = ("cifar10", "cifar100", "cifar10_noisy", "cifar100_noisy", "fashion_mnist", "svhn", "synthetic")
 STREAMED = ("imagenet",) + tuple(FINETUNE)
 DATASETS = IN_MEMORY + STREAMED
+
+log = logging.getLogger("sam_bench")
 
 __all__ = ["DATASETS", "DataBundle", "DeviceLoader", "StreamLoader", "build_data", "load_arrays", "split_validation"]
 
@@ -32,7 +37,7 @@ class DataBundle:
     num_classes: int
     in_chans: int
     val: DeviceLoader | None = None  # the last ``val_size`` training images (dataset.val_size)
-    noise: NoisyLabels | None = None  # label noise over the full training set (before the split)
+    noise: NoisyLabels | None = None  # label noise over the full training set; the validation split keeps clean labels
     noisy_train: DeviceLoader | None = None  # training images whose label was corrupted, noisy labels
 
 
@@ -40,11 +45,11 @@ def load_arrays(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     """(train_x, train_y, test_x, test_y) on the CPU, uint8 NCHW images and int64 labels."""
     base = ds.name.removesuffix("_noisy")
     if base in ("cifar10", "cifar100"):
-        arrays = load_cifar(base, ds.root, ds.download)
+        arrays = load_cifar(base, data_dir(ds), ds.download)
     elif ds.name == "fashion_mnist":
-        arrays = load_fashion_mnist(ds.root, ds.system_dir, ds.download)
+        arrays = load_fashion_mnist(data_dir(ds), ds.system_dir and os.path.expanduser(ds.system_dir), ds.download)
     elif ds.name == "svhn":
-        arrays = load_svhn(ds.root, ds.download, ds.svhn_extra)
+        arrays = load_svhn(data_dir(ds), ds.download, ds.svhn_extra)
     elif ds.name == "synthetic":
         arrays = make_synthetic(ds.train_size or 5000, ds.test_size or 1000, ds.num_classes, ds.in_chans, ds.image_size, ds.data_seed)
     else:
@@ -54,9 +59,10 @@ def load_arrays(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
         train_x, train_y = train_x[: ds.train_subset], train_y[: ds.train_subset]
     if ds.test_subset:
         test_x, test_y = test_x[: ds.test_subset], test_y[: ds.test_subset]
-    expected = (ds.in_chans, ds.image_size, ds.image_size)
-    if tuple(train_x.shape[1:]) != expected:
-        raise ConfigError(f"dataset {ds.name}: images are {tuple(train_x.shape[1:])}, config says (in_chans, image_size, image_size) = {expected}")
+    c, h, w = train_x.shape[1:]
+    if c != ds.in_chans or h != w or h > ds.image_size:
+        raise ConfigError(f"dataset {ds.name}: images are {(c, h, w)}, config says (in_chans, image_size, image_size) = "
+                          f"{(ds.in_chans, ds.image_size, ds.image_size)} (a larger image_size upsamples the batches, a smaller one is refused)")
     for split, y in (("training", train_y), ("test", test_y)):
         _check_labels(ds, split, y)
     return train_x, train_y, test_x, test_y
@@ -83,28 +89,45 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, val_size: int | None):
 def build_data(ds, batch_size: int, eval_batch_size: int, device: torch.device, seed: int, channels_last: bool) -> DataBundle:
     """Load ``ds`` and build the training, validation (optional) and test loaders."""
     if ds.name in STREAMED:
-        if ds.val_size or ds.label_noise.rate or ds.cutout or ds.autoaugment:
-            raise ConfigError(f"dataset {ds.name} is streamed from disk: val_size, label_noise, cutout and autoaugment apply to in-memory datasets ({', '.join(IN_MEMORY)})")
+        if ds.resize < ds.image_size:
+            raise ConfigError(f"dataset.resize={ds.resize} < dataset.image_size={ds.image_size}: evaluation would centre-crop "
+                              f"{ds.image_size} px out of a {ds.resize} px image, mostly zero padding; set dataset.resize="
+                              f"{ds.image_size + 32} (image_size + 32, the official code's crop padding)")
+        if ds.val_size or ds.label_noise.rate or ds.cutout or ds.autoaugment or ds.train_subset or ds.test_subset:
+            raise ConfigError(f"dataset {ds.name} is streamed from disk: val_size, label_noise, cutout, autoaugment, train_subset and "
+                              f"test_subset apply to in-memory datasets ({', '.join(IN_MEMORY)}); set them to null")
         build = build_imagenet if ds.name == "imagenet" else build_finetune
         train, test = build(ds, batch_size, eval_batch_size, device, seed, channels_last)
         return DataBundle(train=train, test=test, num_classes=ds.num_classes, in_chans=ds.in_chans)
     train_x, train_y, test_x, test_y = load_arrays(ds)
+    native = train_x.shape[-1]
+    if ds.augment == "basic" and not ds.pad < native:
+        raise ConfigError(f"dataset.pad={ds.pad} must be below the {native} px image size (reflect padding); the paper pads 4")
     noise = None
+    (train_x, clean_y), val = split_validation(train_x, train_y, ds.val_size)  # validation keeps the clean labels
+    train_y = clean_y
     if ds.label_noise.rate > 0:
-        noise = make_noisy_labels(train_y, ds.num_classes, ds.label_noise.rate, ds.label_noise.mode, ds.label_noise.seed)
-        train_y = noise.noisy
-    (train_x, train_y), val = split_validation(train_x, train_y, ds.val_size)
+        # drawn over the full training set (so a validation split leaves the training images' noise as it was); the
+        # held-out labels stay clean, as the paper's "clean random 10% validation split" that chose ρ (Table 8)
+        noise = make_noisy_labels(torch.cat([clean_y, val[1]]) if val else clean_y, ds.num_classes, ds.label_noise.rate,
+                                  ds.label_noise.mode, ds.label_noise.seed)
+        train_y = noise.noisy[: len(clean_y)]
     if batch_size > len(train_y):
         raise ConfigError(f"trainer.batch_size={batch_size} exceeds the {len(train_y)} training images of {ds.name}; lower trainer.batch_size")
     mean, std = list(ds.mean), list(ds.std)
+    upsample_to = ds.image_size if ds.image_size > native else None  # Table 3: CIFAR at the pretrained net's resolution
+    if upsample_to:
+        log.info("dataset %s: %d px images are upsampled to image_size=%d (bicubic, per batch, after augmentation)",
+                 ds.name, native, upsample_to)
 
     def eval_loader(x: torch.Tensor, y: torch.Tensor) -> DeviceLoader:
-        return DeviceLoader(x.to(device), y.to(device), eval_batch_size, mean, std, train=False, channels_last=channels_last)
+        return DeviceLoader(x.to(device), y.to(device), eval_batch_size, mean, std, train=False, channels_last=channels_last,
+                            upsample_to=upsample_to)
 
     train = DeviceLoader(
         train_x.to(device), train_y.to(device), batch_size, mean, std,
         train=True, augment=ds.augment == "basic", pad=ds.pad, seed=seed, channels_last=channels_last,
-        cutout=ds.cutout, cutout_per_image=ds.cutout_per_image, autoaugment=ds.autoaugment,
+        cutout=ds.cutout, cutout_per_image=ds.cutout_per_image, autoaugment=ds.autoaugment, upsample_to=upsample_to,
     )
     noisy_train = None
     if noise is not None:

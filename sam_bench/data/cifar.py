@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import check_integrity
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from sam_bench.errors import DataError
 
@@ -33,11 +33,11 @@ def load_cifar(name: str, root: str, download: bool) -> tuple[torch.Tensor, ...]
     cls = CIFAR_CLASSES[name]
     bad = _first_bad_file(cls, root)
     if bad is not None and download:
-        try:
-            cls(root, train=True, download=True)
+        try:  # not cls(download=True): its integrity check skips the meta file, so a bad one was never fetched again
+            download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
         except Exception as e:  # network down, disk full, bad archive
             raise DataError(
-                f"{name}: {_describe(bad)} and the download from {cls.url} failed ({type(e).__name__}: {e}). "
+                f"{name}: {_describe(bad)} and the download from {cls.url} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                 f"Place the extracted '{cls.base_folder}/' folder in {os.path.abspath(root)} "
                 "(set data_root=... or SAM_BENCH_DATA) and run again."
             ) from e

@@ -18,6 +18,7 @@ import torch
 from torchvision.datasets import FashionMNIST
 
 from sam_bench.errors import DataError
+from sam_bench.tracking.results import FILE_MODE
 
 _GZ_FILES = [name for name, _ in FashionMNIST.resources]
 
@@ -33,10 +34,15 @@ def _missing_raw(root: str) -> list[str]:
 def _extract_from(system_dir: str, root: str) -> None:
     """Decompress the four ``.gz`` files into torchvision's raw folder (atomic per file)."""
     raw = _raw_dir(root)
-    os.makedirs(raw, exist_ok=True)
+    try:
+        os.makedirs(raw, exist_ok=True)
+    except OSError as e:  # data_root is a file, or not writable
+        raise DataError(f"fashion_mnist: cannot create {os.path.abspath(raw)} to extract {system_dir}'s files into ({e}); "
+                        "point data_root at a writable directory") from e
     for gz in _GZ_FILES:
         src, dst = os.path.join(system_dir, gz), os.path.join(raw, os.path.splitext(gz)[0])
         fd, tmp = tempfile.mkstemp(dir=raw, prefix=".tmp-")
+        os.fchmod(fd, FILE_MODE)  # readable by others as torchvision's own download would be, not mkstemp's 0600
         try:
             with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
@@ -49,16 +55,21 @@ def _extract_from(system_dir: str, root: str) -> None:
 def load_fashion_mnist(root: str, system_dir: str | None, download: bool) -> tuple[torch.Tensor, ...]:
     """Train and test images as uint8 (N, 1, 28, 28) and labels as int64."""
     if _missing_raw(root):
-        if system_dir and all(os.path.isfile(os.path.join(system_dir, g)) for g in _GZ_FILES):
-            _extract_from(system_dir, root)
+        gz_here = [d for d in (system_dir, _raw_dir(root)) if d and all(os.path.isfile(os.path.join(d, g)) for g in _GZ_FILES)]
+        if gz_here:  # Debian's directory, or the gzip files copied into torchvision's raw folder
+            _extract_from(gz_here[0], root)
+        elif system_dir and os.path.isdir(system_dir):
+            lacking = [g for g in _GZ_FILES if not os.path.isfile(os.path.join(system_dir, g))]
+            raise DataError(f"fashion_mnist: dataset.system_dir={system_dir} lacks {', '.join(lacking)}; reinstall the package "
+                            "(apt-get install --reinstall dataset-fashion-mnist) or set dataset.system_dir=null")
         elif download:
             try:
                 FashionMNIST(root, train=True, download=True)
             except Exception as e:
                 raise DataError(
                     f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))} and the download from "
-                    f"{FashionMNIST.mirrors[0]} failed ({type(e).__name__}: {e}). Install Debian's dataset-fashion-mnist "
-                    "(apt-get install dataset-fashion-mnist) or copy the gzip IDX files there."
+                    f"{FashionMNIST.mirrors[0]} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Install "
+                    "Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or copy the four gzip IDX files there."
                 ) from e
         else:
             raise DataError(

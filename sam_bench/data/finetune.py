@@ -14,6 +14,7 @@ from torchvision import datasets as tvd
 from sam_bench.data.imagenet import augments, eval_transform, train_transform
 from sam_bench.data.stream import StreamLoader
 from sam_bench.errors import DataError
+from sam_bench.paths import data_dir
 
 # name -> (torchvision class, training splits, test split, extra kwargs, classes)
 FINETUNE = {
@@ -39,9 +40,9 @@ def build_finetune(ds, batch_size: int, eval_batch_size: int, device, seed: int,
     if ds.num_classes != classes:
         raise DataError(f"{ds.name} has {classes} classes; dataset.num_classes={ds.num_classes}")
     tt = train_transform(ds.image_size) if augments(ds) else eval_transform(ds.image_size, ds.resize)
-    parts = [_open(ds.name, s, ds.root, ds.download, tt) for s in train_splits]
+    parts = [_open(ds.name, s, data_dir(ds), ds.download, tt) for s in train_splits]
     train_ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-    test_ds = _open(ds.name, test_split, ds.root, ds.download, eval_transform(ds.image_size, ds.resize))
+    test_ds = _open(ds.name, test_split, data_dir(ds), ds.download, eval_transform(ds.image_size, ds.resize))
     common = dict(device=device, seed=seed, num_workers=ds.num_workers, channels_last=channels_last)
     return (
         StreamLoader(train_ds, batch_size, list(ds.mean), list(ds.std), train=True, **common),

@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from sam_bench.data.stream import StreamLoader
 from sam_bench.errors import DataError
+from sam_bench.paths import data_dir
 
 
 def pil_rgb(path: str) -> Image.Image:
@@ -90,7 +91,7 @@ def _same_classes(train_ds: ImageFolder, test_ds: ImageFolder, base: str) -> Non
 
 def build_imagenet(ds, batch_size: int, eval_batch_size: int, device: torch.device, seed: int, channels_last: bool):
     """(train, val) StreamLoaders over ``<root>/imagenet/{train,val}``; val is the reported split."""
-    base = os.path.join(ds.root, "imagenet")
+    base = os.path.join(data_dir(ds), "imagenet")
     gpu = ds.gpu_decode
     tt = train_transform(ds.image_size) if augments(ds) else eval_transform(ds.image_size, ds.resize)
     train_ds = image_folder(os.path.join(base, "train"), None if gpu else tt, raw_bytes if gpu else pil_rgb)

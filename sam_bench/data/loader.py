@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from sam_bench.data.autoaugment import BatchAutoAugment
 from sam_bench.data.gpu_augment import cutout, flip_pad_crop, normalize
@@ -43,8 +44,10 @@ class DeviceLoader:
         cutout: int | None = None,
         cutout_per_image: bool = False,
         autoaugment: str | None = None,
+        upsample_to: int | None = None,
     ):
         self.images, self.labels = images, labels
+        self.upsample_to = upsample_to
         self.batch_size = batch_size
         self.train, self.augment, self.pad, self.seed = train, augment, pad, seed
         self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device)
@@ -70,8 +73,15 @@ class DeviceLoader:
         n = self.num_examples
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(images, self.mean, self.std).contiguous(memory_format=self.memory_format)
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input: upsampled to ``upsample_to`` when set, in the training memory format.
+
+        Finetuning a pretrained network on CIFAR (Table 3) feeds it at its own resolution: the
+        official code augments and normalises the 32 px batch, then resizes it bicubically
+        (``dataset_source._resize``). Done per batch on the device, as the dataset stays 32 px."""
+        if self.upsample_to is not None:
+            x = F.interpolate(x, size=(self.upsample_to, self.upsample_to), mode="bicubic", align_corners=False)
+        return x.contiguous(memory_format=self.memory_format)
 
     def autoaugmented(self, epoch: int) -> torch.Tensor:
         """The whole training set through AutoAugment for ``epoch`` (uint8, on the device).
@@ -94,7 +104,7 @@ class DeviceLoader:
         if not self.train:
             for i in range(start_step, len(self)):
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-                yield self._prepare(self.images[sl]), self.labels[sl]
+                yield self._finish(normalize(self.images[sl], self.mean, self.std)), self.labels[sl]
             return
         g = self.generator
         g.manual_seed(derived_seed(self.seed, epoch))
@@ -107,7 +117,7 @@ class DeviceLoader:
             g.manual_seed(derived_seed(self.seed, epoch, i + 1))
             if self.augment:
                 x = flip_pad_crop(x, self.pad, g)
-            x = self._prepare(x)
+            x = normalize(x, self.mean, self.std)
             if self.cutout:  # after normalisation, fill 0 (official)
                 x = cutout(x, self.cutout, self.cutout_per_image, g)
-            yield x, self.labels[idx]
+            yield self._finish(x), self.labels[idx]

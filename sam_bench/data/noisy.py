@@ -9,9 +9,10 @@ Modes:
   truck->automobile, bird->airplane, deer->horse, cat<->dog; other classes stay.
 
 The noise comes from its own seed (``label_noise.seed``), not the run seed, so SGD and SAM runs and
-every ρ of a sweep see the same labels. It is drawn over the full training set before the
-validation split, so the held-out validation labels are noisy as well (model selection sees only
-noisy labels, as in practice).
+every ρ of a sweep see the same labels. It is drawn over the full training set, so holding out a
+validation split (``dataset.val_size``) leaves the training images' labels as they were; the held-out
+images keep their CLEAN labels, as the paper's "clean random 10% validation split" on which ρ was
+chosen (Table 8, App. C.1).
 """
 
 from __future__ import annotations

@@ -16,6 +16,17 @@ METRICS_FILE = "metrics.jsonl"
 DIVERGED_FILE = "diverged.json"
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (mkstemp's is 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: temporaries get it before the rename, so results on a shared disk stay readable by the group
+FILE_MODE = _file_mode()
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -32,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
