@@ -184,6 +184,11 @@ def test_labels_outside_num_classes_are_a_clear_error(tmp_path, num_classes, lab
         load_arrays(ds)
 
 
+def test_synthetic_test_set_does_not_depend_on_the_training_set_size():
+    small, large = make_synthetic(64, 16, 10, 3, 8, seed=3), make_synthetic(128, 16, 10, 3, 8, seed=3)
+    assert torch.equal(small[2], large[2]) and torch.equal(small[3], large[3])
+
+
 def test_synthetic_is_seeded_and_learnable_shape():
     a = make_synthetic(64, 16, 10, 3, 32, seed=3)
     b = make_synthetic(64, 16, 10, 3, 32, seed=3)
