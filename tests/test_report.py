@@ -69,3 +69,58 @@ def test_report_files_are_byte_stable_and_show_varying_keys(tmp_path):
     assert "| t1 | cifar10 | wrn28_10 | sam | 0.05 | 200 | 2.70 | 1 | 0 |" in text1
     assert "| t1 | cifar10 | wrn28_10 | sam | 0.05 | 400 | 2.70 ± 0.28 | 2 | 0,1 |" in text1
     assert "data_root" not in text1  # paths never split groups
+
+
+def test_a_result_without_config_or_seed_is_listed_with_the_reason_and_the_rest_reported(tmp_path):
+    fake_run(tmp_path, "good", "sgd", 0.0, 0, 3.0)
+    for missing in ("config", "seed"):
+        d = fake_run(tmp_path, f"no_{missing}", "sgd", 0.0, 1, 3.5)
+        r = json.loads((d / "result.json").read_text())
+        del r[missing]
+        (d / "result.json").write_text(json.dumps(r))
+    results, incomplete = find_runs([str(tmp_path)])
+    assert [r["seed"] for r in results] == [0]
+    assert sorted(incomplete) == [str(tmp_path / "no_config"), str(tmp_path / "no_seed")]
+    text = write_report([str(tmp_path)], str(tmp_path / "out"))
+    assert "| t1 | cifar10 | wrn28_10 | sgd | 0 | 200 | 3.00 | 1 | 0 |" in text
+    assert f"- {tmp_path / 'no_config'} (result.json lacks config)" in text
+    assert f"- {tmp_path / 'no_seed'} (result.json lacks seed)" in text
+
+
+def test_bad_roots_are_warned_about_and_incomplete_runs_say_why(tmp_path, caplog):
+    runs = tmp_path / "runs"
+    fake_run(runs, "good", "sgd", 0.0, 0, 3.0)
+    fake_run(runs, "nan", "sgd", 0.0, 1, float("nan"))
+    (fake_run(runs, "corrupt", "sgd", 0.0, 2, 3.0) / "result.json").write_text("{not json")
+    fake_run(runs, "running", "sgd", 0.0, 3, 3.0, status="running")
+    fake_run(runs, "unfinished", "sgd", 0.0, 4, 3.0, status=None)
+    (tmp_path / "afile").write_text("x")
+    with caplog.at_level("WARNING"):
+        text = write_report([str(runs), str(tmp_path / "runz"), str(tmp_path / "afile")], str(tmp_path / "out"))
+    assert f"Warning: run root {tmp_path / 'runz'} does not exist: skipped (check runs=[...])." in text
+    assert f"Warning: run root {tmp_path / 'afile'} is not a directory: skipped (check runs=[...])." in text
+    assert f"run root {tmp_path / 'runz'} does not exist" in caplog.text
+    assert f"- {runs / 'nan'} (final_test_error is nan, not a finite number)" in text
+    assert f"- {runs / 'corrupt'} (result.json unreadable (JSONDecodeError: " in text
+    assert f"- {runs / 'running'} (status 'running', not 'complete')" in text
+    assert f"- {runs / 'unfinished'} (no result.json: not finished)" in text
+
+
+def test_overlapping_roots_list_each_run_once(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "good", "sgd", 0.0, 0, 3.0)
+    fake_run(runs, "crashed", "sgd", 0.0, 1, None, status=None)
+    (tmp_path / "x").mkdir()
+    results, incomplete = find_runs([str(runs), str(tmp_path / "x" / ".." / "runs"), str(runs / "crashed")])
+    assert len(results) == 1 and incomplete == [str(runs / "crashed")]
+
+
+def test_optimizer_diagnostics_do_not_split_a_group(tmp_path):
+    """diagnostics only read the gradients and ε into accumulators (sam.py, msam.py): same update."""
+    for seed, diagnostics in ((0, True), (1, False)):
+        d = fake_run(tmp_path, f"s{seed}", "sam", 0.05, seed, 2.5 + seed)
+        r = json.loads((d / "result.json").read_text())
+        r["config"]["optimizer"]["diagnostics"] = diagnostics
+        (d / "result.json").write_text(json.dumps(r))
+    (group,) = group_runs(find_runs([str(tmp_path)])[0])
+    assert group.seeds == [0, 1]

@@ -1,6 +1,7 @@
 """The paper-table report on a synthetic tree of runs, checked against hand-computed values."""
 
 import csv
+import functools
 import io
 import json
 import math
@@ -25,18 +26,56 @@ def ref_ci(xs):
     return T_REF[n - 1] * s / math.sqrt(n)
 
 
-def fake_run(root, sub, name, optimizer="sam", rho=0.05, seed=0, error=2.7, *, m=None, val=None, extra=None, status="complete",
-             opt=None):
+# The paper presets of the names these tests fill cells with: their runs start from the preset's config.
+PRESET_OF = {
+    "table1/wrn28_10_200ep/basic/cifar10": "table1_wrn28_10_200ep_basic_cifar10",
+    "table1/wrn28_10_200ep/basic/cifar10@sgd2x": "table1_wrn28_10_200ep_basic_cifar10_sgd2x",
+    "table2/resnet50/100ep/imagenet": "table2_resnet50_100ep_imagenet",
+    "table4/resnet32/noise20/cifar10": "table4_resnet32_noise20_cifar10",
+    "table11/k1/cifar100": "table11_k1_cifar100",
+    "table11/k3/cifar100": "table11_k3_cifar100",
+}
+PRESET_M = object()  # fake_run's m: the preset's (None for a name without a preset)
+
+
+@functools.lru_cache(maxsize=None)
+def composed_config(*overrides: str) -> str:
+    """``sam-bench train``'s config for ``overrides`` as result.json records it (JSON text)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sam_bench.cli import _register
+    from sam_bench.paths import config_dir
+
+    _register()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def fake_run(root, sub, name, optimizer="sam", rho=0.05, seed=0, error=2.7, *, m=PRESET_M, val=None, extra=None, status="complete",
+             opt=None, config=None):
+    """A run directory named ``name``: of its paper preset when it has one (run with optimizer=sgd
+    or sam, then ρ, m, ``opt`` and, with ``val``, dataset.val_size=5000 set), else a small config."""
     d = root / sub
     (d / ".hydra").mkdir(parents=True)
-    config = {
-        "dataset": {"name": "cifar10", "root": "/data", "val_size": None if val is None else 5000},
-        "model": {"arch": "wide_resnet_cifar", "kwargs": {"depth": 28}},
-        "optimizer": {"name": optimizer, "rho": rho, "m": m, **(opt or {})},
-        "trainer": {"epochs": 200, "progress": False},
-        "seed": seed,
-        "name": name,
-    }
+    if config is not None:
+        pass
+    elif name in PRESET_OF:
+        config = json.loads(composed_config(f"experiment=paper/{PRESET_OF[name]}", f"optimizer={optimizer}"))
+        config["optimizer"].update({"rho": rho, **({} if m is PRESET_M else {"m": m}), **(opt or {})})
+        config["seed"] = seed
+        if val is not None:
+            config["dataset"]["val_size"] = 5000
+    else:
+        config = {
+            "dataset": {"name": "cifar10", "root": "/data", "val_size": None if val is None else 5000},
+            "model": {"arch": "wide_resnet_cifar", "kwargs": {"depth": 28}},
+            "optimizer": {"name": optimizer, "rho": rho, "m": None if m is PRESET_M else m, **(opt or {})},
+            "trainer": {"epochs": 200, "progress": False},
+            "seed": seed,
+            "name": name,
+        }
     (d / ".hydra" / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     if status is None:
         return d
@@ -132,14 +171,16 @@ def test_accuracy_table_and_top5(tree):
 
 
 def test_several_configs_for_one_cell_resolved_on_validation_only(tmp_path):
+    """measure() given several candidate configs for one cell (index_groups gives a cell only the
+    preset's own config: see test_a_rho_grid_on_a_preset_fills_its_cell_with_the_presets_rho_only)."""
     root = tmp_path / "runs"
     for rho, val, test in ((0.02, 3.0, 2.4), (0.05, 2.8, 2.9), (0.1, 3.3, 2.2)):
         fake_run(root, f"r{rho}", T1, "sam", rho, 0, test, val=val)
     cell = next(c for _, cells in layouts()[0].rows for c in cells if c.key == f"{T1}@sam")
-    m = measure(cell, index_groups(group_runs(find_runs([str(root)])[0])))
+    m = measure(cell, {cell.key: group_runs(find_runs([str(root)])[0])})
     assert m.group.rho == 0.05 and m.values == [2.9]  # lowest val error, not lowest test error
     fake_run(root, "r0.2", T1, "sam", 0.2, 0, 2.0)  # no val error: cannot choose
-    m = measure(cell, index_groups(group_runs(find_runs([str(root)])[0])))
+    m = measure(cell, {cell.key: group_runs(find_runs([str(root)])[0])})
     assert m.values is None and "validation" in m.note
 
 
@@ -474,10 +515,10 @@ def test_paper_script_goes_on_after_a_failed_preset_but_not_after_preemption(tmp
 def test_a_validation_tie_goes_to_the_lower_rho_in_the_table_as_in_the_sweep(tmp_path):
     root = tmp_path / "runs"
     for rho in (1e-05, 0.0001, 0.5):  # json order would pick 0.0001 ("1e-05" sorts after it)
-        fake_run(root, f"r{rho}", T1, "sam", rho, 0, 2.0 + rho, val=4.0)
+        fake_run(root, f"r{rho}", T1, "sam", rho, 0, 2.0 + rho, m=None, val=4.0)
     groups = group_runs(find_runs([str(root)])[0])
     cell = next(c for _, cells in layouts()[0].rows for c in cells if c.key == f"{T1}@sam")
-    assert measure(cell, index_groups(groups)).group.rho == 1e-05
+    assert measure(cell, {cell.key: groups}).group.rho == 1e-05
     (sweep,) = find_sweeps(groups)
     assert sweep.chosen("sam").rho == 1e-05
 
@@ -492,3 +533,175 @@ def test_table10_fills_its_rho_005_column_from_table3_and_leaves_the_optimal_rho
         assert optimal.key is None
         if dataset != "Birdsnap":
             assert rho005.key.startswith("table3/") and rho005.key.endswith("/b7@sam") and no_sam.key.endswith("/b7@sgd")
+
+
+T4 = "table4/resnet32/noise20/cifar10"
+
+
+def test_a_run_that_changes_its_preset_fills_no_cell_and_the_table_says_so(tmp_path):
+    """A cell takes only the runs whose config is the preset's (with optimizer=sgd or sam): a
+    1-epoch SGD run of the Table 4 preset, a Table 1 CIFAR-10 preset run on CIFAR-100, or the
+    ρ grid of scripts/table8.sh are other experiments (summary.md, sweeps.md), named below the table."""
+    root = tmp_path / "runs"
+    for seed, err in enumerate([15.0, 15.4]):
+        fake_run(root, f"sgd/{seed}", T4, "sgd", 0.0, seed, err)
+    short = json.loads(composed_config(f"experiment=paper/{PRESET_OF[T4]}", "optimizer=sgd", "trainer.epochs=1"))
+    fake_run(root, "sgd_1ep", T4, "sgd", 0.0, 2, 60.0, config={**short, "seed": 2})
+    other = json.loads(composed_config(f"experiment=paper/{PRESET_OF[T1]}", "optimizer=sam", "dataset=cifar100"))
+    fake_run(root, "t1_on_cifar100", T1, "sam", 0.05, 0, 17.0, config=other)
+    for rho in (0.01, 0.05, 0.1, 0.2):  # scripts/table8.sh: the table4 preset, dataset.val_size=5000, a ρ grid (SAM)
+        fake_run(root, f"t8/{rho}", T4, "sam", rho, 0, 10.0 + rho, val=12.0 - rho)
+    fake_run(root, "sam/0", T4, "sam", 0.1, 0, 4.9)  # the preset itself: all 50k training images, its ρ
+    write_report([str(root)], str(tmp_path / "out"))
+
+    t4 = (tmp_path / "out" / "table4.md").read_text()
+    assert _row_cells(t4, "| SGD | paper's runs |")[2:5] == ["84.8", "84.80 ± 2.54 (n=2)", "+0.00"]  # not the 1-epoch run
+    # the preset's own run only: not the grid's ρ = 0.1 point either, which trained on 45k images (its validation split)
+    assert _row_cells(t4, "| SAM | paper's runs |")[2:5] == ["95.1", "95.10 (n=1)", "+0.00"]
+    assert f"- SGD / paper's runs · noise 20%: runs named `{T4}` that change the preset (trainer.epochs) are not compared: " \
+           "see summary.md" in t4
+    assert f"- SAM / paper's runs · noise 20%: runs named `{T4}` that change the preset (dataset.val_size" in t4
+    t1 = (tmp_path / "out" / "table1.md").read_text()
+    assert _row_cells(t1, "| WRN-28-10 (200 epochs) | Basic |")[2:5] == ["2.7 ± 0.1", "—", "—"]
+    assert "CIFAR-10 SAM: runs named" in t1 and "dataset.name" in t1 and "dataset.num_classes" in t1
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "table1.csv").read_text())))
+    assert "dataset.name" in next(r for r in rows if r["key"] == f"{T1}@sam")["note"]
+    assert "| 0.2 |" in (tmp_path / "out" / "sweeps.md").read_text()  # the grid is still a sweep
+    assert "| 60.00 | 1 | 2 |" in (tmp_path / "out" / "summary.md").read_text()  # listed with its own config
+
+
+def test_every_paper_preset_is_found_from_the_name_it_sets():
+    """The report finds a cell's preset from its name (tables.preset_stem): it must hold for every preset."""
+    from pathlib import Path
+
+    import yaml
+
+    from sam_bench.paths import config_dir
+    from sam_bench.report.tables import preset_stem
+
+    presets = sorted((Path(config_dir()) / "experiment" / "paper").glob("*.yaml"))
+    assert len(presets) > 100
+    for path in presets:
+        assert preset_stem(yaml.safe_load(path.read_text())["name"]) == path.stem, path
+
+
+def test_the_sgd_2x_column_takes_sgd_runs_only(tmp_path):
+    from sam_bench.report.collect import Group
+
+    sgd2x = f"{T1}@sgd2x"
+    assert Group({"name": sgd2x, "optimizer": {"name": "sgd"}}).cell_key == sgd2x
+    assert Group({"name": sgd2x, "optimizer": {"name": "sam"}}).cell_key == f"{sgd2x}@sam"
+    assert Group({"name": sgd2x, "optimizer": {"name": "sam", "adaptive": True}}).cell_key == f"{sgd2x}@asam"
+    root = tmp_path / "runs"
+    fake_run(root, "sam", sgd2x, "sam", 0.05, 0, 2.0)  # experiment=paper/..._sgd2x optimizer=sam
+    write_report([str(root)], str(tmp_path / "out"))
+    assert _row_cells((tmp_path / "out" / "table1.md").read_text(), "| WRN-28-10 (200 epochs) | Basic |")[8:11] == ["3.5 ± 0.1", "—", "—"]
+    fake_run(root, "sgd", sgd2x, "sgd", 0.0, 0, 3.4)
+    write_report([str(root)], str(tmp_path / "out"))
+    assert _row_cells((tmp_path / "out" / "table1.md").read_text(), "| WRN-28-10 (200 epochs) | Basic |")[8:11] == ["3.5 ± 0.1", "3.40 (n=1)", "-0.10"]
+
+
+def test_sgd_runs_that_differ_in_rho_or_sam_only_keys_are_one_group_at_rho_0(tmp_path):
+    """`optimizer=sgd,sam optimizer.rho=0.02,0.05`: the SGD runs are one config (ρ = 0), counted once,
+    fill their cell, and are one sweep point with nothing chosen."""
+    root = tmp_path / "runs"
+    for rho, val in ((0.02, 3.0), (0.05, 2.8)):
+        fake_run(root, f"sam{rho}", "x", "sam", rho, 0, 3.0, val=val)
+        fake_run(root, f"sgd{rho}", "x", "sgd", rho, int(rho * 100), 4.0 + rho, val=5.0 - rho,
+                 opt={"adaptive": rho > 0.03, "ascent_steps": 1 + (rho > 0.03), "m": 32 if rho > 0.03 else None})
+    groups = group_runs(find_runs([str(root)])[0])
+    (sgd,) = [g for g in groups if g.method == "sgd"]
+    assert sgd.seeds == [2, 5] and sgd.config["optimizer"]["rho"] == 0.0
+    write_report([str(root)], str(tmp_path / "out"))
+    summary = list(csv.DictReader(io.StringIO((tmp_path / "out" / "summary.csv").read_text())))
+    assert [(r["optimizer"], r["rho"], r["n"]) for r in summary if r["optimizer"] == "sgd"] == [("sgd", "0", "2")]
+    md = (tmp_path / "out" / "sweeps.md").read_text()
+    assert "| 0 | — | — | 4.04 ± 0.19 (n=2) | 4.96 |" in md and md.count("✓") == 1 + 1  # the legend's and SAM's
+    for rho in (0.05, 0.1):  # the Table 1 SGD cell takes SGD runs of the preset whatever their optimizer.rho
+        fake_run(root, f"t1sgd{rho}", T1, "sgd", rho, int(rho * 100), 3.6)
+    write_report([str(root)], str(tmp_path / "out"))
+    assert _row_cells((tmp_path / "out" / "table1.md").read_text(), "| WRN-28-10 (200 epochs) | Basic |")[5:8] == \
+        ["3.5 ± 0.1", "3.60 ± 0.00 (n=2)", "+0.10"]
+
+
+def test_runs_of_an_older_version_group_with_current_runs_of_their_preset(tmp_path):
+    """Keys added to the config since (here the variants' keys, label noise, final_sharpness) read as
+    the schema's defaults: an old run of the preset is the same experiment as a new one."""
+    root = tmp_path / "runs"
+    fake_run(root, "new", T1, "sam", 0.05, 0, 2.6)
+    old = json.loads(composed_config(f"experiment=paper/{PRESET_OF[T1]}", "optimizer=sam"))
+    for key in ("p", "ascent_steps", "second_order", "diagnostics", "sync_perturbation"):
+        del old["optimizer"][key]
+    del old["dataset"]["label_noise"], old["trainer"]["final_sharpness"]
+    fake_run(root, "old", T1, "sam", 0.05, 1, 2.8, config={**old, "seed": 1})
+    (group,) = group_runs(find_runs([str(root)])[0])
+    assert group.seeds == [0, 1]
+    write_report([str(root)], str(tmp_path / "out"))
+    assert _row_cells((tmp_path / "out" / "table1.md").read_text(), "| WRN-28-10 (200 epochs) | Basic |")[3] == "2.70 ± 1.27 (n=2)"
+
+
+def test_pipes_in_values_are_escaped_in_every_markdown_table(tmp_path):
+    root = tmp_path / "runs"
+    for rho in (0.02, 0.05):
+        fake_run(root, f"r{rho}", "my|exp", "sam", rho, 0, 3.0, val=3.1 + rho)
+    spectrum = {"arch": "a|b", "dataset": "cifar10", "optimizer": "sam", "method": "sam", "rho": 0.05, "epoch": 1,
+                "images": 10, "eigenvalues": [2.0, 1.0], "lambda_max": 2.0, "lambda_max_over_lambda_2": 2.0, "name": "my|exp"}
+    (root / "r0.02" / "hessian_x.json").write_text(json.dumps(spectrum))
+    write_report([str(root)], str(tmp_path / "out"))
+    for name, columns in (("summary.md", 9), ("hessian.md", 10)):
+        rows = [line for line in (tmp_path / "out" / name).read_text().splitlines() if "my\\|exp" in line or "a\\|b" in line]
+        assert rows, name
+        for row in rows:  # a cell count as the header's: no unescaped pipe inside a cell
+            assert len([c for c in row.replace("\\|", "").strip("|").split("|")]) == columns, (name, row)
+
+
+def _spectrum(path, method, eigenvalues, *, converged=None, rho=0.05, **extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = len(eigenvalues)
+    s = {"arch": "wrn40_10_nobn", "dataset": "cifar10", "optimizer": "sgd" if method == "sgd" else "sam", "rho": rho,
+         "epoch": 1, "images": 5000, "eigenvalues": eigenvalues, "lambda_max": eigenvalues[0],
+         f"lambda_max_over_lambda_{k}": eigenvalues[0] / eigenvalues[-1], **extra}
+    if method is not None:
+        s["method"] = method
+    if converged is not None:
+        s["converged"] = converged
+    path.write_text(json.dumps(s))
+
+
+def _panel(md: str, optimizer: str) -> list[str]:
+    return _row_cells(md.split("## By experiment")[0], f"| {optimizer} | 1 |")
+
+
+def test_spectra_of_asam_do_not_fill_the_papers_sam_row(tmp_path):
+    from sam_bench.report.spectra import find_spectra, spectra_markdown
+
+    runs = tmp_path / "runs"
+    _spectrum(runs / "sam" / "hessian_a.json", "sam", [20.0, 8, 6, 4, 2.0])
+    _spectrum(runs / "asam" / "hessian_a.json", "asam", [90.0, 8, 6, 4, 2.0])
+    _spectrum(runs / "old_asam" / "hessian_a.json", None, [70.0, 8, 6, 4, 2.0])  # before `method`: the run's config says
+    (runs / "old_asam" / ".hydra").mkdir()
+    (runs / "old_asam" / ".hydra" / "config.yaml").write_text("optimizer: {name: sam, rho: 0.5, adaptive: true}\n")
+    md = spectra_markdown(find_spectra([str(runs)]))
+    assert _panel(md, "SAM")[3] == "20 (1)"
+    assert "| cifar10 | asam | 0.05 | 1 | 5000 | 80 ± 14.1 |" in md  # both ASAM spectra: their own experiment
+
+
+def test_sgd_spectra_are_rho_0_whatever_optimizer_rho_said(tmp_path):
+    from sam_bench.report.spectra import find_spectra, spectra_markdown
+
+    runs = tmp_path / "runs"
+    _spectrum(runs / "a" / "hessian_a.json", "sgd", [20.0, 8, 6, 4, 2.0], rho=0.05, training_seed=0)
+    _spectrum(runs / "b" / "hessian_a.json", "sgd", [30.0, 8, 6, 4, 2.0], rho=0.1, training_seed=1)
+    md = spectra_markdown(find_spectra([str(runs)]))
+    assert _panel(md, "SGD")[3] == "25 (2)"
+
+
+def test_unreliable_eigenvalue_ratios_are_left_out_of_the_papers_panel(tmp_path):
+    from sam_bench.report.spectra import find_spectra, spectra_markdown
+
+    runs = tmp_path / "runs"
+    _spectrum(runs / "a" / "hessian_a.json", "sam", [20.0, 8, 6, 4, 2.0], converged=[True] * 5, training_seed=0)
+    _spectrum(runs / "b" / "hessian_a.json", "sam", [20.0, 8, 6, 4, -0.5], converged=[True] * 5, training_seed=1)
+    _spectrum(runs / "c" / "hessian_a.json", "sam", [20.0, 8, 6, 4, 0.1], converged=[True] * 4 + [False], training_seed=2)
+    md = spectra_markdown(find_spectra([str(runs)]))
+    assert _panel(md, "SAM")[5] == "10 (1); 2 left out (not converged, λ_k ≤ 0)"

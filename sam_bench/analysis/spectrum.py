@@ -23,7 +23,7 @@ from sam_bench.engine.precision import resolve_device
 from sam_bench.engine.rundir import ensure_writable
 from sam_bench.errors import CheckpointError, ConfigError
 from sam_bench.models import build_model
-from sam_bench.schema import experiment_hash
+from sam_bench.schema import experiment_hash, method_label
 from sam_bench.tracking.results import atomic_write_json, versions
 
 
@@ -92,6 +92,7 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
         "arch": config["model"]["arch"],
         "dataset": config["dataset"]["name"],
         "optimizer": config["optimizer"]["name"],
+        "method": method_label(config["optimizer"]),  # sgd, sam, asam, sam+k=3, ...: what the report matches on
         "rho": config["optimizer"]["rho"],
         "seed": cfg.seed,
         "lanczos_seed": cfg.lanczos_seed,

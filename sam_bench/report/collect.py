@@ -8,16 +8,40 @@ submitit's own ``.submitit/`` logs are not run directories and are ignored).
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
+from omegaconf import MISSING, OmegaConf
 
-from sam_bench.schema import method_label, semantic_config
+from sam_bench.schema import (
+    NON_SEMANTIC_KEYS,
+    DatasetConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+    TrainerConfig,
+    method_label,
+    semantic_config,
+)
 from sam_bench.tracking.results import RESULT_FILE, read_divergence
+
+log = logging.getLogger(__name__)
+
+# Keys that do not change what a run computes, for grouping: the schema's, and the optimizer's
+# diagnostics (they only read the gradients and ε into device accumulators: sam.py _record_cosine,
+# _keep_clean_grad, record_loss_gap; msam.py the same; the update is the same with them off).
+GROUPING_IGNORED = (*NON_SEMANTIC_KEYS, "optimizer.diagnostics", "seed")
+# Optimizer keys an SGD run ignores (one pass, no ascent: sam.SAM.two_pass is False, so neither
+# the ascent's keys nor m-sharpness's chunks nor the ascent's all-reduce is used); ρ is 0 for it.
+SGD_IGNORED = ("rho", "adaptive", "eta", "p", "ascent_steps", "second_order", "m", "sync_perturbation")
+SCHEMA_GROUPS = {"dataset": DatasetConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "trainer": TrainerConfig}
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables). Hard-coded so
 # the report needs no scipy and gives the same bytes everywhere; larger df use a Cornish-Fisher
@@ -100,8 +124,54 @@ class Group:
 
     @property
     def cell_key(self) -> str:
-        """``name@method``, or the name itself when it names a variant (``...@sgd2x``)."""
-        return self.name if "@" in self.name else f"{self.name}@{self.method}"
+        """``name@method``; a name that names a variant of a cell (``...@sgd2x``) is the key itself,
+        for runs of the variant's method only (a SAM run of the 2×-epochs SGD preset fills nothing)."""
+        variant = self.name.partition("@")[2]
+        if variant and VARIANT_METHODS.get(variant) == self.method:
+            return self.name
+        return f"{self.name}@{self.method}"
+
+
+#: The method of each cell variant a preset name may carry after ``@``.
+VARIANT_METHODS = {"sgd2x": "sgd"}
+
+
+@lru_cache(maxsize=1)
+def schema_defaults() -> dict:
+    """The structured config's defaults (sam_bench.schema) as a plain dict; required keys left out."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+    for group, node in SCHEMA_GROUPS.items():
+        defaults[group] = OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
+    return _without_missing(defaults)
+
+
+def _without_missing(node: dict) -> dict:
+    return {k: _without_missing(v) if isinstance(v, dict) else v for k, v in node.items() if v != MISSING}
+
+
+def _fill_missing(config: dict, defaults: dict) -> None:
+    """Add (in place) every key of ``defaults`` that ``config`` lacks: runs of older versions did
+    not record the keys added since, and trained as their defaults."""
+    for key, default in defaults.items():
+        if key not in config:
+            config[key] = copy.deepcopy(default)
+        elif isinstance(default, dict) and default and isinstance(config[key], dict):
+            _fill_missing(config[key], default)
+
+
+def grouping_config(config: dict) -> dict:
+    """What a run computes, as the report groups runs: the config with the schema's defaults for the
+    keys it lacks, without the seed and the keys that change nothing (:data:`GROUPING_IGNORED`);
+    an SGD run with ρ = 0 and the SAM-only keys at their defaults (it ignores them)."""
+    out = copy.deepcopy(config)
+    _fill_missing(out, schema_defaults())
+    out = semantic_config(out, drop=GROUPING_IGNORED)
+    opt = out.get("optimizer")
+    if isinstance(opt, dict) and opt.get("name") == "sgd":
+        optimizer_defaults = schema_defaults()["optimizer"]
+        opt.update({k: optimizer_defaults[k] for k in SGD_IGNORED})
+        opt["rho"] = 0.0
+    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -114,39 +184,81 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def root_problems(roots: list[str]) -> list[str]:
+    """One line per run root that is not a directory (a typo in ``runs=[...]``), also logged."""
+    problems = []
+    for root in roots:
+        path = Path(root)
+        if not path.is_dir():
+            what = "does not exist" if not path.exists() else "is not a directory"
+            problems.append(f"run root {root} {what}: skipped (check runs=[...])")
+            log.warning("sam-bench report: %s", problems[-1])
+    return problems
+
+
+def _run_dirs(roots: list[str]) -> list[Path]:
+    """Every run directory under ``roots``, once each even when roots overlap (compared resolved;
+    the path shown is the first one found)."""
+    found: dict[Path, Path] = {}
+    for root in roots:
+        root_path = Path(root)
+        if not root_path.is_dir():
+            continue
+        for marker in ("result.json", "checkpoint.pt", ".hydra/config.yaml"):
+            for p in sorted(root_path.rglob(marker)):
+                run_dir = p.parent if marker != ".hydra/config.yaml" else p.parent.parent
+                found.setdefault(run_dir.resolve(), run_dir)
+    return sorted(found.values())
+
+
+def read_result(run_dir: Path) -> tuple[dict | None, str]:
+    """(result, "") for a finished run directory; (None, why not) otherwise."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.exists():
+        return None, f"no {RESULT_FILE}: not finished"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"{RESULT_FILE} unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    problem = result_problem(result)
+    return (None, problem) if problem else (result, "")
+
+
+def result_problem(result: object) -> str:
+    """Why a parsed result.json cannot be averaged, or ''."""
+    if not isinstance(result, dict):
+        return f"{RESULT_FILE} is not a JSON object"
+    if result.get("status") != "complete":
+        return f"status {result.get('status')!r}, not 'complete'"
+    error = result.get("final_test_error")
+    if not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error):
+        return f"final_test_error is {error!r}, not a finite number"
+    lacking = [k for k, ok in (("config", isinstance(result.get("config"), dict)), ("seed", isinstance(result.get("seed"), int)))
+               if not ok]
+    return f"{RESULT_FILE} lacks {' and '.join(lacking)}" if lacking else ""
+
+
 def find_runs(roots: list[str]) -> tuple[list[dict], list[str]]:
     """(complete results, incomplete run directories) under ``roots``, in a stable order."""
     complete, incomplete = [], []
-    run_dirs: set[Path] = set()
-    for root in roots:
-        root_path = Path(root)
-        if not root_path.exists():
-            continue
-        for marker in ("result.json", "checkpoint.pt", ".hydra/config.yaml"):
-            run_dirs.update(p.parent if marker != ".hydra/config.yaml" else p.parent.parent for p in root_path.rglob(marker))
-    for run_dir in sorted(run_dirs):
-        try:
-            result = json.loads((run_dir / RESULT_FILE).read_text())
-        except (OSError, ValueError):
-            result = None
-        ok = (
-            isinstance(result, dict)
-            and result.get("status") == "complete"
-            and isinstance(result.get("final_test_error"), (int, float))
-            and math.isfinite(result["final_test_error"])
-        )
-        if ok:
+    for run_dir in _run_dirs(roots):
+        result, _ = read_result(run_dir)
+        if result is not None:
             result["run_dir"] = str(run_dir)
             complete.append(result)
-        elif (run_dir / ".hydra").exists() or (run_dir / "checkpoint.pt").exists() or result is not None:
+        elif (run_dir / ".hydra").exists() or (run_dir / "checkpoint.pt").exists() or (run_dir / RESULT_FILE).exists():
             incomplete.append(str(run_dir))
     return complete, incomplete
 
 
 def failure_note(run_dir: str) -> str:
-    """' (diverged: <where>)' for a run directory whose training diverged, else ''."""
+    """' (<why>)': ' (diverged: <where>)' for a run directory whose training diverged, else why
+    its result cannot be averaged (not finished, unreadable, not finite, ...)."""
     record = read_divergence(Path(run_dir))
-    return f" (diverged: {str(record.get('error')).split(';')[0]})" if record else ""
+    if record:
+        return f" (diverged: {str(record.get('error')).split(';')[0]})"
+    _, why = read_result(Path(run_dir))
+    return f" ({why})" if why else ""
 
 
 def run_name(run_dir: str) -> str:
@@ -167,8 +279,7 @@ def group_runs(results: list[dict]) -> list[Group]:
     """Group by semantic config without the seed; one run per seed (the latest)."""
     groups: dict[str, Group] = {}
     for r in results:
-        cfg = semantic_config(r["config"], drop=("seed",))
-        cfg = semantic_config(cfg)
+        cfg = grouping_config(r["config"])
         key = json.dumps(cfg, sort_keys=True, default=str)
         g = groups.setdefault(key, Group(config=cfg))
         same_seed = [x for x in g.runs if x["seed"] == r["seed"]]
@@ -180,3 +291,13 @@ def group_runs(results: list[dict]) -> list[Group]:
     for g in groups.values():
         g.runs.sort(key=lambda r: r["seed"])
     return [groups[k] for k in sorted(groups)]
+
+
+def md_escape(text: object) -> str:
+    """A value as one Markdown table cell: a ``|`` in it would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
+def md_row(cells: list) -> str:
+    """One Markdown table row, every cell escaped."""
+    return "| " + " | ".join(md_escape(c) for c in cells) + " |"

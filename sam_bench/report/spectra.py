@@ -9,10 +9,15 @@ dataset ``cifar10``, optimizer and epoch; ours is the mean over training seeds.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
+import yaml
+
+from sam_bench.report.collect import md_row
 from sam_bench.report.paper import paper_data
+from sam_bench.schema import method_label
 
 PAPER_ARCH, PAPER_DATASET = "wrn40_10_nobn", "cifar10"
 
@@ -32,12 +37,44 @@ def find_spectra(roots: list[str]) -> list[dict]:
             except (OSError, ValueError):
                 continue
             if isinstance(spectrum, dict) and spectrum.get("eigenvalues"):
-                found.append({**spectrum, "path": str(path)})
+                found.append({**spectrum, "path": str(path), "method": spectrum_method(spectrum, path)})
     return sorted(found, key=lambda s: s["path"])
+
+
+def spectrum_method(spectrum: dict, path: Path) -> str:
+    """The training method (:func:`sam_bench.schema.method_label`: sgd, sam, asam, ...) of a
+    spectrum: recorded since ``method`` exists; for older files, from the training run's config
+    beside its checkpoint (``.hydra/config.yaml``), else the optimizer name the file recorded."""
+    if spectrum.get("method"):
+        return str(spectrum["method"])
+    for run_dir in dict.fromkeys(p for p in (Path(str(spectrum.get("checkpoint", ""))).parent, path.parent) if str(p) != "."):
+        try:
+            config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("optimizer"), dict):
+            return method_label(config["optimizer"])
+    return str(spectrum.get("optimizer"))
+
+
+def _rho(s: dict):
+    """The radius the training used: SGD is SAM with ρ = 0 whatever ``optimizer.rho`` said."""
+    return 0.0 if s.get("method") == "sgd" else s.get("rho")
 
 
 def _ratio(s: dict) -> float | None:
     return s.get(f"lambda_max_over_lambda_{len(s['eigenvalues'])}")
+
+
+def _unreliable_ratio(s: dict) -> str:
+    """Why λ_max/λ_k of a spectrum means nothing ('' when it is usable): λ_k ≤ 0 (the ratio's sign
+    and size then say nothing about flatness), or λ_max or λ_k not converged (when recorded)."""
+    values, converged = s["eigenvalues"], s.get("converged")
+    if _ratio(s) is None or not isinstance(values[-1], (int, float)) or not math.isfinite(values[-1]) or values[-1] <= 0:
+        return "λ_k ≤ 0"
+    if isinstance(converged, list) and converged and not (converged[0] and converged[-1]):
+        return "not converged"
+    return ""
 
 
 def _mean(values: list[float]) -> str:
@@ -80,18 +117,21 @@ def _paper_rows(spectra: list[dict]) -> list[str]:
     rows = []
     for p in paper_spectra():
         measured = [s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
-                    and s.get("optimizer") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]]
+                    and s.get("method") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]]
         configs = {s["experiment_hash"] for s in measured if s.get("experiment_hash")}  # files from before it: unknown
         ours = one_per_training_seed(measured)
-        rhos = sorted({s.get("rho") for s in ours}, key=str)
+        rhos = sorted({_rho(s) for s in ours}, key=str)
         if len(rhos) > 1:  # different experiments: not averaged
             lam = ratio = f"several ρ ({', '.join(map(str, rhos))}): see the list"
         elif len(configs) > 1:  # e.g. another lr or epoch count
             lam = ratio = f"several configurations ({', '.join(sorted(configs))}): see the list"
         else:
             lam = _mean([s["lambda_max"] for s in ours])
-            ratio = _mean([_ratio(s) for s in ours if len(s["eigenvalues"]) == 5 and _ratio(s) is not None])
-        rows.append(f"| {p['optimizer']} | {p['epoch']} | {p['lambda_max']} | {lam} | {p['lambda_max_over_lambda_5']} | {ratio} |")
+            top5 = [s for s in ours if len(s["eigenvalues"]) == 5]
+            usable = [_ratio(s) for s in top5 if not _unreliable_ratio(s)]
+            left_out = sorted({_unreliable_ratio(s) for s in top5} - {""})
+            ratio = _mean(usable) + (f"; {len(top5) - len(usable)} left out ({', '.join(left_out)})" if left_out else "")
+        rows.append(md_row([p["optimizer"], p["epoch"], p["lambda_max"], lam, p["lambda_max_over_lambda_5"], ratio]))
     return rows
 
 
@@ -104,7 +144,9 @@ def spectra_markdown(spectra: list[dict]) -> str:
         "",
         f"## The paper's panel: WRN-40-10 without BN on CIFAR-10 (`model={PAPER_ARCH} dataset={PAPER_DATASET}`)",
         "",
-        "Ours: mean over training seeds (n). λ_max/λ_5 only from spectra with top_k = 5.",
+        "Ours: mean over training seeds (n). λ_max/λ_5 only from spectra with top_k = 5, leaving out those with "
+        "λ_5 ≤ 0 or λ_max or λ_5 not converged (counted after the mean). Optimizer: the training method (ASAM or "
+        "k-step runs are not the paper's SAM).",
         "",
         "| optimizer | epoch | λ_max paper | ours | λ_max/λ_5 paper | ours |",
         "|---|---|---|---|---|---|",
@@ -119,13 +161,14 @@ def spectra_markdown(spectra: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for s in spectra:  # one experiment: same config but the seed (experiment_hash; older files lack it)
-        key = (_experiment(s),) + tuple(s.get(k) for k in ("arch", "dataset", "optimizer", "rho", "epoch", "images")) + (len(s["eigenvalues"]),)
+        key = (_experiment(s), s.get("arch"), s.get("dataset"), s.get("method"), _rho(s), s.get("epoch"), s.get("images"),
+               len(s["eigenvalues"]))
         groups.setdefault(key, []).append(s)
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(_sortable, kv[0]))):
         members = one_per_training_seed(members)
         ratios = [r for r in map(_ratio, members) if r is not None]
-        lines.append(f"| {' | '.join(map(str, key[:7]))} | {_mean_std([m['lambda_max'] for m in members])} "
-                     f"| {_mean_std(ratios)} ({key[7]}) | {len(members)} |")
+        lines.append(md_row([*map(str, key[:7]), _mean_std([m["lambda_max"] for m in members]),
+                             f"{_mean_std(ratios)} ({key[7]})", len(members)]))
     lines += ["", "## Every spectrum measured", ""]
     lines += ["| file | model | dataset | optimizer | ρ | epoch | images | eigenvalues | λ_max/λ_k | converged |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -133,8 +176,7 @@ def spectra_markdown(spectra: list[dict]) -> str:
         ratio = _ratio(s)
         converged = s.get("converged")
         settled = f"{sum(map(bool, converged))} of {len(converged)}" if converged is not None else "—"
-        lines.append(
-            f"| {s['path']} | {s.get('arch')} | {s.get('dataset')} | {s.get('optimizer')} | {s.get('rho')} | {s.get('epoch')} "
-            f"| {s.get('images')} | {', '.join(f'{v:.4g}' for v in s['eigenvalues'])} "
-            f"| {f'{ratio:.3g}' if ratio is not None else '—'} | {settled} |")
+        lines.append(md_row([s["path"], s.get("arch"), s.get("dataset"), s.get("method"), _rho(s), s.get("epoch"), s.get("images"),
+                             ", ".join(f"{v:.4g}" for v in s["eigenvalues"]), f"{ratio:.3g}" if ratio is not None else "—",
+                             settled]))
     return "\n".join(lines + [""])

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from statistics import fmean
 
-from sam_bench.report.collect import Group, ci95
+from sam_bench.report.collect import Group, ci95, md_row
 from sam_bench.report.paper import slug
 from sam_bench.schema import semantic_config
 
@@ -38,9 +38,10 @@ class Sweep:
     series: dict[str, list[Group]] = field(default_factory=dict)  # label -> groups by ρ
 
     def chosen(self, label: str) -> Group | None:
-        """The point with the lowest mean validation error, or None if any point lacks one."""
+        """The point with the lowest mean validation error, or None if any point lacks one or the
+        series has a single ρ (SGD: ρ = 0 whatever optimizer.rho said; nothing to choose)."""
         groups = self.series[label]
-        if len(groups) < 2 or not all(g.val_errors for g in groups):
+        if len({g.rho for g in groups}) < 2 or not all(g.val_errors for g in groups):
             return None
         return min(groups, key=lambda g: (fmean(g.val_errors), g.rho))
 
@@ -118,7 +119,7 @@ def sweeps_markdown(sweeps: list[Sweep]) -> str:
         labels = list(s.series)
         lines += [f"## {s.name or '(unnamed)'} — `{s.id}`", "", f"![error vs rho](sweep_{s.id}.png)", ""]
         header = ["ρ"] + [h for lab in labels for h in (f"{lab} test", f"{lab} val")]
-        lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += [md_row(header), "|" + "|".join("---" for _ in header) + "|"]
         for rho in s.rhos:
             row = [f"{rho:g}"]
             for lab in labels:
@@ -126,8 +127,9 @@ def sweeps_markdown(sweeps: list[Sweep]) -> str:
                 mark = " ✓" if g is not None and s.chosen(lab) is g else ""
                 val = g.val_errors if g is not None else None
                 row += [_point(g) + mark if g else "—", f"{fmean(val):.2f}" if val else "—"]
-            lines.append("| " + " | ".join(row) + " |")
-        unmarked = [lab for lab in labels if len(s.series[lab]) > 1 and s.chosen(lab) is None]
+            lines.append(md_row(row))
+        unmarked = [lab for lab in labels
+                    if len({g.rho for g in s.series[lab]}) > 1 and s.chosen(lab) is None]
         if unmarked:
             lines += ["", f"No ρ marked for {', '.join(unmarked)}: not every point recorded `final_val_error` (run with dataset.val_size=5000)."]
         lines.append("")

@@ -5,11 +5,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from statistics import fmean
 
-from sam_bench.report.collect import Group, ci95, failure_note, flatten
-from sam_bench.report.paper import Cell, Layout, paper_float
+from omegaconf import OmegaConf
+
+from sam_bench.paths import config_dir
+from sam_bench.report.collect import Group, ci95, failure_note, flatten, grouping_config, md_row
+from sam_bench.report.paper import Cell, Layout, layouts, paper_float
+
+log = logging.getLogger(__name__)
 
 # Always shown, in this order, with a short header. "method" is not a config key: it is
 # Group.method (sgd, sam, asam, sam+k=3, ...), which optimizer.name alone does not tell.
@@ -54,8 +62,8 @@ def rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
 
 def markdown(groups: list[Group], incomplete: list[str]) -> str:
     header, body = rows(groups)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines = [md_row(header), "|" + "|".join("---" for _ in header) + "|"]
+    lines += [md_row(r) for r in body]
     text = "\n".join(lines) + "\n"
     if not groups:
         text = "No complete runs found.\n"
@@ -97,13 +105,100 @@ class Measured:
         return ci95(self.values) if self.values else None
 
 
+#: Keys a preset cannot set but a run records: under torchrun, the number of ranks.
+NOT_IN_PRESETS = ("ranks",)
+
+
+def preset_stem(name: str) -> str:
+    """The preset file that sets ``name``: 'table1/wrn28_10_200ep/basic/cifar10@sgd2x' ->
+    conf/experiment/paper/'table1_wrn28_10_200ep_basic_cifar10_sgd2x'.yaml."""
+    return name.replace("/", "_").replace("@", "_")
+
+
+def _compose_train(overrides: list[str]) -> dict:
+    """``sam-bench train``'s config for ``overrides``, as result.json records it. Inside the report's
+    Hydra app (same config tree) its Hydra composes; called as a library, a Hydra of our own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sam_bench.schema import register_configs
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name="train", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+@lru_cache(maxsize=None)
+def preset_config(name: str, method: str) -> str | None:
+    """What the paper preset that sets ``name`` trains with ``optimizer=sgd`` (method sgd) or
+    ``optimizer=sam`` (any other), as :func:`grouping_config` gives it (JSON); None when no preset sets it."""
+    stem = preset_stem(name)
+    if not (Path(config_dir()) / "experiment" / "paper" / f"{stem}.yaml").is_file():
+        return None
+    try:
+        config = _compose_train([f"experiment=paper/{stem}", f"optimizer={'sgd' if method == 'sgd' else 'sam'}"])
+    except Exception as e:  # noqa: BLE001 - a broken preset leaves its cells empty, not the report unwritten
+        log.warning("sam-bench report: preset %s does not compose (%s); its cells stay empty", stem, str(e).splitlines()[0])
+        return None
+    if config.get("name") != name:
+        return None
+    return json.dumps(grouping_config(config), sort_keys=True, default=str)
+
+
+def preset_changes(g: Group) -> list[str] | None:
+    """The config keys in which ``g`` differs from what its preset gives ([] = the preset's run);
+    None when no preset sets its name."""
+    preset = preset_config(g.name, g.method)
+    if preset is None:
+        return None
+    ours = {k: v for k, v in flatten(g.config).items() if k not in NOT_IN_PRESETS}
+    theirs = flatten(json.loads(preset))
+    missing = object()
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k, missing) != theirs.get(k, missing))
+
+
+@lru_cache(maxsize=1)
+def _cell_keys() -> frozenset[str]:
+    return frozenset(c.key for layout in layouts() for _, cells in layout.rows for c in cells if c.key)
+
+
+def _named_as_cells(groups: list[Group]) -> list[tuple[str, Group, list[str] | None]]:
+    """(cell key, group, :func:`preset_changes`) for the groups whose name@method is a paper cell's."""
+    return [(g.cell_key, g, preset_changes(g)) for g in groups if g.name and g.cell_key in _cell_keys()]
+
+
 def index_groups(groups: list[Group]) -> dict[str, list[Group]]:
-    """Cell key (name@method) -> groups, for the groups that carry a name."""
+    """Cell key (name@method) -> the groups that fill it: those whose config is what the cell's
+    preset gives (any seeds). A run of the preset with other overrides is another experiment."""
     out: dict[str, list[Group]] = {}
-    for g in groups:
-        if g.name:
-            out.setdefault(g.cell_key, []).append(g)
+    for key, g, changes in _named_as_cells(groups):
+        if changes == []:
+            out.setdefault(key, []).append(g)
     return out
+
+
+def off_preset_groups(groups: list[Group]) -> dict[str, list[tuple[Group, list[str] | None]]]:
+    """Cell key -> the groups named as that cell that do not fill it, with the keys they change
+    (None: no preset sets the name)."""
+    out: dict[str, list[tuple[Group, list[str] | None]]] = {}
+    for key, g, changes in _named_as_cells(groups):
+        if changes != []:
+            out.setdefault(key, []).append((g, changes))
+    return out
+
+
+def off_preset_note(key: str, off: list[tuple[Group, list[str] | None]]) -> str:
+    """Why the runs named as cell ``key`` are not in it."""
+    name = off[0][0].name
+    if any(changes is None for _, changes in off):
+        return f"runs named `{name}` are not compared: no preset conf/experiment/paper/{preset_stem(name)}.yaml sets this name"
+    changed = sorted({k for _, changes in off for k in changes or []})
+    shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+    return f"runs named `{name}` that change the preset ({shown}) are not compared: see summary.md"
 
 
 def measure(cell: Cell, by_key: dict[str, list[Group]]) -> Measured | None:
@@ -177,8 +272,11 @@ def _has_runs(layout: Layout, col: int) -> bool:
     return any(cells[col].key for _, cells in layout.rows)
 
 
-def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: list[str]) -> str:
-    """One paper table, laid out as printed, with our numbers beside the paper's."""
+def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: list[str],
+                   off_preset: dict[str, list[tuple[Group, list[str] | None]]] | None = None) -> str:
+    """One paper table, laid out as printed, with our numbers beside the paper's. ``off_preset``
+    (:func:`off_preset_groups`): runs named as a cell but not the preset's run, named in a note."""
+    off_preset = off_preset or {}
     header = list(layout.row_header)
     for i, col in enumerate(layout.columns):
         header += [f"{col} paper", "ours", "Δ"] if _has_runs(layout, i) else [col]
@@ -189,10 +287,11 @@ def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: l
         "(t-distribution, t_0.975,n−1·s/√n) over seeds, final epoch, (n) | Δ = ours − paper. "
         f"{DASH} = not run (or not printed). * = see the notes below the table.",
         "",
-        "| " + " | ".join(header) + " |",
+        md_row(header),
         "|" + "|".join("---" for _ in header) + "|",
     ]
     filled: list[tuple[str, Cell, Measured]] = []
+    off_notes: list[str] = []
     for labels, cells in layout.rows:
         row = list(labels)
         for i, cell in enumerate(cells):
@@ -201,11 +300,14 @@ def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: l
                 row += [paper_text(cell), ours_text(m), delta_text(cell, m)]
             else:
                 row.append(paper_text(cell))
+            where = f"{' / '.join(labels)} · {layout.columns[i]}"
             if m is not None:
-                filled.append((f"{' / '.join(labels)} · {layout.columns[i]}", cell, m))
-        lines.append("| " + " | ".join(row) + " |")
+                filled.append((where, cell, m))
+            if cell.key in off_preset:
+                off_notes.append(f"- {where}: {off_preset_note(cell.key, off_preset[cell.key])}")
+        lines.append(md_row(row))
     lines.append("")
-    notes = [f"- * {where}: {m.note}" for where, _, m in filled if m.note]
+    notes = [f"- * {where}: {m.note}" for where, _, m in filled if m.note] + off_notes
     if notes:
         lines += ["Notes:", *notes, ""]
     lines += ["## Compute and provenance", ""]
@@ -216,7 +318,8 @@ def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: l
             continue
         seen.add(id(m.group))
         c = compute(m.group)
-        prov.append(f"| {cell.key} | {c['n']} | {c['seeds']} | {c['gpu_hours']} | {c['images_per_s']} | {c['peak_memory_mb']} | {c['device']} | {c['git_commit']} | {c['config_hash']} |")
+        prov.append(md_row([cell.key, c["n"], c["seeds"], c["gpu_hours"], c["images_per_s"], c["peak_memory_mb"], c["device"],
+                            c["git_commit"], c["config_hash"]]))
     if prov:
         lines += [
             "GPU-hours = Σ over seeds of train_time_s × world_size / 3600 (training only, evaluation excluded; "
@@ -234,8 +337,10 @@ def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: l
     return "\n".join(lines) + "\n"
 
 
-def paper_csv(layout: Layout, by_key: dict[str, list[Group]]) -> str:
+def paper_csv(layout: Layout, by_key: dict[str, list[Group]],
+              off_preset: dict[str, list[tuple[Group, list[str] | None]]] | None = None) -> str:
     """The same table, one line per cell, for plotting or diffing."""
+    off_preset = off_preset or {}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     cols = ["table", "row", "column", "key", "metric", "paper", "paper_pm", "mean", "ci95", "n", "delta", "note",
@@ -252,7 +357,8 @@ def paper_csv(layout: Layout, by_key: dict[str, list[Group]]) -> str:
                 f"{m.ci:.4f}" if m and m.ci is not None else "",
                 str(len(m.values)) if m and m.values else "",
                 "" if delta_text(cell, m) == DASH else delta_text(cell, m),
-                m.note if m else "",
+                "; ".join(n for n in (m.note if m else "", off_preset_note(cell.key, off_preset[cell.key])
+                                      if cell.key in off_preset else "") if n),
                 *(c.get(k, "") for k in cols[12:]),
             ])
     return buf.getvalue()
