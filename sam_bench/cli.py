@@ -263,6 +263,9 @@ def train() -> None:
         except Preempted as e:
             print(f"sam-bench: preempted: {e}", file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (loading, compiling)
+            print("sam-bench: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+            sys.exit(130)
 
     try:
         _train()

@@ -12,6 +12,7 @@ import hashlib
 import json
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
@@ -234,6 +235,40 @@ NON_SEMANTIC_KEYS = (
     "trainer.checkpoint_every_steps",
     "trainer.final_sharpness",  # a measurement after training; the training is the same
 )
+
+
+SCHEMA_GROUPS = {"dataset": DatasetConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "trainer": TrainerConfig}
+
+
+@lru_cache(maxsize=1)
+def schema_defaults() -> dict:
+    """The structured config's defaults as a plain dict; required keys left out."""
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+    for group, node in SCHEMA_GROUPS.items():
+        defaults[group] = OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
+    return _without_missing(defaults)
+
+
+def _without_missing(node: dict) -> dict:
+    return {k: _without_missing(v) if isinstance(v, dict) else v for k, v in node.items() if v != MISSING}
+
+
+def _fill_missing(config: dict, defaults: dict) -> None:
+    for key, default in defaults.items():
+        if key not in config:
+            config[key] = copy.deepcopy(default)
+        elif isinstance(default, dict) and default and isinstance(config[key], dict):
+            _fill_missing(config[key], default)
+
+
+def with_schema_defaults(config: dict) -> dict:
+    """A copy of ``config`` with every key it lacks at the schema's default: runs and checkpoints of
+    older versions did not record the keys added since, and trained as their defaults."""
+    out = copy.deepcopy(config)
+    _fill_missing(out, schema_defaults())
+    return out
 
 
 def semantic_config(config: dict, drop: tuple[str, ...] = NON_SEMANTIC_KEYS) -> dict:

@@ -23,7 +23,6 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch

@@ -429,7 +429,8 @@ def test_a_divergence_record_of_another_config_does_not_stop_a_run_and_goes_when
 @pytest.mark.slow
 def test_second_process_on_a_busy_run_directory_fails_fast(cli_env, tmp_path):
     run = tmp_path / "busy"
-    run.mkdir()
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the running job's config\n")
     with run_lock(run):  # as if another training process held it
         t0 = time.time()
         proc = _cli([*TINY, f"hydra.run.dir={run}"], cli_env)
@@ -438,3 +439,132 @@ def test_second_process_on_a_busy_run_directory_fails_fast(cli_env, tmp_path):
         f"sam-bench: error: {run} is in use by another sam-bench process (pid {os.getpid()}); "
         "wait for it to finish, or give this run its own directory with hydra.run.dir=...")
     assert not (run / "checkpoint.pt").exists()
+    assert (run / ".hydra" / "config.yaml").read_text() == "the running job's config\n"  # refused before Hydra wrote it
+
+
+# ---------------------------------------------------------------- what a resume must never destroy (QA)
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_refused_resume_leaves_the_runs_noise_file_alone(compose_train, tmp_path):
+    """The noise file was written before the config check: a refused command replaced the finished
+    run's record of its flipped labels (and its result.json's sha256 no longer matched)."""
+    noisy = [*TINY, "trainer.epochs=1", "dataset.label_noise.rate=0.2"]
+    assert _run_child(compose_train(noisy), tmp_path, "step@3:TERM") == PREEMPTED_EXIT_CODE
+    before = _sha(tmp_path / "noisy_labels.pt")
+    with pytest.raises(CheckpointError, match=r"dataset.label_noise.rate: 0.2 -> 0.5"):
+        fit(compose_train([*noisy, "dataset.label_noise.rate=0.5"]), tmp_path)
+    assert _sha(tmp_path / "noisy_labels.pt") == before
+
+
+def test_another_configs_finished_result_is_not_overwritten_when_the_checkpoints_are_gone(compose_train, tmp_path):
+    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    done = fit(cfg, tmp_path)
+    for path in ckpt.checkpoint_files(tmp_path):
+        path.unlink()  # to free the disk, say
+    before = _sha(tmp_path / "result.json")
+    with pytest.raises(CheckpointError, match=r"holds the finished result \(result.json\) of a different config \(optimizer.lr"):
+        fit(compose_train([*TINY, "trainer.epochs=1", "optimizer.lr=0.05"]), tmp_path)
+    assert _sha(tmp_path / "result.json") == before
+    assert fit(cfg, tmp_path)["final_test_error"] == done["final_test_error"]  # its own config: read back, not retrained
+
+
+def test_a_key_added_by_a_newer_version_resumes_at_its_default_and_records_both_commits(compose_train, tmp_path, monkeypatch):
+    """A checkpoint written before optimizer.sync_perturbation existed trained as its default: the
+    new code resumes it (it used to refuse every in-progress run), and result.json names both code
+    versions. At a value other than the default the key is a real change, and is refused."""
+    import sam_bench.engine.trainer as trainer
+
+    monkeypatch.setattr(trainer, "git_commit", lambda: "old")
+    assert _run_child(compose_train([*TINY, "trainer.epochs=1"]), tmp_path, "step@3:TERM") == PREEMPTED_EXIT_CODE
+    state, _ = ckpt.load_checkpoint(tmp_path)
+    del state["config"]["optimizer"]["sync_perturbation"]
+    ckpt.save_checkpoint(tmp_path, {k: v for k, v in state.items() if k != "checksum"})
+    with pytest.raises(CheckpointError, match=r"optimizer.sync_perturbation: False -> True"):
+        fit(compose_train([*TINY, "trainer.epochs=1", "optimizer.sync_perturbation=true"]), tmp_path)
+    monkeypatch.setattr(trainer, "git_commit", lambda: "new")
+    result = fit(compose_train([*TINY, "trainer.epochs=1"]), tmp_path)
+    assert result["status"] == "complete" and result["git_commits"] == ["old", "new"] and result["git_commit"] == "new"
+
+
+def test_the_kept_epoch_copies_are_the_last_resort(tmp_path):
+    ckpt.save_checkpoint(tmp_path, _state(10), keep_as=ckpt.kept_name(1))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):
+        (tmp_path / name).write_bytes(b"damaged")
+    state, path = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 10 and path.name == ckpt.kept_name(1)
+
+
+def test_resuming_past_a_damaged_newest_keeps_the_good_previous(tmp_path):
+    """The next save rotated the damaged newest over the good previous it had just resumed from."""
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    (tmp_path / ckpt.CHECKPOINT).write_bytes(b"")
+    state, path = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 10
+    ckpt.set_aside_damaged_newest(tmp_path, path)
+    ckpt.save_checkpoint(tmp_path, _state(30))
+    assert ckpt.read_checkpoint(tmp_path / ckpt.PREVIOUS)["step"] == 10
+    assert (tmp_path / f"{ckpt.CHECKPOINT}.damaged").read_bytes() == b""
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, _state(10))
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointError, match=r"cannot write .*checkpoint.next.pt \(No space left on device\); the checkpoints "
+                                              "already there are intact"):
+        ckpt.save_checkpoint(tmp_path, _state(20))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.CHECKPOINT] and ckpt.load_checkpoint(tmp_path)[0]["step"] == 10
+
+
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionHandler() as h:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert h.requested and h.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before  # and leaving the block raised nothing more
+
+
+def test_diagnostics_of_a_log_interval_cut_by_a_checkpoint_survive_it():
+    """The device accumulators were not checkpointed: the first interval after a resume logged the
+    mean of its second half only."""
+    from sam_bench.optim.sam import SAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, diagnostics=True)
+    opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y).backward())
+    again = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, diagnostics=True)
+    again.load_state_dict(opt.state_dict())
+    assert again.read_diagnostics() == opt.read_diagnostics() != {}
+
+
+@pytest.mark.slow
+def test_a_resumed_run_shows_each_tensorboard_point_once(compose_train, tmp_path):
+    """Killed after an epoch's events were flushed but before its checkpoint: the resumed run writes
+    those steps again, and TensorBoard hides the first copies (purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_train([*TINY, "trainer.epochs=2"])
+    assert _run_child(cfg, tmp_path, "checkpoint_partial@2") not in (0, None)
+    assert _run_child(cfg, tmp_path) == 0
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 2

@@ -64,21 +64,27 @@ def _feed(h, obj: Any) -> None:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temporary file in the same directory, fsync, rename: ``path`` is whole or absent."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        half = len(data) // 2
-        f.write(data[:half])
-        fault_point("checkpoint_partial")
-        f.write(data[half:])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            fault_point("checkpoint_partial")
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, file size limit: one line, no half-written temporary left
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); the checkpoints already there are intact: free space "
+                              "(or raise the quota) and re-run the same command to resume from them") from e
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = None) -> Path:
     """Serialise with a checksum, write atomically, then rotate: the old newest becomes the previous.
 
-    ``keep_as``: also write the same bytes under this name (a lasting copy that resuming never
-    reads), before the rotation, so a crash cannot leave a resumable checkpoint without its copy."""
+    ``keep_as``: also write the same bytes under this name (a lasting copy that resuming reads only when
+    the newest and previous are unreadable), before the rotation, so a crash cannot leave a resumable
+    checkpoint without its copy."""
     state = {**state, "format": FORMAT}
     state["checksum"] = content_digest({k: v for k, v in state.items() if k != "checksum"})
     buf = io.BytesIO()
@@ -120,7 +126,9 @@ def kept_name(epoch: int) -> str:
 
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete half-written temporaries left by a process killed mid-write (call under the run lock)."""
-    for pattern in (f"{NEXT}.*.tmp", f"{KEPT_PREFIX}*.pt.*.tmp"):
+    # and those of atomic_write_bytes (result.json, metrics.jsonl, noisy_labels.pt, diverged.json): .<name>.<random>.tmp
+    for pattern in (f"{NEXT}.*.tmp", f"{KEPT_PREFIX}*.pt.*.tmp", ".result.json.*.tmp", ".metrics.jsonl.*.tmp",
+                    ".noisy_labels.pt.*.tmp", ".diverged.json.*.tmp"):
         for tmp in Path(run_dir).glob(pattern):
             tmp.unlink(missing_ok=True)
 
@@ -163,17 +171,34 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     if good:
         return max(good, key=lambda sp: (sp[0]["epoch"], sp[0]["step"]))
     if errors:
+        for path in sorted(Path(run_dir).glob(f"{KEPT_PREFIX}*.pt"), reverse=True):  # trainer.keep_epochs copies, newest first
+            try:
+                state = read_checkpoint(path)
+            except Exception:  # noqa: BLE001 - damaged too: try the one before
+                continue
+            log.warning("no readable newest or previous checkpoint in %s; resuming from the kept copy %s", run_dir, path.name)
+            return state, path
         raise CheckpointError(f"no readable checkpoint in {run_dir}: {'; '.join(errors)}. Delete the run directory to start over")
     return None
 
 
-def check_config_matches(saved: dict, current: dict, run_dir: Path) -> None:
+def set_aside_damaged_newest(run_dir: Path, loaded: Path) -> None:
+    """Resuming from an older file than ``checkpoint.pt`` means the newest was unreadable: rename it
+    ``checkpoint.pt.damaged`` so the next save does not rotate it over the good file just used."""
+    newest = Path(run_dir) / CHECKPOINT
+    if Path(loaded) != newest and Path(loaded).name != NEXT and newest.exists():
+        os.replace(newest, newest.with_name(CHECKPOINT + ".damaged"))
+        fsync_dir(Path(run_dir))
+        log.warning("%s was unreadable: kept as %s.damaged", newest, CHECKPOINT)
+
+
+def check_config_matches(saved: dict, current: dict, run_dir: Path, what: str = "a checkpoint") -> None:
     """Refuse to resume a run whose semantic config differs; name the keys that differ."""
     diffs = sorted(_diff(saved, current))
     if diffs:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
         raise CheckpointError(
-            f"{run_dir} holds a checkpoint of a different config ({shown}); use another run directory "
+            f"{run_dir} holds {what} of a different config ({shown}); use another run directory "
             "(hydra.run.dir=...) or delete this one to start over"
         )
 

@@ -36,21 +36,34 @@ def ensure_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
         ) from None
 
 
+def _lock_or_refuse(f, run_dir: Path) -> None:
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        raise ConfigError(
+            f"{run_dir} is in use by another sam-bench process (pid {holder}); wait for it to finish, "
+            "or give this run its own directory with hydra.run.dir=..."
+        ) from None
+
+
+def refuse_if_in_use(run_dir: Path) -> None:
+    """Fail (ConfigError) if a running sam-bench holds ``run_dir``'s lock; takes nothing. Called before
+    Hydra writes the command's ``.hydra/`` files there, which would overwrite the running job's."""
+    path = Path(run_dir) / LOCK_FILE
+    if path.is_file():
+        with open(path, "a+") as f:  # closing releases the probe's lock at once
+            _lock_or_refuse(f, run_dir)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the duration of the block; fail fast if taken."""
     path = Path(run_dir) / LOCK_FILE
     f = open(path, "a+")
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise ConfigError(
-                f"{run_dir} is in use by another sam-bench process (pid {holder}); wait for it to finish, "
-                "or give this run its own directory with hydra.run.dir=..."
-            ) from None
+        _lock_or_refuse(f, run_dir)
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -70,6 +83,8 @@ class OutputDirCheck(Callback):
         HydraConfig.instance().set_config(config)  # lets ${hydra:...} in the directory resolve
         try:
             ensure_writable(Path(str(OmegaConf.select(config, key))), key)
+            if key == "hydra.run.dir":
+                refuse_if_in_use(Path(str(OmegaConf.select(config, key))))
         except ConfigError as e:
             print(f"sam-bench: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM / SIGUSR1 / SIGUSR2 ask the run to stop cleanly.
+"""Preemption: SIGTERM / SIGUSR1 / SIGUSR2 (and a first Ctrl-C, SIGINT) ask the run to stop cleanly.
 
 A handler only sets a flag; the epoch loop looks at it after every step (a Python attribute, no
 device sync), writes a checkpoint and raises :class:`Preempted`. The CLI turns that into exit
@@ -20,7 +20,8 @@ from types import FrameType
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". Not used by Python
 # (0/1), Hydra (1), our bad-input errors (2), timeout(1) (124-127) or death by a signal (128+N).
 PREEMPTED_EXIT_CODE = 75
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+#: SIGINT too: the first Ctrl-C checkpoints where the run is and stops (as a preemption), a second one aborts at once
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -44,6 +45,8 @@ class PreemptionHandler:
         return signal.Signals(self.received).name if self.received is not None else ""
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C twice: stop now, without a checkpoint
+            raise KeyboardInterrupt
         self.received = signum
 
     def __enter__(self) -> "PreemptionHandler":
@@ -59,5 +62,5 @@ class PreemptionHandler:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
-        if callable(previous):  # e.g. submitit's checkpoint-and-requeue: hand the signal on
+        if callable(previous) and self.received != signal.SIGINT:  # e.g. submitit's checkpoint-and-requeue: hand the signal on
             previous(self.received, None)

@@ -36,7 +36,7 @@ from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
-from sam_bench.schema import config_hash, method_label, semantic_config, validate
+from sam_bench.schema import config_hash, method_label, semantic_config, validate, with_schema_defaults
 from sam_bench.tracking.results import (DIVERGED_FILE, RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_divergence,
                                         read_result, versions, write_divergence, write_metrics)
 
@@ -337,6 +337,17 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     config, chash = _run_config(cfg, dist_info)
 
     done = read_result(run_dir)
+    if done is not None and done.get("config_hash") != chash and isinstance(done.get("config"), dict) \
+            and not ckpt.checkpoint_files(run_dir):
+        # no checkpoint to compare with (deleted to free space, or trainer.checkpoint=false): the result's
+        # config decides, so another config's finished run is never overwritten
+        try:
+            _check_resumable(done["config"], config, run_dir, what="the finished result (result.json)")
+        except CheckpointError:
+            if main:
+                _restore_hydra_config(run_dir, done["config"], {})
+            raise
+        done = {**done, "config_hash": chash}  # an older version's record of this very config
     if done is not None and done.get("config_hash") == chash:
         log.info("%s is complete (final test error %.2f%%); nothing to do", run_dir, done["final_test_error"])
         return done
@@ -368,10 +379,6 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     data: DataBundle = build_data(cfg.dataset, tr.batch_size, tr.eval_batch_size, device, cfg.seed, channels_last)
     # same global batches on every rank, each keeps its slice
     data.train, data.test, data.val, data.noisy_train = (shard(x, dist_info) for x in (data.train, data.test, data.val, data.noisy_train))
-    if data.noise is not None:
-        noise_file, noise_sha = data.noise.save(run_dir)
-        log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
-                 data.noise.seed, 100 * data.noise.realised_rate, noise_file.name, noise_sha[:12])
     model = build_model(cfg.model.arch, data.num_classes, data.in_chans, **cfg.model.kwargs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -388,17 +395,15 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     guard = FiniteGuard(device)
 
     start_epoch, global_step, history, train_time, partial = 0, 0, [], 0.0, None
+    commits: list = []  # the code versions this run trained with, oldest first (a resume may bring a newer one)
     if tr.checkpoint:
         ckpt.remove_stale_temporaries(run_dir)
     hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
     loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
     if loaded is not None:
         state, path = loaded
-        current = semantic_config(config)
-        if "ranks" not in state["config"]:  # checkpoints from before the key: not comparable, as before
-            current.pop("ranks", None)
         try:
-            ckpt.check_config_matches(semantic_config(state["config"]), current, run_dir)
+            _check_resumable(state["config"], config, run_dir, what="a checkpoint")
         except CheckpointError:
             if main:
                 _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
@@ -414,6 +419,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             scaler.load_state_dict(state["scaler"])
         _restore_rank_rngs(state, optimizer, device, dist_info)
         start_epoch, global_step, history, train_time = state["epoch"], state["step"], state["history"], state["train_time"]
+        commits = list(state.get("git_commits") or [])
         if state.get("partial") is not None:
             partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["partial"].items()}
             if dist_info.rank != 0:  # the checkpoint holds the sums over ranks: rank 0 carries them
@@ -421,11 +427,20 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         guard.checked_step = global_step
         guard.last_checkpoint = f"{path}, step {global_step}"
         path = ckpt.complete_rotation(run_dir, path)
+        if main:
+            ckpt.set_aside_damaged_newest(run_dir, path)
+            write_metrics(run_dir, history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
         if start_epoch >= tr.epochs:
             log.info("%s holds the finished training (epoch %d of %d); writing its result", path, start_epoch, tr.epochs)
         else:
             log.info("resuming %s from epoch %d step %d (global step %d)", run_dir, start_epoch + 1,
                      partial["epoch_step"] if partial else 0, global_step)
+    if not commits or commits[-1] != git_commit():
+        commits.append(git_commit())
+    if data.noise is not None:  # after the config check: a refused resume leaves the run's own noise file alone
+        noise_file, noise_sha = data.noise.save(run_dir)
+        log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
+                 data.noise.seed, 100 * data.noise.realised_rate, noise_file.name, noise_sha[:12])
 
     def save(epoch_done: int, step: int, progress: dict[str, Any] | None) -> Path:
         """Checkpoint the full state; refuses (TrainingDiverged) to write non-finite weights."""
@@ -457,6 +472,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             "config_hash": chash,
             "labels_hash": labels_hash,
             "hydra_files": hydra_files,
+            "git_commits": commits,
         }, keep_as=keep)
         if keep:
             log.info("epoch %d's checkpoint kept as %s", epoch_done, run_dir / keep)
@@ -477,7 +493,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         if written is None and tr.checkpoint:
             written = save(epoch_done, step, progress)
         where = f"{written} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
-        raise Preempted(f"stopped by {preempt.signal_name} at step {step}; checkpoint {where}; re-run the same command to resume")
+        again = "re-run the same command to resume" if tr.checkpoint else "a re-run starts over from epoch 1"
+        raise Preempted(f"stopped by {preempt.signal_name} at step {step}; checkpoint {where}; {again}")
 
     def after_step(epoch: int, step: int, progress: dict[str, Any]) -> None:
         fault_point("step")
@@ -504,7 +521,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(model) else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
     amp = lambda: autocast(device, precision)  # noqa: E731
-    writer = _summary_writer(run_dir) if main else _NullWriter()
+    writer = _summary_writer(run_dir, global_step) if main else _NullWriter()
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s | %s (%.2fM params) | %s rho=%g | %d epochs x %d steps, batch %d | %s %s",
@@ -546,11 +563,14 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                 "epoch %d/%d  train loss %.4f err %.2f%%  %s  %.1fs (%.0f img/s)",
                 epoch + 1, tr.epochs, record["train_loss"], record["train_error"], test_msg, epoch_time, record["images_per_s"],
             )
+            # x-axis: the global step, as the per-interval SAM diagnostics, so that a resume can hide (purge_step)
+            # whatever a killed run had written past its checkpoint; `epoch` maps steps to epochs
+            writer.add_scalar("epoch", epoch + 1, global_step)
             for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error", "lr", "images_per_s"):
                 if record.get(key) is not None:
-                    writer.add_scalar(key.replace("_", "/", 1), record[key], epoch + 1)
+                    writer.add_scalar(key.replace("_", "/", 1), record[key], global_step)
             if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
-                writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), epoch + 1)
+                writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), global_step)
             writer.flush()
             written = save(epoch + 1, global_step, None) if tr.checkpoint else None
             if main:
@@ -577,6 +597,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         "config": config,
         "config_hash": chash,
         "git_commit": git_commit(),
+        "git_commits": commits,  # every version that trained part of it, when a resume ran newer code
         "versions": versions(),
         "device": device_name(device),
         "precision": precision,
@@ -619,6 +640,16 @@ def _hydra_files(run_dir: Path) -> dict[str, str]:
         except OSError:
             pass
     return out
+
+
+def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str) -> None:
+    """Refuse (CheckpointError naming the keys) when ``saved``, the config of ``what`` in ``run_dir``,
+    is another experiment than ``config``. Keys that a newer version added and the saved config
+    lacks count as their schema default, so upgrading sam-bench does not strand a run."""
+    current = semantic_config(config)
+    if "ranks" not in saved:  # files from before the key: not comparable, as before
+        current.pop("ranks", None)
+    ckpt.check_config_matches(semantic_config(with_schema_defaults(saved)), current, run_dir, what)
 
 
 def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
@@ -675,7 +706,9 @@ class _NullWriter:
         pass
 
 
-def _summary_writer(run_dir: Path):
+def _summary_writer(run_dir: Path, resumed_at: int):
+    """TensorBoard's writer; resuming after step ``resumed_at`` hides the events a killed run had
+    written past its checkpoint (``purge_step``), which the resumed run writes again."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(run_dir / "tb"))
+    return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resumed_at + 1 if resumed_at else None)

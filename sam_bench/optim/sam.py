@@ -559,6 +559,8 @@ class SAM(torch.optim.Optimizer):
         out = {"base_optimizer": self.base_optimizer.state_dict()}
         if self._generator is not None:
             out["generator"] = self._generator.get_state()
+        if self._diag is not None:  # a log interval cut by a checkpoint: its resumed mean covers all its steps
+            out["diagnostics"] = self._diag.detach().cpu().clone()
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -567,3 +569,5 @@ class SAM(torch.optim.Optimizer):
         if "generator" in state_dict:
             device = self.param_groups[0]["params"][0].device
             self._rng(device).set_state(state_dict["generator"])
+        if "diagnostics" in state_dict:
+            self._diag = state_dict["diagnostics"].to(self.param_groups[0]["params"][0].device).clone()

@@ -8,27 +8,21 @@ submitit's own ``.submitit/`` logs are not run directories and are ignored).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import statistics
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from omegaconf import MISSING, OmegaConf
 
 from sam_bench.schema import (
     NON_SEMANTIC_KEYS,
-    DatasetConfig,
-    ModelConfig,
-    OptimizerConfig,
-    TrainConfig,
-    TrainerConfig,
     method_label,
+    schema_defaults,
     semantic_config,
+    with_schema_defaults,
 )
 from sam_bench.tracking.results import RESULT_FILE, read_divergence
 
@@ -41,7 +35,6 @@ GROUPING_IGNORED = (*NON_SEMANTIC_KEYS, "optimizer.diagnostics", "seed")
 # Optimizer keys an SGD run ignores (one pass, no ascent: sam.SAM.two_pass is False, so neither
 # the ascent's keys nor m-sharpness's chunks nor the ascent's all-reduce is used); ρ is 0 for it.
 SGD_IGNORED = ("rho", "adaptive", "eta", "p", "ascent_steps", "second_order", "m", "sync_perturbation")
-SCHEMA_GROUPS = {"dataset": DatasetConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "trainer": TrainerConfig}
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables). Hard-coded so
 # the report needs no scipy and gives the same bytes everywhere; larger df use a Cornish-Fisher
@@ -136,36 +129,11 @@ class Group:
 VARIANT_METHODS = {"sgd2x": "sgd"}
 
 
-@lru_cache(maxsize=1)
-def schema_defaults() -> dict:
-    """The structured config's defaults (sam_bench.schema) as a plain dict; required keys left out."""
-    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
-    for group, node in SCHEMA_GROUPS.items():
-        defaults[group] = OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
-    return _without_missing(defaults)
-
-
-def _without_missing(node: dict) -> dict:
-    return {k: _without_missing(v) if isinstance(v, dict) else v for k, v in node.items() if v != MISSING}
-
-
-def _fill_missing(config: dict, defaults: dict) -> None:
-    """Add (in place) every key of ``defaults`` that ``config`` lacks: runs of older versions did
-    not record the keys added since, and trained as their defaults."""
-    for key, default in defaults.items():
-        if key not in config:
-            config[key] = copy.deepcopy(default)
-        elif isinstance(default, dict) and default and isinstance(config[key], dict):
-            _fill_missing(config[key], default)
-
-
 def grouping_config(config: dict) -> dict:
     """What a run computes, as the report groups runs: the config with the schema's defaults for the
     keys it lacks, without the seed and the keys that change nothing (:data:`GROUPING_IGNORED`);
     an SGD run with ρ = 0 and the SAM-only keys at their defaults (it ignores them)."""
-    out = copy.deepcopy(config)
-    _fill_missing(out, schema_defaults())
-    out = semantic_config(out, drop=GROUPING_IGNORED)
+    out = semantic_config(with_schema_defaults(config), drop=GROUPING_IGNORED)
     opt = out.get("optimizer")
     if isinstance(opt, dict) and opt.get("name") == "sgd":
         optimizer_defaults = schema_defaults()["optimizer"]
