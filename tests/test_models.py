@@ -81,3 +81,36 @@ def test_bad_model_names_and_kwargs_are_clear():
         build_model("wide_resnet_cifar", 10, 3, depthh=3)
     with pytest.raises(ConfigError, match="6n\\+4"):
         build_model("wide_resnet_cifar", 10, 3, depth=27)
+
+
+def _tf_same(x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
+    """Reference of TF/Flax ``padding='SAME'`` (the official models): out = ceil(n/stride); the total
+    padding max((out-1)·stride + k - n, 0) is split with the odd pixel after (bottom/right)."""
+    import math
+
+    import torch.nn.functional as F
+
+    pads = []
+    for n in (x.shape[3], x.shape[2]):  # F.pad order: width first
+        total = max((math.ceil(n / stride) - 1) * stride + w.shape[-1] - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.conv2d(F.pad(x, pads), w, stride=stride)
+
+
+@pytest.mark.parametrize("arch,kwargs", [
+    ("wide_resnet_cifar", {"depth": 10, "width": 1}),
+    ("shake_shake_cifar", {"blocks_per_group": 1, "width": 1}),
+    ("pyramidnet_cifar", {"depth": 11, "alpha": 12, "shakedrop": False}),
+])
+@pytest.mark.parametrize("size", [8, 7])  # even: one pixel at the bottom/right only; odd: one on each side
+def test_every_3x3_convolution_pads_as_the_official_flax_code(arch, kwargs, size):
+    """PyTorch's padding=1 put the strided convolutions' sampling grid one pixel off the official one."""
+    model = build_model(arch, 10, 3, **kwargs).double()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert any(c.stride == (2, 2) for c in convs)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    for conv in convs:
+        xc = torch.randn(2, conv.in_channels, size, size, dtype=torch.float64)
+        torch.testing.assert_close(conv(xc), _tf_same(xc, conv.weight, conv.stride[0]), rtol=0, atol=1e-12)
+    if size % 2 == 0:  # (the official models, too, need even sizes at their strided stages: 32 -> 16 -> 8, 28 -> 14 -> 7)
+        assert model(x).shape == (2, 10)

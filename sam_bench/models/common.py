@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch.nn as nn
+from timm.layers import Conv2dSame
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention; flax's momentum 0.9 in the official code
@@ -16,7 +17,13 @@ def batchnorm(channels: int, enabled: bool = True) -> nn.Module:
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    """3x3 convolution with the official (Flax) code's ``padding='SAME'``: one pixel on each side at
+    stride 1, but at stride 2 an even input is padded by one pixel in all, at the bottom and right
+    (TF/JAX's rule; timm's ``Conv2dSame``), not one on every side as PyTorch's padding=1 would: the
+    sampling grid, and so what the network computes, differs by a pixel."""
+    if stride == 1:
+        return nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    return Conv2dSame(cin, cout, 3, stride=stride, bias=False)
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

@@ -168,7 +168,7 @@ def wrn16_2(pretrained: bool = False, **kwargs) -> WideResNet:
 
 @register_model
 def wrn_mini(pretrained: bool = False, **kwargs) -> WideResNet:
-    """WRN-10-1 (78 k parameters): for fast tests."""
+    """WRN-10-1 (75 k parameters with 10 classes): for fast tests (the official ``WideResnet_mini`` is WRN-16-1: ``wide_resnet_cifar`` with depth=16, width=1)."""
     return _wrn(10, 1, pretrained, **kwargs)
 
 

@@ -24,7 +24,7 @@ are one batched matmul over the chunks; every other layer (activations, pooling,
 Shake-Shake/ShakeDrop) runs on the whole batch untouched, so RNG replay and the shake layers'
 true-gradient switch work as in plain SAM.
 
-Supported: models whose parameters all live in ``nn.Conv2d`` (zero padding), ``nn.Linear``,
+Supported: models whose parameters all live in ``nn.Conv2d`` (zero padding; or timm's TF-'SAME' ``Conv2dSame``), ``nn.Linear``,
 ``nn.BatchNorm1d``/``nn.BatchNorm2d`` modules of exactly these types (every CIFAR architecture of the
 paper). :func:`supports` says whether a model qualifies; the others use the vmap engine.
 
@@ -44,9 +44,10 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Conv2dSame, pad_same
 from torch.nn.modules.batchnorm import _BatchNorm
 
-SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+SUPPORTED = (nn.Conv2d, Conv2dSame, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _why_unsupported(name: str, mod: nn.Module) -> str | None:
@@ -175,6 +176,8 @@ class _PerChunkWeightConv(torch.autograd.Function):
 
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor, params: dict[str, Stacked], chunks: int) -> torch.Tensor:
     w = params["weight"]
+    if isinstance(conv, Conv2dSame):  # TF 'SAME' padding (the official models' strided convs), then an unpadded conv
+        x = pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
     if w.base is not None:
         y = _PerChunkWeightConv.apply(x, w.base, w.value.detach(), conv, False)
     elif w.per_chunk:
