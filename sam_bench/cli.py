@@ -6,10 +6,12 @@ The command word is removed from ``sys.argv`` and the rest is left to Hydra, so 
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 USAGE = """usage: sam-bench <command> [hydra overrides]
@@ -132,7 +134,17 @@ def _describe_composition_error(e: Exception, command: str, suggest: Callable[[s
     if "Available options in" in text:
         start = next(i for i, line in enumerate(lines) if line.startswith("Available options in"))
         options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
-        return f"{head}; choose one of: {', '.join(options)}"
+        hint = ""
+        if "'experiment/" in head:  # the paper's presets sit one level down, in experiment/paper/
+            from sam_bench.paths import config_dir
+
+            wanted = head.split("'experiment/", 1)[1].split("'", 1)[0].removeprefix("paper/")
+            stems = sorted(p.stem for p in (Path(config_dir()) / "experiment" / "paper").glob("*.yaml"))
+            close = [s for s in stems if s.startswith(wanted)] or difflib.get_close_matches(wanted, stems, n=3)
+            hint = ("; or a paper preset, experiment=paper/<name>"
+                    + (f" (e.g. {', '.join('paper/' + s for s in close[:3])})" if close else "")
+                    + f": `sam-bench {command} --help` lists them")
+        return f"{head}; choose one of: {', '.join(options)}{hint}"
     cause = e.__cause__
     if cause is not None:
         detail = str(cause).strip().splitlines()[0]

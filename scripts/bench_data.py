@@ -61,7 +61,7 @@ def torchvision_per_image_rate(images: torch.Tensor, n: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=50000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=100, help="batches timed per setting (GPU)")

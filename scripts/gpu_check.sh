@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU checks in one command, for a lent GPU machine (see README "GPU checks"):
+# All GPU checks in one command, for a lent GPU machine (see README "Speed"):
 #   the CUDA tests (pytest -m gpu), the SAM-family step times (SGD/SAM/m-SAM/ASAM, WRN-28-10 bf16,
 #   eager, then SAM and m-SAM under torch.compile), ResNet-50 at 224 px (SAM images/s, compiled),
 #   and on request a Fashion-MNIST SGD-vs-SAM training run (stage fmnist) and, with
@@ -104,5 +104,11 @@ if want fmnist && ls .fmnist/*.gz >/dev/null 2>&1; then
 fi
 if want hessian && ls -d /tmp/sb_multirun/*/ >/dev/null 2>&1; then  # after fmnist: the Hessian spectra of its SGD and SAM runs
   stage hessian 120 bash -c 'for d in /tmp/sb_multirun/*/; do python3 -m sam_bench hessian checkpoint="$d" images=5000 iters=20; done'
+fi
+for s in msam_cli fmnist; do  # asked for, but nothing to train on: say so instead of skipping silently
+  if want $s && ! ls .fmnist/*.gz >/dev/null 2>&1; then echo "stage $s skipped: no .fmnist/*.gz (carry the Fashion-MNIST gzip files)" | tee -a "$SUMMARY"; fi
+done
+if want hessian && ! ls -d /tmp/sb_multirun/*/ >/dev/null 2>&1; then
+  echo "stage hessian skipped: no runs in /tmp/sb_multirun (it needs stage fmnist first)" | tee -a "$SUMMARY"
 fi
 echo "done $(date +%T)" | tee -a "$SUMMARY"

@@ -178,6 +178,9 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         # a preset's own grid (hydra.sweeper.params: Fig. 6's p x rho) is checked too
         (["-m", "experiment=paper/fig6_p_norm_cifar10", "optimizer.adaptive=true"], "optimizer.adaptive and optimizer.second_order "
          "are defined for optimizer.p=2 only (sweep point optimizer.p=inf optimizer.rho=1e-06)"),
+        # a paper preset without its paper/ prefix: the hint used to list fmnist_quickstart only
+        (["experiment=table4_resnet32_noise20_cifar10"], "choose one of: fmnist_quickstart; or a paper preset, "
+         "experiment=paper/<name> (e.g. paper/table4_resnet32_noise20_cifar10)"),
     ],
 )
 def test_composition_errors_are_one_line_before_anything_runs(cli_env, tmp_path, args, message):

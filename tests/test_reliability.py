@@ -367,7 +367,7 @@ BAD_INPUTS = [
      "sam-bench: error: output directory {run}/x/sweep is not writable (Not a directory); choose a writable place with hydra.sweep.dir=/path/to/dir"),
     ("diverged", ["optimizer.lr=1e30", "optimizer.grad_clip=null"], None,
      "sam-bench: error: non-finite training loss or gradient at step 2 (epoch 1); nothing after the last good checkpoint "
-     "(none written yet) was saved. Lower optimizer.lr or set optimizer.grad_clip, then train into a new run directory"),
+     "(none written yet) was saved. Lower optimizer.lr (or optimizer.grad_clip), then train into a new run directory"),
 ]
 
 

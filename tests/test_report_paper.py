@@ -555,14 +555,14 @@ def test_a_run_that_changes_its_preset_fills_no_cell_and_the_table_says_so(tmp_p
     write_report([str(root)], str(tmp_path / "out"))
 
     t4 = (tmp_path / "out" / "table4.md").read_text()
-    assert _row_cells(t4, "| SGD | paper's runs |")[2:5] == ["84.8", "84.80 ± 2.54 (n=2)", "+0.00"]  # not the 1-epoch run
+    assert _row_cells(t4, "| SGD | paper's runs |")[2:5] == ["84.8", "84.80 ± 2.54 (n=2)*", "+0.00"]  # not the 1-epoch run
     # the preset's own run only: not the grid's ρ = 0.1 point either, which trained on 45k images (its validation split)
-    assert _row_cells(t4, "| SAM | paper's runs |")[2:5] == ["95.1", "95.10 (n=1)", "+0.00"]
-    assert f"- SGD / paper's runs · noise 20%: runs named `{T4}` that change the preset (trainer.epochs) are not compared: " \
+    assert _row_cells(t4, "| SAM | paper's runs |")[2:5] == ["95.1", "95.10 (n=1)*", "+0.00"]
+    assert f"- * SGD / paper's runs · noise 20%: runs named `{T4}` that change the preset (trainer.epochs) are not compared: " \
            "see summary.md" in t4
-    assert f"- SAM / paper's runs · noise 20%: runs named `{T4}` that change the preset (dataset.val_size" in t4
+    assert f"- * SAM / paper's runs · noise 20%: runs named `{T4}` that change the preset (dataset.val_size" in t4
     t1 = (tmp_path / "out" / "table1.md").read_text()
-    assert _row_cells(t1, "| WRN-28-10 (200 epochs) | Basic |")[2:5] == ["2.7 ± 0.1", "—", "—"]
+    assert _row_cells(t1, "| WRN-28-10 (200 epochs) | Basic |")[2:5] == ["2.7 ± 0.1", "—*", "—"]  # * : the note below
     assert "CIFAR-10 SAM: runs named" in t1 and "dataset.name" in t1 and "dataset.num_classes" in t1
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "table1.csv").read_text())))
     assert "dataset.name" in next(r for r in rows if r["key"] == f"{T1}@sam")["note"]
@@ -705,3 +705,5 @@ def test_unreliable_eigenvalue_ratios_are_left_out_of_the_papers_panel(tmp_path)
     _spectrum(runs / "c" / "hessian_a.json", "sam", [20.0, 8, 6, 4, 0.1], converged=[True] * 4 + [False], training_seed=2)
     md = spectra_markdown(find_spectra([str(runs)]))
     assert _panel(md, "SAM")[5] == "10 (1); 2 left out (not converged, λ_k ≤ 0)"
+    grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]  # the same rule there (it averaged -40 and 200 in)
+    assert "| 10 (5); 2 left out (not converged, λ_k ≤ 0) |" in grouped

@@ -142,7 +142,7 @@ class FiniteGuard:
         bad = self.checked_step + int(self.good_steps) + 1
         raise TrainingDiverged(
             f"non-finite training loss or gradient at step {bad} (epoch {epoch + 1}); nothing after the last good "
-            f"checkpoint ({self.last_checkpoint}) was saved. Lower optimizer.lr or set optimizer.grad_clip, "
+            f"checkpoint ({self.last_checkpoint}) was saved. Lower optimizer.lr (or optimizer.grad_clip), "
             "then train into a new run directory"
         )
 
@@ -449,7 +449,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         if not weights_finite(model):
             raise TrainingDiverged(
                 f"non-finite weights after step {step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
-                f"{guard.last_checkpoint}. Lower optimizer.lr or set optimizer.grad_clip, then train into a new run directory"
+                f"{guard.last_checkpoint}. Lower optimizer.lr (or optimizer.grad_clip), then train into a new run directory"
             )
         if progress is not None and dist_info.enabled:  # the epoch's running stats over all ranks
             progress = _summed_over_ranks(progress, dist_info)

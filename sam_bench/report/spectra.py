@@ -154,6 +154,8 @@ def spectra_markdown(spectra: list[dict]) -> str:
         "",
         "## By experiment: mean ± std over training seeds",
         "",
+        "λ_max/λ_k leaves out the spectra whose ratio says nothing (λ_k ≤ 0, or λ_max or λ_k not converged), as above.",
+        "",
     ]
     if not spectra:
         return "\n".join(lines + ["No `hessian_*.json` under the run roots yet.", ""])
@@ -166,9 +168,11 @@ def spectra_markdown(spectra: list[dict]) -> str:
         groups.setdefault(key, []).append(s)
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(_sortable, kv[0]))):
         members = one_per_training_seed(members)
-        ratios = [r for r in map(_ratio, members) if r is not None]
-        lines.append(md_row([*map(str, key[:7]), _mean_std([m["lambda_max"] for m in members]),
-                             f"{_mean_std(ratios)} ({key[7]})", len(members)]))
+        ratios = [_ratio(m) for m in members if not _unreliable_ratio(m)]  # as in the paper's panel above
+        left_out = sorted({_unreliable_ratio(m) for m in members} - {""})
+        ratio = (_mean_std(ratios) if ratios else "—") + f" ({key[7]})" + \
+            (f"; {len(members) - len(ratios)} left out ({', '.join(left_out)})" if left_out else "")
+        lines.append(md_row([*map(str, key[:7]), _mean_std([m["lambda_max"] for m in members]), ratio, len(members)]))
     lines += ["", "## Every spectrum measured", ""]
     lines += ["| file | model | dataset | optimizer | ρ | epoch | images | eigenvalues | λ_max/λ_k | converged |",
               "|---|---|---|---|---|---|---|---|---|---|"]

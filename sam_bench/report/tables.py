@@ -296,15 +296,17 @@ def paper_markdown(layout: Layout, by_key: dict[str, list[Group]], incomplete: l
         row = list(labels)
         for i, cell in enumerate(cells):
             m = measure(cell, by_key) if cell.key else None
+            off = cell.key in off_preset  # runs named as this cell that change its preset: a note, and a * on the cell
             if _has_runs(layout, i):
-                row += [paper_text(cell), ours_text(m), delta_text(cell, m)]
+                ours = ours_text(m)
+                row += [paper_text(cell), ours + ("*" if off and not ours.endswith("*") else ""), delta_text(cell, m)]
             else:
                 row.append(paper_text(cell))
             where = f"{' / '.join(labels)} · {layout.columns[i]}"
             if m is not None:
                 filled.append((where, cell, m))
-            if cell.key in off_preset:
-                off_notes.append(f"- {where}: {off_preset_note(cell.key, off_preset[cell.key])}")
+            if off:
+                off_notes.append(f"- * {where}: {off_preset_note(cell.key, off_preset[cell.key])}")
         lines.append(md_row(row))
     lines.append("")
     notes = [f"- * {where}: {m.note}" for where, _, m in filled if m.note] + off_notes
