@@ -63,6 +63,14 @@ def test_cifar_meta_file_is_checked_like_the_batches(tmp_path, monkeypatch, dama
         load_cifar("cifar10", str(tmp_path), download=False)
 
 
+def test_cifar_data_root_one_level_too_deep_says_so(tmp_path, monkeypatch):
+    md5 = write_cifar(tmp_path)
+    patch_cifar_md5(monkeypatch, CIFAR10, md5)
+    deep = tmp_path / "cifar-10-batches-py"
+    with pytest.raises(DataError, match=rf"{deep} holds the files themselves: set data_root to its parent, {tmp_path}$"):
+        load_cifar("cifar10", str(deep), download=False)
+
+
 def test_cifar_with_only_its_meta_file_missing_is_downloaded_again(tmp_path, monkeypatch):
     """torchvision's own download checks the data batches only, so a missing batches.meta was never
     fetched: the run failed with "download failed" although nothing was tried."""

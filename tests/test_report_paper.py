@@ -381,6 +381,9 @@ def test_tensorboard_hparams_for_sweeps(tmp_path):
     for rho in (0.02, 0.05):
         fake_run(root, f"r{rho}", "x", "sam", rho, 0, 3.0, val=3.1)
     write_report([str(root)], str(tmp_path / "out"), tensorboard=True)
+    once = len(list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents*")))
+    write_report([str(root)], str(tmp_path / "out"), tensorboard=True)  # a second report replaces, not adds
+    assert len(list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents*"))) == once
     dirs = sorted(p for p in (tmp_path / "out" / "tensorboard").rglob("*") if p.is_dir() and p.parent.parent.name == "tensorboard")
     assert [d.name for d in dirs] == ["sam_rho0.02", "sam_rho0.05"]
     for d in dirs:

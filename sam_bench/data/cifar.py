@@ -43,7 +43,12 @@ def load_cifar(name: str, root: str, download: bool) -> tuple[torch.Tensor, ...]
             ) from e
         bad = _first_bad_file(cls, root)
     if bad is not None:
-        hint = "delete it and run with dataset.download=true" if os.path.exists(bad) else f"download {cls.url} and extract it there, or run with dataset.download=true"
+        if os.path.isfile(os.path.join(root, os.path.basename(bad))):  # data_root=.../cifar-10-batches-py: one level too deep
+            hint = f"{root} holds the files themselves: set data_root to its parent, {os.path.dirname(os.path.abspath(root))}"
+        elif os.path.exists(bad):
+            hint = "delete it and run with dataset.download=true"
+        else:
+            hint = f"download {cls.url} and extract it in {os.path.abspath(root)} (it unpacks as {cls.base_folder}/), or run with dataset.download=true"
         raise DataError(f"{name}: {_describe(bad)}; {hint}")
     train, test = cls(root, train=True), cls(root, train=False)
     return _to_tensors(train) + _to_tensors(test)
