@@ -103,15 +103,14 @@ def build_data(ds, batch_size: int, eval_batch_size: int, device: torch.device, 
     native = train_x.shape[-1]
     if ds.augment == "basic" and not ds.pad < native:
         raise ConfigError(f"dataset.pad={ds.pad} must be below the {native} px image size (reflect padding); the paper pads 4")
+    # noise drawn over the full training set (a validation split leaves the training images' noise as it was); the
+    # held-out labels stay clean, as the paper's "clean random 10% validation split" that chose ρ (Table 8)
     noise = None
-    (train_x, clean_y), val = split_validation(train_x, train_y, ds.val_size)  # validation keeps the clean labels
-    train_y = clean_y
     if ds.label_noise.rate > 0:
-        # drawn over the full training set (so a validation split leaves the training images' noise as it was); the
-        # held-out labels stay clean, as the paper's "clean random 10% validation split" that chose ρ (Table 8)
-        noise = make_noisy_labels(torch.cat([clean_y, val[1]]) if val else clean_y, ds.num_classes, ds.label_noise.rate,
-                                  ds.label_noise.mode, ds.label_noise.seed)
-        train_y = noise.noisy[: len(clean_y)]
+        noise = make_noisy_labels(train_y, ds.num_classes, ds.label_noise.rate, ds.label_noise.mode, ds.label_noise.seed)
+    (train_x, train_y), val = split_validation(train_x, train_y, ds.val_size)
+    if noise is not None:
+        train_y = noise.noisy[: len(train_y)]
     if batch_size > len(train_y):
         raise ConfigError(f"trainer.batch_size={batch_size} exceeds the {len(train_y)} training images of {ds.name}; lower trainer.batch_size")
     mean, std = list(ds.mean), list(ds.std)

@@ -126,9 +126,8 @@ def kept_name(epoch: int) -> str:
 
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete half-written temporaries left by a process killed mid-write (call under the run lock)."""
-    # and those of atomic_write_bytes (result.json, metrics.jsonl, noisy_labels.pt, diverged.json): .<name>.<random>.tmp
-    for pattern in (f"{NEXT}.*.tmp", f"{KEPT_PREFIX}*.pt.*.tmp", ".result.json.*.tmp", ".metrics.jsonl.*.tmp",
-                    ".noisy_labels.pt.*.tmp", ".diverged.json.*.tmp"):
+    # ".*.tmp": the next checkpoint's (.checkpoint.next.pt.<pid>.tmp) and every atomic_write_bytes one (.<name>.<random>.tmp)
+    for pattern in (".*.tmp", f"{KEPT_PREFIX}*.pt.*.tmp"):
         for tmp in Path(run_dir).glob(pattern):
             tmp.unlink(missing_ok=True)
 

@@ -81,12 +81,13 @@ class OutputDirCheck(Callback):
         from omegaconf import OmegaConf
 
         HydraConfig.instance().set_config(config)  # lets ${hydra:...} in the directory resolve
+        directory = Path(str(OmegaConf.select(config, key)))
         try:
-            ensure_writable(Path(str(OmegaConf.select(config, key))), key)
+            ensure_writable(directory, key)
             if key == "hydra.run.dir" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
                 # (under torchrun the ranks learn it together inside the trainer, so that every rank says so:
                 # one rank leaving here first would have torchrun kill the others mid-sentence)
-                refuse_if_in_use(Path(str(OmegaConf.select(config, key))))
+                refuse_if_in_use(directory)
         except ConfigError as e:
             print(f"sam-bench: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -435,8 +435,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         else:
             log.info("resuming %s from epoch %d step %d (global step %d)", run_dir, start_epoch + 1,
                      partial["epoch_step"] if partial else 0, global_step)
-    if not commits or commits[-1] != git_commit():
-        commits.append(git_commit())
+    commit = git_commit()
+    if not commits or commits[-1] != commit:
+        commits.append(commit)
     if data.noise is not None:  # after the config check: a refused resume leaves the run's own noise file alone
         noise_file, noise_sha = data.noise.save(run_dir)
         log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
@@ -596,7 +597,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         "seed": cfg.seed,
         "config": config,
         "config_hash": chash,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "git_commits": commits,  # every version that trained part of it, when a resume ran newer code
         "versions": versions(),
         "device": device_name(device),

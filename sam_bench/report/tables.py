@@ -202,8 +202,9 @@ def off_preset_note(key: str, off: list[tuple[Group, list[str] | None]]) -> str:
 
 
 def measure(cell: Cell, by_key: dict[str, list[Group]]) -> Measured | None:
-    """The runs behind ``cell``; None when none ran. Several configs for one cell (a ρ sweep, say)
-    are resolved the paper's way, by the lowest mean validation error, or left unresolved."""
+    """The runs behind ``cell``; None when none ran. Several configs for one cell (which
+    :func:`index_groups` never gives: it keeps the preset's own config only; a caller's own index
+    may) are resolved the paper's way, by the lowest mean validation error, or left unresolved."""
     candidates = by_key.get(cell.key or "", [])
     if not candidates:
         return None
