@@ -310,9 +310,33 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# Keys that do not change what a run computes, for grouping: the schema's, and the optimizer's
+# diagnostics (they only read the gradients and ε into device accumulators: sam.py _record_cosine,
+# _keep_clean_grad, record_loss_gap; msam.py the same; the update is the same with them off).
+GROUPING_IGNORED = (*NON_SEMANTIC_KEYS, "optimizer.diagnostics", "seed")
+# Optimizer keys an SGD run ignores (one pass, no ascent: sam.SAM.two_pass is False, so neither
+# the ascent's keys nor m-sharpness's chunks nor the ascent's all-reduce is used); ρ is 0 for it.
+SGD_IGNORED = ("rho", "adaptive", "eta", "p", "ascent_steps", "second_order", "m", "sync_perturbation")
+
+
+def grouping_config(config: dict) -> dict:
+    """What a run computes, as the report groups runs: the config with the schema's defaults for the
+    keys it lacks, without the seed and the keys that change nothing (:data:`GROUPING_IGNORED`);
+    an SGD run with ρ = 0 and the SAM-only keys at their defaults (it ignores them)."""
+    out = semantic_config(with_schema_defaults(config), drop=GROUPING_IGNORED)
+    opt = out.get("optimizer")
+    if isinstance(opt, dict) and opt.get("name") == "sgd":
+        optimizer_defaults = schema_defaults()["optimizer"]
+        opt.update({k: optimizer_defaults[k] for k in SGD_IGNORED})
+        opt["rho"] = 0.0
+    return out
+
+
 def experiment_hash(config: dict) -> str:
-    """:func:`config_hash` without the seed: equal for the seeds of one experiment."""
-    return config_hash(semantic_config(config, drop=("seed",)))
+    """A short stable hash of :func:`grouping_config`: equal for the runs the report groups as one
+    experiment (its seeds; SGD runs whatever their ``optimizer.rho``)."""
+    blob = json.dumps(grouping_config(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def validate(cfg: Any) -> None:

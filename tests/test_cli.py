@@ -39,6 +39,16 @@ def test_help_lists_commands(cli_env):
     assert "train" in out and "report" in out
     hydra_help = run(["train", "--help"], cli_env).stdout
     assert "optimizer: asam, sam, sgd" in hydra_help and "dataset: cifar10, cifar100, cifar100_noisy, cifar10_noisy, fashion_mnist, fgvc_aircraft" in hydra_help
+    assert hydra_help.startswith("usage: sam-bench train")
+
+
+@pytest.mark.parametrize("command, keys", [("report", ["runs:", "out: results", "tensorboard: false"]),
+                                           ("hessian", ["checkpoint: ???", "images: ", "top_k: 5"])])
+def test_report_and_hessian_help_show_their_own_keys_not_train_groups(cli_env, command, keys):
+    out = run([command, "--help"], cli_env).stdout
+    assert out.startswith(f"usage: sam-bench {command}")
+    assert all(key in out for key in keys), out
+    assert "Configuration groups" not in out and "optimizer: asam" not in out and "experiment/paper" not in out
 
 
 def test_cfg_job_prints_composed_config(cli_env):

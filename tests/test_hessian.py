@@ -264,6 +264,29 @@ def test_spectra_of_one_name_with_other_settings_are_other_experiments(tmp_path)
     assert f"| fig3/hessian [{h2}] | wrn40_10_nobn | cifar10 | sgd | 0.0 | 300 | 5000 | 100 |" in grouped
 
 
+def test_sgd_spectra_whatever_their_rho_are_one_experiment(tmp_path):
+    """SGD ignores optimizer.rho (and the SAM-only keys), so SGD runs launched with other rho values
+    are one experiment in hessian.md, as in the error tables; SAM runs at other rho are not."""
+    from sam_bench.report import write_report
+    from sam_bench.schema import experiment_hash
+
+    def config(name, rho, seed, **extra):
+        return {"name": "fig3/hessian", "optimizer": {"name": name, "lr": 0.1, "rho": rho, **extra}, "seed": seed}
+
+    assert experiment_hash(config("sgd", 0.05, 0)) == experiment_hash(config("sgd", 0.1, 1, m=32)) \
+        == experiment_hash(config("sgd", 0.0, 2, diagnostics=True))
+    assert experiment_hash(config("sam", 0.05, 0)) != experiment_hash(config("sam", 0.1, 0))
+    runs = tmp_path / "runs"
+    for rho, seed, lam in ((0.05, 0, 20.0), (0.1, 1, 30.0)):  # as spectrum.py records them: rho as configured
+        fake_spectrum(runs / f"rho{rho}_s{seed}" / "hessian_checkpoint_epoch0300.json", "wrn40_10_nobn", "cifar10", "sgd",
+                      rho, 300, [lam, 8, 6, 4, 2.0], name="fig3/hessian", method="sgd", training_seed=seed,
+                      experiment_hash=experiment_hash(config("sgd", rho, seed)))
+    write_report([str(runs)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "hessian.md").read_text()
+    assert "several configurations" not in md
+    assert "| SGD | 300 | 24.2 | 25 (2) |" in md
+
+
 def test_a_spectrum_from_before_experiment_hash_is_not_another_seed_of_its_run(tmp_path):
     """A file written before spectra recorded experiment_hash, beside newer ones of the same
     training run (a convergence check measured later): the paper's panel counts that run once."""

@@ -69,6 +69,11 @@ def test_report_files_are_byte_stable_and_show_varying_keys(tmp_path):
     assert "| t1 | cifar10 | wrn28_10 | sam | 0.05 | 200 | 2.70 | 1 | 0 |" in text1
     assert "| t1 | cifar10 | wrn28_10 | sam | 0.05 | 400 | 2.70 ± 0.28 | 2 | 0,1 |" in text1
     assert "data_root" not in text1  # paths never split groups
+    assert csv1.decode().splitlines() == [  # the statistics as numbers, each in a column of its own
+        "experiment,dataset,model,optimizer,rho,epochs,test_error_mean,test_error_std,n,seeds",
+        "t1,cifar10,wrn28_10,sam,0.05,200,2.7000,,1,0",
+        f't1,cifar10,wrn28_10,sam,0.05,400,2.7000,{statistics.stdev([2.5, 2.9]):.4f},2,"0,1"',
+    ]
 
 
 def test_a_result_without_config_or_seed_is_listed_with_the_reason_and_the_rest_reported(tmp_path):

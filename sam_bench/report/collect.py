@@ -17,24 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from sam_bench.schema import (
-    NON_SEMANTIC_KEYS,
-    method_label,
-    schema_defaults,
-    semantic_config,
-    with_schema_defaults,
-)
+from sam_bench.schema import grouping_config, method_label
 from sam_bench.tracking.results import RESULT_FILE, read_divergence
 
 log = logging.getLogger(__name__)
-
-# Keys that do not change what a run computes, for grouping: the schema's, and the optimizer's
-# diagnostics (they only read the gradients and ε into device accumulators: sam.py _record_cosine,
-# _keep_clean_grad, record_loss_gap; msam.py the same; the update is the same with them off).
-GROUPING_IGNORED = (*NON_SEMANTIC_KEYS, "optimizer.diagnostics", "seed")
-# Optimizer keys an SGD run ignores (one pass, no ascent: sam.SAM.two_pass is False, so neither
-# the ascent's keys nor m-sharpness's chunks nor the ascent's all-reduce is used); ρ is 0 for it.
-SGD_IGNORED = ("rho", "adaptive", "eta", "p", "ascent_steps", "second_order", "m", "sync_perturbation")
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables). Hard-coded so
 # the report needs no scipy and gives the same bytes everywhere; larger df use a Cornish-Fisher
@@ -127,19 +113,6 @@ class Group:
 
 #: The method of each cell variant a preset name may carry after ``@``.
 VARIANT_METHODS = {"sgd2x": "sgd"}
-
-
-def grouping_config(config: dict) -> dict:
-    """What a run computes, as the report groups runs: the config with the schema's defaults for the
-    keys it lacks, without the seed and the keys that change nothing (:data:`GROUPING_IGNORED`);
-    an SGD run with ρ = 0 and the SAM-only keys at their defaults (it ignores them)."""
-    out = semantic_config(with_schema_defaults(config), drop=GROUPING_IGNORED)
-    opt = out.get("optimizer")
-    if isinstance(opt, dict) and opt.get("name") == "sgd":
-        optimizer_defaults = schema_defaults()["optimizer"]
-        opt.update({k: optimizer_defaults[k] for k in SGD_IGNORED})
-        opt["rho"] = 0.0
-    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:

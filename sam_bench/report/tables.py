@@ -14,8 +14,9 @@ from statistics import fmean
 from omegaconf import OmegaConf
 
 from sam_bench.paths import config_dir
-from sam_bench.report.collect import Group, ci95, failure_note, flatten, grouping_config, md_row
+from sam_bench.report.collect import Group, ci95, failure_note, flatten, md_row
 from sam_bench.report.paper import Cell, Layout, layouts, paper_float
+from sam_bench.schema import grouping_config
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,23 @@ def _fmt(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+def _config_cells(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    """The columns that tell the groups apart (the base ones, then every key that varies) and each
+    group's values in them."""
     extra = varying_keys(groups)
-    header = [h for _, h in BASE_COLUMNS] + extra + ["test error % (mean ± std)", "n", "seeds"]
     body = []
     for g in groups:
         flat = {**flatten(g.config), "method": g.method}
-        cells = [_fmt(flat.get(k)) for k, _ in BASE_COLUMNS] + [_fmt(flat.get(k)) for k in extra]
+        body.append([_fmt(flat.get(k)) for k, _ in BASE_COLUMNS] + [_fmt(flat.get(k)) for k in extra])
+    return [h for _, h in BASE_COLUMNS] + extra, body
+
+
+def rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    header, body = _config_cells(groups)
+    for g, cells in zip(groups, body):
         err = f"{g.mean:.2f}" + (f" ± {g.std:.2f}" if g.std is not None else "")
-        body.append(cells + [err, str(len(g.runs)), ",".join(str(s) for s in g.seeds)])
-    return header, body
+        cells += [err, str(len(g.runs)), ",".join(str(s) for s in g.seeds)]
+    return header + ["test error % (mean ± std)", "n", "seeds"], body
 
 
 def markdown(groups: list[Group], incomplete: list[str]) -> str:
@@ -73,11 +81,15 @@ def markdown(groups: list[Group], incomplete: list[str]) -> str:
 
 
 def to_csv(groups: list[Group]) -> str:
-    header, body = rows(groups)
+    """summary.md's table with the statistics as numbers in columns of their own (std empty for
+    one seed), for plotting or diffing."""
+    header, body = _config_cells(groups)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(body)
+    w.writerow(header + ["test_error_mean", "test_error_std", "n", "seeds"])
+    for g, cells in zip(groups, body):
+        w.writerow(cells + [f"{g.mean:.4f}", f"{g.std:.4f}" if g.std is not None else "", len(g.runs),
+                            ",".join(str(s) for s in g.seeds)])
     return buf.getvalue()
 
 
