@@ -64,6 +64,13 @@ def write_fashion_mnist_gz(directory: Path, n_train: int = 64, n_test: int = 32,
     return arrays
 
 
+def patch_fashion_md5(monkeypatch, arrays: dict[str, np.ndarray]) -> None:
+    """Make the loader's official md5s those of the small files ``write_fashion_mnist_gz`` wrote."""
+    from sam_bench.data import fashion_mnist
+
+    monkeypatch.setattr(fashion_mnist, "RAW_MD5", {name: hashlib.md5(idx_bytes(a)).hexdigest() for name, a in arrays.items()})
+
+
 def write_svhn(directory: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
     """torchvision's SVHN ``<split>_32x32.mat`` files (X: H,W,C,N uint8; y: N,1 in 1..10, 10 = digit 0).
 

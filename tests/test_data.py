@@ -1,8 +1,10 @@
 """Loaders on files written in the real on-disk formats; the GPU-style batch augmentation."""
 
 import gzip
+import hashlib
 import pickle
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from datafiles import idx_bytes, patch_cifar_md5, write_cifar, write_fashion_mnist_gz
+from datafiles import idx_bytes, patch_cifar_md5, patch_fashion_md5, write_cifar, write_fashion_mnist_gz
 from sam_bench.data import DeviceLoader
 from sam_bench.data.cifar import load_cifar
 from sam_bench.data.fashion_mnist import load_fashion_mnist
@@ -92,8 +94,9 @@ def test_cifar_with_only_its_meta_file_missing_is_downloaded_again(tmp_path, mon
     assert fetched == [(CIFAR10.url, CIFAR10.filename)] and train_x.shape == (100, 3, 32, 32)
 
 
-def test_fashion_mnist_from_system_gz_files(tmp_path):
+def test_fashion_mnist_from_system_gz_files(tmp_path, monkeypatch):
     arrays = write_fashion_mnist_gz(tmp_path / "system")
+    patch_fashion_md5(monkeypatch, arrays)
     train_x, train_y, test_x, test_y = load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
     assert train_x.shape == (64, 1, 28, 28) and train_x.dtype == torch.uint8
     assert np.array_equal(train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
@@ -106,12 +109,12 @@ def test_fashion_mnist_missing_is_a_clear_error(tmp_path):
         load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "nowhere"), download=False)
 
 
-def test_fashion_mnist_truncated_file_is_a_clear_error(tmp_path):
-    write_fashion_mnist_gz(tmp_path / "system")
+def test_fashion_mnist_truncated_file_is_a_clear_error(tmp_path, monkeypatch):
+    patch_fashion_md5(monkeypatch, write_fashion_mnist_gz(tmp_path / "system"))
     load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
     raw = tmp_path / "root" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
     raw.write_bytes(raw.read_bytes()[:1000])
-    with pytest.raises(DataError, match=r"t10k-\*-ubyte is unreadable"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte is not the official .*delete .*raw to extract or download it again"):
         load_fashion_mnist(str(tmp_path / "root"), None, download=False)
 
 
@@ -130,13 +133,14 @@ def test_fashion_mnist_corrupt_system_gz_is_a_clear_error_and_leaves_no_temporar
     assert [p.name for p in raw.iterdir() if p.name.startswith(".tmp-")] == []
 
 
-def test_fashion_mnist_gzip_files_copied_into_the_raw_folder_are_extracted_readable_by_others(tmp_path):
+def test_fashion_mnist_gzip_files_copied_into_the_raw_folder_are_extracted_readable_by_others(tmp_path, monkeypatch):
     """The error message says "copy the gzip IDX files there": that now works, and what is extracted gets the
     umask's mode (mkstemp's 0600 left the files unreadable to the rest of a shared data root's group)."""
     import os
     import shutil
 
     arrays = write_fashion_mnist_gz(tmp_path / "system")
+    patch_fashion_md5(monkeypatch, arrays)
     raw = tmp_path / "root" / "FashionMNIST" / "raw"
     shutil.copytree(tmp_path / "system", raw)
     old = os.umask(0o022)
@@ -149,6 +153,40 @@ def test_fashion_mnist_gzip_files_copied_into_the_raw_folder_are_extracted_reada
         os.umask(old)
     assert np.array_equal(train_y.numpy(), arrays["train-labels-idx1-ubyte"].astype(np.int64))
     assert mode == 0o644 and (raw / "train-images-idx3-ubyte").stat().st_mode & 0o777 == results.FILE_MODE
+
+
+def test_fashion_mnist_from_debians_package_matches_the_official_md5s(tmp_path):
+    """The real files (the README installs dataset-fashion-mnist): Debian's .gz decompress to the
+    official release, whose md5s the loader checks, and it gives the official split sizes."""
+    from sam_bench.data.fashion_mnist import RAW_MD5
+
+    system = Path("/usr/share/datasets/fashion-mnist")
+    assert system.is_dir(), "install Debian's dataset-fashion-mnist, as the README's install command does"
+    assert {p.name: hashlib.md5(gzip.decompress(p.read_bytes())).hexdigest() for p in system.glob("*.gz")} \
+        == {f"{name}.gz": md5 for name, md5 in RAW_MD5.items()}
+    train_x, train_y, test_x, test_y = load_fashion_mnist(str(tmp_path / "root"), str(system), download=False)
+    assert train_x.shape == (60000, 1, 28, 28) and test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(train_y).tolist() == [6000] * 10 and torch.bincount(test_y).tolist() == [1000] * 10
+
+
+def test_fashion_mnist_other_files_are_refused_before_extraction_and_in_the_raw_folder(tmp_path, monkeypatch):
+    """Files that are valid IDX but not the official ones (another dataset, a damaged copy) are refused
+    with the file, both md5s and the fix: at extraction nothing takes its place; in the raw folder at
+    every load."""
+    arrays = write_fashion_mnist_gz(tmp_path / "system")
+    with pytest.raises(DataError, match=r"system/train-images-idx3-ubyte.gz decompressed is not the official "
+                                        r"train-images-idx3-ubyte \(md5 [0-9a-f]{32}, expected f4a8712d7a061bf5bd6d2ca38dc4d50a\).*reinstall"):
+        load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == []  # no temporary, no unchecked file
+    patch_fashion_md5(monkeypatch, arrays)
+    load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
+    labels = raw / "train-labels-idx1-ubyte"
+    flipped = arrays["train-labels-idx1-ubyte"].copy()
+    flipped[0] = (flipped[0] + 1) % 10  # one label changed: still a readable IDX file
+    labels.write_bytes(idx_bytes(flipped))
+    with pytest.raises(DataError, match=r"raw/train-labels-idx1-ubyte is not the official train-labels-idx1-ubyte"):
+        load_fashion_mnist(str(tmp_path / "root"), None, download=False)
 
 
 def test_fashion_mnist_system_dir_missing_one_file_names_it(tmp_path):
@@ -164,7 +202,7 @@ def test_a_data_root_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
 
     from sam_bench.data import load_arrays
 
-    write_fashion_mnist_gz(tmp_path / "home" / "system")
+    patch_fashion_md5(monkeypatch, write_fashion_mnist_gz(tmp_path / "home" / "system"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     ds = SimpleNamespace(name="fashion_mnist", root="~/data", system_dir="~/system", download=False,
@@ -174,7 +212,7 @@ def test_a_data_root_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("num_classes,label", [(10, 200), (5, 9)])  # a corrupt byte; num_classes too small
-def test_labels_outside_num_classes_are_a_clear_error(tmp_path, num_classes, label):
+def test_labels_outside_num_classes_are_a_clear_error(tmp_path, monkeypatch, num_classes, label):
     """A corrupt label byte, or a dataset.num_classes smaller than the data's, fails at loading."""
     from types import SimpleNamespace
 
@@ -186,6 +224,7 @@ def test_labels_outside_num_classes_are_a_clear_error(tmp_path, num_classes, lab
     labels[3] = label  # the only label outside [0, num_classes)
     with gzip.open(tmp_path / "system" / "train-labels-idx1-ubyte.gz", "wb") as f:
         f.write(idx_bytes(labels))
+    patch_fashion_md5(monkeypatch, arrays)
     ds = SimpleNamespace(name="fashion_mnist", root=str(tmp_path / "root"), system_dir=str(tmp_path / "system"), download=False,
                          train_subset=None, test_subset=None, in_chans=1, image_size=28, num_classes=num_classes)
     with pytest.raises(DataError, match=rf"fashion_mnist: \d+ training label\(s\) outside \[0, {num_classes}\) \(e.g. {label}\)"):

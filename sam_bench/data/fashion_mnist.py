@@ -3,12 +3,15 @@
 Lookup order: ``<root>/FashionMNIST/raw/`` (torchvision's layout); else the gzip IDX files of a
 system directory (Debian's ``dataset-fashion-mnist`` installs them in
 ``/usr/share/datasets/fashion-mnist``), extracted once into that layout; else torchvision's
-checksummed download. torchvision then reads the IDX files.
+checksummed download. Every IDX file is checked against the md5 of the official release before
+torchvision reads it (the decompressed files: Debian's ``.gz`` files differ from the official ones
+byte for byte, their contents do not).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +24,15 @@ from sam_bench.errors import DataError
 from sam_bench.tracking.results import FILE_MODE
 
 _GZ_FILES = [name for name, _ in FashionMNIST.resources]
+#: md5 of each decompressed IDX file of the official release (zalandoresearch/fashion-mnist), as
+#: public loaders list them; Debian's dataset-fashion-mnist decompresses to exactly these.
+RAW_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+_CHUNK = 1 << 20
 
 
 def _raw_dir(root: str) -> str:
@@ -31,25 +43,57 @@ def _missing_raw(root: str) -> list[str]:
     return [f for f in (os.path.splitext(g)[0] for g in _GZ_FILES) if not os.path.isfile(os.path.join(_raw_dir(root), f))]
 
 
+def _md5_of(path: str) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _wrong_md5(name: str, got: str, where: str, fix: str) -> DataError:
+    return DataError(f"fashion_mnist: {where} is not the official {name} (md5 {got}, expected {RAW_MD5[name]}): "
+                     f"the file is damaged or another dataset's; {fix}")
+
+
 def _extract_from(system_dir: str, root: str) -> None:
-    """Decompress the four ``.gz`` files into torchvision's raw folder (atomic per file)."""
+    """Decompress the four ``.gz`` files into torchvision's raw folder (atomic per file), each
+    checked against :data:`RAW_MD5` before it takes its place."""
     raw = _raw_dir(root)
     try:
         os.makedirs(raw, exist_ok=True)
     except OSError as e:  # data_root is a file, or not writable
         raise DataError(f"fashion_mnist: cannot create {os.path.abspath(raw)} to extract {system_dir}'s files into ({e}); "
                         "point data_root at a writable directory") from e
+    reinstall = "reinstall the package (apt-get install --reinstall dataset-fashion-mnist)"
     for gz in _GZ_FILES:
-        src, dst = os.path.join(system_dir, gz), os.path.join(raw, os.path.splitext(gz)[0])
+        name = os.path.splitext(gz)[0]
+        src, dst = os.path.join(system_dir, gz), os.path.join(raw, name)
         fd, tmp = tempfile.mkstemp(dir=raw, prefix=".tmp-")
         os.fchmod(fd, FILE_MODE)  # readable by others as torchvision's own download would be, not mkstemp's 0600
+        digest = hashlib.md5()
         try:
             with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            os.replace(tmp, dst)
+                while chunk := fin.read(_CHUNK):
+                    digest.update(chunk)
+                    fout.write(chunk)
         except (OSError, EOFError, zlib.error) as e:  # missing, truncated, or corrupt deflate data
             os.unlink(tmp)
-            raise DataError(f"fashion_mnist: cannot decompress {src} ({e}); reinstall the package (apt-get install --reinstall dataset-fashion-mnist)") from e
+            raise DataError(f"fashion_mnist: cannot decompress {src} ({e}); {reinstall}") from e
+        if digest.hexdigest() != RAW_MD5[name]:
+            os.unlink(tmp)
+            raise _wrong_md5(name, digest.hexdigest(), f"{src} decompressed", reinstall)
+        os.replace(tmp, dst)
+
+
+def _check_raw_files(root: str) -> None:
+    """Each IDX file in torchvision's raw folder is the official one (a few hundredths of a second)."""
+    for name, expected in RAW_MD5.items():
+        path = os.path.join(_raw_dir(root), name)
+        got = _md5_of(path)
+        if got != expected:
+            raise _wrong_md5(name, got, os.path.abspath(path),
+                             f"delete {os.path.abspath(_raw_dir(root))} to extract or download it again")
 
 
 def load_fashion_mnist(root: str, system_dir: str | None, download: bool) -> tuple[torch.Tensor, ...]:
@@ -76,6 +120,7 @@ def load_fashion_mnist(root: str, system_dir: str | None, download: bool) -> tup
                 f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))}; install "
                 "dataset-fashion-mnist (apt-get) or run with dataset.download=true"
             )
+    _check_raw_files(root)
     out: list[torch.Tensor] = []
     for train in (True, False):
         try:
