@@ -315,8 +315,9 @@ def config_hash(config: dict) -> str:
 # _keep_clean_grad, record_loss_gap; msam.py the same; the update is the same with them off).
 GROUPING_IGNORED = (*NON_SEMANTIC_KEYS, "optimizer.diagnostics", "seed")
 # Optimizer keys an SGD run ignores (one pass, no ascent: sam.SAM.two_pass is False, so neither
-# the ascent's keys nor m-sharpness's chunks nor the ascent's all-reduce is used); ρ is 0 for it.
-SGD_IGNORED = ("rho", "adaptive", "eta", "p", "ascent_steps", "second_order", "m", "sync_perturbation")
+# the ascent's keys nor the ascent's all-reduce is used); ρ is 0 for it. Not m: an SGD run
+# normalises BatchNorm per chunk of m examples, as SAM's chunks do (engine/step.py).
+SGD_IGNORED = ("rho", "adaptive", "eta", "p", "ascent_steps", "second_order", "sync_perturbation")
 
 
 def grouping_config(config: dict) -> dict:
@@ -359,6 +360,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"optimizer.schedule={opt.schedule!r} is unknown: use cosine or constant")
     if tr.epochs < 1:
         raise ConfigError(f"trainer.epochs={tr.epochs} must be >= 1")
+    if not 0 <= opt.warmup_epochs < tr.epochs:
+        raise ConfigError(f"optimizer.warmup_epochs={opt.warmup_epochs} must be >= 0 and below trainer.epochs={tr.epochs} "
+                          "(the linear warmup comes out of the run's epochs; the paper uses 0)")
     if tr.eval_every < 1:
         raise ConfigError(f"trainer.eval_every={tr.eval_every} must be >= 1 (epochs between test evaluations)")
     if tr.batch_size < 1 or tr.eval_batch_size < 1:

@@ -273,9 +273,10 @@ def test_sgd_spectra_whatever_their_rho_are_one_experiment(tmp_path):
     def config(name, rho, seed, **extra):
         return {"name": "fig3/hessian", "optimizer": {"name": name, "lr": 0.1, "rho": rho, **extra}, "seed": seed}
 
-    assert experiment_hash(config("sgd", 0.05, 0)) == experiment_hash(config("sgd", 0.1, 1, m=32)) \
+    assert experiment_hash(config("sgd", 0.05, 0)) == experiment_hash(config("sgd", 0.1, 1, p="inf", ascent_steps=3)) \
         == experiment_hash(config("sgd", 0.0, 2, diagnostics=True))
     assert experiment_hash(config("sam", 0.05, 0)) != experiment_hash(config("sam", 0.1, 0))
+    assert experiment_hash(config("sgd", 0.05, 0, m=32)) != experiment_hash(config("sgd", 0.05, 0))  # BN per chunk of m
     runs = tmp_path / "runs"
     for rho, seed, lam in ((0.05, 0, 20.0), (0.1, 1, 30.0)):  # as spectrum.py records them: rho as configured
         fake_spectrum(runs / f"rho{rho}_s{seed}" / "hessian_checkpoint_epoch0300.json", "wrn40_10_nobn", "cifar10", "sgd",

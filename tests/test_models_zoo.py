@@ -281,6 +281,25 @@ def test_shake_shake_forward_backward_true_gradient_and_eval():
     torch.testing.assert_close(ss(a, b), 0.5 * (a + b))
 
 
+@pytest.mark.parametrize("name, kwargs, draws", [
+    ("resnet18", {"drop_rate": 0.5}, True), ("tf_efficientnet_b0", {"drop_rate": 0.5, "drop_path_rate": 0.0}, True),
+    ("resnet18", {}, False), ("tf_efficientnet_b0", {"drop_rate": 0.0, "drop_path_rate": 0.0}, False)])
+def test_timm_functional_dropout_counts_as_randomness(name, kwargs, draws):
+    """timm models apply their head dropout with F.dropout (drop_rate), which no module shows: RNG
+    replay must still see it, or the two SAM passes draw different masks (QA: it was silently off)."""
+    import timm
+
+    from sam_bench.engine.step import uses_randomness
+
+    model = timm.create_model(name, num_classes=3, **kwargs).train()
+    assert uses_randomness(model) is draws
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    first = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, model(x)) is not draws  # the output depends on the RNG exactly when it draws
+
+
 @pytest.mark.parametrize("name", ["shake_shake_mini", "pyramidnet_shakedrop_mini"])
 def test_whole_model_replays_draws_and_is_marked_stochastic(name):
     from sam_bench.engine.step import uses_randomness

@@ -606,15 +606,18 @@ def test_the_sgd_2x_column_takes_sgd_runs_only(tmp_path):
 
 def test_sgd_runs_that_differ_in_rho_or_sam_only_keys_are_one_group_at_rho_0(tmp_path):
     """`optimizer=sgd,sam optimizer.rho=0.02,0.05`: the SGD runs are one config (ρ = 0), counted once,
-    fill their cell, and are one sweep point with nothing chosen."""
+    fill their cell, and are one sweep point with nothing chosen. Not m: SGD normalises BN per chunk
+    of m, so an SGD run with another m is another experiment."""
     root = tmp_path / "runs"
     for rho, val in ((0.02, 3.0), (0.05, 2.8)):
         fake_run(root, f"sam{rho}", "x", "sam", rho, 0, 3.0, val=val)
         fake_run(root, f"sgd{rho}", "x", "sgd", rho, int(rho * 100), 4.0 + rho, val=5.0 - rho,
-                 opt={"adaptive": rho > 0.03, "ascent_steps": 1 + (rho > 0.03), "m": 32 if rho > 0.03 else None})
+                 opt={"adaptive": rho > 0.03, "ascent_steps": 1 + (rho > 0.03), "p": "inf" if rho > 0.03 else "2"})
     groups = group_runs(find_runs([str(root)])[0])
     (sgd,) = [g for g in groups if g.method == "sgd"]
     assert sgd.seeds == [2, 5] and sgd.config["optimizer"]["rho"] == 0.0
+    other = fake_run(tmp_path / "other", "sgd_m32", "x", "sgd", 0.05, 7, 4.5, opt={"m": 32})
+    assert len([g for g in group_runs(find_runs([str(root), str(other)])[0]) if g.method == "sgd"]) == 2
     write_report([str(root)], str(tmp_path / "out"))
     summary = list(csv.DictReader(io.StringIO((tmp_path / "out" / "summary.csv").read_text())))
     assert [(r["optimizer"], r["rho"], r["n"]) for r in summary if r["optimizer"] == "sgd"] == [("sgd", "0", "2")]

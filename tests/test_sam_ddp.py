@@ -103,3 +103,39 @@ def test_sync_perturbation_differs_from_per_rank(ddp_results):
         train_step(model, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=M)
     diff = max(float((a - b).abs().max()) for a, b in zip(got.values(), model.state_dict().values()) if a.is_floating_point())
     assert diff > 1e-8
+
+
+def _frozen_worker(rank, world, port, out):
+    """The DDP path of train_step (no_sync, preload_l2, BN averaging) on a 1-rank group, beside the
+    plain step, with a parameter frozen after the optimizer was built."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        states = []
+        for use_ddp in (False, True):
+            model, opt = model_and_opt()
+            model[0].bias.requires_grad_(False)
+            net = nn.parallel.DistributedDataParallel(model) if use_ddp else model
+            for s in range(STEPS):
+                x, y = batch(s)
+                train_step(net, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model))
+            states.append(model.state_dict())
+        torch.save(states, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_step_leaves_a_frozen_parameter_alone_as_the_plain_step_does(tmp_path):
+    """Under DDP the L2 term is put in p.grad before the perturbed backward (preload_l2): it went to
+    every parameter, so one frozen after the optimizer was built moved by -lr·wd·w per step. Now only
+    the parameters with a clean-pass gradient get it, and the DDP step equals the plain one."""
+    out = str(tmp_path / "states")
+    mp.spawn(_frozen_worker, args=(1, _free_port(), out), nprocs=1, join=True)
+    plain, ddp = torch.load(out)
+    model, _ = model_and_opt()
+    torch.testing.assert_close(plain["0.bias"], model[0].bias.detach(), rtol=0, atol=0)
+    for key in plain:
+        torch.testing.assert_close(ddp[key], plain[key], rtol=0, atol=1e-12, msg=key)
+    assert not torch.equal(plain["0.weight"], model[0].weight.detach())  # it trained

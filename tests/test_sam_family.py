@@ -588,10 +588,11 @@ class RichNet(nn.Module):
         return self.fc2(torch.relu(self.bn3(self.fc1(h))))
 
 
-def generic_loop_reference(model, batches, m, bn_mode, k=1):
+def generic_loop_reference(model, batches, m, bn_mode, k=1, rho=RHO):
     """Any model: one deep copy per chunk ("device") with plain autograd, SAM on the chunk (k
     projected ascent steps, BN state left alone by the extra ones), then the mean of the chunk
-    gradients and of the BN state (official pmap semantics), Nesterov SGD."""
+    gradients and of the BN state (official pmap semantics), Nesterov SGD. ``rho=0``: the official
+    SGD baseline on those devices (each normalises BN over its own chunk)."""
     model = copy.deepcopy(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     v = {n: 0.0 for n in names}
@@ -602,7 +603,7 @@ def generic_loop_reference(model, batches, m, bn_mode, k=1):
             dp = dict(dev.named_parameters())
             g = torch.autograd.grad(F.cross_entropy(dev(xc), yc), [dp[n] for n in names])
             g = [a + WD * dp[n].detach() for a, n in zip(g, names)]
-            eps = [RHO * a / norm(g) for a in g]
+            eps = [rho * a / norm(g) for a in g]
             clean = {key: b.clone() for key, b in dev.named_buffers()}
             w0 = [dp[n].detach().clone() for n in names]
             for _ in range(k - 1):  # an ascent pass at w + ε on a copy whose BN state is thrown away
@@ -613,8 +614,8 @@ def generic_loop_reference(model, batches, m, bn_mode, k=1):
                         sp[n].copy_(a + e)
                 ga = torch.autograd.grad(F.cross_entropy(shifted(xc), yc), [sp[n] for n in names])
                 ga = [a + WD * sp[n].detach() for a, n in zip(ga, names)]
-                eps = [e + RHO * a / norm(ga) for e, a in zip(eps, ga)]
-                eps = [e * min(1.0, RHO / norm(eps)) for e in eps]
+                eps = [e + rho * a / norm(ga) for e, a in zip(eps, ga)]
+                eps = [e * min(1.0, rho / norm(eps)) for e in eps]
             with torch.no_grad():
                 for n, e in zip(names, eps):
                     dp[n].add_(e)
@@ -659,6 +660,75 @@ def test_m_sharpness_matches_loop_reference_on_every_layer_kind(bn_mode, engine)
     for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
     assert not torch.equal(model.fc2.weight, RichNet().double().fc2.weight)  # it trained
+
+
+@pytest.mark.parametrize("bn_mode", ["clean", "frozen"])
+def test_sgd_with_m_normalises_batch_norm_per_chunk_as_the_official_devices(bn_mode):
+    """optimizer.m with SGD (ρ = 0, one pass): each chunk of m examples is a simulated device that
+    normalises BN over its own examples, as m-SAM's chunks and the official code's SGD baseline do
+    (BN batch = per-device batch, recipes.md §2); equal to the loop over per-chunk model copies with
+    ρ = 0, and to SAM's limit ρ -> 0 with the same m. Before, SGD ignored m (BN over the whole batch)."""
+    model, batches, _, _ = rich_net_case(bn_mode, seed=9)
+    ref = generic_loop_reference(model, batches, 4, "clean", rho=0.0)
+    near_zero = copy.deepcopy(model)
+    sgd = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=0.0, weight_decay=WD,
+              grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    assert not sgd.two_pass
+    for x, y in batches:
+        train_step(model, sgd, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    tiny_rho = SAM([p for p in near_zero.parameters() if p.requires_grad], torch.optim.SGD, rho=1e-12, weight_decay=WD,
+                   grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    for x, y in batches:
+        train_step(near_zero, tiny_rho, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(near_zero), m=4)
+    for (name, a), b in zip(model.state_dict().items(), near_zero.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)  # the ρ -> 0 limit of m-SAM is this SGD
+    assert all(bn.forward.__func__ is type(bn).forward for bn in batchnorm_modules(model))  # forwards put back
+
+
+def test_sgd_with_m_under_torch_compile_matches_the_loop_reference():
+    """The compiled model: ghost BN as one vectorised expression, same numbers, one graph reused."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, batches, _, _ = rich_net_case("clean", seed=10)
+    ref = generic_loop_reference(model, batches, 4, "clean", rho=0.0)
+    sgd = SAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, rho=0.0, weight_decay=WD,
+              grad_clip=5.0, lr=LR, momentum=MOMENTUM, nesterov=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    start = counters["stats"]["unique_graphs"]
+    for x, y in batches:
+        train_step(compiled, sgd, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+    assert counters["stats"]["unique_graphs"] - start == 1
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    torch._dynamo.reset()
+
+
+def test_sgd_with_m_refuses_a_batch_norm_subclass_it_cannot_split():
+    from sam_bench.optim.chunked import ghost_batch_norm_unsupported
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.Flatten())
+    assert "BatchNormAct" in ghost_batch_norm_unsupported(model) and "optimizer.m=null" in ghost_batch_norm_unsupported(model)
+    sgd = make_sam(model, rho=0.0)
+    x, y = batch(0, 8)
+    with pytest.raises(ValueError, match="BatchNormAct"):
+        train_step(model, sgd, x, y, lambda out, t: out.sum(), NO_AMP, batchnorm_modules(model), m=4)
+    assert ghost_batch_norm_unsupported(tiny_model()) is None
+
+
+@pytest.mark.parametrize("m", [3, 5, 16, 0])
+@pytest.mark.parametrize("rho", [0.0, RHO])
+def test_an_m_that_does_not_divide_the_batch_is_refused(m, rho):
+    """train_step itself (the config checks trainer.batch_size): before, m = 3 of 8 ran as m = 4 and
+    m = 5 as plain SAM, silently; m = 16 crashed in a reshape."""
+    model = tiny_model()
+    opt = make_sam(model, rho=rho)
+    x, y = batch(0, 8)
+    with pytest.raises(ValueError, match=rf"m={m} must be >= 1 and divide the batch of 8"):
+        train_step(model, opt, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=m)
 
 
 def test_m_sharpness_with_timm_batch_norm_act_matches_loop_reference():
@@ -766,6 +836,8 @@ def train_cfg(precision="auto", **opt):
     (dict(second_order=True), "fp16", r"second_order"),
     (dict(m=4, second_order=True, m_engine="split"), "auto", r"optimizer\.m_engine=split cannot take optimizer\.second_order"),
     (dict(eta=-1.0), "auto", r"optimizer\.eta"),
+    (dict(warmup_epochs=-0.5), "auto", r"optimizer\.warmup_epochs=-0\.5 must be >= 0 and below trainer\.epochs=1"),
+    (dict(warmup_epochs=1.0), "auto", r"optimizer\.warmup_epochs=1\.0 must be >= 0 and below trainer\.epochs=1"),
 ])
 def test_validate_rejects_bad_sam_family_keys(opt, precision, message):
     from sam_bench.schema import validate
@@ -773,6 +845,7 @@ def test_validate_rejects_bad_sam_family_keys(opt, precision, message):
     with pytest.raises(ConfigError, match=message):
         validate(train_cfg(precision, **opt))
     validate(train_cfg(m=4))  # a divisor is fine
+    validate(train_cfg(warmup_epochs=0.5))  # a warmup shorter than the run too
 
 
 # ---- 4. variants ----------------------------------------------------------------------------
@@ -1044,6 +1117,30 @@ def test_fp16_overflow_in_either_pass_skips_the_whole_step(k, bad_pass, m, engin
     assert float(scaler.scale_) == 2.0**9  # updated once, backed off once
     train_step(model, opt, x, y, F.cross_entropy, NO_AMP, scaler=scaler, m=m)  # clean step moves again
     assert any(not torch.equal(p.detach(), a) for p, a in zip(model.parameters(), w))
+
+
+@pytest.mark.parametrize("bad_pass", [0, 1])
+@pytest.mark.parametrize("m", [None, 4])
+def test_fp16_skipped_step_is_left_out_of_the_diagnostics(bad_pass, m, engine):
+    """An overflow (either pass) skips the step; its inf/NaN norms and losses must not enter the
+    interval's means (before, one overflow made every sam/* mean of its interval NaN). The means are
+    those of the steps taken: equal to a run of the same steps without the skipped one."""
+    torch.set_default_dtype(torch.float32)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    results = []
+    for when, steps in (({2 + bad_pass}, 3), (set(), 2)):  # the inf hits step 1 of 3; the reference takes 2 steps
+        model = fp16_model(when)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, weight_decay=WD, grad_clip=5.0, lr=LR, momentum=MOMENTUM,
+                  diagnostics=True)
+        scaler = LossScaler(torch.device("cpu"), init_scale=2.0**10)
+        for _ in range(steps):
+            train_step(model, opt, x, y, F.cross_entropy, NO_AMP, scaler=scaler, m=m)
+        results.append(opt.read_diagnostics())
+    skipped, reference = results
+    assert set(skipped) == {"sam/grad_norm", "sam/eps_norm", "sam/loss_gap", "sam/cosine"}
+    assert all(math.isfinite(v) for v in skipped.values()), skipped
+    for key, value in reference.items():
+        assert skipped[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.parametrize("k,m", [(1, None), (2, None), (2, 4)])

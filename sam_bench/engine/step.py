@@ -26,12 +26,22 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from sam_bench.engine.precision import LossScaler
 from sam_bench.optim.bn import batchnorm_modules, running_stats_frozen
+from sam_bench.optim.chunked import ghost_batch_norm_pass
 from sam_bench.optim.sam import SAM
 
 
+def _draws(m: nn.Module) -> bool:
+    """Whether this module's own forward draws random numbers: a dropout module, a shake layer, a
+    drop-path, or a timm model/head whose ``drop_rate`` > 0 (timm calls ``F.dropout`` there, which no
+    module shows)."""
+    return (isinstance(m, _DropoutNd) or getattr(m, "stochastic", False) or type(m).__name__ == "DropPath"
+            or (isinstance(getattr(m, "drop_rate", None), (int, float)) and m.drop_rate > 0))
+
+
 def uses_randomness(model: nn.Module) -> bool:
-    """Whether the forward pass draws random numbers (dropout, shake layers, drop-path)."""
-    return any(isinstance(m, _DropoutNd) or getattr(m, "stochastic", False) or type(m).__name__ == "DropPath" for m in model.modules())
+    """Whether the forward pass draws random numbers (dropout, shake layers, drop-path, timm's
+    functional dropout)."""
+    return any(_draws(m) for m in model.modules())
 
 
 class RngReplay:
@@ -111,22 +121,28 @@ def train_step(
 
     ``bn_modules``: when given, the perturbed pass leaves their running statistics alone
     (BN mode "clean"). ``rng``: when given, the perturbed pass replays the clean pass's draws.
-    ``m``: m-sharpness chunk size (each chunk of m examples gets its own ε; ghost BN per chunk);
-    None or the whole batch: plain SAM. ``m_engine``: "auto", "split" or "vmap" (see
+    ``m``: m-sharpness chunk size (each chunk of m examples gets its own ε; ghost BN per chunk; for
+    SGD, ghost BN only: the chunks are the simulated devices of both methods); None or the whole
+    batch: plain SAM / SGD. ``m_engine``: "auto", "split" or "vmap" (see
     :mod:`sam_bench.optim.msam`; None = its ``ENGINE``). ``scaler``: fp16 loss scaling. ``sync_perturbation``:
     under DDP, average the ascent gradient over ranks (default: each rank perturbs with its own).
     """
     ddp_module = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     ddp = isinstance(ddp_module, nn.parallel.DistributedDataParallel)
-    if m is not None and m != images.shape[0] and optimizer.two_pass:
+    if m is not None and m != images.shape[0]:
+        if m < 1 or images.shape[0] % m:  # a shape, not a value: no sync
+            raise ValueError(f"m={m} must be >= 1 and divide the batch of {images.shape[0]} examples (chunks of m)")
         if ddp:
             raise ValueError("m-sharpness under DDP: each rank already perturbs with its own batch (m = per-rank batch); pass m=None")
-        from sam_bench.optim.msam import msam_step
+        if optimizer.two_pass:
+            from sam_bench.optim.msam import msam_step
 
-        return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler, m_engine)
+            return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler, m_engine)
+    else:
+        m = None
     two_pass = optimizer.two_pass
-    if not two_pass:
-        with autocast():
+    if not two_pass:  # SGD (ρ = 0); with m, BN per chunk of m as in m-SAM's clean pass
+        with ghost_batch_norm_pass(model, images.shape[0] // m) if m else contextlib.nullcontext(), autocast():
             logits = model(images)
             loss = loss_fn(logits, labels)
         _backward(loss, scaler)

@@ -70,6 +70,20 @@ def _m_sharpness_engine(model: nn.Module, requested: str, m: int | None, batch: 
     return engine
 
 
+def _check_sgd_ghost_bn(model: nn.Module, m: int | None, batch: int) -> None:
+    """SGD (ρ = 0) with ``optimizer.m``: no ε, but BatchNorm per chunk of m examples, as the chunks of
+    m-SAM (and the per-device batches of the official code, SGD baseline included) normalise."""
+    if m is None:
+        return
+    from sam_bench.optim.chunked import ghost_batch_norm_unsupported
+
+    why = ghost_batch_norm_unsupported(model)
+    if why:
+        raise ConfigError(why)
+    log.info("SGD with optimizer.m=%d: BatchNorm normalises each of the %d chunks of %d examples on its own (ghost BN), "
+             "as SAM's m-sharpness chunks do", m, batch // m, m)
+
+
 def compile_model(net: nn.Module, mode: str) -> nn.Module:
     """``torch.compile`` with ``trainer.compile_mode`` ("default" = torch's default mode). Inductor
     caches compiled graphs on disk (FX graph and AOTAutograd caches, on by default;
@@ -385,9 +399,13 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     # each rank its own generator (optimizer.p=random: every device draws its own direction)
     optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed if dist_info.rank == 0 else derived_seed(cfg.seed, dist_info.rank))
     scaler = LossScaler(device) if precision == "fp16" else None
-    m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) and optimizer.two_pass else None
-    m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile, device.type,
-                                   str(tr.compile_mode), optimizer.second_order)
+    m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) else None
+    if optimizer.two_pass:
+        m_engine = _m_sharpness_engine(model, str(config["optimizer"]["m_engine"]), m, rank_batch, tr.compile, device.type,
+                                       str(tr.compile_mode), optimizer.second_order)
+    else:
+        m_engine = None
+        _check_sgd_ghost_bn(model, m, rank_batch)
     step_kwargs = {"m": m, "m_engine": m_engine, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)

@@ -78,7 +78,7 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sam_bench.optim import chunked
-from sam_bench.optim.chunked import at_least_fp32
+from sam_bench.optim.chunked import _PLAIN_BATCH_NORMS, at_least_fp32
 from sam_bench.optim.sam import SAM, second_order_terms
 
 
@@ -141,9 +141,6 @@ def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     if mod.weight is not None:
         y = torch.addcmul(mod.bias.to(y.dtype).reshape(shape), y, mod.weight.to(y.dtype).reshape(shape))
     return y
-
-
-_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _ghost_forward(mod: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:

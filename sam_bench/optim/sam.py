@@ -173,6 +173,7 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self._backup: list[torch.Tensor] | None = None  # w, saved by first_step (never checkpointed)
         self._perturbed: list[torch.Tensor] = []
+        self._had_grad: set[int] = set()  # ids of the parameters with a clean-pass gradient
         self._eps: list[torch.Tensor] = []  # current ε (stacked [C, ...]), for k-step ascent
         self._clean_grad: list[torch.Tensor] | None = None  # g (for diagnostics / second order)
         self._clean_params: list[torch.Tensor] = []  # the parameters of self._clean_grad
@@ -181,6 +182,7 @@ class SAM(torch.optim.Optimizer):
         self._generator: torch.Generator | None = None
         self.grad_norm = torch.zeros(())  # ‖g‖ of the last first pass (device scalar, for logging)
         self._diag: torch.Tensor | None = None  # running sums of DIAGNOSTICS, on the device
+        self._pending: torch.Tensor | None = None  # this step's values, added to _diag unless the step is skipped
         self._l2_preloaded = False
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -330,6 +332,7 @@ class SAM(torch.optim.Optimizer):
         self._add_l2()
         pairs = [(p, g) for p, g in self.trainable() if p.grad is not None]
         all_params = [p for p, _ in pairs]
+        self._had_grad = {id(p) for p in all_params}  # preload_l2: the L2 term only where the loss reaches
         grads = [p.grad.unsqueeze(0) for p in all_params]
         # every parameter is saved, not only those with a gradient now: a later ascent pass may move
         # one that got none in this pass (k-step ascent), and restore() must put it back too
@@ -396,11 +399,13 @@ class SAM(torch.optim.Optimizer):
 
         Under DDP the backward then all-reduces CE-gradient + L2 term together, so every rank gets
         mean_r l2·(w+ε_r) as the official per-device loss does, with no extra communication;
-        :meth:`second_step` then skips its own L2 addition.
+        :meth:`second_step` then skips its own L2 addition. Only the parameters that had a gradient
+        in the clean pass get it (as :meth:`_add_l2` without DDP): a frozen or unused one gets none,
+        so it does not move.
         """
         for group in self.param_groups:
             if group["l2"]:
-                for p in group["params"]:
+                for p in (p for p in group["params"] if id(p) in self._had_grad):
                     term = p.detach() * group["l2"]
                     if loss_scale is not None:  # fp16: the backward adds scaled gradients
                         term = term * loss_scale.to(term.dtype)
@@ -466,6 +471,7 @@ class SAM(torch.optim.Optimizer):
         with ``found_inf`` (fp16) the step is masked out on the device."""
         if self.diagnostics and self.two_pass and self._clean_grad is not None:
             self._record_cosine()
+        self._commit_diagnostics(found_inf)
         self._clip()
         if found_inf is None:
             self.base_optimizer.step()
@@ -509,11 +515,29 @@ class SAM(torch.optim.Optimizer):
 
     # ---- diagnostics (device accumulators, read once per log interval) ----------------------
 
+    def _zeros(self) -> torch.Tensor:
+        device = self.param_groups[0]["params"][0].device
+        return torch.zeros(len(DIAGNOSTICS) + 1, device=device, dtype=torch.float64)
+
     def _accumulate(self, index: int, value: torch.Tensor) -> None:
+        """Add to this step's values; :meth:`_commit_diagnostics` moves them to the running sums."""
+        if self._pending is None:
+            self._pending = self._zeros()
+        self._pending[index] += value.detach().reshape(()).to(self._pending.device, torch.float64)
+
+    def _commit_diagnostics(self, found_inf: torch.Tensor | None) -> None:
+        """This step's values join the running sums, unless ``found_inf`` (fp16) says the step is
+        skipped: its norms and losses are inf/NaN and would make the whole interval's means NaN
+        (a device-side select, no sync)."""
+        if self._pending is None:
+            return
         if self._diag is None:
-            device = self.param_groups[0]["params"][0].device
-            self._diag = torch.zeros(len(DIAGNOSTICS) + 1, device=device, dtype=torch.float64)
-        self._diag[index] += value.detach().reshape(()).to(self._diag.device, torch.float64)
+            self._diag = self._zeros()
+        if found_inf is None:
+            self._diag += self._pending
+        else:
+            self._diag += torch.where(found_inf.reshape(()) > 0, torch.zeros_like(self._pending), self._pending)
+        self._pending.zero_()
 
     @torch.no_grad()
     def _record_cosine(self) -> None:

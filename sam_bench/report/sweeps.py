@@ -52,7 +52,7 @@ class Sweep:
 
 def series_label(g: Group) -> str:
     m = g.config.get("optimizer", {}).get("m")
-    return g.method if m is None or g.method == "sgd" else f"{g.method} m={m}"
+    return g.method if m is None else f"{g.method} m={m}"  # SGD too: its BN batch is m
 
 
 def _series_order(label: str) -> tuple:
