@@ -12,13 +12,14 @@ practical peak (a large bf16 matmul on CUDA, fp32 on CPU) and reports MFU agains
     python scripts/bench.py --models resnet50 --image-size 224 --num-classes 1000 --batch 128 --m 0 --reference 0
 
 Prints a table; --out writes every figure as JSON. Figures are per step: images/s counts the
-training images of the batch, whatever the number of passes.
+training images of the batch, whatever the number of passes. The SAM steps run as the trainer's
+default optimizer does: diagnostics on (--diagnostics 0 times them off), fp16 with the trainer's
+loss scaler (fp16 needs CUDA, as trainer.precision=fp16).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,13 +36,17 @@ import timm  # noqa: E402
 
 import sam_bench.models  # noqa: E402,F401  (registers the CIFAR models)
 from sam_bench.data.loader import DeviceLoader  # noqa: E402
-from sam_bench.engine.precision import autocast  # noqa: E402
+from sam_bench.engine.precision import LossScaler, autocast  # noqa: E402
 from sam_bench.engine import trainer  # noqa: E402
 from sam_bench.engine.step import train_step  # noqa: E402
 from sam_bench.optim import SAM, batchnorm_modules  # noqa: E402
-from sam_bench.schema import COMPILE_MODES  # noqa: E402
+from sam_bench.schema import COMPILE_MODES, OptimizerConfig  # noqa: E402
+from sam_bench.tracking.results import atomic_write_json  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+#: the trainer's default ``optimizer.diagnostics`` (sam_bench/schema.py): its SAM step records them
+TRAINER_DIAGNOSTICS = OptimizerConfig.diagnostics
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 def sync(device: torch.device) -> None:
@@ -76,26 +81,30 @@ def forward_flops(arch: str, num_classes: int, image: int) -> float:
     return float(counter.get_total_flops())
 
 
-def make_optimizer(model: nn.Module, rho: float) -> SAM:
-    return SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True)
+def make_optimizer(model: nn.Module, rho: float, diagnostics: bool = False) -> SAM:
+    return SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True,
+               diagnostics=diagnostics)
 
 
 def time_ours(arch, batch, precision, compile_model, rho, m, device, steps, warmup, pool, image=32, classes=10,
-              compile_mode="default") -> dict:
-    """The trainer's own path: DeviceLoader (augment on device) + train_step."""
+              compile_mode="default", diagnostics: bool = TRAINER_DIAGNOSTICS) -> dict:
+    """The trainer's own path: DeviceLoader (augment on device) + train_step, with the trainer's
+    SAM diagnostics by default and, under fp16, its loss scaler."""
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=classes).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = trainer.compile_model(model, compile_mode) if compile_model else model
-    opt = make_optimizer(model, rho)
+    opt = make_optimizer(model, rho, diagnostics)
     images = torch.randint(0, 256, (pool, 3, image, image), dtype=torch.uint8, device=device)
     labels = torch.randint(0, classes, (pool,), device=device)
     loader = DeviceLoader(images, labels, batch, CIFAR_MEAN, CIFAR_STD, train=True, augment=True, channels_last=channels_last)
     bn = batchnorm_modules(model)
     amp = lambda: autocast(device, precision)  # noqa: E731
     step_kwargs = {"m": m} if m else {}
+    if precision == "fp16":  # as the trainer: fp16 only with its dynamic loss scaler
+        step_kwargs["scaler"] = LossScaler(device)
     model.train()
 
     def run(n: int, epoch: int) -> None:
@@ -136,7 +145,7 @@ class _UInt8CIFAR(torch.utils.data.Dataset):
 
 
 def time_reference(arch, batch, device, steps, warmup, pool, workers) -> dict:
-    """The common PyTorch SAM loop: DataLoader + CPU transforms, eager fp32, BN momentum trick."""
+    """The common PyTorch SAM loop: DataLoader + CPU transforms, eager fp32, BN momentum trick (no diagnostics)."""
     import numpy as np
     from torchvision import transforms
 
@@ -185,26 +194,69 @@ def parse_list(text: str, cast=str) -> list:
     return [cast(t) for t in text.split(",") if t]
 
 
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cuda: bool) -> None:
+    """Refuse, naming the option and the rule, what would fail (or mean nothing) deep in a run."""
+    try:
+        batches = parse_list(args.batch, int)
+    except ValueError:
+        p.error(f"--batch {args.batch!r}: a comma list of integers")
+    if not batches or min(batches) < 1:
+        p.error(f"--batch {args.batch}: every batch size must be >= 1")
+    if args.m < 0:
+        p.error(f"--m {args.m}: m must be >= 1 and divide every --batch (0: no m-SAM row)")
+    if args.m and any(b % args.m for b in batches):
+        p.error(f"--m {args.m}: m must be >= 1 and divide every --batch ({args.batch}): the batch is split into "
+                "chunks of m examples (0: no m-SAM row)")
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: must be >= 1")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be >= 0")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: must be >= 0")
+    precisions = parse_list(args.precision)
+    unknown = [x for x in precisions if x not in PRECISIONS]
+    if unknown or not precisions:
+        p.error(f"--precision {args.precision}: a comma list of {','.join(PRECISIONS)}")
+    if "fp16" in precisions and not cuda:
+        p.error("--precision fp16 needs CUDA (as trainer.precision=fp16): use bf16 or fp32 on the CPU")
+    try:
+        compiles = parse_list(args.compile, int)
+    except ValueError:
+        compiles = [None]
+    if not compiles or any(c not in (0, 1) for c in compiles):
+        p.error(f"--compile {args.compile}: a comma list of 0,1")
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="wrn28_10" if cuda else "wrn16_4")
-    p.add_argument("--batch", default="256" if cuda else "64")
-    p.add_argument("--precision", default="bf16" if cuda else "fp32", help="comma list of bf16,fp32")
-    p.add_argument("--compile", default="1" if cuda else "0", help="comma list of 0,1")
-    p.add_argument("--m", type=int, default=32, help="m of the m-SAM row (0: skip the row)")
+    p.add_argument("--models", default="wrn28_10" if cuda else "wrn16_4",
+                   help="comma list of timm model names (sam_bench's CIFAR models included) (default: %(default)s)")
+    p.add_argument("--batch", default="256" if cuda else "64", help="comma list of batch sizes (default: %(default)s)")
+    p.add_argument("--precision", default="bf16" if cuda else "fp32",
+                   help="comma list of bf16,fp16,fp32; fp16 needs CUDA and runs with the trainer's loss scaler (default: %(default)s)")
+    p.add_argument("--compile", default="1" if cuda else "0", help="comma list of 0,1 (default: %(default)s)")
+    p.add_argument("--m", type=int, default=32,
+                   help="m of the m-SAM row: >= 1 and divides every --batch; m equal to the batch is plain SAM, no row "
+                        "(0: skip the row) (default: %(default)s)")
     p.add_argument("--compile-msam", type=int, default=0,
                    help="also time the m-SAM row compiled (split engine: one graph per pass; a long first compile)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of the compiled rows")
-    p.add_argument("--steps", type=int, default=30 if cuda else 3)
-    p.add_argument("--warmup", type=int, default=10 if cuda else 1)
-    p.add_argument("--reference", type=int, default=1, help="also time the common PyTorch SAM loop")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--diagnostics", type=int, default=int(TRAINER_DIAGNOSTICS), choices=(0, 1),
+                   help="SAM diagnostics in the timed steps (default %(default)s: the trainer's optimizer.diagnostics)")
+    p.add_argument("--steps", type=int, default=30 if cuda else 3,
+                   help="timed steps per row, >= 1 (the reference loop: half, at least 2) (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=10 if cuda else 1,
+                   help="untimed steps before them, >= 0 (the reference loop: half, at least 1) (default: %(default)s)")
+    p.add_argument("--reference", type=int, default=1, help="also time the common PyTorch SAM loop (32 px images only)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers of the reference loop (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--image-size", type=int, default=32, help="square input size (224 for the ImageNet ResNets)")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--out", default="")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the model's head (default: %(default)s)")
+    p.add_argument("--out", default="", help="write every figure as JSON to this file (written atomically)")
     args = p.parse_args()
+    check_args(p, args, cuda)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
@@ -228,7 +280,7 @@ def main() -> None:
                     for name, rho, m in modes:
                         try:
                             r = time_ours(arch, batch, precision, bool(comp), rho, m, device, args.steps, args.warmup, pool,
-                                          args.image_size, args.num_classes, args.compile_mode)
+                                          args.image_size, args.num_classes, args.compile_mode, bool(args.diagnostics))
                         except TypeError as e:  # an m-SAM step is not available in this build
                             print(f"  {name}: skipped ({e})", flush=True)
                             continue
@@ -266,8 +318,8 @@ def main() -> None:
                   f"m-SAM/SAM {line['msam_over_sam'] or float('nan'):.2f}  SAM vs reference loop x{line['sam_speedup_vs_reference'] or float('nan'):.2f}  "
                   f"SAM epoch (50k) {line['sam_epoch_s_50k']:.1f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "peak_flops": peak, "peak_what": peak_what,
-                                              "rows": rows, "ratios": ratios, "argv": sys.argv[1:]}, indent=2))
+        atomic_write_json(Path(args.out), {"device": dev_name, "torch": torch.__version__, "peak_flops": peak, "peak_what": peak_what,
+                                           "diagnostics": bool(args.diagnostics), "rows": rows, "ratios": ratios, "argv": sys.argv[1:]})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Images/s of the data pipeline alone (no model): the device-resident CIFAR loader with Basic,
 Basic+Cutout and AutoAugment(+Basic+Cutout; applied to the whole set once per epoch, so timed
 over a full epoch) augmentation, on the CPU and on CUDA when present,
-next to per-image torchvision AutoAugment on the CPU (what a classic DataLoader worker does).
+next to per-image torchvision AutoAugment on the CPU (what a classic DataLoader worker does,
+timed over the first min(--n, 2000) images).
 
-    python scripts/bench_data.py [--n 50000] [--batch 256] [--steps 100] [--threads N]
+    python scripts/bench_data.py [--n 50000] [--batch 256] [--steps 100] [--cpu-steps 20] [--threads N]
 
 Random uint8 CIFAR-shaped data: throughput does not depend on pixel values.
 """
@@ -11,14 +12,20 @@ Random uint8 CIFAR-shaped data: throughput does not depend on pixel values.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
-from torchvision.transforms import v2
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sam_bench first
 
-from sam_bench.data.loader import DeviceLoader
+import torch  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from sam_bench.data.loader import DeviceLoader  # noqa: E402
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+#: images of the per-image torchvision comparison (fewer when --n is smaller)
+TORCHVISION_IMAGES = 2000
 SETTINGS = {
     "Basic": dict(augment=True),
     "Basic+Cutout": dict(augment=True, cutout=16),
@@ -51,7 +58,9 @@ def loader_rate(images: torch.Tensor, labels: torch.Tensor, batch: int, steps: i
 
 
 def torchvision_per_image_rate(images: torch.Tensor, n: int) -> float:
-    """torchvision v2 AutoAugment + flip + crop, one image at a time (a DataLoader worker's job)."""
+    """torchvision v2 AutoAugment + flip + crop, one image at a time (a DataLoader worker's job),
+    over the first ``n`` images (all of them if there are fewer)."""
+    n = min(n, len(images))
     t = v2.Compose([v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()])
     cpu = images[:n].cpu()
     t0 = time.perf_counter()
@@ -62,12 +71,19 @@ def torchvision_per_image_rate(images: torch.Tensor, n: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=50000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--steps", type=int, default=100, help="batches timed per setting (GPU)")
-    p.add_argument("--cpu-steps", type=int, default=20, help="batches timed per setting (CPU)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--n", type=int, default=50000, help="images in the set (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=256, help="batch size, at most --n (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="batches timed per setting (GPU) (default: %(default)s)")
+    p.add_argument("--cpu-steps", type=int, default=20, help="batches timed per setting (CPU) (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.n < 1:
+        p.error(f"--n {args.n}: must be >= 1")
+    if not 1 <= args.batch <= args.n:
+        p.error(f"--batch {args.batch}: must be >= 1 and at most --n {args.n} (the loader drops a last partial batch)")
+    for opt, value in (("--steps", args.steps), ("--cpu-steps", args.cpu_steps)):
+        if value < 1:
+            p.error(f"{opt} {value}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -84,7 +100,7 @@ def main() -> None:
             full = "autoaugment" in kw
             rate = loader_rate(x, y, args.batch, args.n if full else steps, **kw)
             rows.append((name, setting + (" (full epoch)" if full else ""), f"batch {args.batch}", rate))
-    rows.append((f"cpu ({torch.get_num_threads()} threads)", "torchvision AutoAugment per image (1 process)", "-", torchvision_per_image_rate(images, 2000)))
+    rows.append((f"cpu ({torch.get_num_threads()} threads)", "torchvision AutoAugment per image (1 process)", "-", torchvision_per_image_rate(images, TORCHVISION_IMAGES)))
     w = max(len(r[0]) for r in rows)
     print(f"{'device':<{w}}  {'pipeline':<46} {'batch':<11} {'images/s':>12}")
     for dev, setting, batch, rate in rows:

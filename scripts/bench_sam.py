@@ -1,7 +1,8 @@
 """Step time of SGD, SAM, m-SAM and ASAM (the training step of sam_bench, nothing else).
 
-CPU: WRN-16-4, fp32 (slow: keep --steps/--batch small). CUDA (when present): WRN-28-10, bf16
-autocast, channels_last. Prints ms/step, SAM/SGD and m-SAM/SAM ratios; --out writes JSON.
+CPU: WRN-16-4, fp32, --steps timed steps (slow: keep --steps/--cpu-batch small). CUDA (when
+present): WRN-28-10, bf16 autocast, channels_last, --gpu-steps timed steps after max(--warmup, 3)
+warm-up steps. Prints ms/step, SAM/SGD and m-SAM/SAM ratios; --out writes JSON.
 m-SAM variants: "msam" is what the trainer runs (engine "auto"), "msam_split" and "msam_vmap" force
 an engine of sam_bench.optim.msam, "msam_il" is vmap with the interleaved layout, and "msam_loop" the
 naive alternative: a Python loop over the chunks, each a plain SAM ascent + perturbed backward on m
@@ -23,7 +24,6 @@ Other models: any registered ``--cpu-arch``/``--gpu-arch`` with ``--image-size``
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -45,6 +45,7 @@ from sam_bench.engine.trainer import compile_model
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer
 from sam_bench.schema import COMPILE_MODES, OptimizerConfig
+from sam_bench.tracking.results import atomic_write_json
 
 VARIANTS = {
     "sgd": dict(name="sgd", rho=0.0),
@@ -70,11 +71,12 @@ MSAM_SETTINGS = {"msam": (msam.ENGINE, msam.LAYOUT), "msam_split": ("split", msa
 
 def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
     """m-sharpness the slow way: for each chunk, ascent from its own gradient, perturbed backward,
-    weights restored; the chunk gradients are averaged and applied once."""
+    weights restored; the chunk gradients are averaged (weighted by chunk size: the mean over the
+    batch, whatever its last chunk) and applied once."""
     params = [p for p, _ in opt.trainable()]
     acc = [torch.zeros_like(p) for p in params]
-    chunks = x.shape[0] // m
     for xc, yc in zip(x.split(m), y.split(m)):
+        weight = xc.shape[0] / x.shape[0]
         with amp():
             loss = loss_fn(model(xc), yc)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -90,7 +92,7 @@ def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
             torch._foreach_sub_(params, eps)
             for a, g in zip(acc, grads):
                 if g is not None:
-                    a.add_(g, alpha=1.0 / chunks)
+                    a.add_(g, alpha=weight)
     for p, a in zip(params, acc):
         p.grad = a
     opt.base_optimizer.step()
@@ -234,20 +236,49 @@ def bench(label: str, arch: str, device: torch.device, precision: str, batch: in
     return out
 
 
+#: CUDA runs at least this many warm-up steps (cuDNN autotuning, allocator), whatever --warmup says
+GPU_MIN_WARMUP = 3
+
+
+#: variants whose step splits the batch into chunks of m
+USES_M = (*MSAM_SETTINGS, "msam_loop")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, variants: list[str]) -> None:
+    """Refuse, naming the option and the rule, what would fail deep in a run (a reshape error, a
+    division by zero, the median of no steps). Both devices' options are checked on any machine;
+    m only when a variant of ``variants`` uses it."""
+    for opt, value in (("--steps", args.steps), ("--gpu-steps", args.gpu_steps)):
+        if value < 1:
+            p.error(f"{opt} {value}: must be >= 1")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be >= 0")
+    for dev in ("cpu", "gpu"):
+        batch, m = getattr(args, f"{dev}_batch"), getattr(args, f"{dev}_m")
+        if batch < 1:
+            p.error(f"--{dev}-batch {batch}: must be >= 1")
+        if any(v in USES_M for v in variants) and (m < 1 or batch % m):
+            p.error(f"--{dev}-m {m}: m must be >= 1 and divide --{dev}-batch {batch} "
+                    "(the batch is split into chunks of m examples)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--cpu-batch", type=int, default=256)
-    p.add_argument("--cpu-m", type=int, default=32)
-    p.add_argument("--cpu-arch", default="wrn16_4")
-    p.add_argument("--gpu-batch", type=int, default=256)
-    p.add_argument("--gpu-m", type=int, default=32)
-    p.add_argument("--gpu-arch", default="wrn28_10")
-    p.add_argument("--gpu-steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant on the CPU, >= 1 (CUDA: --gpu-steps)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help=f"untimed steps before them, >= 0; at least 2 with --compile, and on CUDA at least {GPU_MIN_WARMUP}")
+    p.add_argument("--cpu-batch", type=int, default=256, help="batch of the CPU run (default: %(default)s)")
+    p.add_argument("--cpu-m", type=int, default=32,
+                   help="m of the CPU run's m-SAM variants: >= 1 and divides --cpu-batch (default: %(default)s)")
+    p.add_argument("--cpu-arch", default="wrn16_4", help="model of the CPU run (default: %(default)s)")
+    p.add_argument("--gpu-batch", type=int, default=256, help="batch of the CUDA run (default: %(default)s)")
+    p.add_argument("--gpu-m", type=int, default=32,
+                   help="m of the CUDA run's m-SAM variants: >= 1 and divides --gpu-batch (default: %(default)s)")
+    p.add_argument("--gpu-arch", default="wrn28_10", help="model of the CUDA run (default: %(default)s)")
+    p.add_argument("--gpu-steps", type=int, default=20, help="timed steps per variant on CUDA, >= 1 (default: %(default)s)")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU benchmark")
     p.add_argument("--no-diagnostics", action="store_true", help="time without the SAM diagnostics")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in GRAPHED),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all but the CUDA-graph ones)")
     p.add_argument("--profile", default="", help="comma-separated variants to profile (kernel table) before timing")
@@ -255,7 +286,7 @@ def main() -> None:
                    "the first steps compile (warm-up is at least 2 steps)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode with --compile")
     p.add_argument("--image-size", type=int, default=32, help="square input size (224 for --gpu-arch resnet50)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the model's head (default: %(default)s)")
     p.add_argument("--mark-step", action="store_true", help="torch.compiler.cudagraph_mark_step_begin() before every "
                    "step (for --compile-mode reduce-overhead: a new iteration of CUDA graph trees begins)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -270,6 +301,7 @@ def main() -> None:
     unknown = sorted((set(variants) | profile) - set(VARIANTS))
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    check_args(p, args, variants)
     compile_mode = args.compile_mode if args.compile else None
     warmup = max(args.warmup, 2) if args.compile else args.warmup
     label = "+compile" if args.compile else ""
@@ -281,11 +313,10 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         results["runs"].append(bench("cuda" + label, args.gpu_arch, torch.device("cuda"), "bf16", args.gpu_batch, args.gpu_m,
-                                     args.gpu_steps, max(warmup, 3), diag, variants, profile, compile_mode, args.image_size,
+                                     args.gpu_steps, max(warmup, GPU_MIN_WARMUP), diag, variants, profile, compile_mode, args.image_size,
                                      args.num_classes))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_json(Path(args.out), results)
         print(f"wrote {args.out}")
 
 

@@ -5,16 +5,18 @@
 #   and on request a Fashion-MNIST SGD-vs-SAM training run (stage fmnist) and, with
 #   GPU_CHECK_WRN=1, the full WRN-28-10 grid of scripts/bench.py (eager + compiled + reference loop).
 # Needs: the repo, wheels of hydra-core/omegaconf/antlr4 in .whl/ (when the machine lacks them)
-# and, for the Fashion-MNIST run, the gzip IDX files in .fmnist/. Writes at most 8 files under $OUT
-# (default ./gpu_check_out): summary.log (environment + the tail of every stage), one log per
-# stage and the benchmark JSON. Each stage has its own time limit; one failing stage does not stop
-# the others. On an H200 (eighth session) the first three default stages took 92 + 43 + 154 s; ResNet-50
-# ran past its then 100 s limit on a fresh machine while compiling SAM's step (66 s with warm compile
+# and, for the Fashion-MNIST run, the gzip IDX files in .fmnist/. Writes under $OUT (default
+# ./gpu_check_out) summary.log (environment + the tail of every stage), one log per stage run (stage
+# fmnist's is fmnist_sgd_vs_sam.log) and the JSON of stages bench_sam, bench_resnet50 and msam_graphed:
+# 7 files with the default stages, 17 with every stage and GPU_CHECK_WRN=1. Each stage has its own
+# time limit; one failing stage does not stop the others. On an H200 (eighth session) the first
+# three default stages took 92 + 43 + 154 s; ResNet-50 ran past its then 100 s limit on a fresh machine while compiling SAM's step (66 s with warm compile
 # caches), hence 165 s now. The limits add up to 480 s, with thin margins (gpu_tests 105 s against 92
 # measured, bench_sam_compiled 160 against 154); GPU_TESTS_LIMIT raises the first.
 # STAGES (space-separated) picks stages: gpu_tests bench_sam bench_sam_compiled bench_resnet50
 # fmnist hessian msam_cli msam_engines profile_resnet50 msam_profile_compiled msam_cudagraphs msam_graphed
-# (default: the first four; hessian needs fmnist's runs: STAGES="fmnist hessian"); GPU_TESTS overrides
+# (default: the first four; hessian needs fmnist's runs: STAGES="fmnist hessian"; an unknown name
+# stops the script with exit 2 before anything runs, listing these); GPU_TESTS overrides
 # the pytest targets (default: every file with gpu tests, m-SAM's first, all 14 passed on an H200 in
 # the eighth session; the inductor replay tests of tests/test_models_zoo.py, which compile whole
 # models, only when named here);
@@ -22,6 +24,16 @@
 # (BENCH_SAM_COMPILED_VARIANTS, default msam,sam, for the compiled stage);
 # RESNET50_COMPILE_MODE (default: default) and RESNET50_BATCH (default 256) set the ResNet-50 stage.
 set -uo pipefail
+KNOWN_STAGES="gpu_tests bench_sam bench_sam_compiled bench_resnet50 fmnist hessian msam_cli msam_engines profile_resnet50 msam_profile_compiled msam_cudagraphs msam_graphed"
+STAGES=${STAGES:-gpu_tests bench_sam bench_sam_compiled bench_resnet50}
+read -ra ASKED <<< "$STAGES"
+for s in "${ASKED[@]}"; do  # a misspelt stage would run nothing and say nothing
+  if [[ " $KNOWN_STAGES " != *" $s "* ]]; then
+    echo "gpu_check.sh: unknown stage '$s' in STAGES; known stages: $KNOWN_STAGES" >&2
+    [[ $s != fmnist_sgd_vs_sam ]] || echo "(fmnist_sgd_vs_sam is the log of stage fmnist)" >&2
+    exit 2
+  fi
+done
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.log"
@@ -45,7 +57,6 @@ stage() {  # stage NAME SECONDS CMD...   (log: $OUT/NAME.log; its tail goes to s
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"; } 2>&1 | tee -a "$SUMMARY"
 
-STAGES=${STAGES:-gpu_tests bench_sam bench_sam_compiled bench_resnet50}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 GPU_TESTS=${GPU_TESTS:-tests/test_sam_family.py tests/test_gpu.py tests/test_hessian.py tests/test_data_zoo.py}
 want gpu_tests && stage gpu_tests ${GPU_TESTS_LIMIT:-105} python3 -m pytest -m gpu $GPU_TESTS -q -p no:cacheprovider -rA --durations=0
