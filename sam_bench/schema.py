@@ -304,6 +304,14 @@ def method_label(opt: Any) -> str:
     return "+".join(parts)
 
 
+#: What a given config computes, as a number raised whenever the code changes it for configs that
+#: existed before; checkpoints and result.json record it, and resuming across a change is refused.
+#: 1: up to 97ae9d2^ (strided 3x3 convolutions padded one pixel on each side);
+#: 2: 97ae9d2, strided convolutions pad as the official Flax 'SAME' (bottom/right);
+#: 3: SGD with optimizer.m normalises BatchNorm per chunk of m (before: over the whole batch).
+COMPUTE_VERSION = 3
+
+
 def config_hash(config: dict) -> str:
     """Short stable hash of the semantic config."""
     blob = json.dumps(semantic_config(config), sort_keys=True, default=str)

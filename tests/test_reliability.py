@@ -294,6 +294,29 @@ def test_changed_training_labels_refuse_to_resume(compose_train, tmp_path):
         fit(compose_train([*TINY, "trainer.epochs=1"]), tmp_path)
 
 
+def test_a_checkpoint_of_code_that_computed_the_config_differently_refuses_to_resume(compose_train, tmp_path, caplog):
+    """compute_version (schema.COMPUTE_VERSION) is recorded in checkpoints and result.json; a checkpoint
+    of another version is refused (resuming would mix two computations, e.g. the strided convolutions'
+    old padding), and one from before the number existed resumes with a warning."""
+    import logging
+
+    from sam_bench.schema import COMPUTE_VERSION
+
+    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    assert _run_child(cfg, tmp_path, "step@3:TERM") == PREEMPTED_EXIT_CODE
+    state, _ = ckpt.load_checkpoint(tmp_path)
+    assert state["compute_version"] == COMPUTE_VERSION
+    ckpt.save_checkpoint(tmp_path, {**{k: v for k, v in state.items() if k != "checksum"}, "compute_version": COMPUTE_VERSION - 1})
+    with pytest.raises(CheckpointError, match=rf"computes this config differently \(compute_version {COMPUTE_VERSION - 1}, "
+                                              rf"this code {COMPUTE_VERSION}.*new run directory"):
+        fit(compose_train([*TINY, "trainer.epochs=1"]), tmp_path)
+    ckpt.save_checkpoint(tmp_path, {k: v for k, v in state.items() if k not in ("checksum", "compute_version")})
+    with caplog.at_level(logging.WARNING, logger="sam_bench"):
+        fit(compose_train([*TINY, "trainer.epochs=1"]), tmp_path)
+    assert "records no compute_version" in caplog.text
+    assert json.loads((tmp_path / "result.json").read_text())["compute_version"] == COMPUTE_VERSION
+
+
 def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path, monkeypatch):
     """The fp16 loss scaler is saved and restored with the rest of the state."""
     import sam_bench.engine.trainer as trainer

@@ -36,7 +36,7 @@ from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
-from sam_bench.schema import config_hash, method_label, semantic_config, validate, with_schema_defaults
+from sam_bench.schema import COMPUTE_VERSION, config_hash, method_label, semantic_config, validate, with_schema_defaults
 from sam_bench.tracking.results import (DIVERGED_FILE, RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_divergence,
                                         read_result, versions, write_divergence, write_metrics)
 
@@ -422,6 +422,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         state, path = loaded
         try:
             _check_resumable(state["config"], config, run_dir, what="a checkpoint")
+            _check_compute_version(state.get("compute_version"), path)
         except CheckpointError:
             if main:
                 _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
@@ -492,6 +493,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             "labels_hash": labels_hash,
             "hydra_files": hydra_files,
             "git_commits": commits,
+            "compute_version": COMPUTE_VERSION,
         }, keep_as=keep)
         if keep:
             log.info("epoch %d's checkpoint kept as %s", epoch_done, run_dir / keep)
@@ -617,6 +619,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         "config_hash": chash,
         "git_commit": commit,
         "git_commits": commits,  # every version that trained part of it, when a resume ran newer code
+        "compute_version": COMPUTE_VERSION,
         "versions": versions(),
         "device": device_name(device),
         "precision": precision,
@@ -669,6 +672,20 @@ def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str) -> Non
     if "ranks" not in saved:  # files from before the key: not comparable, as before
         current.pop("ranks", None)
     ckpt.check_config_matches(semantic_config(with_schema_defaults(saved)), current, run_dir, what)
+
+
+def _check_compute_version(saved: int | None, path: Path) -> None:
+    """Refuse to continue a checkpoint whose code computed this config differently
+    (:data:`sam_bench.schema.COMPUTE_VERSION`); one written before the number existed gets a warning."""
+    if saved is None:
+        log.warning("%s records no compute_version (written before 2026-11-29): if the code that wrote it predates commit "
+                    "97ae9d2 (strided convolutions' padding) or it is SGD with optimizer.m (BatchNorm per chunk since), "
+                    "the resumed run mixes two computations; train into a new run directory to be sure", path)
+    elif saved != COMPUTE_VERSION:
+        raise CheckpointError(
+            f"{path} was trained by code that computes this config differently (compute_version {saved}, this code "
+            f"{COMPUTE_VERSION}; see sam_bench.schema.COMPUTE_VERSION): resuming would mix the two; finish it with the "
+            "sam-bench that wrote it (result.json's git_commits) or train into a new run directory")
 
 
 def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
