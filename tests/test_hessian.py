@@ -318,3 +318,177 @@ def test_hessian_on_cuda_in_float32_matches_the_float64_explicit_hessian():
     with exact_float32():
         out = top_eigenvalues(LossHessian(net.float().cuda(), cuda_batches, nn.CrossEntropyLoss()), k=3, iters=40)
     assert torch.allclose(torch.tensor(out["eigenvalues"], dtype=torch.float64), exact[:3], rtol=1e-4, atol=0)
+
+
+# --- the analysis of a checkpoint in-process (fast: a checkpoint of an untrained tiny model) ---
+
+FAST = ["dataset=synthetic", "dataset.train_size=40", "dataset.test_size=20", "dataset.image_size=8", "model=wrn",
+        "model.kwargs.depth=10", "model.kwargs.width=1", "optimizer=sam"]
+
+
+@pytest.fixture
+def write_checkpoint(tmp_path):
+    """write_checkpoint(run_dir, partial=None, model_kwargs=None): a verified checkpoint as sam-bench
+    train writes it, of an untrained tiny WRN (the config says depth 10 unless ``model_kwargs``
+    changes what it says, not the weights); ``partial``: the accumulators of a mid-epoch one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from sam_bench.cli import _register
+    from sam_bench.engine import checkpoint as ckpt
+    from sam_bench.models import build_model
+    from sam_bench.paths import config_dir
+
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        config = OmegaConf.to_container(compose(config_name="train", overrides=FAST), resolve=True, enum_to_str=True)
+    GlobalHydra.instance().clear()
+
+    def write(run_dir, partial=None, model_kwargs=None, epoch=3, step=30):
+        model = build_model(config["model"]["arch"], 10, 3, **config["model"]["kwargs"])
+        saved = {**config, "model": {**config["model"], "kwargs": {**config["model"]["kwargs"], **(model_kwargs or {})}}}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return ckpt.save_checkpoint(run_dir, {"epoch": epoch, "step": step, "partial": partial, "model": model.state_dict(),
+                                              "optimizer": {}, "rng": {}, "history": [], "train_time": 0.0, "config": saved,
+                                              "config_hash": "x"})
+    return write
+
+
+def hessian_cfg(checkpoint, **overrides):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"checkpoint": str(checkpoint), "images": 8, "batch_size": 8, "top_k": 1, "iters": 2, "seed": 0,
+                             "lanczos_seed": 0, "device": "cpu", "data_root": None, "out": None, **overrides})
+
+
+def test_a_mid_epoch_checkpoint_is_recorded_and_said_as_such(write_checkpoint, tmp_path):
+    from sam_bench.analysis.spectrum import describe, hessian_spectrum
+
+    newest = write_checkpoint(tmp_path / "run", partial={"epoch_step": 7, "seen": 0, "loss_sum": torch.zeros(()),
+                                                         "correct": torch.zeros((), dtype=torch.long), "time_s": 0.0}, step=37)
+    result = hessian_spectrum(hessian_cfg(tmp_path / "run"))
+    assert result["checkpoint"] == str(newest)
+    written = json.loads((tmp_path / "run" / "hessian_checkpoint.json").read_text())
+    assert written["epoch"] == 3 and written["step"] == 37 and written["mid_epoch"] is True and written["epoch_step"] == 7
+    assert "epoch 3 + 7 steps" in describe(result) and "mid-epoch" in describe(result)
+
+    write_checkpoint(tmp_path / "end")  # an epoch's end: partial None
+    result = hessian_spectrum(hessian_cfg(tmp_path / "end"))
+    assert result["mid_epoch"] is False and result["epoch_step"] is None
+    assert "epoch 3 (step 30" in describe(result) and "mid-epoch" not in describe(result)
+
+
+def test_a_mid_epoch_spectrum_stands_for_no_epoch_in_the_report(tmp_path):
+    """The newest checkpoint of a preempted run (3 epochs + 27 steps) beside the kept copy of epoch 3:
+    the paper's panel and the per-epoch mean take the epoch's end only, whichever file sorts first."""
+    from sam_bench.report.spectra import find_spectra, one_per_training_seed, spectra_markdown
+
+    runs = tmp_path / "runs"
+    args = ("wrn40_10_nobn", "cifar10", "sgd", 0.0, 300)
+    common = dict(training_seed=0, lanczos_seed=0, method="sgd", experiment_hash="abc")
+    fake_spectrum(runs / "s0" / "hessian_checkpoint.json", *args, [99.0, 8, 6, 4, 2.0], step=3027, mid_epoch=True, epoch_step=27,
+                  checkpoint=str(runs / "s0" / "checkpoint.pt"), **common)
+    fake_spectrum(runs / "s0" / "hessian_checkpoint_epoch0300.json", *args, [20.0, 8, 6, 4, 2.0], step=3000, mid_epoch=False,
+                  epoch_step=None, checkpoint=str(runs / "s0" / "checkpoint_epoch0300.pt"), **common)
+    spectra = find_spectra([str(runs)])
+    assert [s["path"].endswith("epoch0300.json") for s in one_per_training_seed(spectra)] == [True]
+    md = spectra_markdown(spectra)
+    assert "| SGD | 300 | 24.2 | 20 (1) | 11.4 | 10 (1) |" in md  # the epoch's end only, not a mean with 99
+    grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]
+    assert "| sgd | 0.0 | 300 | 5000 | 20 | 10 (5) | 1 |" in grouped
+    assert "| sgd | 0.0 | 300 + 27 steps | 5000 | 99 | 49.5 (5) | 1 |" in grouped
+    listed = md.split("## Every spectrum measured")[1]
+    assert "| 300 + 27 steps |" in listed and listed.count("hessian_") == 2
+
+    # files from before mid_epoch was recorded: the same run directory at the same epoch and a higher step is past its end
+    old = tmp_path / "old"
+    for name, step, top in (("checkpoint", 3027, 99.0), ("checkpoint_epoch0300", 3000, 20.0)):
+        fake_spectrum(old / "s0" / f"hessian_{name}.json", *args, [top, 8, 6, 4, 2.0], step=step,
+                      checkpoint=str(old / "s0" / f"{name}.pt"), **common)
+    md = spectra_markdown(find_spectra([str(old)]))
+    assert "| SGD | 300 | 24.2 | 20 (1) | 11.4 | 10 (1) |" in md and "| 300 + 27 steps |" in md.split("## Every spectrum measured")[1]
+
+
+def test_a_negative_smallest_eigenvalue_gives_no_ratio():
+    class Diagonal:  # H = diag(3, 2, -1): λ_3 < 0
+        params = [torch.zeros(3, dtype=torch.float64)]
+        dim, images = 3, 1
+
+        def __call__(self, v):
+            return torch.tensor([3.0, 2.0, -1.0], dtype=torch.float64) * v
+
+    out = top_eigenvalues(Diagonal(), k=3, iters=3)
+    assert out["eigenvalues"] == pytest.approx([3.0, 2.0, -1.0])
+    assert out["lambda_max_over_lambda_3"] is None  # not -3
+    from sam_bench.analysis.spectrum import describe
+
+    shown = describe({**out, "residuals": [0.0] * 3, "converged": [True] * 3, "arch": "a", "dataset": "d", "optimizer": "sgd",
+                      "rho": 0.0, "epoch": 1, "step": 10, "seconds": 0.0, "loss": 1.0, "grad_norm": 1.0, "out": "x.json"})
+    assert "lambda_max/lambda_3 n/a (lambda_3 <= 0" in shown
+
+
+def test_a_recorded_null_ratio_is_left_out_of_the_report_as_lambda_k_not_positive(tmp_path):
+    from sam_bench.report.spectra import find_spectra, spectra_markdown
+
+    runs = tmp_path / "runs"
+    args = ("wrn40_10_nobn", "cifar10", "sgd", 0.0, 300)
+    fake_spectrum(runs / "s0" / "hessian_a.json", *args, [20.0, 8, 6, 4, 2.0], training_seed=0)
+    fake_spectrum(runs / "s1" / "hessian_a.json", *args, [30.0, 8, 6, 4, -0.5], training_seed=1, lambda_max_over_lambda_5=None)
+    md = spectra_markdown(find_spectra([str(runs)]))
+    assert "| SGD | 300 | 24.2 | 25 (2) | 11.4 | 10 (1); 1 left out (λ_k ≤ 0) |" in md
+
+
+def test_negative_images_are_refused(write_checkpoint, tmp_path):
+    from sam_bench.analysis.spectrum import hessian_spectrum
+    from sam_bench.errors import ConfigError
+
+    write_checkpoint(tmp_path / "run")
+    with pytest.raises(ConfigError, match="images must be >= 0"):
+        hessian_spectrum(hessian_cfg(tmp_path / "run", images=-5))
+    assert not list((tmp_path / "run").glob("hessian_*.json"))
+
+
+def test_a_run_directory_without_a_readable_checkpoint_is_no_advice_to_delete_it(write_checkpoint, tmp_path):
+    from sam_bench.analysis.spectrum import read_any_checkpoint
+    from sam_bench.errors import CheckpointError
+
+    good = write_checkpoint(tmp_path / "good")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "checkpoint.pt").write_bytes(good.read_bytes()[:20000])  # the only checkpoint, half-written
+    with pytest.raises(CheckpointError) as e:
+        read_any_checkpoint(half)
+    said = str(e.value)
+    assert "delete" not in said.lower() and "no readable checkpoint in" in said and "checkpoint.pt: damaged or incomplete" in said
+    assert "checkpoint_epoch*.pt" in said
+
+
+def test_a_file_that_is_no_checkpoint_is_said_so_without_torch_advice(tmp_path):
+    from sam_bench.analysis.spectrum import read_any_checkpoint
+    from sam_bench.errors import CheckpointError
+
+    foreign = tmp_path / "result.json"
+    foreign.write_text('{"config": {}}')
+    with pytest.raises(CheckpointError) as e:
+        read_any_checkpoint(foreign)
+    said = str(e.value)
+    assert f"{foreign} is not a readable sam-bench checkpoint: not a sam-bench checkpoint" in said and "weights_only" not in said
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"a": nn.Linear(1, 1)}, pickled)  # a torch file with a module: weights_only refuses it
+    with pytest.raises(CheckpointError) as e:
+        read_any_checkpoint(pickled)
+    assert "not a sam-bench checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_naming_the_mismatch(write_checkpoint, tmp_path):
+    from sam_bench.analysis.spectrum import hessian_spectrum
+    from sam_bench.errors import CheckpointError, SamBenchError
+
+    other = write_checkpoint(tmp_path / "other", model_kwargs={"depth": 16})  # weights of depth 10, config says 16
+    with pytest.raises(SamBenchError) as e:
+        hessian_spectrum(hessian_cfg(tmp_path / "other"))
+    said = str(e.value)
+    assert isinstance(e.value, CheckpointError) and "\n" not in said
+    assert f"the weights in {other} do not fit the model its config describes" in said and "missing key 'blocks." in said

@@ -133,3 +133,44 @@ def test_a_run_with_final_sharpness_fills_table11(tmp_path):
     write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
     table = (tmp_path / "out" / "table11.md").read_text()
     assert "runs named `table11/k2/cifar10` that change the preset" in table
+
+
+class Shake(nn.Module):
+    """Stands for a Shake-Shake/ShakeDrop layer: only its ``true_gradient`` flag matters here."""
+
+    def __init__(self):
+        super().__init__()
+        self.true_gradient = False
+
+    def forward(self, x):
+        return x
+
+
+def test_the_model_leaves_with_the_modes_and_true_gradient_it_came_with():
+    for bn_frozen in (False, True):
+        model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), Shake(), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 5),
+                              Shake()).double()
+        model.eval()  # an evaluation model ...
+        model[4].train()  # ... with one module in training mode (flags are per module, not the model's)
+        model[2].true_gradient = True  # and two shake layers in different states
+        modes = [m.training for m in model.modules()]
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, weight_decay=L2, lr=0.1)
+        estimate_sharpness(model, opt, batches(), nn.CrossEntropyLoss(), contextlib.nullcontext,
+                           RngReplay(torch.device("cpu")), bn_frozen=bn_frozen)
+        assert [m.training for m in model.modules()] == modes, bn_frozen
+        assert model[2].true_gradient is True and model[6].true_gradient is False
+
+
+def test_the_shake_layers_run_with_true_gradient_on_during_the_estimate():
+    seen = []
+
+    class Watch(Shake):
+        def forward(self, x):
+            seen.append((self.true_gradient, self.training))
+            return x
+
+    model = nn.Sequential(nn.Linear(6, 5), Watch()).double().eval()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1)
+    estimate_sharpness(model, opt, batches()[:1], nn.CrossEntropyLoss(), contextlib.nullcontext)
+    assert seen and all(s == (True, True) for s in seen)
+    assert model[1].true_gradient is False and not model.training

@@ -138,7 +138,7 @@ CONVERGED = 1e-2
 def top_eigenvalues(hessian: LossHessian, k: int = 5, iters: int = 30, seed: int = 0) -> dict:
     """The ``k`` largest Ritz values of ``hessian`` after ``iters`` Lanczos steps from a seeded
     Gaussian start, with their residual bounds, whether each has converged (bound at most 1 % of the
-    value; raise ``iters`` when one has not) and λ_max/λ_k."""
+    value; raise ``iters`` when one has not) and λ_max/λ_k (None when λ_k <= 0)."""
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
     p = hessian.params[0]
@@ -152,7 +152,8 @@ def top_eigenvalues(hessian: LossHessian, k: int = 5, iters: int = 30, seed: int
         "residuals": residuals,
         "converged": [r <= CONVERGED * abs(v) for v, r in zip(values, residuals)],
         "lambda_max": values[0],
-        f"lambda_max_over_lambda_{len(values)}": values[0] / values[-1] if values[-1] else None,
+        # None when λ_k <= 0: a ratio with a zero or negative denominator says nothing about flatness
+        f"lambda_max_over_lambda_{len(values)}": values[0] / values[-1] if values[-1] > 0 else None,
         "lanczos_iters": steps,
         "images": hessian.images,
         "num_params": hessian.dim,

@@ -8,7 +8,8 @@ the training set (the training augmentation, a fresh epoch index), from each dev
 the whole batch), with the run's ρ, p and L2 term; the figure is the mean over batches of err(w+ε) − err(w). The
 model is in training mode as in training (batch statistics, dropout drawing the same numbers in
 every pass), and leaves as it came: weights restored exactly, BN running statistics untouched,
-base-optimizer state unused.
+base-optimizer state unused, every module's training flag and every shake layer's ``true_gradient``
+as they were.
 """
 
 from __future__ import annotations
@@ -52,35 +53,42 @@ def estimate_sharpness(
     ``m``: an m-sharpness run's m: each chunk of m examples is a batch of its own (its own ε and BN
     statistics), as a device is under torchrun."""
     bn = batchnorm_modules(model)
+    modes = [(module, module.training) for module in model.modules()]  # restored per module (BN frozen, ...)
+    shake = [(module, module.true_gradient) for module in model.modules() if hasattr(module, "true_gradient")]
     model.train()
     if bn_frozen:
         set_bn_eval(bn)
     set_true_gradient(model, True)  # every pass here is an ascent pass (shake layers: as in training)
     total, count = None, 0
     optimizer.zero_grad()
-    with running_stats_frozen(bn):
-        for images, labels in _chunks(batches, m):
-            if rng is not None:
-                rng.save()
-
-            def forward() -> torch.Tensor:
+    try:
+        with running_stats_frozen(bn):
+            for images, labels in _chunks(batches, m):
                 if rng is not None:
-                    rng.rewind()
-                with amp():
-                    return model(images)
+                    rng.save()
 
-            logits = forward()
-            clean = _error_rate(logits, labels)
-            loss_fn(logits.float(), labels).backward()
-            optimizer.first_step(zero_grad=True)
-            for _ in range(optimizer.ascent_steps - 1):
-                loss_fn(forward().float(), labels).backward()
-                optimizer.ascent_step(zero_grad=True)
-            with torch.no_grad():
-                gap = 100.0 * (_error_rate(forward(), labels) - clean)
-            optimizer.restore()
-            total = gap if total is None else total + gap
-            count += 1
-    optimizer.zero_grad()
-    set_true_gradient(model, False)
+                def forward() -> torch.Tensor:
+                    if rng is not None:
+                        rng.rewind()
+                    with amp():
+                        return model(images)
+
+                logits = forward()
+                clean = _error_rate(logits, labels)
+                loss_fn(logits.float(), labels).backward()
+                optimizer.first_step(zero_grad=True)
+                for _ in range(optimizer.ascent_steps - 1):
+                    loss_fn(forward().float(), labels).backward()
+                    optimizer.ascent_step(zero_grad=True)
+                with torch.no_grad():
+                    gap = 100.0 * (_error_rate(forward(), labels) - clean)
+                optimizer.restore()
+                total = gap if total is None else total + gap
+                count += 1
+        optimizer.zero_grad()
+    finally:  # the model as it came: each module's training flag and each shake layer's true_gradient
+        for module, training in modes:
+            module.training = training
+        for module, value in shake:
+            module.true_gradient = value
     return (total if total is not None else torch.zeros((), dtype=torch.float64)), count

@@ -4,12 +4,20 @@
 them all under the run roots. The paper's panel (WRN-40-10 without BN on CIFAR-10; λ_max and
 λ_max/λ_5 for SGD and SAM after epochs 1, 50 and 300) is matched by model config ``wrn40_10_nobn``,
 dataset ``cifar10``, optimizer and epoch; ours is the mean over training seeds.
+
+A spectrum of a mid-epoch checkpoint (the newest ``checkpoint.pt`` of a preempted or running run:
+``epoch`` completed epochs and ``epoch_step`` steps into the next) stands for no epoch: it is left out
+of the paper's panel, averaged only with spectra at the same point of training, and listed with its
+epoch as "3 + 27 steps". Files from before ``mid_epoch`` was recorded count as at an epoch's end
+unless their checkpoint is shown to be past it: another spectrum of the same run directory (and
+config hash) has the same epoch at a lower step (the end of an epoch is the lowest step with that many epochs completed).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -38,7 +46,58 @@ def find_spectra(roots: list[str]) -> list[dict]:
                 continue
             if isinstance(spectrum, dict) and spectrum.get("eigenvalues"):
                 found.append({**spectrum, "path": str(path), "method": spectrum_method(spectrum, path)})
-    return sorted(found, key=lambda s: s["path"])
+    return mark_mid_epoch(sorted(found, key=lambda s: s["path"]))
+
+
+_KEPT = re.compile(r"checkpoint_epoch\d+\.pt$")  # trainer.keep_epochs copies: written at an epoch's end only
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def mark_mid_epoch(spectra: list[dict]) -> list[dict]:
+    """The spectra, each with ``at`` (the point of training: its epoch, or "3 + 27 steps" for a
+    mid-epoch checkpoint) and ``mid`` (True for a mid-epoch checkpoint). ``mid_epoch`` as recorded;
+    for older files: a kept ``checkpoint_epoch*.pt`` is an epoch's end, and a checkpoint with the same
+    epoch as another of its run directory (and config hash) at a lower step is past that epoch's end."""
+    def run_epoch(s: dict) -> tuple:
+        return (str(Path(str(s.get("checkpoint") or s.get("path", ""))).parent), str(s.get("config_hash")),  # one training
+                str(s.get("epoch")))
+
+    def known_end(s: dict) -> bool:
+        return s.get("mid_epoch") is False or bool(_KEPT.search(str(s.get("checkpoint", ""))))
+
+    lowest: dict[tuple, dict] = {}  # (run directory, epoch) -> the spectrum at the lowest step
+    for s in spectra:
+        if _int(s.get("step")) is not None and not s.get("mid_epoch"):
+            low = lowest.get(run_epoch(s))
+            if low is None or s["step"] < low["step"]:
+                lowest[run_epoch(s)] = s
+    out = []
+    for s in spectra:
+        step, low = _int(s.get("step")), lowest.get(run_epoch(s))
+        if isinstance(s.get("mid_epoch"), bool):
+            mid = s["mid_epoch"]
+        elif known_end(s):
+            mid = False
+        else:
+            mid = step is not None and low is not None and step > low["step"]
+        at = s.get("epoch")
+        if mid:
+            if _int(s.get("epoch_step")) is not None:
+                at = f"{s.get('epoch')} + {s['epoch_step']} steps"
+            elif step is not None and low is not None and known_end(low):
+                at = f"{s.get('epoch')} + {step - low['step']} steps"
+            else:
+                at = f"{s.get('epoch')} + some steps (step {s.get('step')})"
+        out.append({**s, "mid": mid, "at": at})
+    return out
+
+
+def _at_order(s: dict) -> tuple:
+    """Points of training in order: epoch 3, then 3 + 27 steps, then 4."""
+    return _sortable(s.get("epoch")), 1 if s.get("mid") else 0, _sortable(_int(s.get("epoch_step")) or s.get("step"))
 
 
 def spectrum_method(spectrum: dict, path: Path) -> str:
@@ -97,10 +156,11 @@ def _mean_std(values: list[float]) -> str:
 def one_per_training_seed(spectra: list[dict]) -> list[dict]:
     """The replicates of a mean over training seeds: one spectrum per training run. Spectra of the
     same run measured again (another ``lanczos_seed``, the convergence check) are not more seeds;
-    the one with the lowest Lanczos seed (then path) stands for its run. Spectra without a
+    the one with the lowest Lanczos seed (then path) stands for its run, one at an epoch's end before
+    a mid-epoch one (which should not be among them: :func:`mark_mid_epoch`). Spectra without a
     recorded training seed count each (files from before it was recorded)."""
     chosen: dict[object, dict] = {}
-    for s in sorted(spectra, key=lambda s: (_sortable(s.get("lanczos_seed")), s["path"])):
+    for s in sorted(spectra, key=lambda s: (bool(s.get("mid", s.get("mid_epoch"))), _sortable(s.get("lanczos_seed")), s["path"])):
         run = ("seed", s["training_seed"]) if s.get("training_seed") is not None else ("file", s["path"])
         chosen.setdefault(run, s)
     return sorted(chosen.values(), key=lambda s: s["path"])
@@ -117,7 +177,8 @@ def _paper_rows(spectra: list[dict]) -> list[str]:
     rows = []
     for p in paper_spectra():
         measured = [s for s in spectra if s.get("arch") == PAPER_ARCH and s.get("dataset") == PAPER_DATASET
-                    and s.get("method") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]]
+                    and s.get("method") == p["optimizer"].lower() and str(s.get("epoch")) == p["epoch"]
+                    and not s["mid"]]  # a mid-epoch checkpoint is the end of no epoch
         configs = {s["experiment_hash"] for s in measured if s.get("experiment_hash")}  # files from before it: unknown
         ours = one_per_training_seed(measured)
         rhos = sorted({_rho(s) for s in ours}, key=str)
@@ -136,6 +197,7 @@ def _paper_rows(spectra: list[dict]) -> list[str]:
 
 
 def spectra_markdown(spectra: list[dict]) -> str:
+    spectra = mark_mid_epoch(spectra)
     lines = [
         "# Hessian spectra (Fig. 3 left)",
         "",
@@ -146,7 +208,8 @@ def spectra_markdown(spectra: list[dict]) -> str:
         "",
         "Ours: mean over training seeds (n). λ_max/λ_5 only from spectra with top_k = 5, leaving out those with "
         "λ_5 ≤ 0 or λ_max or λ_5 not converged (counted after the mean). Optimizer: the training method (ASAM or "
-        "k-step runs are not the paper's SAM).",
+        "k-step runs are not the paper's SAM). Spectra of mid-epoch checkpoints (epoch N + s steps below: the newest "
+        "checkpoint of a preempted or running run) stand for no epoch and are left out.",
         "",
         "| optimizer | epoch | λ_max paper | ours | λ_max/λ_5 paper | ours |",
         "|---|---|---|---|---|---|",
@@ -163,10 +226,15 @@ def spectra_markdown(spectra: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for s in spectra:  # one experiment: same config but the seed (experiment_hash; older files lack it)
-        key = (_experiment(s), s.get("arch"), s.get("dataset"), s.get("method"), _rho(s), s.get("epoch"), s.get("images"),
-               len(s["eigenvalues"]))
+        key = (_experiment(s), s.get("arch"), s.get("dataset"), s.get("method"), _rho(s), s["at"], s.get("images"),
+               len(s["eigenvalues"]))  # "at": a mid-epoch spectrum is averaged only with those at the same point
         groups.setdefault(key, []).append(s)
-    for key, members in sorted(groups.items(), key=lambda kv: tuple(map(_sortable, kv[0]))):
+
+    def order(kv: tuple) -> tuple:
+        key = tuple(map(_sortable, kv[0]))
+        return (*key[:5], _at_order(kv[1][0]), *key[6:])
+
+    for key, members in sorted(groups.items(), key=order):
         members = one_per_training_seed(members)
         ratios = [_ratio(m) for m in members if not _unreliable_ratio(m)]  # as in the paper's panel above
         left_out = sorted({_unreliable_ratio(m) for m in members} - {""})
@@ -180,7 +248,7 @@ def spectra_markdown(spectra: list[dict]) -> str:
         ratio = _ratio(s)
         converged = s.get("converged")
         settled = f"{sum(map(bool, converged))} of {len(converged)}" if converged is not None else "—"
-        lines.append(md_row([s["path"], s.get("arch"), s.get("dataset"), s.get("method"), _rho(s), s.get("epoch"), s.get("images"),
+        lines.append(md_row([s["path"], s.get("arch"), s.get("dataset"), s.get("method"), _rho(s), s["at"], s.get("images"),
                              ", ".join(f"{v:.4g}" for v in s["eigenvalues"]), f"{ratio:.3g}" if ratio is not None else "—",
                              settled]))
     return "\n".join(lines + [""])
