@@ -346,13 +346,13 @@ def write_checkpoint(tmp_path):
         config = OmegaConf.to_container(compose(config_name="train", overrides=FAST), resolve=True, enum_to_str=True)
     GlobalHydra.instance().clear()
 
-    def write(run_dir, partial=None, model_kwargs=None, epoch=3, step=30):
+    def write(run_dir, partial=None, model_kwargs=None, epoch=3, step=30, **extra):
         model = build_model(config["model"]["arch"], 10, 3, **config["model"]["kwargs"])
         saved = {**config, "model": {**config["model"], "kwargs": {**config["model"]["kwargs"], **(model_kwargs or {})}}}
         run_dir.mkdir(parents=True, exist_ok=True)
         return ckpt.save_checkpoint(run_dir, {"epoch": epoch, "step": step, "partial": partial, "model": model.state_dict(),
                                               "optimizer": {}, "rng": {}, "history": [], "train_time": 0.0, "config": saved,
-                                              "config_hash": "x"})
+                                              "config_hash": "x", **extra})
     return write
 
 
@@ -378,6 +378,21 @@ def test_a_mid_epoch_checkpoint_is_recorded_and_said_as_such(write_checkpoint, t
     result = hessian_spectrum(hessian_cfg(tmp_path / "end"))
     assert result["mid_epoch"] is False and result["epoch_step"] is None
     assert "epoch 3 (step 30" in describe(result) and "mid-epoch" not in describe(result)
+
+
+def test_a_checkpoint_without_compute_version_is_measured_with_a_warning(write_checkpoint, tmp_path, capsys):
+    """A checkpoint written before compute_version existed may come from code with the old strided
+    padding (another function): the spectrum is measured, with a warning saying so; the version of a
+    newer checkpoint is recorded in the JSON."""
+    from sam_bench.analysis.spectrum import hessian_spectrum
+    from sam_bench.schema import COMPUTE_VERSION
+
+    write_checkpoint(tmp_path / "old")
+    assert hessian_spectrum(hessian_cfg(tmp_path / "old"))["compute_version"] is None
+    assert "records no compute_version" in capsys.readouterr().err
+    write_checkpoint(tmp_path / "new", compute_version=COMPUTE_VERSION)
+    assert hessian_spectrum(hessian_cfg(tmp_path / "new"))["compute_version"] == COMPUTE_VERSION
+    assert "compute_version" not in capsys.readouterr().err
 
 
 def test_a_mid_epoch_spectrum_stands_for_no_epoch_in_the_report(tmp_path):

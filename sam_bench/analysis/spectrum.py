@@ -8,6 +8,7 @@ checkpoint (atomically). See :mod:`sam_bench.analysis.hessian` for the method.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -153,6 +154,10 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
     out = Path(cfg.out) if cfg.out else path.parent / f"hessian_{path.stem}.json"
     ensure_writable(out.parent, key="out")  # before the computation, not after it
     config = state["config"]
+    if state.get("compute_version") is None:
+        print(f"sam-bench hessian: warning: {path} records no compute_version (written before 2026-11-29); if the code "
+              "that trained it predates commit 97ae9d2, its strided convolutions padded otherwise than this code's, and "
+              "this is the spectrum of another function", file=sys.stderr)
     device = resolve_device(cfg.device)
     batches, num_classes, in_chans = training_images(config, cfg.images, cfg.batch_size, cfg.seed, device, cfg.data_root)
     model = build_model(config["model"]["arch"], num_classes, in_chans, **config["model"]["kwargs"])
@@ -184,6 +189,7 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
         "lanczos_seed": cfg.lanczos_seed,
         "training_seed": config.get("seed"),
         "config_hash": state.get("config_hash"),
+        "compute_version": state.get("compute_version"),  # of the code that trained it (schema.COMPUTE_VERSION)
         "experiment_hash": experiment_hash(config),  # the report averages over training seeds of one experiment
         "device": str(device),
         "seconds": time.perf_counter() - t0,
