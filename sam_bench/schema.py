@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -308,7 +309,8 @@ def method_label(opt: Any) -> str:
 #: existed before; checkpoints and result.json record it, and resuming across a change is refused.
 #: 1: up to 97ae9d2^ (strided 3x3 convolutions padded one pixel on each side);
 #: 2: 97ae9d2, strided convolutions pad as the official Flax 'SAME' (bottom/right);
-#: 3: SGD with optimizer.m normalises BatchNorm per chunk of m (before: over the whole batch).
+#: 3: SGD with optimizer.m normalises BatchNorm per chunk of m (before: over the whole batch), and
+#:    under torchrun averages the BatchNorm running statistics over ranks (before: each rank its own).
 COMPUTE_VERSION = 3
 
 
@@ -348,6 +350,26 @@ def experiment_hash(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def validate_ranks(cfg: Any, world_size: int) -> None:
+    """Checks that depend on the number of torchrun ranks (``WORLD_SIZE``): :func:`validate` makes them,
+    so under torchrun the CLI's pre-check refuses a bad value before anything runs, sweep points
+    included, as it does every other bad value; the trainer makes them again with its own rank count."""
+    if world_size <= 1:
+        return
+    opt, tr = cfg.optimizer, cfg.trainer
+    if tr.batch_size % world_size:
+        raise ConfigError(f"trainer.batch_size={tr.batch_size} is the global batch and must divide evenly over {world_size} "
+                          f"ranks; use a multiple of {world_size}")
+    rank_batch = tr.batch_size // world_size
+    if opt.m not in (None, rank_batch):
+        raise ConfigError(
+            f"optimizer.m={opt.m} under torchrun: each of the {world_size} ranks perturbs with its own {rank_batch} "
+            "examples (m = trainer.batch_size / ranks); set optimizer.m=null or choose the number of ranks")
+    if opt.second_order and opt.name == "sam" and opt.rho > 0:
+        raise ConfigError("optimizer.second_order under torchrun is not supported (its double backward would bypass the "
+                          "gradient all-reduce): run it in one process, with optimizer.m for per-device perturbations")
+
+
 def validate(cfg: Any) -> None:
     """Checks that relate values or bound them; raises :class:`ConfigError` naming key and fix."""
     opt, tr, ds = cfg.optimizer, cfg.trainer, cfg.dataset
@@ -364,6 +386,7 @@ def validate(cfg: Any) -> None:
     if not 0 <= opt.momentum < 1:
         raise ConfigError(f"optimizer.momentum={opt.momentum} must be in [0, 1)")
     _validate_sam_family(opt, tr)
+    validate_ranks(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if opt.schedule not in ("cosine", "constant"):
         raise ConfigError(f"optimizer.schedule={opt.schedule!r} is unknown: use cosine or constant")
     if tr.epochs < 1:

@@ -76,7 +76,8 @@ def test_preempted_mid_epoch_under_torchrun_resumes_with_the_epochs_true_stats(c
     state = torch.load(tmp_path / "victim" / "checkpoint.pt", weights_only=True)
     assert state["partial"]["epoch_step"] == 2 and state["partial"]["seen"] == 128  # 2 steps x 64 images, both ranks
     alone = subprocess.run(sam_bench_cmd() + ["train", *args], env=cli_env, capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 2 and "ranks: 2 -> None" in alone.stderr, alone.stderr[-2000:]
+    assert alone.returncode == 2 and "trained by 2 process(es) and this command runs 1" in alone.stderr \
+        and "torchrun --nproc_per_node=2" in alone.stderr, alone.stderr[-2000:]
     run(torchrun_cmd(2) + ["train", *args], cli_env)
     clean, victim = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("clean", "victim"))
     assert victim["train_loss"] == pytest.approx(clean["train_loss"], rel=1e-6)
@@ -105,3 +106,52 @@ def test_a_busy_run_directory_stops_every_rank_before_it_is_touched(cli_env, tmp
                               capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.count("is in use by another sam-bench process") == 2, proc.stderr[-2000:]
     assert planted.read_bytes() == b"in flight" and not (busy / "checkpoint.pt").exists()
+
+
+def test_a_single_process_run_is_not_taken_over_by_torchrun(cli_env, tmp_path):
+    """The number of ranks sets SAM's m, so it is part of the run: a finished single-process run rerun
+    under torchrun (same directory) is refused, naming how it was launched, and its result is left
+    as it was (before, torchrun relabelled it `ranks: 2` and the report averaged it with 2-rank runs)."""
+    one = tmp_path / "one"
+    run(sam_bench_cmd() + ["train", *ARGS, f"hydra.run.dir={one}"], cli_env)
+    before = (one / "result.json").read_bytes()
+    proc = subprocess.run(torchrun_cmd(2) + ["train", *ARGS, f"hydra.run.dir={one}"], env=cli_env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "trained by 1 process(es) and this command runs 2" in proc.stderr and "without torchrun" in proc.stderr
+    assert (one / "result.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["-m", "optimizer.m=32,16"], "optimizer.m=16 under torchrun: each of the 2 ranks perturbs with its own 32 examples"),
+    (["optimizer.second_order=true"], "optimizer.second_order under torchrun is not supported"),
+    (["trainer.batch_size=63"], "trainer.batch_size=63 is the global batch and must divide evenly over 2 ranks"),
+])
+def test_rank_dependent_checks_fail_before_anything_runs(cli_env, tmp_path, overrides, message):
+    """What depends on the number of ranks (WORLD_SIZE, as torchrun sets it) is judged by the CLI's
+    pre-check like every other value: one line, exit 2, before any sweep point trains (before, the
+    first point of `-m optimizer.m=32,16` trained to completion and the second failed with a traceback)."""
+    env = {**cli_env, "WORLD_SIZE": "2", "SAM_BENCH_MULTIRUN": str(tmp_path / "multirun")}
+    proc = subprocess.run(sam_bench_cmd() + ["train", *ARGS, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.parametrize("fault", ["checkpoint_written@2", "checkpoint_rotated@2"])
+def test_a_checkpoint_rotation_cut_by_a_kill_is_finished_by_rank_0_alone(cli_env, tmp_path, fault):
+    """Rank 0 killed between writing the next checkpoint and renaming it in (end of epoch 2 of 3):
+    on resume every rank reads the checkpoint first and rank 0 alone finishes the renames (before,
+    each rank did, and the second's renames lost checkpoint.pt or a rank resumed from another step
+    and hung). The run ends as the uninterrupted one, with both checkpoints readable."""
+    args = [*ARGS, "trainer.epochs=3"]
+    run(torchrun_cmd(2) + ["train", *args, f"hydra.run.dir={tmp_path / 'clean'}"], cli_env)
+    victim = tmp_path / "victim"
+    killed = subprocess.run(torchrun_cmd(2) + ["train", *args, f"hydra.run.dir={victim}"],
+                            env={**cli_env, "SAM_BENCH_FAULT": fault}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and not (victim / "result.json").exists()
+    run(torchrun_cmd(2) + ["train", *args, f"hydra.run.dir={victim}"], cli_env)
+    assert max_diff(weights(victim), weights(tmp_path / "clean")) == 0.0
+    epochs = {name: torch.load(victim / name, weights_only=True)["epoch"] for name in ("checkpoint.pt", "checkpoint.prev.pt")}
+    assert epochs == {"checkpoint.pt": 3, "checkpoint.prev.pt": 2}

@@ -15,14 +15,14 @@ from sam_bench.engine.step import train_step
 from sam_bench.optim import SAM, batchnorm_modules
 
 N, M, STEPS = 8, 4, 2
-VARIANTS = ("clean", "sync", "both", "k3")
+VARIANTS = ("clean", "sync", "both", "k3", "sgd")
 NO_AMP = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
 
-def model_and_opt(k: int = 1):
+def model_and_opt(k: int = 1, rho: float = 0.05):
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True,
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True,
               ascent_steps=k)
     return model, opt
 
@@ -46,11 +46,11 @@ def _worker(rank, world, port, out):
 def _train(rank: int, out: str) -> None:
     """Train on this rank's half of each batch; save the model state to ``out.<rank>``. Variant
     "clean": BN statistics from the clean pass; "sync": synchronised ascent; "both": BN statistics
-    from both passes; "k3": 3 projected ascent steps per rank (Table 11)."""
+    from both passes; "k3": 3 projected ascent steps per rank (Table 11); "sgd": ρ = 0, one pass."""
     sync, both, k = out.endswith("_sync"), out.endswith("_both"), 3 if out.endswith("_k3") else 1
     model, _ = model_and_opt()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.05, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True,
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # as the trainer: BN state averaged by the step
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.0 if out.endswith("_sgd") else 0.05, weight_decay=5e-4, grad_clip=5.0, lr=0.1, momentum=0.9, nesterov=True,
               ascent_steps=k)
     for s in range(STEPS):
         x, y = batch(s)
@@ -74,13 +74,15 @@ def ddp_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["clean", "both", "k3"])
+@pytest.mark.parametrize("variant", ["clean", "both", "k3", "sgd"])
 def test_two_rank_sam_equals_m_sharpness(ddp_results, variant):
     """Weights and BN running statistics; with BN mode "both" the perturbed pass's statistics are
     averaged over ranks too (as m-sharpness averages them over chunks); with k = 3 ascent steps
-    each rank ascends on its own half as each chunk of m does."""
+    each rank ascends on its own half as each chunk of m does. SGD: 2 ranks normalise BN each over
+    its own half and average the running statistics, as one process with m = per-rank batch does
+    (before, SGD never averaged them: each rank evaluated with its own)."""
     got, other = ddp_results[variant]
-    model, opt = model_and_opt(3 if variant == "k3" else 1)
+    model, opt = model_and_opt(3 if variant == "k3" else 1, rho=0.0 if variant == "sgd" else 0.05)
     for s in range(STEPS):
         x, y = batch(s)
         train_step(model, opt, x, y, F.cross_entropy, NO_AMP, None if variant == "both" else batchnorm_modules(model), m=M)

@@ -96,6 +96,11 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def wait_for_all_ranks(info: DistInfo, device: torch.device) -> None:
+    """A barrier (as a one-element all-reduce on ``device``, which every backend has); a no-op in one process."""
+    any_rank(False, info, device)
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum of ``t`` over ranks (identity in a single process)."""
     if info.enabled:

@@ -146,6 +146,8 @@ def train_step(
             logits = model(images)
             loss = loss_fn(logits, labels)
         _backward(loss, scaler)
+        if ddp:  # every rank the same running statistics, as SAM's clean pass leaves them (official pmean)
+            _average_bn_state(model)
         if scaler is None:
             optimizer.step()
         else:

@@ -26,7 +26,15 @@ from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.loader import derived_seed
 from sam_bench.data.noisy import noise_summary
 from sam_bench.engine import checkpoint as ckpt
-from sam_bench.engine.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, per_rank_batch, shard
+from sam_bench.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    init_distributed,
+    per_rank_batch,
+    shard,
+    wait_for_all_ranks,
+)
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
 from sam_bench.engine.rundir import ensure_writable, run_lock
@@ -36,7 +44,15 @@ from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.models import build_model
 from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler, effective_rho, set_bn_eval
 from sam_bench.optim.sam import SAM
-from sam_bench.schema import COMPUTE_VERSION, config_hash, method_label, semantic_config, validate, with_schema_defaults
+from sam_bench.schema import (
+    COMPUTE_VERSION,
+    config_hash,
+    method_label,
+    semantic_config,
+    validate,
+    validate_ranks,
+    with_schema_defaults,
+)
 from sam_bench.tracking.results import (DIVERGED_FILE, RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_divergence,
                                         read_result, versions, write_divergence, write_metrics)
 
@@ -356,7 +372,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         # no checkpoint to compare with (deleted to free space, or trainer.checkpoint=false): the result's
         # config decides, so another config's finished run is never overwritten
         try:
-            _check_resumable(done["config"], config, run_dir, what="the finished result (result.json)")
+            _check_resumable(done["config"], config, run_dir, what="the finished result (result.json)",
+                             versioned="compute_version" in done)
         except CheckpointError:
             if main:
                 _restore_hydra_config(run_dir, done["config"], {})
@@ -376,12 +393,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     device = resolve_device(tr.device)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
+    validate_ranks(cfg, dist_info.world_size)
     rank_batch = per_rank_batch(tr.batch_size, dist_info)
-    if dist_info.enabled and cfg.optimizer.m not in (None, rank_batch):
-        raise ConfigError(
-            f"optimizer.m={cfg.optimizer.m} under torchrun: each of the {dist_info.world_size} ranks perturbs with its own "
-            f"{rank_batch} examples (m = trainer.batch_size / ranks); set optimizer.m=null or choose the number of ranks"
-        )
     precision = resolve_precision(tr.precision, device)
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
@@ -414,14 +427,15 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
 
     start_epoch, global_step, history, train_time, partial = 0, 0, [], 0.0, None
     commits: list = []  # the code versions this run trained with, oldest first (a resume may bring a newer one)
-    if tr.checkpoint:
+    if tr.checkpoint and main:  # rank 0 alone: another rank's cleanup could delete a temporary it is writing
         ckpt.remove_stale_temporaries(run_dir)
+    wait_for_all_ranks(dist_info, device)  # no rank reads the directory while rank 0 cleans it
     hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
     loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
     if loaded is not None:
         state, path = loaded
         try:
-            _check_resumable(state["config"], config, run_dir, what="a checkpoint")
+            _check_resumable(state["config"], config, run_dir, what="a checkpoint", versioned="compute_version" in state)
             _check_compute_version(state.get("compute_version"), path)
         except CheckpointError:
             if main:
@@ -445,8 +459,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                 partial.update(seen=0, loss_sum=torch.zeros_like(partial["loss_sum"]), correct=torch.zeros_like(partial["correct"]))
         guard.checked_step = global_step
         guard.last_checkpoint = f"{path}, step {global_step}"
-        path = ckpt.complete_rotation(run_dir, path)
+        wait_for_all_ranks(dist_info, device)  # every rank has read the checkpoint before rank 0 renames files
         if main:
+            path = ckpt.complete_rotation(run_dir, path)
             ckpt.set_aside_damaged_newest(run_dir, path)
             write_metrics(run_dir, history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
         if start_epoch >= tr.epochs:
@@ -457,7 +472,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     commit = git_commit()
     if not commits or commits[-1] != commit:
         commits.append(commit)
-    if data.noise is not None:  # after the config check: a refused resume leaves the run's own noise file alone
+    noise_sha = None  # rank 0 alone writes the noise file (and the result that names its hash)
+    if data.noise is not None and main:  # after the config check: a refused resume leaves the run's own noise file alone
         noise_file, noise_sha = data.noise.save(run_dir)
         log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
                  data.noise.seed, 100 * data.noise.realised_rate, noise_file.name, noise_sha[:12])
@@ -515,7 +531,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             written = save(epoch_done, step, progress)
         where = f"{written} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
         again = "re-run the same command to resume" if tr.checkpoint else "a re-run starts over from epoch 1"
-        raise Preempted(f"stopped by {preempt.signal_name} at step {step}; checkpoint {where}; {again}")
+        by = preempt.signal_name or "a preemption signal to another rank"  # under torchrun one rank may have got it
+        raise Preempted(f"stopped by {by} at step {step}; checkpoint {where}; {again}")
 
     def after_step(epoch: int, step: int, progress: dict[str, Any]) -> None:
         fault_point("step")
@@ -664,14 +681,26 @@ def _hydra_files(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str) -> None:
+def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str, versioned: bool) -> None:
     """Refuse (CheckpointError naming the keys) when ``saved``, the config of ``what`` in ``run_dir``,
     is another experiment than ``config``. Keys that a newer version added and the saved config
-    lacks count as their schema default, so upgrading sam-bench does not strand a run."""
-    current = semantic_config(config)
-    if "ranks" not in saved:  # files from before the key: not comparable, as before
+    lacks count as their schema default, so upgrading sam-bench does not strand a run. ``ranks``
+    (torchrun's process count, which sets SAM's m) is 1 where a config lacks it, for files that
+    record a compute_version (``versioned``); older files did not say, and are not compared on it."""
+    current, before = semantic_config(config), semantic_config(with_schema_defaults(saved))
+    if versioned or "ranks" in saved:
+        ranks_then, ranks_now = before.get("ranks", 1), current.get("ranks", 1)
+        others_equal = {k: v for k, v in before.items() if k != "ranks"} == {k: v for k, v in current.items() if k != "ranks"}
+        if ranks_then != ranks_now and others_equal:
+            raise CheckpointError(
+                f"{run_dir} holds {what} trained by {ranks_then} process(es) and this command runs {ranks_now}: the number "
+                "of ranks sets SAM's m (each perturbs with its own batch); re-run it as it was launched ("
+                + (f"torchrun --nproc_per_node={ranks_then} ..." if ranks_then > 1 else "without torchrun")
+                + "), or give this one its own directory (hydra.run.dir=...)")
+        before["ranks"], current["ranks"] = ranks_then, ranks_now
+    else:
         current.pop("ranks", None)
-    ckpt.check_config_matches(semantic_config(with_schema_defaults(saved)), current, run_dir, what)
+    ckpt.check_config_matches(before, current, run_dir, what)
 
 
 def _check_compute_version(saved: int | None, path: Path) -> None:

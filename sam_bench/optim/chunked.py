@@ -332,21 +332,44 @@ def chunked_layers(model: nn.Module, chunks: int, params: dict[str, Stacked], up
 _PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _ghost_bn_forward(bn: _BatchNorm, chunks: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The replacement forward of one BN module for :func:`ghost_batch_norm_pass`: its affine
-    parameters shared by all chunks as expanded views (their gradients sum into the parameter). timm's
-    BatchNormAct2d keeps its drop and activation; any other subclass is refused (its forward does more)."""
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        shared = {k: Stacked(p.expand(chunks, *p.shape)) for k, p in bn.named_parameters(recurse=False)}
-        return batch_norm_forward(bn, x, shared, chunks, update_stats=True)
-
+def whole_bn_forward(bn: _BatchNorm, normalise: Callable[[torch.Tensor], torch.Tensor],
+                     refusal: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A replacement forward of ``bn`` that normalises with ``normalise``: a plain BatchNorm is just that;
+    timm's BatchNormAct2d (BN, drop, act in one module, as in timm's EfficientNets) keeps its drop and
+    activation; any other subclass is refused (``ValueError(refusal)``): replacing its forward would
+    drop whatever else it does."""
     if type(bn) in _PLAIN_BATCH_NORMS:
         return normalise
     if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "act") and hasattr(bn, "drop"):
         return lambda x: bn.act(bn.drop(normalise(x)))
-    raise ValueError(f"optimizer.m with SGD normalises BatchNorm per chunk of m examples, which the BatchNorm subclass "
-                     f"{type(bn).__name__} cannot do (its forward does more than batch normalisation); use optimizer.m=null "
-                     "for this model")
+    raise ValueError(refusal)
+
+
+@contextmanager
+def batch_norm_forwards(model: nn.Module, forward_of: Callable[[_BatchNorm], Callable]) -> Iterator[None]:
+    """Every BatchNorm of ``model`` runs ``forward_of(module)`` (instance-level forward) inside the block;
+    all are built before any module is touched, so a refusal leaves the model as it was."""
+    mods = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    forwards = [forward_of(mod) for mod in mods]
+    for mod, fwd in zip(mods, forwards):
+        mod.forward = fwd
+    try:
+        yield
+    finally:
+        for mod in mods:
+            del mod.forward
+
+
+def _ghost_bn_forward(bn: _BatchNorm, chunks: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward of one BN module in :func:`ghost_batch_norm_pass`: its affine parameters shared by
+    all chunks as expanded views (their gradients sum into the parameter)."""
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        shared = {k: Stacked(p.expand(chunks, *p.shape)) for k, p in bn.named_parameters(recurse=False)}
+        return batch_norm_forward(bn, x, shared, chunks, update_stats=True)
+
+    return whole_bn_forward(bn, normalise, f"optimizer.m with SGD normalises BatchNorm per chunk of m examples, which the "
+                            f"BatchNorm subclass {type(bn).__name__} cannot do (its forward does more than batch "
+                            "normalisation); use optimizer.m=null for this model")
 
 
 def ghost_batch_norm_unsupported(model: nn.Module) -> str | None:
@@ -360,20 +383,10 @@ def ghost_batch_norm_unsupported(model: nn.Module) -> str | None:
     return None
 
 
-@contextmanager
-def ghost_batch_norm_pass(model: nn.Module, chunks: int) -> Iterator[None]:
+def ghost_batch_norm_pass(model: nn.Module, chunks: int):
     """Run ``model`` unchanged except that every BatchNorm normalises each chunk of the batch with its
     own statistics and moves its running statistics by the mean over chunks of the chunk updates: the
     one pass of SGD with ``optimizer.m``, whose simulated devices each normalise their own m examples
     as m-SAM's chunks do (official code: BN batch = per-device batch, running state ``pmean``-ed;
     recipes.md §2). Weights are shared, so everything but BN runs on the whole batch."""
-    mods = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    forwards = [_ghost_bn_forward(mod, chunks) for mod in mods]  # refuse before touching any module
-    for mod, fwd in zip(mods, forwards):
-        mod.forward = fwd
-    try:
-        yield
-    finally:
-        for mod in mods:
-            del mod.forward
-
+    return batch_norm_forwards(model, lambda bn: _ghost_bn_forward(bn, chunks))

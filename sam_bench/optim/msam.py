@@ -68,8 +68,7 @@ Speed, WRN-28-10 (CUDA) / WRN-16-4 (CPU), batch 256, m = 32 (results/benchmarks.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -78,7 +77,7 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sam_bench.optim import chunked
-from sam_bench.optim.chunked import _PLAIN_BATCH_NORMS, at_least_fp32
+from sam_bench.optim.chunked import at_least_fp32
 from sam_bench.optim.sam import SAM, second_order_terms
 
 
@@ -144,28 +143,15 @@ def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _ghost_forward(mod: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The replacement forward of one BN module; a subclass that does more than normalise is refused
-    (replacing its forward would drop the rest), except timm's BatchNormAct2d (BN, drop, act)."""
-    if type(mod) in _PLAIN_BATCH_NORMS:
-        return lambda x: ghost_batch_norm(mod, x)
-    if type(mod).__name__ == "BatchNormAct2d" and hasattr(mod, "act") and hasattr(mod, "drop"):
-        return lambda x: mod.act(mod.drop(ghost_batch_norm(mod, x)))
-    raise ValueError(f"m-sharpness (optimizer.m) cannot run the BatchNorm subclass {type(mod).__name__}: its "
-                     "forward does more than batch normalisation; use plain SAM (optimizer.m=null) for this model")
+    """The replacement forward of one BN module inside the vmapped call (see :func:`chunked.whole_bn_forward`)."""
+    return chunked.whole_bn_forward(mod, lambda x: ghost_batch_norm(mod, x),
+                                    f"m-sharpness (optimizer.m) cannot run the BatchNorm subclass {type(mod).__name__}: its "
+                                    "forward does more than batch normalisation; use plain SAM (optimizer.m=null) for this model")
 
 
-@contextmanager
-def ghost_batch_norms(model: nn.Module) -> Iterator[None]:
+def ghost_batch_norms(model: nn.Module):
     """Route every BatchNorm of ``model`` through ``ghost_batch_norm`` (instance-level forward)."""
-    mods = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    forwards = [_ghost_forward(mod) for mod in mods]  # refuse before touching any module
-    for mod, fwd in zip(mods, forwards):
-        mod.forward = fwd
-    try:
-        yield
-    finally:
-        for mod in mods:
-            del mod.forward
+    return chunked.batch_norm_forwards(model, _ghost_forward)
 
 
 def _chunked(images: torch.Tensor, chunks: int, m: int) -> torch.Tensor:
