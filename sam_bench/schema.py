@@ -330,16 +330,20 @@ GROUPING_IGNORED = (*NON_SEMANTIC_KEYS, "optimizer.diagnostics", "seed")
 SGD_IGNORED = ("rho", "adaptive", "eta", "p", "ascent_steps", "second_order", "sync_perturbation")
 
 
-def grouping_config(config: dict) -> dict:
+def grouping_config(config: dict, compute_version: int | None = COMPUTE_VERSION) -> dict:
     """What a run computes, as the report groups runs: the config with the schema's defaults for the
     keys it lacks, without the seed and the keys that change nothing (:data:`GROUPING_IGNORED`);
-    an SGD run with ρ = 0 and the SAM-only keys at their defaults (it ignores them)."""
+    an SGD run with ρ = 0 and the SAM-only keys at their defaults (it ignores them). ``compute_version``:
+    of the code that trained it (None: before the number existed); an SGD run older than version 3
+    ignored ``optimizer.m`` too (whole-batch BN), so it is the SGD run without m."""
     out = semantic_config(with_schema_defaults(config), drop=GROUPING_IGNORED)
     opt = out.get("optimizer")
     if isinstance(opt, dict) and opt.get("name") == "sgd":
         optimizer_defaults = schema_defaults()["optimizer"]
         opt.update({k: optimizer_defaults[k] for k in SGD_IGNORED})
         opt["rho"] = 0.0
+        if (compute_version or 1) < 3:
+            opt["m"] = None
     return out
 
 

@@ -288,6 +288,27 @@ def test_sgd_spectra_whatever_their_rho_are_one_experiment(tmp_path):
     assert "| SGD | 300 | 24.2 | 25 (2) |" in md
 
 
+def test_spectra_hashed_before_and_after_experiment_hash_changed_are_one_experiment(tmp_path):
+    """The report computes each spectrum's experiment from its run's config (result.json, else
+    .hydra/config.yaml) when it is there, so a file written when experiment_hash was defined otherwise
+    (here "5900bc0912b7") groups with a newer file of another seed of the same experiment."""
+    from sam_bench.report import write_report
+    from sam_bench.schema import experiment_hash
+
+    runs = tmp_path / "runs"
+    config = {"name": "x", "optimizer": {"name": "sam", "lr": 0.1, "rho": 0.05, "diagnostics": True}}
+    for seed, lam, stored in ((0, 20.0, "5900bc0912b7"), (1, 30.0, None)):
+        run_dir = runs / f"s{seed}"
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text(json.dumps({**config, "seed": seed}))  # JSON is YAML
+        fake_spectrum(run_dir / "hessian_checkpoint_epoch0300.json", "wrn40_10_nobn", "cifar10", "sam", 0.05, 300,
+                      [lam, 8, 6, 4, 2.0], name="x", method="sam", training_seed=seed, checkpoint=str(run_dir / "checkpoint_epoch0300.pt"),
+                      experiment_hash=stored or experiment_hash({**config, "seed": seed}))
+    write_report([str(runs)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "hessian.md").read_text()
+    assert "| SAM | 300 |" in md and "25 (2)" in md and "several configurations" not in md
+
+
 def test_a_spectrum_from_before_experiment_hash_is_not_another_seed_of_its_run(tmp_path):
     """A file written before spectra recorded experiment_hash, beside newer ones of the same
     training run (a convergence check measured later): the paper's panel counts that run once."""

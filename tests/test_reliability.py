@@ -317,6 +317,23 @@ def test_a_checkpoint_of_code_that_computed_the_config_differently_refuses_to_re
     assert json.loads((tmp_path / "result.json").read_text())["compute_version"] == COMPUTE_VERSION
 
 
+def test_an_unversioned_sgd_checkpoint_with_m_refuses_to_resume(compose_train, tmp_path):
+    """SGD with optimizer.m normalised BN over the whole batch before compute_version 3 (which records
+    the number): a checkpoint of such a run without the number would mix the two, so it is refused;
+    plain SGD without m, which version 3 did not change, resumes (with a warning)."""
+    for overrides, refused in ((["optimizer=sgd", "optimizer.m=8"], True), (["optimizer=sgd"], False)):
+        run_dir = tmp_path / str(refused)
+        cfg = compose_train([*TINY, "trainer.epochs=1", *overrides])
+        assert _run_child(cfg, run_dir, "step@3:TERM") == PREEMPTED_EXIT_CODE
+        state, _ = ckpt.load_checkpoint(run_dir)
+        ckpt.save_checkpoint(run_dir, {k: v for k, v in state.items() if k not in ("checksum", "compute_version")})
+        if refused:
+            with pytest.raises(CheckpointError, match=r"written before compute_version existed, by code that ran this config otherwise"):
+                fit(compose_train([*TINY, "trainer.epochs=1", *overrides]), run_dir)
+        else:
+            assert fit(compose_train([*TINY, "trainer.epochs=1", *overrides]), run_dir)["status"] == "complete"
+
+
 def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path, monkeypatch):
     """The fp16 loss scaler is saved and restored with the rest of the state."""
     import sam_bench.engine.trainer as trainer

@@ -13,6 +13,7 @@ from sam_bench.report.collect import ci95, find_runs, group_runs, t975
 from sam_bench.report.paper import layouts
 from sam_bench.report.sweeps import find_sweeps
 from sam_bench.report.tables import index_groups, measure
+from sam_bench.schema import COMPUTE_VERSION
 
 # Reference t_{0.975,df} from standard tables (independent of the module's own table).
 T_REF = {1: 12.7062, 2: 4.3027, 4: 2.7764, 9: 2.2622, 29: 2.0452, 40: 2.0211, 60: 2.0003, 120: 1.9799, 1000: 1.9623}
@@ -83,6 +84,7 @@ def fake_run(root, sub, name, optimizer="sam", rho=0.05, seed=0, error=2.7, *, m
         "status": status, "name": name, "final_test_error": error, "seed": seed, "config": config,
         "finished_at": "2026-01-01T00:00:00", "train_time_s": 1800.0, "images_per_s": 1000.0 + seed,
         "peak_memory_mb": 2048.0 + seed, "device": "NVIDIA H100", "git_commit": "abc123", "config_hash": "h" + optimizer,
+        "compute_version": COMPUTE_VERSION,  # a run of today's code (``extra`` may say otherwise)
     }
     if val is not None:
         result["final_val_error"] = val
@@ -616,8 +618,12 @@ def test_sgd_runs_that_differ_in_rho_or_sam_only_keys_are_one_group_at_rho_0(tmp
     groups = group_runs(find_runs([str(root)])[0])
     (sgd,) = [g for g in groups if g.method == "sgd"]
     assert sgd.seeds == [2, 5] and sgd.config["optimizer"]["rho"] == 0.0
-    other = fake_run(tmp_path / "other", "sgd_m32", "x", "sgd", 0.05, 7, 4.5, opt={"m": 32})
+    other = fake_run(tmp_path / "other", "sgd_m32", "x", "sgd", 0.05, 7, 4.5, val=4.9, opt={"m": 32}, extra={"compute_version": 3})
     assert len([g for g in group_runs(find_runs([str(root), str(other)])[0]) if g.method == "sgd"]) == 2
+    # an SGD run from before compute_version 3 ignored m (whole-batch BN): it is the run without m
+    old = fake_run(tmp_path / "old", "sgd_m32_old", "x", "sgd", 0.05, 8, 4.6, val=4.9, opt={"m": 32}, extra={"compute_version": None})
+    (sgd,) = [g for g in group_runs(find_runs([str(root), str(old)])[0]) if g.method == "sgd"]
+    assert sgd.seeds == [2, 5, 8]
     write_report([str(root)], str(tmp_path / "out"))
     summary = list(csv.DictReader(io.StringIO((tmp_path / "out" / "summary.csv").read_text())))
     assert [(r["optimizer"], r["rho"], r["n"]) for r in summary if r["optimizer"] == "sgd"] == [("sgd", "0", "2")]

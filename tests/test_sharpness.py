@@ -3,6 +3,7 @@
 import copy
 import contextlib
 
+import pytest
 import torch
 import torch.nn as nn
 from torch.func import functional_call
@@ -174,3 +175,23 @@ def test_the_shake_layers_run_with_true_gradient_on_during_the_estimate():
     estimate_sharpness(model, opt, batches()[:1], nn.CrossEntropyLoss(), contextlib.nullcontext)
     assert seen and all(s == (True, True) for s in seen)
     assert model[1].true_gradient is False and not model.training
+
+
+def test_an_estimate_interrupted_between_ascent_and_restore_leaves_the_weights_at_w():
+    """A Ctrl-C (or any error) in the perturbed pass: the weights go back to w, not left at w + ε."""
+    calls = []
+
+    class StopOnThird(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            if len(calls) == 3:  # clean pass, second ascent pass (k = 2), then the pass at w + ε
+                raise KeyboardInterrupt
+            return x
+
+    model = nn.Sequential(nn.Linear(6, 5), StopOnThird()).double()
+    w = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, ascent_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_sharpness(model, opt, batches()[:1], nn.CrossEntropyLoss(), contextlib.nullcontext)
+    assert len(calls) == 3 and all(torch.equal(p, a) for p, a in zip(model.parameters(), w))
+    assert all(p.grad is None for p in model.parameters())

@@ -61,6 +61,7 @@ def estimate_sharpness(
     set_true_gradient(model, True)  # every pass here is an ascent pass (shake layers: as in training)
     total, count = None, 0
     optimizer.zero_grad()
+    perturbed = False  # the weights are at w + ε between first_step and restore
     try:
         with running_stats_frozen(bn):
             for images, labels in _chunks(batches, m):
@@ -77,16 +78,21 @@ def estimate_sharpness(
                 clean = _error_rate(logits, labels)
                 loss_fn(logits.float(), labels).backward()
                 optimizer.first_step(zero_grad=True)
+                perturbed = True
                 for _ in range(optimizer.ascent_steps - 1):
                     loss_fn(forward().float(), labels).backward()
                     optimizer.ascent_step(zero_grad=True)
                 with torch.no_grad():
                     gap = 100.0 * (_error_rate(forward(), labels) - clean)
                 optimizer.restore()
+                perturbed = False
                 total = gap if total is None else total + gap
                 count += 1
         optimizer.zero_grad()
-    finally:  # the model as it came: each module's training flag and each shake layer's true_gradient
+    finally:  # the model as it came: its weights (also when interrupted mid-batch), each module's training flag
+        if perturbed:  # and each shake layer's true_gradient
+            optimizer.restore()
+            optimizer.zero_grad()
         for module, training in modes:
             module.training = training
         for module, value in shake:

@@ -86,7 +86,7 @@ def _extract_from(system_dir: str, root: str) -> None:
 
 
 def _check_raw_files(root: str) -> None:
-    """Each IDX file in torchvision's raw folder is the official one (a few hundredths of a second)."""
+    """Each IDX file in torchvision's raw folder is the official one (about 0.1-0.2 s for the four files)."""
     for name, expected in RAW_MD5.items():
         path = os.path.join(_raw_dir(root), name)
         got = _md5_of(path)

@@ -436,7 +436,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         state, path = loaded
         try:
             _check_resumable(state["config"], config, run_dir, what="a checkpoint", versioned="compute_version" in state)
-            _check_compute_version(state.get("compute_version"), path)
+            # SGD with m (ghost BN) and SGD under torchrun (BN averaged over ranks) compute otherwise since version 3
+            _check_compute_version(state.get("compute_version"), path,
+                                   changed_in_3=not optimizer.two_pass and (m is not None or dist_info.enabled))
         except CheckpointError:
             if main:
                 _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
@@ -703,9 +705,16 @@ def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str, versio
     ckpt.check_config_matches(before, current, run_dir, what)
 
 
-def _check_compute_version(saved: int | None, path: Path) -> None:
+def _check_compute_version(saved: int | None, path: Path, changed_in_3: bool = False) -> None:
     """Refuse to continue a checkpoint whose code computed this config differently
-    (:data:`sam_bench.schema.COMPUTE_VERSION`); one written before the number existed gets a warning."""
+    (:data:`sam_bench.schema.COMPUTE_VERSION`); one written before the number existed is refused
+    when this config is one version 3 changed (``changed_in_3``), else resumed with a warning."""
+    if saved is None and changed_in_3:
+        raise CheckpointError(
+            f"{path} was written before compute_version existed, by code that ran this config otherwise (SGD with "
+            "optimizer.m normalised BatchNorm over the whole batch, and under torchrun kept each rank's statistics; "
+            f"compute_version {COMPUTE_VERSION} normalises per chunk of m and averages over ranks): resuming would mix the "
+            "two; finish it with the sam-bench that wrote it (its git commit) or train into a new run directory")
     if saved is None:
         log.warning("%s records no compute_version (written before 2026-11-29): if the code that wrote it predates commit "
                     "97ae9d2 (strided convolutions' padding) or it is SGD with optimizer.m (BatchNorm per chunk since), "

@@ -220,7 +220,7 @@ def group_runs(results: list[dict]) -> list[Group]:
     """Group by semantic config without the seed; one run per seed (the latest)."""
     groups: dict[str, Group] = {}
     for r in results:
-        cfg = grouping_config(r["config"])
+        cfg = grouping_config(r["config"], r.get("compute_version"))
         key = json.dumps(cfg, sort_keys=True, default=str)
         g = groups.setdefault(key, Group(config=cfg))
         same_seed = [x for x in g.runs if x["seed"] == r["seed"]]

@@ -25,7 +25,8 @@ import yaml
 
 from sam_bench.report.collect import md_row
 from sam_bench.report.paper import paper_data
-from sam_bench.schema import method_label
+from sam_bench.schema import experiment_hash, method_label
+from sam_bench.tracking.results import RESULT_FILE
 
 PAPER_ARCH, PAPER_DATASET = "wrn40_10_nobn", "cifar10"
 
@@ -45,7 +46,9 @@ def find_spectra(roots: list[str]) -> list[dict]:
             except (OSError, ValueError):
                 continue
             if isinstance(spectrum, dict) and spectrum.get("eigenvalues"):
-                found.append({**spectrum, "path": str(path), "method": spectrum_method(spectrum, path)})
+                config = training_config(spectrum, path)
+                found.append({**spectrum, "path": str(path), "method": spectrum_method(spectrum, config),
+                              "experiment_hash": spectrum_experiment(spectrum, config)})
     return mark_mid_epoch(sorted(found, key=lambda s: s["path"]))
 
 
@@ -100,20 +103,41 @@ def _at_order(s: dict) -> tuple:
     return _sortable(s.get("epoch")), 1 if s.get("mid") else 0, _sortable(_int(s.get("epoch_step")) or s.get("step"))
 
 
-def spectrum_method(spectrum: dict, path: Path) -> str:
-    """The training method (:func:`sam_bench.schema.method_label`: sgd, sam, asam, ...) of a
-    spectrum: recorded since ``method`` exists; for older files, from the training run's config
-    beside its checkpoint (``.hydra/config.yaml``), else the optimizer name the file recorded."""
-    if spectrum.get("method"):
-        return str(spectrum["method"])
+def training_config(spectrum: dict, path: Path) -> dict | None:
+    """The config of the run a spectrum's checkpoint belongs to: its ``result.json``'s (a finished
+    run), else its ``.hydra/config.yaml``, beside the checkpoint or the spectrum file; None if neither."""
     for run_dir in dict.fromkeys(p for p in (Path(str(spectrum.get("checkpoint", ""))).parent, path.parent) if str(p) != "."):
         try:
-            config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            continue
+            config = json.loads((run_dir / RESULT_FILE).read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            config = None
+        if not isinstance(config, dict):
+            try:
+                config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+            except (OSError, yaml.YAMLError):
+                continue
         if isinstance(config, dict) and isinstance(config.get("optimizer"), dict):
-            return method_label(config["optimizer"])
-    return str(spectrum.get("optimizer"))
+            return config
+    return None
+
+
+def spectrum_method(spectrum: dict, config: dict | None) -> str:
+    """The training method (:func:`sam_bench.schema.method_label`: sgd, sam, asam, ...) of a
+    spectrum: recorded since ``method`` exists; for older files, from the training run's config
+    (:func:`training_config`), else the optimizer name the file recorded."""
+    if spectrum.get("method"):
+        return str(spectrum["method"])
+    return method_label(config["optimizer"]) if config is not None else str(spectrum.get("optimizer"))
+
+
+def spectrum_experiment(spectrum: dict, config: dict | None) -> str | None:
+    """Which experiment a spectrum measures: for a file that recorded an ``experiment_hash``,
+    :func:`sam_bench.schema.experiment_hash` of its run's config computed now when the config is at
+    hand (so files written before the hash's definition changed group with newer ones), else the
+    recorded hash; None (unknown, as before) for files older than the hash."""
+    if not spectrum.get("experiment_hash"):
+        return None
+    return experiment_hash(config) if config is not None else spectrum["experiment_hash"]
 
 
 def _rho(s: dict):
