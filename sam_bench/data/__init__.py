@@ -37,7 +37,7 @@ class DataBundle:
     num_classes: int
     in_chans: int
     val: DeviceLoader | None = None  # the last ``val_size`` training images (dataset.val_size)
-    noise: NoisyLabels | None = None  # label noise over the full training set; the validation split keeps clean labels
+    noise: NoisyLabels | None = None  # the training images' label noise (drawn over the full set; the validation split keeps clean labels)
     noisy_train: DeviceLoader | None = None  # training images whose label was corrupted, noisy labels
 
 
@@ -110,7 +110,8 @@ def build_data(ds, batch_size: int, eval_batch_size: int, device: torch.device, 
         noise = make_noisy_labels(train_y, ds.num_classes, ds.label_noise.rate, ds.label_noise.mode, ds.label_noise.seed)
     (train_x, train_y), val = split_validation(train_x, train_y, ds.val_size)
     if noise is not None:
-        train_y = noise.noisy[: len(train_y)]
+        noise = noise.first(len(train_y))  # the images trained on: their rate, file and memorisation figure
+        train_y = noise.noisy
     if batch_size > len(train_y):
         raise ConfigError(f"trainer.batch_size={batch_size} exceeds the {len(train_y)} training images of {ds.name}; lower trainer.batch_size")
     mean, std = list(ds.mean), list(ds.std)
@@ -130,7 +131,7 @@ def build_data(ds, batch_size: int, eval_batch_size: int, device: torch.device, 
     )
     noisy_train = None
     if noise is not None:
-        hit = noise.corrupted[: len(train_y)]  # corrupted labels inside the training part
+        hit = noise.corrupted  # the corrupted labels of the training part
         noisy_train = eval_loader(train_x[hit], train_y[hit]) if hit.any() else None
     return DataBundle(
         train=train, test=eval_loader(test_x, test_y), num_classes=ds.num_classes, in_chans=ds.in_chans,

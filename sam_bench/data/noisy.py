@@ -1,7 +1,7 @@
-"""Noisy training labels for Table 4 (CIFAR-10/100 with 20-80 % label noise).
+"""Noisy training labels for Table 4 (CIFAR-10 with 20-80 % label noise; CIFAR-100 offered too).
 
 Modes:
-- ``uniform`` (the paper's reference, Jiang et al. 2019 "MentorNet"): each label is, with
+- ``uniform`` (the paper's reference setting, Jiang et al. 2018 "MentorNet"): each label is, with
   probability ``rate``, replaced by a class drawn uniformly from ALL classes, so it may keep its
   true class; the realised rate is about rate*(K-1)/K.
 - ``exclusive``: exactly round(rate*N) labels, chosen at random, move to a different class.
@@ -12,7 +12,11 @@ The noise comes from its own seed (``label_noise.seed``), not the run seed, so S
 every ρ of a sweep see the same labels. It is drawn over the full training set, so holding out a
 validation split (``dataset.val_size``) leaves the training images' labels as they were; the held-out
 images keep their CLEAN labels, as the paper's "clean random 10% validation split" on which ρ was
-chosen (Table 8, App. C.1).
+chosen (Table 8, App. C.1). The realised rate and ``noisy_labels.pt`` cover the images trained on.
+
+``noisy_labels.pt`` is a record (for inspection and the result's sha256): every run draws the labels
+again from the config, so editing or deleting the file changes nothing; a resume whose training labels
+differ from the checkpoint's (other dataset files or noise settings) is refused.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class NoisyLabels:
     def realised_rate(self) -> float:
         return self.corrupted.float().mean().item()
 
+    def first(self, n: int) -> "NoisyLabels":
+        """The noise of the first ``n`` images (the training part, when a validation split is held out)."""
+        return NoisyLabels(self.clean[:n], self.noisy[:n], self.rate, self.mode, self.seed)
+
     def save(self, run_dir: Path) -> tuple[Path, str]:
         """Write ``noisy_labels.pt`` beside the run (atomically: every rank of a torchrun job writes
         the same bytes); returns (path, sha256 of the file)."""
@@ -65,7 +73,8 @@ class NoisyLabels:
             d = torch.load(path, weights_only=True)
             return cls(d["clean"], d["noisy"], float(d["rate"]), str(d["mode"]), int(d["seed"]))
         except Exception as e:
-            raise DataError(f"{path}: unreadable noisy-label file ({type(e).__name__}: {e}); delete it to regenerate it") from e
+            raise DataError(f"{path}: unreadable noisy-label file ({type(e).__name__}: {e}); it is only a record: the next run "
+                            "of this config writes it again") from e
 
 
 def make_noisy_labels(labels: torch.Tensor, num_classes: int, rate: float, mode: str, seed: int) -> NoisyLabels:
@@ -100,10 +109,12 @@ def make_noisy_labels(labels: torch.Tensor, num_classes: int, rate: float, mode:
 def noise_summary(history: list[dict], fitted_noisy_pct: float, noise: NoisyLabels, sha256: str) -> dict:
     """result.json fields for a noisy-label run.
 
-    Clean test error at the end and at the epoch with the best (lowest) noisy-validation error
-    (SAM's advantage can fade late under heavy noise, so the paper-style early-stopped figure needs
-    a held-out split, never the test set), the realised noise rate, and the fraction (%) of
-    corrupted training labels the final model predicts (memorisation).
+    Clean test error at the end and at the epoch with the best (lowest) error on the clean validation
+    split (SAM's advantage can fade late under heavy noise, so the paper-style early-stopped figure
+    needs a held-out split, never the test set), the realised noise rate, and the fraction (%) of
+    corrupted training labels the final model predicts (memorisation). The best epoch is chosen over
+    every epoch with a validation error; when the test set was not evaluated at it
+    (``trainer.eval_every`` > 1), ``clean_test_error_at_best_val`` is null rather than another epoch's.
     """
     out = {
         "label_noise_rate": noise.rate,
@@ -114,8 +125,9 @@ def noise_summary(history: list[dict], fitted_noisy_pct: float, noise: NoisyLabe
         "clean_test_error_final": history[-1]["test_error"],
         "fitted_noisy_labels_pct": fitted_noisy_pct,
     }
-    scored = [r for r in history if r.get("val_error") is not None and r.get("test_error") is not None]
+    scored = [r for r in history if r.get("val_error") is not None]
     if scored:
         best = min(scored, key=lambda r: (r["val_error"], r["epoch"]))
-        out.update(best_val_epoch=best["epoch"], best_val_error=best["val_error"], clean_test_error_at_best_val=best["test_error"])
+        out.update(best_val_epoch=best["epoch"], best_val_error=best["val_error"],
+                   clean_test_error_at_best_val=best.get("test_error"))
     return out
