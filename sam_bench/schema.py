@@ -235,6 +235,7 @@ NON_SEMANTIC_KEYS = (
     "dataset.num_workers",
     "trainer.checkpoint_every_steps",
     "trainer.final_sharpness",  # a measurement after training; the training is the same
+    "trainer.eval_every",  # which epochs are evaluated on the test set; the training is the same (bit for bit)
 )
 
 
@@ -395,6 +396,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"optimizer.schedule={opt.schedule!r} is unknown: use cosine or constant")
     if tr.epochs < 1:
         raise ConfigError(f"trainer.epochs={tr.epochs} must be >= 1")
+    if tr.num_threads is not None and tr.num_threads < 1:
+        raise ConfigError(f"trainer.num_threads={tr.num_threads} must be >= 1, or null for torch's default (one per core)")
     if not 0 <= opt.warmup_epochs < tr.epochs:
         raise ConfigError(f"optimizer.warmup_epochs={opt.warmup_epochs} must be >= 0 and below trainer.epochs={tr.epochs} "
                           "(the linear warmup comes out of the run's epochs; the paper uses 0)")

@@ -54,6 +54,19 @@ def test_validate_rejects_relational_errors(compose_train):
     cfg = compose_train(["trainer.compile_mode=fast"])
     with pytest.raises(ConfigError, match="trainer.compile_mode='fast' is unknown: use one of default, reduce-overhead, "):
         validate(cfg)
+    for threads in (-1, 0):  # before: -1 a torch traceback, 0 silently torch's default
+        with pytest.raises(ConfigError, match=rf"trainer.num_threads={threads} must be >= 1, or null"):
+            validate(compose_train([f"trainer.num_threads={threads}"]))
+    validate(compose_train(["trainer.num_threads=1"]))
+
+
+def test_eval_every_is_not_part_of_the_runs_identity():
+    """Which epochs are evaluated on the test set changes nothing the run trains (QA: bit-identical
+    weights): a run may be resumed with another trainer.eval_every, and such runs group together."""
+    from sam_bench.schema import experiment_hash
+
+    base = {"trainer": {"eval_every": 1, "epochs": 10}, "optimizer": {"name": "sam"}, "seed": 0}
+    assert experiment_hash(base) == experiment_hash({**base, "trainer": {"eval_every": 5, "epochs": 10}})
 
 
 @pytest.mark.parametrize("mode,expected", [("default", None), ("reduce-overhead", "reduce-overhead"),

@@ -608,3 +608,18 @@ def test_a_resumed_run_shows_each_tensorboard_point_once(compose_train, tmp_path
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and len(steps) == 2
+
+
+def test_sam_diagnostics_are_logged_every_log_interval_of_the_global_step_and_at_the_end(compose_train, tmp_path):
+    """12 steps (2 epochs of 6), log_every_steps=5: the sam/* means land at global steps 5 and 10, and
+    the last 2 steps' at step 12 (before, the interval counted steps within the epoch: points at 5
+    and 11, intervals of 5 and 6, the last step never written; an epoch shorter than the interval,
+    as the quick start's 62 against 50 after the first, logged nothing or lost its tail)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(compose_train([*TINY, "trainer.epochs=2", "trainer.log_every_steps=5", "trainer.checkpoint=false"]), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("sam/cosine")] == [5, 10, 12]
+    assert [e.step for e in events.Scalars("train/images_per_s")] == [6, 12]
+    assert [e.step for e in events.Scalars("test/top5_error")] == [6, 12]

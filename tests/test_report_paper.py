@@ -719,3 +719,13 @@ def test_unreliable_eigenvalue_ratios_are_left_out_of_the_papers_panel(tmp_path)
     assert _panel(md, "SAM")[5] == "10 (1); 2 left out (not converged, λ_k ≤ 0)"
     grouped = md.split("## By experiment")[1].split("## Every spectrum")[0]  # the same rule there (it averaged -40 and 200 in)
     assert "| 10 (5); 2 left out (not converged, λ_k ≤ 0) |" in grouped
+
+
+def test_gpu_hours_count_every_rank_of_a_torchrun_run():
+    """A 2-rank run of an hour is two GPU-hours: the trainer records the ranks in the config
+    (``ranks``), which the report reads (it read a ``world_size`` key no result.json had)."""
+    from sam_bench.report.collect import Group
+    from sam_bench.report.tables import compute
+
+    runs = [{"seed": 0, "train_time_s": 3600.0, "config": {"ranks": 2}}, {"seed": 1, "train_time_s": 3600.0, "config": {}}]
+    assert compute(Group(config={}, runs=runs))["gpu_hours"] == "3.000"

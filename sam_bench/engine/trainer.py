@@ -225,6 +225,10 @@ def _summed_over_ranks(progress: dict[str, Any], dist_info: DistInfo) -> dict[st
     return {**progress, "loss_sum": sums[0].to(loss_sum.dtype), "correct": sums[1].to(correct.dtype), "seen": int(sums[2].item())}
 
 
+#: TensorBoard tags of the epoch scalars that are not "<split>/<metric>" of their key
+TB_TAGS = {"images_per_s": "train/images_per_s"}
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DeviceLoader,
@@ -275,7 +279,7 @@ def train_one_epoch(
         if guard is not None:
             guard.update(loss, optimizer.grad_norm if watch_grad_norm else None)
         bar.update(1)
-        if (i + 1) % log_every == 0:
+        if global_step % log_every == 0:  # intervals of the global step: the same whatever the epoch length
             if guard is not None:
                 guard.check(global_step, epoch)  # a sync per log interval only
             if on_log is not None:
@@ -395,8 +399,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         device = torch.device("cuda", dist_info.local_rank)
     validate_ranks(cfg, dist_info.world_size)
     rank_batch = per_rank_batch(tr.batch_size, dist_info)
-    precision = resolve_precision(tr.precision, device)
-    if tr.num_threads:
+    precision = str(resolve_precision(str(getattr(tr.precision, "value", tr.precision)), device))
+    if tr.num_threads is not None:
         torch.set_num_threads(tr.num_threads)
     if tr.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
@@ -606,9 +610,13 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             # x-axis: the global step, as the per-interval SAM diagnostics, so that a resume can hide (purge_step)
             # whatever a killed run had written past its checkpoint; `epoch` maps steps to epochs
             writer.add_scalar("epoch", epoch + 1, global_step)
-            for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error", "lr", "images_per_s"):
+            for key in ("train_loss", "train_error", "test_loss", "test_error", "test_top5_error", "val_loss", "val_error",
+                        "val_top5_error", "lr", "images_per_s"):
                 if record.get(key) is not None:
-                    writer.add_scalar(key.replace("_", "/", 1), record[key], global_step)
+                    writer.add_scalar(TB_TAGS.get(key, key.replace("_", "/", 1)), record[key], global_step)
+            if last_epoch and optimizer.diagnostics:  # the last, partial log interval's means
+                for k, v in optimizer.read_diagnostics().items():
+                    writer.add_scalar(k, v, global_step)
             if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), global_step)
             writer.flush()

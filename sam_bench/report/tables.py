@@ -263,10 +263,17 @@ def delta_text(cell: Cell, m: Measured | None) -> str:
     return f"{m.mean - ref:+.2f}"
 
 
+def _processes(result: dict) -> int:
+    """The GPUs (processes) a run trained on: its config's ``ranks`` under torchrun, else 1 (``world_size``
+    in files that recorded it)."""
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    return int(result.get("world_size") or config.get("ranks") or 1)
+
+
 def compute(group: Group) -> dict[str, str]:
     """GPU-hours (train time × devices per run, summed), images/s, peak memory, device, provenance."""
     runs = group.runs
-    hours = sum(float(r.get("train_time_s") or 0.0) * int(r.get("world_size") or 1) for r in runs) / 3600
+    hours = sum(float(r.get("train_time_s") or 0.0) * _processes(r) for r in runs) / 3600
     ips = [r["images_per_s"] for r in runs if isinstance(r.get("images_per_s"), (int, float))]
     mem = [r["peak_memory_mb"] for r in runs if isinstance(r.get("peak_memory_mb"), (int, float))]
     return {
