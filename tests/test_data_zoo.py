@@ -106,19 +106,19 @@ def test_autoaugment_changes_images_keeps_dtype_shape_and_is_seeded():
 
 def test_autoaugment_randomness_is_per_image_and_equals_single_image_ops():
     """Identical inputs must come out different (per-image draws), and each output must equal the
-    sequence of torchvision ops its own draws name, applied to that image alone."""
+    sequence of official ops its own draws name, applied to that image alone."""
+    from sam_bench.data.autoaugment import apply_op
+
     one = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     x = one.expand(48, 3, 32, 32).contiguous()
     aa = BatchAutoAugment("cifar10")
     out = aa(x, torch.Generator().manual_seed(5))
     assert len({o.numpy().tobytes() for o in out}) > 8
-    plan = aa.plan(48, 32, 32, torch.Generator().manual_seed(5))
+    draws = aa.draw(48, 32, 32, torch.Generator().manual_seed(5))
     for i in range(48):
         want = one.clone()
-        for groups in plan:
-            for name, magnitude, idx in groups:
-                if i in idx.tolist():
-                    want = aa.aa._apply_image_or_video_transform(want, name, magnitude, interpolation=aa.aa.interpolation, fill=aa.aa._fill)
+        for name, arg, cy, cx in aa.image_ops(draws, i):
+            want = apply_op(name, want, arg, cy, cx)
         assert torch.equal(out[i : i + 1], want), i
 
 
