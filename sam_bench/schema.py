@@ -90,7 +90,7 @@ class DatasetConfig:
     pad: int = 4  # padding (reflect) before the random crop
     cutout: Optional[int] = None  # square size (16 in the paper), after normalisation, fill 0
     cutout_per_image: bool = False  # official: one patch location per batch
-    autoaugment: Optional[AutoAugmentPolicyName] = None  # torchvision policy, before flip/crop
+    autoaugment: Optional[AutoAugmentPolicyName] = None  # the official SAM code's policy (95 CIFAR sub-policies, TF ops), before flip/crop
     val_size: Optional[int] = None  # hold out the LAST N training images (official 5000)
     label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
     svhn_extra: bool = True  # SVHN: train on train + extra (Table 5)

@@ -2,7 +2,9 @@
 Basic+Cutout and AutoAugment(+Basic+Cutout; applied to the whole set once per epoch, so timed
 over a full epoch) augmentation, on the CPU and on CUDA when present,
 next to per-image torchvision AutoAugment on the CPU (what a classic DataLoader worker does,
-timed over the first min(--n, 2000) images).
+timed over the first min(--n, 2000) images). That reference runs torchvision's own CIFAR10 policy
+(25 sub-policies), not the official SAM policy sam-bench uses (95, TF ops: sam_bench/data/autoaugment.py),
+so it compares pipelines of a similar kind of work, not the same augmentation.
 
     python scripts/bench_data.py [--n 50000] [--batch 256] [--steps 100] [--cpu-steps 20] [--threads N]
 
@@ -100,7 +102,7 @@ def main() -> None:
             full = "autoaugment" in kw
             rate = loader_rate(x, y, args.batch, args.n if full else steps, **kw)
             rows.append((name, setting + (" (full epoch)" if full else ""), f"batch {args.batch}", rate))
-    rows.append((f"cpu ({torch.get_num_threads()} threads)", "torchvision AutoAugment per image (1 process)", "-", torchvision_per_image_rate(images, TORCHVISION_IMAGES)))
+    rows.append((f"cpu ({torch.get_num_threads()} threads)", "torchvision AutoAugment per image (1 process; its 25-policy set)", "-", torchvision_per_image_rate(images, TORCHVISION_IMAGES)))
     w = max(len(r[0]) for r in rows)
     print(f"{'device':<{w}}  {'pipeline':<46} {'batch':<11} {'images/s':>12}")
     for dev, setting, batch, rate in rows:
