@@ -156,6 +156,7 @@ class TrainerConfig:
     progress: bool = True  # tqdm bar, silent when stderr is not a TTY
     checkpoint: bool = True  # full state every epoch (atomic), resumed on re-run
     checkpoint_every_steps: Optional[int] = None  # also a recovery checkpoint every N steps; null = epoch ends only
+    checkpoint_every_epochs: int = 1  # the epoch-end checkpoint after every N-th epoch (and the last, and keep_epochs)
     sync_bn: bool = False  # torchrun only: SyncBatchNorm across ranks (off, as the official code)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns, slower on CUDA
     num_threads: Optional[int] = None  # CPU threads; null = torch's default
@@ -234,6 +235,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.checkpoint",
     "dataset.num_workers",
     "trainer.checkpoint_every_steps",
+    "trainer.checkpoint_every_epochs",
     "trainer.final_sharpness",  # a measurement after training; the training is the same
     "trainer.eval_every",  # which epochs are evaluated on the test set; the training is the same (bit for bit)
 )
@@ -410,6 +412,8 @@ def validate(cfg: Any) -> None:
     if tr.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile_mode={tr.compile_mode!r} is unknown: use one of {', '.join(COMPILE_MODES)} "
                           "(torch.compile's modes)")
+    if tr.checkpoint_every_epochs < 1:
+        raise ConfigError(f"trainer.checkpoint_every_epochs={tr.checkpoint_every_epochs} must be >= 1 (1: after every epoch)")
     if tr.checkpoint_every_steps is not None and tr.checkpoint_every_steps < 1:
         raise ConfigError(f"trainer.checkpoint_every_steps={tr.checkpoint_every_steps} must be >= 1, or null for epoch ends only")
     outside = [e for e in tr.keep_epochs if not 1 <= e <= tr.epochs]

@@ -305,3 +305,26 @@ def test_device_loader_epochs_are_reproducible_and_drop_last():
     assert len(tail) == 1 and torch.equal(tail[0][0], e0[2][0])
     test = DeviceLoader(x, y, 16, [0.5] * 3, [0.25] * 3, train=False)
     assert len(test) == 4 and torch.equal(torch.cat([b[1] for b in test.epoch(0)]), y)
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_finetune_missing_dataset_says_what_to_place_where_and_no_advice_already_taken(tmp_path, monkeypatch, download):
+    """download=false: run with download=true or place the files (torchvision's layout named); download=true
+    (the default) that failed: place them by hand, never 'run with dataset.download=true' again."""
+    from types import SimpleNamespace
+
+    from sam_bench.data import finetune
+
+    class Unreachable:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+
+    entry = finetune.FINETUNE["stanford_cars"]
+    monkeypatch.setitem(finetune.FINETUNE, "stanford_cars", (Unreachable, *entry[1:]))
+    cfg = SimpleNamespace(name="stanford_cars", root=str(tmp_path), num_classes=196, image_size=32, resize=36, mean=[0.5] * 3,
+                          std=[0.25] * 3, num_workers=0, download=download)
+    with pytest.raises(DataError) as err:
+        finetune.build_finetune(cfg, 4, 4, torch.device("cpu"), 0, False)
+    msg = str(err.value)
+    assert f"{tmp_path}/stanford_cars/ with devkit/, cars_train/, cars_test/" in msg and "by hand" in msg
+    assert ("run with dataset.download=true" in msg) is not download

@@ -433,6 +433,20 @@ def test_pretrained_offline_error_names_weights_and_network(monkeypatch, tmp_pat
     msg = str(err.value)
     assert "tf_efficientnet_b7.ra_in1k" in msg and "network" in msg and "pretrained=false" in msg
     assert "\n" not in msg
+    # the offline form that Hydra accepts (a key the config lacks needs +; QA: the form without + was refused)
+    assert "+model.kwargs.pretrained_cfg_overlay.file=" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+def test_a_local_pretrained_file_that_does_not_load_is_named_with_the_reason(tmp_path):
+    """A missing file, or one of another architecture (the key lists of load_state_dict kept), is said
+    as such instead of advice to pass the option just passed."""
+    with pytest.raises(ConfigError, match=r"from the local file .*nowhere.pth could not be loaded: FileNotFoundError"):
+        build_model("tf_efficientnet_b0", num_classes=5, in_chans=3, pretrained=True,
+                    pretrained_cfg_overlay={"file": str(tmp_path / "nowhere.pth")})
+    other = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("resnet18", num_classes=1000).state_dict(), other)
+    with pytest.raises(ConfigError, match=r"Error\(s\) in loading state_dict for EfficientNet: (Missing key|Unexpected key|size mismatch)"):
+        build_model("tf_efficientnet_b0", num_classes=5, in_chans=3, pretrained=True, pretrained_cfg_overlay={"file": str(other)})
 
 
 def test_pretrained_from_local_file_replaces_head_and_trains_with_frozen_bn(tmp_path):

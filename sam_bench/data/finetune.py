@@ -26,12 +26,26 @@ FINETUNE = {
 }
 
 
+#: What torchvision expects under the data root, for the error message (torchvision's own layouts)
+LAYOUT = {
+    "flowers102": "flowers-102/ with jpg/, imagelabels.mat and setid.mat",
+    "oxford_pets": "oxford-iiit-pet/ with images/ and annotations/",
+    "stanford_cars": "stanford_cars/ with devkit/, cars_train/, cars_test/ and cars_test_annos_withlabels.mat "
+                     "(its download URL is gone: fetch it by hand)",
+    "fgvc_aircraft": "fgvc-aircraft-2013b/ with data/",
+    "food101": "food-101/ with images/ and meta/",
+}
+
+
 def _open(name: str, split: str, root: str, download: bool, transform) -> Dataset:
     cls, _, _, kwargs, _ = FINETUNE[name]
     try:
         return cls(root, split=split, transform=transform, download=download, **kwargs)
     except Exception as e:  # torchvision: RuntimeError("Dataset not found or corrupted ..."), network errors
-        raise DataError(f"{name}: the {split!r} split under {root} is missing or corrupt ({type(e).__name__}: {e}); run with dataset.download=true or place {cls.__name__}'s files there") from e
+        reason = (str(e).strip().splitlines() or [""])[0]
+        fix = (f"the download failed or is not possible: place the files by hand, torchvision's layout: {root}/{LAYOUT[name]}"
+               if download else f"run with dataset.download=true (needs network) or place the files by hand: {root}/{LAYOUT[name]}")
+        raise DataError(f"{name}: the {split!r} split under {root} is missing or corrupt ({type(e).__name__}: {reason}); {fix}") from e
 
 
 def build_finetune(ds, batch_size: int, eval_batch_size: int, device, seed: int, channels_last: bool):

@@ -620,7 +620,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
             if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), global_step)
             writer.flush()
-            written = save(epoch + 1, global_step, None) if tr.checkpoint else None
+            due = last_epoch or (epoch + 1) % tr.checkpoint_every_epochs == 0 or (epoch + 1) in tr.keep_epochs
+            written = save(epoch + 1, global_step, None) if tr.checkpoint and due else None
             if main:
                 write_metrics(run_dir, history)
             if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping

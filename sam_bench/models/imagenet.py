@@ -49,10 +49,20 @@ def create_timm_model(arch: str, num_classes: int, in_chans: int, **kwargs: Any)
     try:
         return timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except (OSError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        detail = " ".join(lines[:2]).rstrip(".")  # load_state_dict puts its key lists on the second line
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+        local = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if local:
+            raise ConfigError(
+                f"pretrained weights for model.arch={arch!r} from the local file {local} could not be loaded: "
+                f"{type(e).__name__}: {detail}. Give the path of a {arch} checkpoint (.pth or .safetensors) that exists, "
+                "or train from scratch with model.kwargs.pretrained=false"
+            ) from e
         raise ConfigError(
             f"pretrained weights for model.arch={arch!r} ({pretrained_source(arch)}) could not be loaded: "
-            f"{first}. Downloading them needs network access to Hugging Face once (they are then cached); "
-            f"offline, pass a local file with model.kwargs.pretrained_cfg_overlay.file=<weights.pth|.safetensors> "
-            f"or train from scratch with model.kwargs.pretrained=false"
+            f"{type(e).__name__}: {detail}. Downloading them needs network access to Hugging Face once; they are then "
+            "cached under $HF_HOME/hub (default ~/.cache/huggingface/hub; copy that folder to an offline machine and set "
+            "HF_HUB_OFFLINE=1). Offline, pass a local file with +model.kwargs.pretrained_cfg_overlay.file=<weights.pth|"
+            ".safetensors> (the + adds the key), or train from scratch with model.kwargs.pretrained=false"
         ) from e
