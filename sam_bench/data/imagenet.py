@@ -8,28 +8,45 @@ Preparing it (the usual pytorch/examples layout)::
 Get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org, untar the train tar and
 each per-class tar inside it into train/<wnid>/, untar val into val/ and move each image into its
 class folder (e.g. with the valprep.sh script of the pytorch/examples imagenet README, or
-torchvision's ``ImageNet`` class which does it from the devkit). Nothing is downloaded here.
+torchvision's ``ImageNet`` class which does it from the devkit). Nothing is downloaded here. A
+train/ or val/ with image files loose at its top level (a flat val/, or a valprep.sh that stopped
+half-way) is refused: ImageFolder would skip those files and evaluate on the rest. The numbers of
+images found are logged, with a warning at ``num_classes=1000`` when they are not ILSVRC-2012's.
 
 Training: Inception crop (area 0.08-1, aspect 3/4-4/3) to ``image_size`` + horizontal flip
 (``dataset.augment=none``: as evaluation); evaluation: resize the short side to ``resize`` (256) + centre crop ``image_size`` (224).
-``gpu_decode`` ships raw JPEG bytes and decodes them with nvJPEG
-(``torchvision.io.decode_jpeg(device='cuda')``), cropping on the GPU.
+Both resize bicubically (antialiased), as the official code's ``_resize`` (``resize_bicubic``, for
+the training crop and the evaluation crop alike) and timm's EfficientNet configs do.
+``gpu_decode`` ships raw bytes and decodes the JPEGs with nvJPEG
+(``torchvision.io.decode_jpeg(device='cuda')``), cropping on the GPU; files that are not YCbCr or
+grayscale JPEGs (ImageNet train holds a PNG and 22 CMYK JPEGs under .JPEG names) are decoded by PIL
+on the CPU, as without ``gpu_decode``, and cropped on the GPU with the rest.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
 import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.io import read_file
 from torchvision.transforms import v2
 
 from sam_bench.data.stream import StreamLoader
 from sam_bench.errors import DataError
 from sam_bench.paths import data_dir
+
+log = logging.getLogger(__name__)
+
+# ILSVRC-2012 (the official code's TRAIN_IMAGES / EVAL_IMAGES)
+TRAIN_IMAGES, VAL_IMAGES = 1_281_167, 50_000
+BICUBIC = v2.InterpolationMode.BICUBIC
+VALPREP = ("the devkit's flat val/ must be sorted into one folder per class, e.g. with the valprep.sh script of the "
+           "pytorch/examples imagenet README")
 
 
 def pil_rgb(path: str) -> Image.Image:
@@ -53,24 +70,50 @@ def raw_bytes(path: str) -> torch.Tensor:
 def train_transform(size: int) -> v2.Transform:
     """Inception crop + flip (works on PIL images and on uint8 CHW tensors on any device)."""
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        inception_crop(size),
         v2.RandomHorizontalFlip(),
         v2.PILToTensor(),
     ])
 
 
+def inception_crop(size: int) -> v2.RandomResizedCrop:
+    """Area 0.08-1, aspect 3/4-4/3, resized bicubically as the official ``_resize``."""
+    return v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=BICUBIC, antialias=True)
+
+
+def eval_resize(resize: int) -> v2.Resize:
+    """Short side to ``resize``, bicubically (the official evaluation crop resizes with ``resize_bicubic`` too)."""
+    return v2.Resize(resize, interpolation=BICUBIC, antialias=True)
+
+
 def eval_transform(size: int, resize: int) -> v2.Transform:
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+    return v2.Compose([eval_resize(resize), v2.CenterCrop(size), v2.PILToTensor()])
+
+
+def _loose_images(path: str) -> tuple[int, int]:
+    """(image files directly in ``path``, sub-folders of ``path``)."""
+    images = folders = 0
+    with os.scandir(path) as entries:
+        for e in entries:
+            if e.is_dir():
+                folders += 1
+            elif e.is_file() and has_file_allowed_extension(e.name, IMG_EXTENSIONS):
+                images += 1
+    return images, folders
 
 
 def image_folder(path: str, transform: Callable | None, loader: Callable = pil_rgb) -> ImageFolder:
     """torchvision's ImageFolder with clear errors for a missing or empty folder."""
     if not os.path.isdir(path):
         raise DataError(f"{path} is missing; prepare ImageNet in the ImageFolder layout (see sam_bench/data/imagenet.py) or set data_root=...")
+    loose, folders = _loose_images(path)
+    if loose and folders:  # ImageFolder would skip the loose files silently: an interrupted valprep.sh
+        raise DataError(f"{path} holds {loose} image files at its top level beside {folders} class folders, which would be "
+                        f"skipped (a half-sorted val/?); {VALPREP}")
     try:
         return ImageFolder(path, transform=transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"{path}: {e}; it needs one sub-folder of images per class") from e
+        raise DataError(f"{path}: {e}; it needs one sub-folder of images per class ({VALPREP})") from e
 
 
 def augments(ds) -> bool:
@@ -89,6 +132,15 @@ def _same_classes(train_ds: ImageFolder, test_ds: ImageFolder, base: str) -> Non
                         f"{only_val[:5]}); labels are folder positions, so val needs exactly train's class folders")
 
 
+def _log_counts(base: str, n_train: int, n_val: int, num_classes: int) -> None:
+    """The number of images found; at 1000 classes, a warning when they are not ILSVRC-2012's (a
+    partly extracted train tar or val tar evaluates silently on what is there)."""
+    log.info("%s: %d train images, %d val images", base, n_train, n_val)
+    if num_classes == 1000 and (n_train, n_val) != (TRAIN_IMAGES, VAL_IMAGES):
+        log.warning("%s holds %d train and %d val images, ILSVRC-2012 has %d and %d: missing or extra files change the "
+                    "reported numbers", base, n_train, n_val, TRAIN_IMAGES, VAL_IMAGES)
+
+
 def build_imagenet(ds, batch_size: int, eval_batch_size: int, device: torch.device, seed: int, channels_last: bool):
     """(train, val) StreamLoaders over ``<root>/imagenet/{train,val}``; val is the reported split."""
     base = os.path.join(data_dir(ds), "imagenet")
@@ -99,10 +151,10 @@ def build_imagenet(ds, batch_size: int, eval_batch_size: int, device: torch.devi
     if len(train_ds.classes) != ds.num_classes:
         raise DataError(f"{base}/train has {len(train_ds.classes)} class folders; dataset.num_classes={ds.num_classes}")
     _same_classes(train_ds, test_ds, base)
+    _log_counts(base, len(train_ds), len(test_ds), ds.num_classes)
     common = dict(device=device, seed=seed, num_workers=ds.num_workers, channels_last=channels_last)
-    te_gpu = v2.Compose([v2.Resize(ds.resize, antialias=True), v2.CenterCrop(ds.image_size)])
-    tr_gpu = v2.Compose([v2.RandomResizedCrop(ds.image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-                         v2.RandomHorizontalFlip()]) if augments(ds) else te_gpu
+    te_gpu = v2.Compose([eval_resize(ds.resize), v2.CenterCrop(ds.image_size)])
+    tr_gpu = v2.Compose([inception_crop(ds.image_size), v2.RandomHorizontalFlip()]) if augments(ds) else te_gpu
     train = StreamLoader(train_ds, batch_size, list(ds.mean), list(ds.std), train=True, gpu_transform=tr_gpu if gpu else None, **common)
     test = StreamLoader(test_ds, eval_batch_size, list(ds.mean), list(ds.std), train=False, gpu_transform=te_gpu if gpu else None, **common)
     return train, test

@@ -105,6 +105,49 @@ def dataset_labels(dataset: Dataset) -> list[int] | None:
     return None
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers (not DHT C4, JPG C8, DAC CC)
+
+
+def jpeg_components(data: torch.Tensor) -> int | None:
+    """The number of colour components in a JPEG's frame header (1 grayscale, 3 YCbCr, 4 CMYK/YCCK),
+    or None when the bytes are no JPEG (another format behind a .JPEG name: ImageNet train's
+    n02105855_2933.JPEG is a PNG) or no frame header precedes the scan (truncated)."""
+    b = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else memoryview(data)
+    n = len(b)
+    if n < 4 or b[0] != 0xFF or b[1] != 0xD8 or b[2] != 0xFF:  # SOI, then a marker
+        return None
+    i = 2
+    while i + 1 < n:
+        if b[i] != 0xFF:
+            return None  # not at a marker: garbage between segments
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA) or i + 3 >= n:  # EOI or start of scan before any frame header, or cut short
+            return None
+        if marker in _SOF:
+            return b[i + 9] if i + 9 < n else None  # FFCx, length(2), precision(1), height(2), width(2), components(1)
+        i += 2 + (b[i + 2] << 8 | b[i + 3])
+    return None
+
+
+def pil_decode_rgb(data: torch.Tensor) -> torch.Tensor:
+    """Any image PIL reads, from its bytes, as a uint8 RGB CHW tensor (PIL's ``convert("RGB")``, as
+    ImageFolder's loader in sam_bench.data.imagenet gives without ``gpu_decode``)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
 def _one_line(e: Exception) -> str:
     """The original message of an error re-raised from a DataLoader worker (it embeds a traceback)."""
     last = str(e).strip().splitlines()[-1]
@@ -143,8 +186,9 @@ class StreamLoader:
         channels_last: bool = False,
         gpu_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        """``gpu_transform``: the dataset yields raw JPEG bytes, decoded on ``device`` with
-        ``torchvision.io.decode_jpeg`` and transformed per image there (nvJPEG on CUDA)."""
+        """``gpu_transform``: the dataset yields raw file bytes, JPEGs decoded on ``device`` with
+        ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA), other images by PIL on the CPU, and
+        transformed per image on ``device``."""
         self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
         self.device = torch.device(device)
         self.num_workers = num_workers
@@ -178,26 +222,46 @@ class StreamLoader:
         return self._batches(0).batches
 
     def _decode(self, images: list[torch.Tensor], seeds: list[int], indices: list[int]) -> torch.Tensor:
-        """JPEG bytes -> the transformed uint8 images on the device, each transform seeded like a
-        worker's (:class:`_SeededItems`); a file that cannot be decoded named in a DataError."""
+        """File bytes -> the transformed uint8 images on the device, each transform seeded like a
+        worker's (:class:`_SeededItems`); a file that cannot be decoded named in a DataError.
+        YCbCr and grayscale JPEGs are decoded together on the device (nvJPEG on CUDA); other files
+        (a PNG named .JPEG, CMYK JPEGs) by PIL on the CPU, as the dataset's own loader would."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        try:
-            decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            for data, index in zip(images, indices):  # find the culprit
-                try:
-                    decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                except RuntimeError as e:
-                    raise DataError(f"{item_path(self.dataset, index)} is unreadable ({str(e).strip().splitlines()[0]}); it is "
-                                    "truncated or corrupt: replace or delete it") from None
-            raise
+        decoded: list[torch.Tensor | None] = [None] * len(images)
+        batched = [k for k, data in enumerate(images) if jpeg_components(data) in (1, 3)]
+        if batched:
+            try:
+                for k, image in zip(batched, decode_jpeg([images[k] for k in batched], mode=ImageReadMode.RGB, device=self.device)):
+                    decoded[k] = image
+            except RuntimeError:
+                pass  # one file is bad: decoded one by one below, to name it
+        for k, (data, index) in enumerate(zip(images, indices)):
+            if decoded[k] is None:
+                decoded[k] = self._decode_one(data, index)
         out = []
         for image, item_seed in zip(decoded, seeds):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(item_seed)
                 out.append(self.gpu_transform(image))
         return torch.stack(out)
+
+    def _decode_one(self, data: torch.Tensor, index: int) -> torch.Tensor:
+        """One file: decode_jpeg on the device when it is a YCbCr or grayscale JPEG, else (or when
+        that fails) PIL on the CPU; a file neither reads is truncated or corrupt."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        error = None
+        if jpeg_components(data) in (1, 3):
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError as e:
+                error = str(e).strip().splitlines()[0]
+        try:
+            return pil_decode_rgb(data).to(self.device)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{item_path(self.dataset, index)} is unreadable ({error or f'{type(e).__name__}: {e}'}); it is "
+                            "truncated or corrupt: replace or delete it") from None
 
     def _to_device(self, images, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         if self.gpu_transform is not None:
