@@ -309,12 +309,49 @@ def method_label(opt: Any) -> str:
 
 
 #: What a given config computes, as a number raised whenever the code changes it for configs that
-#: existed before; checkpoints and result.json record it, and resuming across a change is refused.
-#: 1: up to 97ae9d2^ (strided 3x3 convolutions padded one pixel on each side);
-#: 2: 97ae9d2, strided convolutions pad as the official Flax 'SAME' (bottom/right);
-#: 3: SGD with optimizer.m normalises BatchNorm per chunk of m (before: over the whole batch), and
-#:    under torchrun averages the BatchNorm running statistics over ranks (before: each rank its own).
-COMPUTE_VERSION = 3
+#: existed before (:data:`COMPUTE_CHANGES`); checkpoints, result.json and spectra record it. Resuming
+#: across a change that concerns the run's config is refused, and the report keeps runs of both
+#: sides of such a change apart. 1: up to 97ae9d2^.
+COMPUTE_VERSION = 4
+
+#: The datasets streamed from disk (sam_bench.data.STREAMED; a test keeps the two equal)
+STREAMED_DATASETS = ("imagenet", "flowers102", "oxford_pets", "stanford_cars", "fgvc_aircraft", "food101")
+
+
+def _sgd_with_m_or_ranks(config: dict) -> bool:
+    opt, ranks = config.get("optimizer") or {}, int(config.get("ranks") or 1)
+    batch = (config.get("trainer") or {}).get("batch_size")
+    m = opt.get("m")
+    sgd = opt.get("name") == "sgd" or not opt.get("rho")
+    return sgd and ((m is not None and m != (batch // ranks if batch else None)) or ranks > 1)
+
+
+def _autoaugmented_or_streamed(config: dict) -> bool:
+    ds = config.get("dataset") or {}
+    return bool(ds.get("autoaugment")) or ds.get("name") in STREAMED_DATASETS
+
+
+#: version -> (what it changed, which configs it changed)
+COMPUTE_CHANGES: dict[int, tuple[str, Any]] = {
+    2: ("strided 3x3 convolutions pad as the official Flax 'SAME' (97ae9d2; before, one pixel on each side)",
+        lambda config: True),
+    3: ("SGD with optimizer.m normalises BatchNorm per chunk of m, and under torchrun averages the running statistics "
+        "over ranks (before, over the whole batch / each rank its own)", _sgd_with_m_or_ranks),
+    4: ("AutoAugment is the official SAM code's policy (95 CIFAR sub-policies, TF ops; before, torchvision's 25), "
+        "and ImageNet/finetuning resizes are bicubic (before, bilinear)", _autoaugmented_or_streamed),
+}
+
+
+def compute_changes(config: dict, since: int) -> list[str]:
+    """What the code changed, after version ``since``, in what ``config`` computes."""
+    return [what for version, (what, concerns) in sorted(COMPUTE_CHANGES.items()) if since < version and concerns(config)]
+
+
+def computed_as(config: dict, version: int | None) -> int:
+    """The last change, up to ``version`` (None: a file older than the number, taken as 2), that concerns
+    ``config``: two runs of one config computed alike when this is equal."""
+    upto = 2 if version is None else version
+    return max([v for v, (_, concerns) in COMPUTE_CHANGES.items() if v <= upto and concerns(config)], default=1)
 
 
 def config_hash(config: dict) -> str:
@@ -338,7 +375,8 @@ def grouping_config(config: dict, compute_version: int | None = COMPUTE_VERSION)
     keys it lacks, without the seed and the keys that change nothing (:data:`GROUPING_IGNORED`);
     an SGD run with ρ = 0 and the SAM-only keys at their defaults (it ignores them). ``compute_version``:
     of the code that trained it (None: before the number existed); an SGD run older than version 3
-    ignored ``optimizer.m`` too (whole-batch BN), so it is the SGD run without m."""
+    ignored ``optimizer.m`` too (whole-batch BN), so it is the SGD run without m; and ``computed_as``
+    (:func:`computed_as`) keeps apart runs of one config on either side of a change that concerns it."""
     out = semantic_config(with_schema_defaults(config), drop=GROUPING_IGNORED)
     opt = out.get("optimizer")
     if isinstance(opt, dict) and opt.get("name") == "sgd":
@@ -347,6 +385,7 @@ def grouping_config(config: dict, compute_version: int | None = COMPUTE_VERSION)
         opt["rho"] = 0.0
         if (compute_version or 1) < 3:
             opt["m"] = None
+    out["computed_as"] = computed_as(out, compute_version)
     return out
 
 

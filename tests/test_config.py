@@ -126,3 +126,22 @@ def test_keep_epochs_is_checked_against_the_run(compose_train):
     with pytest.raises(ConfigError, match="trainer.checkpoint=false"):
         validate(compose_train(["trainer.epochs=2", "trainer.keep_epochs=[1]", "trainer.checkpoint=false"]))
     validate(compose_train(["trainer.epochs=2", "trainer.keep_epochs=[1,2]"]))
+
+
+def test_compute_changes_concern_the_configs_they_changed():
+    """A checkpoint's compute_version is compared only through the changes that concern its config:
+    AutoAugment and the streamed datasets changed in 4, SGD with m or ranks in 3, every model in 2."""
+    from sam_bench.data import STREAMED
+    from sam_bench.schema import STREAMED_DATASETS, compute_changes, computed_as
+
+    assert set(STREAMED_DATASETS) == set(STREAMED)
+    sam_cifar = {"optimizer": {"name": "sam", "rho": 0.05, "m": 32}, "dataset": {"name": "cifar10"}, "trainer": {"batch_size": 256}}
+    sgd_m = {**sam_cifar, "optimizer": {"name": "sgd", "rho": 0.0, "m": 32}}
+    sgd_ranks = {**sam_cifar, "optimizer": {"name": "sgd", "rho": 0.0, "m": None}, "ranks": 8}
+    aa = {**sam_cifar, "dataset": {"name": "cifar10", "autoaugment": "cifar10"}}
+    flowers = {**sam_cifar, "dataset": {"name": "flowers102"}}
+    assert compute_changes(sam_cifar, since=2) == [] and len(compute_changes(sam_cifar, since=1)) == 1
+    assert [len(compute_changes(c, since=2)) for c in (sgd_m, sgd_ranks, aa, flowers)] == [1, 1, 1, 1]
+    assert compute_changes({**sgd_m, "optimizer": {"name": "sgd", "rho": 0.0, "m": 256}}, since=2) == []  # m = batch
+    assert [computed_as(c, None) for c in (sam_cifar, sgd_m, aa)] == [2, 2, 2]
+    assert [computed_as(c, 4) for c in (sam_cifar, sgd_m, aa)] == [2, 3, 4]

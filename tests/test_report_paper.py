@@ -729,3 +729,16 @@ def test_gpu_hours_count_every_rank_of_a_torchrun_run():
 
     runs = [{"seed": 0, "train_time_s": 3600.0, "config": {"ranks": 2}}, {"seed": 1, "train_time_s": 3600.0, "config": {}}]
     assert compute(Group(config={}, runs=runs))["gpu_hours"] == "3.000"
+
+
+def test_runs_on_either_side_of_a_change_that_concerns_their_config_are_kept_apart():
+    """An AutoAugment run from before compute_version 4 (torchvision's policy) is not a seed of one with
+    the official policy; a Basic-augmentation run, which version 4 did not change, still is."""
+    def result(seed, version, autoaugment):
+        config = {"name": "x", "dataset": {"name": "cifar10", "autoaugment": autoaugment}, "optimizer": {"name": "sam", "rho": 0.05}}
+        return {"seed": seed, "final_test_error": 3.0, "config": {**config, "seed": seed},
+                **({"compute_version": version} if version else {})}
+
+    aa = group_runs([result(0, None, "cifar10"), result(1, 4, "cifar10")])
+    basic = group_runs([result(0, None, None), result(1, 4, None)])
+    assert [g.seeds for g in aa] == [[0], [1]] and [g.seeds for g in basic] == [[0, 1]]

@@ -46,6 +46,7 @@ from sam_bench.optim import batchnorm_modules, build_optimizer, build_scheduler,
 from sam_bench.optim.sam import SAM
 from sam_bench.schema import (
     COMPUTE_VERSION,
+    compute_changes,
     config_hash,
     method_label,
     semantic_config,
@@ -440,9 +441,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         state, path = loaded
         try:
             _check_resumable(state["config"], config, run_dir, what="a checkpoint", versioned="compute_version" in state)
-            # SGD with m (ghost BN) and SGD under torchrun (BN averaged over ranks) compute otherwise since version 3
-            _check_compute_version(state.get("compute_version"), path,
-                                   changed_in_3=not optimizer.two_pass and (m is not None or dist_info.enabled))
+            _check_compute_version(state.get("compute_version"), path, config)
         except CheckpointError:
             if main:
                 _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
@@ -714,25 +713,25 @@ def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str, versio
     ckpt.check_config_matches(before, current, run_dir, what)
 
 
-def _check_compute_version(saved: int | None, path: Path, changed_in_3: bool = False) -> None:
-    """Refuse to continue a checkpoint whose code computed this config differently
-    (:data:`sam_bench.schema.COMPUTE_VERSION`); one written before the number existed is refused
-    when this config is one version 3 changed (``changed_in_3``), else resumed with a warning."""
-    if saved is None and changed_in_3:
+def _check_compute_version(saved: int | None, path: Path, config: dict) -> None:
+    """Refuse to continue a checkpoint whose code computed this config otherwise: a change of
+    :data:`sam_bench.schema.COMPUTE_CHANGES` after its version that concerns this config. A checkpoint
+    from before the number (None) is taken as version 2, and warned about the padding change (2),
+    which it may or may not predate."""
+    if saved is not None and saved > COMPUTE_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sam-bench (compute_version {saved}, this code {COMPUTE_VERSION}); "
+                              "resume it with that version")
+    changes = compute_changes(config, since=2 if saved is None else saved)
+    if changes:
         raise CheckpointError(
-            f"{path} was written before compute_version existed, by code that ran this config otherwise (SGD with "
-            "optimizer.m normalised BatchNorm over the whole batch, and under torchrun kept each rank's statistics; "
-            f"compute_version {COMPUTE_VERSION} normalises per chunk of m and averages over ranks): resuming would mix the "
-            "two; finish it with the sam-bench that wrote it (its git commit) or train into a new run directory")
+            f"{path} was trained by code that computed this config otherwise (its compute_version: "
+            f"{'none recorded, before 2026-11-29' if saved is None else saved}; this code {COMPUTE_VERSION}: "
+            f"{'; '.join(changes)}): resuming would mix the two; finish it with the sam-bench that wrote it (its git "
+            "commit) or train into a new run directory")
     if saved is None:
         log.warning("%s records no compute_version (written before 2026-11-29): if the code that wrote it predates commit "
-                    "97ae9d2 (strided convolutions' padding) or it is SGD with optimizer.m (BatchNorm per chunk since), "
-                    "the resumed run mixes two computations; train into a new run directory to be sure", path)
-    elif saved != COMPUTE_VERSION:
-        raise CheckpointError(
-            f"{path} was trained by code that computes this config differently (compute_version {saved}, this code "
-            f"{COMPUTE_VERSION}; see sam_bench.schema.COMPUTE_VERSION): resuming would mix the two; finish it with the "
-            "sam-bench that wrote it (result.json's git_commits) or train into a new run directory")
+                    "97ae9d2 (strided convolutions' padding), the resumed run mixes two computations; train into a new "
+                    "run directory to be sure", path)
 
 
 def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
