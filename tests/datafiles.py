@@ -105,3 +105,12 @@ def write_image_folder(root: Path, classes: tuple[str, ...] = ("n01", "n02"), pe
             Image.fromarray(arr).save(path, format="JPEG", quality=90)
             files.append(path)
     return files
+
+
+def imagenet_cfg(root, **over):
+    """A small streamed-dataset config (the keys build_imagenet reads), for ImageFolder trees under ``root``."""
+    from types import SimpleNamespace
+
+    cfg = dict(root=str(root), num_classes=2, image_size=16, resize=20, mean=[0.5] * 3, std=[0.25] * 3, num_workers=0, gpu_decode=False)
+    cfg.update(over)
+    return SimpleNamespace(**cfg)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import SVHN
 
-from datafiles import write_image_folder, write_svhn
+from datafiles import imagenet_cfg, write_image_folder, write_svhn
 from sam_bench.data import DeviceLoader, build_data, split_validation
 from sam_bench.data.autoaugment import BatchAutoAugment
 from sam_bench.data.finetune import build_finetune
@@ -281,12 +281,6 @@ def test_svhn_missing_and_corrupt_files_are_clear_errors(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- ImageNet / ImageFolder streaming
-
-
-def imagenet_cfg(root, **over):
-    cfg = dict(root=str(root), num_classes=2, image_size=16, resize=20, mean=[0.5] * 3, std=[0.25] * 3, num_workers=0, gpu_decode=False)
-    cfg.update(over)
-    return SimpleNamespace(**cfg)
 
 
 @pytest.fixture

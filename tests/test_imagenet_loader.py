@@ -4,7 +4,6 @@ nvJPEG cannot decode (a PNG, CMYK), and the bicubic resizes of the official pipe
 import io
 import logging
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,18 +11,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from datafiles import write_image_folder
+from datafiles import imagenet_cfg, write_image_folder
 from sam_bench.data.imagenet import _log_counts, build_imagenet, eval_transform, pil_rgb, train_transform
 from sam_bench.data.stream import StreamLoader, jpeg_components, pil_decode_rgb
 from sam_bench.errors import DataError
 
 BICUBIC = v2.InterpolationMode.BICUBIC
-
-
-def imagenet_cfg(root, **over):
-    cfg = dict(root=str(root), num_classes=2, image_size=16, resize=20, mean=[0.5] * 3, std=[0.25] * 3, num_workers=0, gpu_decode=False)
-    cfg.update(over)
-    return SimpleNamespace(**cfg)
 
 
 @pytest.fixture
