@@ -431,6 +431,7 @@ def test_fit_records_validation_and_label_noise(compose_train, tmp_path):
     best = min(metrics, key=lambda m: (m["val_error"], m["epoch"]))
     assert result["best_val_epoch"] == best["epoch"] and result["clean_test_error_at_best_val"] == best["test_error"]
     assert result["clean_test_error_final"] == metrics[-1]["test_error"]
+    assert (result["train_images"], result["val_images"], result["test_images"]) == (128, 64, 64)
     assert 0.0 <= result["fitted_noisy_labels_pct"] <= 100.0
 
 

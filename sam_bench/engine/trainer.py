@@ -641,6 +641,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         **({"final_sharpness": sharpness} if sharpness is not None else {}),
         "epochs": tr.epochs,
         "steps": global_step,
+        # the images each split held (the test error is over all of test_images): a half-prepared folder shows here
+        "train_images": data.train.num_examples,
+        "test_images": data.test.num_examples,
+        **({"val_images": data.val.num_examples} if data.val is not None else {}),
         "seed": cfg.seed,
         "config": config,
         "config_hash": chash,
