@@ -8,6 +8,7 @@ the global one.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -33,6 +34,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def _leave_process_group() -> None:
+    """At interpreter exit: shut the process group down while the interpreter still runs. Left to
+    static destruction, gloo's threads were destroyed unjoined now and then ("terminate called
+    without an active exception", SIGABRT) after a run had finished and written its result."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -41,6 +50,7 @@ def init_distributed(device_type: str) -> DistInfo:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     if device_type == "cuda":
         torch.cuda.set_device(local)
     return DistInfo(rank=rank, world_size=world, local_rank=local)
