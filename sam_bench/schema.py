@@ -342,6 +342,12 @@ COMPUTE_CHANGES: dict[int, tuple[str, Any]] = {
 }
 
 
+def unversioned_warning(path: Any) -> str:
+    """What a checkpoint without ``compute_version`` may hide (said on resume and by ``hessian``)."""
+    return (f"{path} records no compute_version (written before 2026-11-29): if the code that wrote it predates commit "
+            "97ae9d2, its strided convolutions padded otherwise than this code's")
+
+
 def compute_changes(config: dict, since: int) -> list[str]:
     """What the code changed, after version ``since``, in what ``config`` computes."""
     return [what for version, (what, concerns) in sorted(COMPUTE_CHANGES.items()) if since < version and concerns(config)]

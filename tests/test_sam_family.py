@@ -1175,6 +1175,10 @@ def test_fp16_is_refused_on_the_cpu():
         resolve_precision("fp16", torch.device("cpu"))
     assert resolve_precision("fp16", torch.device("cuda")) == "fp16"
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    from sam_bench.schema import Precision
+
+    resolved = resolve_precision(Precision.bf16, torch.device("cpu"))  # the config's enum: the log said "Precision.bf16"
+    assert type(resolved) is str and f"{resolved}" == "bf16"
 
 
 # ---- 5. diagnostics -------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from sam_bench.engine.precision import resolve_device
 from sam_bench.engine.rundir import ensure_writable
 from sam_bench.errors import CheckpointError, ConfigError
 from sam_bench.models import build_model
-from sam_bench.schema import experiment_hash, method_label
+from sam_bench.schema import experiment_hash, method_label, unversioned_warning
 from sam_bench.tracking.results import atomic_write_json, versions
 
 
@@ -126,8 +126,6 @@ def training_images(config: dict, images: int, batch_size: int, seed: int, devic
                     data_root: str | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
     """Batches of ``images`` training images drawn without replacement (seeded; 0 or more than the
     set = all), normalised as in training, without augmentation; also the class and channel counts."""
-    if images < 0:
-        raise ConfigError(f"images must be >= 0 (a number of training images; 0 = all of them), got {images}")
     ds = OmegaConf.create(config["dataset"])
     if ds.name not in IN_MEMORY:
         raise ConfigError(f"the Hessian spectrum reads in-memory datasets ({', '.join(IN_MEMORY)}); this checkpoint trained on {ds.name}")
@@ -155,9 +153,7 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
     ensure_writable(out.parent, key="out")  # before the computation, not after it
     config = state["config"]
     if state.get("compute_version") is None:
-        print(f"sam-bench hessian: warning: {path} records no compute_version (written before 2026-11-29); if the code "
-              "that trained it predates commit 97ae9d2, its strided convolutions padded otherwise than this code's, and "
-              "this is the spectrum of another function", file=sys.stderr)
+        print(f"sam-bench hessian: warning: {unversioned_warning(path)}; the spectrum may be of another function", file=sys.stderr)
     device = resolve_device(cfg.device)
     batches, num_classes, in_chans = training_images(config, cfg.images, cfg.batch_size, cfg.seed, device, cfg.data_root)
     model = build_model(config["model"]["arch"], num_classes, in_chans, **config["model"]["kwargs"])

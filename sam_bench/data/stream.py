@@ -105,34 +105,19 @@ def dataset_labels(dataset: Dataset) -> list[int] | None:
     return None
 
 
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers (not DHT C4, JPG C8, DAC CC)
-
-
 def jpeg_components(data: torch.Tensor) -> int | None:
-    """The number of colour components in a JPEG's frame header (1 grayscale, 3 YCbCr, 4 CMYK/YCCK),
-    or None when the bytes are no JPEG (another format behind a .JPEG name: ImageNet train's
-    n02105855_2933.JPEG is a PNG) or no frame header precedes the scan (truncated)."""
-    b = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else memoryview(data)
-    n = len(b)
-    if n < 4 or b[0] != 0xFF or b[1] != 0xD8 or b[2] != 0xFF:  # SOI, then a marker
+    """The number of colour components of a JPEG (1 grayscale, 3 YCbCr, 4 CMYK/YCCK), from its
+    header as PIL reads it (no pixel is decoded), or None when the bytes are no JPEG (another format
+    behind a .JPEG name: ImageNet train's n02105855_2933.JPEG is a PNG) or no readable header."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+            return len(img.getbands()) if img.format == "JPEG" else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None
-    i = 2
-    while i + 1 < n:
-        if b[i] != 0xFF:
-            return None  # not at a marker: garbage between segments
-        marker = b[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA) or i + 3 >= n:  # EOI or start of scan before any frame header, or cut short
-            return None
-        if marker in _SOF:
-            return b[i + 9] if i + 9 < n else None  # FFCx, length(2), precision(1), height(2), width(2), components(1)
-        i += 2 + (b[i + 2] << 8 | b[i + 3])
-    return None
 
 
 def pil_decode_rgb(data: torch.Tensor) -> torch.Tensor:
@@ -229,7 +214,8 @@ class StreamLoader:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         decoded: list[torch.Tensor | None] = [None] * len(images)
-        batched = [k for k, data in enumerate(images) if jpeg_components(data) in (1, 3)]
+        on_device = [jpeg_components(data) in (1, 3) for data in images]  # what decode_jpeg reads
+        batched = [k for k, ok in enumerate(on_device) if ok]
         if batched:
             try:
                 for k, image in zip(batched, decode_jpeg([images[k] for k in batched], mode=ImageReadMode.RGB, device=self.device)):
@@ -238,7 +224,7 @@ class StreamLoader:
                 pass  # one file is bad: decoded one by one below, to name it
         for k, (data, index) in enumerate(zip(images, indices)):
             if decoded[k] is None:
-                decoded[k] = self._decode_one(data, index)
+                decoded[k] = self._decode_one(data, index, on_device[k])
         out = []
         for image, item_seed in zip(decoded, seeds):
             with torch.random.fork_rng(devices=[]):
@@ -246,13 +232,13 @@ class StreamLoader:
                 out.append(self.gpu_transform(image))
         return torch.stack(out)
 
-    def _decode_one(self, data: torch.Tensor, index: int) -> torch.Tensor:
-        """One file: decode_jpeg on the device when it is a YCbCr or grayscale JPEG, else (or when
-        that fails) PIL on the CPU; a file neither reads is truncated or corrupt."""
+    def _decode_one(self, data: torch.Tensor, index: int, on_device: bool) -> torch.Tensor:
+        """One file: decode_jpeg on the device when it is a YCbCr or grayscale JPEG (``on_device``),
+        else (or when that fails) PIL on the CPU; a file neither reads is truncated or corrupt."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         error = None
-        if jpeg_components(data) in (1, 3):
+        if on_device:
             try:
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError as e:

@@ -20,7 +20,9 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA, fp32 on the CPU. fp16 (with loss scaling) is a CUDA mode: refused on the CPU."""
+    """auto: bf16 on CUDA, fp32 on the CPU. fp16 (with loss scaling) is a CUDA mode: refused on the CPU.
+    ``requested`` may be the config's enum member; the result is always the plain name."""
+    requested = str(getattr(requested, "value", requested))
     if requested == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if requested == "fp16" and device.type != "cuda":

@@ -50,6 +50,7 @@ from sam_bench.schema import (
     config_hash,
     method_label,
     semantic_config,
+    unversioned_warning,
     validate,
     validate_ranks,
     with_schema_defaults,
@@ -400,7 +401,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         device = torch.device("cuda", dist_info.local_rank)
     validate_ranks(cfg, dist_info.world_size)
     rank_batch = per_rank_batch(tr.batch_size, dist_info)
-    precision = str(resolve_precision(str(getattr(tr.precision, "value", tr.precision)), device))
+    precision = resolve_precision(tr.precision, device)
     if tr.num_threads is not None:
         torch.set_num_threads(tr.num_threads)
     if tr.deterministic:
@@ -733,9 +734,7 @@ def _check_compute_version(saved: int | None, path: Path, config: dict) -> None:
             f"{'; '.join(changes)}): resuming would mix the two; finish it with the sam-bench that wrote it (its git "
             "commit) or train into a new run directory")
     if saved is None:
-        log.warning("%s records no compute_version (written before 2026-11-29): if the code that wrote it predates commit "
-                    "97ae9d2 (strided convolutions' padding), the resumed run mixes two computations; train into a new "
-                    "run directory to be sure", path)
+        log.warning("%s: the resumed run may mix two computations; train into a new run directory to be sure", unversioned_warning(path))
 
 
 def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
