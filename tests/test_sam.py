@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sam_bench.engine.step import train_step
+import sam_bench.optim.sam as sam_module
 from sam_bench.optim import SAM, batchnorm_modules
 
 
@@ -231,3 +232,41 @@ def test_bad_arguments_are_rejected():
         SAM(p, torch.optim.SGD, weight_decay_mode="sometimes", lr=0.1)
     with pytest.raises(ValueError, match="closure"):
         SAM(p, torch.optim.SGD, rho=0.1, lr=0.1).step()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norms_of_half_precision_tensors_are_float32(dtype):
+    """global_norm/chunk_norms accumulate fp16/bf16 tensors in float32 and return float32, not a
+    norm rounded to the tensors' own dtype (bf16: 32.5 for 32.544)."""
+    g = torch.Generator().manual_seed(0)
+    ts = [(torch.randn(50, 20, generator=g) * 1.3).to(dtype), (torch.randn(3, 7, generator=g)).to(dtype)]
+    want = math.sqrt(sum(float((t.double() ** 2).sum()) for t in ts))
+    got = sam_module.global_norm(ts)
+    assert got.dtype == torch.float32
+    assert abs(float(got) - want) <= 1e-6 * want
+    stacked = [t.reshape(1, *t.shape).expand(4, *t.shape) * torch.arange(1, 5).view(4, 1, 1).to(dtype) for t in ts]
+    per_chunk = sam_module.chunk_norms(stacked, 4)
+    want_chunks = [math.sqrt(sum(float((t[c].double() ** 2).sum()) for t in stacked)) for c in range(4)]
+    assert per_chunk.dtype == torch.float32
+    for a, b in zip(per_chunk.tolist(), want_chunks):
+        assert abs(a - b) <= 1e-6 * b
+
+
+def test_norms_of_float64_tensors_stay_float64_next_to_half_ones():
+    """A float64 norm is never rounded to float32, also in a list that mixes dtypes (the bf16 part,
+    small here, has a float32 norm; rounding the float64 part to float32 would be off by ~1e-8)."""
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(40, generator=g, dtype=torch.float64) * 1e-3 + 1.0
+    half = (torch.randn(30, generator=g) * 1e-4).bfloat16()
+    want = math.sqrt(float((wide**2).sum()) + float((half.double() ** 2).sum()))
+    for ts in ([wide, half], [half, wide]):
+        got = sam_module.global_norm(ts)
+        assert got.dtype == torch.float64
+        assert abs(float(got) - want) <= 1e-12 * want
+    alone = sam_module.global_norm([wide])
+    assert alone.dtype == torch.float64 and abs(float(alone) - math.sqrt(float((wide**2).sum()))) <= 1e-15 * float(alone)
+    per_chunk = sam_module.chunk_norms([wide.reshape(2, 20), half.reshape(2, 15)], 2)
+    assert per_chunk.dtype == torch.float64
+    for c in range(2):
+        want_c = math.sqrt(float((wide.reshape(2, 20)[c] ** 2).sum()) + float((half.reshape(2, 15)[c].double() ** 2).sum()))
+        assert abs(float(per_chunk[c]) - want_c) <= 1e-12 * want_c

@@ -50,12 +50,42 @@ DIAGNOSTICS = ("grad_norm", "eps_norm", "loss_gap", "cosine", "second_order_cosi
 SECOND_ORDER_DIAGNOSTICS = ("second_order_cosine",)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """‖t‖₂ of every tensor as device scalars, each accumulated and returned in float32 or wider:
+    fp16/bf16 tensors in float32 (``_foreach_norm`` would return their norm rounded to their own
+    dtype: 32.5 for a bf16 gradient whose norm is 32.544), float32 and float64 in their own dtype
+    (a float64 norm is never rounded to float32). One fused kernel per kind."""
+    half = [i for i, t in enumerate(tensors) if t.dtype in _HALF]
+    if not half:
+        return list(torch._foreach_norm(tensors))
+    if len(half) == len(tensors):
+        return list(torch._foreach_norm(tensors, dtype=torch.float32))
+    wide = [i for i, t in enumerate(tensors) if t.dtype not in _HALF]
+    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for idx, norms in ((half, torch._foreach_norm([tensors[i] for i in half], dtype=torch.float32)),
+                       (wide, torch._foreach_norm([tensors[i] for i in wide]))):
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out
+
+
+def _stacked(norms: list[torch.Tensor]) -> torch.Tensor:
+    """The norms as one tensor in their widest dtype (float32 next to float64 is widened, exactly)."""
+    dtype = norms[0].dtype
+    for n in norms[1:]:
+        dtype = torch.promote_types(dtype, n.dtype)
+    return torch.stack([n.to(dtype) for n in norms])
+
+
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖(t₁, …, tₙ)‖₂ as one device scalar (no host sync), computed in float32 or wider."""
+    """‖(t₁, …, tₙ)‖₂ as one device scalar (no host sync), computed in float32 or wider (see
+    :func:`tensor_norms`)."""
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms]))
+    return torch.linalg.vector_norm(_stacked(tensor_norms(tensors)))
 
 
 def chunk_slices(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -68,8 +98,8 @@ def chunk_norms(tensors: list[torch.Tensor], chunks: int) -> torch.Tensor:
     chunk slices (not one kernel per parameter), computed in float32 or wider."""
     if chunks == 1:
         return global_norm(tensors).reshape(1)
-    norms = torch.stack(torch._foreach_norm(chunk_slices(tensors))).view(len(tensors), chunks)
-    return torch.linalg.vector_norm(norms.to(torch.promote_types(norms.dtype, torch.float32)), dim=0)
+    norms = _stacked(tensor_norms(chunk_slices(tensors))).view(len(tensors), chunks)
+    return torch.linalg.vector_norm(norms, dim=0)
 
 
 def scale_chunks(tensors: list[torch.Tensor], scale: torch.Tensor) -> list[torch.Tensor]:
