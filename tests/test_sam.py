@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from sam_bench.engine.step import train_step
 import sam_bench.optim.sam as sam_module
@@ -270,3 +272,48 @@ def test_norms_of_float64_tensors_stay_float64_next_to_half_ones():
     for c in range(2):
         want_c = math.sqrt(float((wide.reshape(2, 20)[c] ** 2).sum()) + float((half.reshape(2, 15)[c].double() ** 2).sum()))
         assert abs(float(per_chunk[c]) - want_c) <= 1e-12 * want_c
+
+
+class _CpuTensorsMade(TorchDispatchMode):
+    """Records every op that returns a CPU tensor (with the parameters elsewhere: a host-device copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += [str(func) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+        return out
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_a_step_creates_no_cpu_tensor_for_parameters_elsewhere(with_grad):
+    """The zeros of a step where no parameter has a gradient (‖g‖, ‖ε‖, the norms of the diagnostics)
+    are made on the parameters' device: a CPU tensor would be copied to the GPU (a sync). Meta stands
+    in for CUDA. Also: such a step runs (it failed on an empty foreach list with diagnostics on)."""
+    p, q = nn.Parameter(torch.ones(3, device="meta")), nn.Parameter(torch.ones(2, device="meta"))
+    opt = SAM([p, q], torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, diagnostics=True, grad_clip=1.0)
+    assert opt.grad_norm.device.type == "meta"
+    with _CpuTensorsMade() as made:
+        for _ in range(2):
+            for half_step in (opt.first_step, opt.second_step):
+                if with_grad:
+                    p.grad = torch.ones(3, device="meta")
+                half_step(zero_grad=True)
+    assert made.ops == []
+    assert opt.grad_norm.device.type == "meta" and opt._diag.device.type == "meta"
+
+
+def test_a_step_without_any_gradient_reports_zero_gradient_norm():
+    """‖g‖ of a first pass in which nothing got a gradient is 0, not the previous step's value."""
+    p = nn.Parameter(torch.ones(3))
+    opt = SAM([p], torch.optim.SGD, rho=0.05, lr=0.1, diagnostics=True)
+    p.grad = torch.full((3,), 2.0)
+    opt.first_step(zero_grad=True)
+    assert float(opt.grad_norm) > 0
+    opt.second_step(zero_grad=True)
+    opt.first_step(zero_grad=True)
+    assert float(opt.grad_norm) == 0.0
+    opt.second_step(zero_grad=True)
+    assert opt.read_diagnostics()["sam/grad_norm"] == pytest.approx(math.sqrt(12) / 2)

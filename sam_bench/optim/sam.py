@@ -80,11 +80,12 @@ def _stacked(norms: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.to(dtype) for n in norms])
 
 
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def global_norm(tensors: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """‖(t₁, …, tₙ)‖₂ as one device scalar (no host sync), computed in float32 or wider (see
-    :func:`tensor_norms`)."""
+    :func:`tensor_norms`). No tensors: 0 on ``device`` (pass the optimizer's: a CPU zero meeting
+    CUDA tensors later is a host-to-device copy)."""
     if not tensors:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return torch.linalg.vector_norm(_stacked(tensor_norms(tensors)))
 
 
@@ -208,9 +209,9 @@ class SAM(torch.optim.Optimizer):
         self._clean_grad: list[torch.Tensor] | None = None  # g (for diagnostics / second order)
         self._clean_params: list[torch.Tensor] = []  # the parameters of self._clean_grad
         self._moved: list[torch.Tensor] = []  # the parameters of self._eps (plain SAM)
-        self._clean_norm = torch.zeros(1)
+        self._clean_norm = torch.zeros(1, device=self._device)
         self._generator: torch.Generator | None = None
-        self.grad_norm = torch.zeros(())  # ‖g‖ of the last first pass (device scalar, for logging)
+        self.grad_norm = torch.zeros((), device=self._device)  # ‖g‖ of the last first pass (device scalar, for logging)
         self._diag: torch.Tensor | None = None  # running sums of DIAGNOSTICS, on the device
         self._pending: torch.Tensor | None = None  # this step's values, added to _diag unless the step is skipped
         self._l2_preloaded = False
@@ -246,6 +247,11 @@ class SAM(torch.optim.Optimizer):
         self._split_weight_decay(group)
         self._check_groups([*self.param_groups, group])
         self.base_optimizer.add_param_group(group)
+
+    @property
+    def _device(self) -> torch.device:
+        """Where the parameters live (the first one's device; the CPU for an optimizer without any)."""
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
 
     @property
     def two_pass(self) -> bool:
@@ -293,7 +299,8 @@ class SAM(torch.optim.Optimizer):
 
         Also records ‖g‖ per chunk (``self._clean_norm``) for diagnostics and the second-order term.
         """
-        if not grads:  # nothing received a gradient this step
+        if not grads:  # nothing received a gradient this step: ‖g‖ = 0 (not the last step's)
+            self._clean_norm = torch.zeros(1, device=self._device)
             return []
         rhos = [g["rho"] for g in groups]
         if self.p == "random":
@@ -404,7 +411,7 @@ class SAM(torch.optim.Optimizer):
         buf = self._clean_grad
         if buf is None or len(buf) != len(grads) or any(b.shape != g.shape or b.dtype != g.dtype for b, g in zip(buf, grads)):
             self._clean_grad = [g.detach().clone() for g in grads]
-        else:
+        elif grads:  # (a foreach op refuses an empty list: a step where nothing got a gradient)
             torch._foreach_copy_(buf, grads)
 
     def _clean_grads_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -546,8 +553,7 @@ class SAM(torch.optim.Optimizer):
     # ---- diagnostics (device accumulators, read once per log interval) ----------------------
 
     def _zeros(self) -> torch.Tensor:
-        device = self.param_groups[0]["params"][0].device
-        return torch.zeros(len(DIAGNOSTICS) + 1, device=device, dtype=torch.float64)
+        return torch.zeros(len(DIAGNOSTICS) + 1, device=self._device, dtype=torch.float64)
 
     def _accumulate(self, index: int, value: torch.Tensor) -> None:
         """Add to this step's values; :meth:`_commit_diagnostics` moves them to the running sums."""
@@ -579,11 +585,12 @@ class SAM(torch.optim.Optimizer):
             params = [p for p, _ in self.trainable() if p.grad is not None or id(p) in clean_ids]
         sam = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         clean = self._clean_grads_for(params)
-        na, nb = global_norm(clean).double(), global_norm(sam).double()
-        nd = global_norm(torch._foreach_sub(clean, sam)).double()
+        device = self._device
+        na, nb = global_norm(clean, device).double(), global_norm(sam, device).double()
+        nd = global_norm(torch._foreach_sub(clean, sam) if clean else [], device).double()
         cos = (na**2 + nb**2 - nd**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
         self._accumulate(0, self._clean_norm.double().mean())
-        self._accumulate(1, chunk_norms(self._eps, self._eps[0].shape[0]).double().mean() if self._eps else torch.zeros(()))
+        self._accumulate(1, chunk_norms(self._eps, self._eps[0].shape[0]).double().mean() if self._eps else torch.zeros((), device=device))
         self._accumulate(3, cos)
         self._accumulate(len(DIAGNOSTICS), torch.ones((), device=self._clean_norm.device))
 
@@ -621,7 +628,6 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self.param_groups = self.base_optimizer.param_groups
         if "generator" in state_dict:
-            device = self.param_groups[0]["params"][0].device
-            self._rng(device).set_state(state_dict["generator"])
+            self._rng(self._device).set_state(state_dict["generator"])
         if "diagnostics" in state_dict:
-            self._diag = state_dict["diagnostics"].to(self.param_groups[0]["params"][0].device).clone()
+            self._diag = state_dict["diagnostics"].to(self._device).clone()
