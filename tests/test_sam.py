@@ -317,3 +317,15 @@ def test_a_step_without_any_gradient_reports_zero_gradient_norm():
     assert float(opt.grad_norm) == 0.0
     opt.second_step(zero_grad=True)
     assert opt.read_diagnostics()["sam/grad_norm"] == pytest.approx(math.sqrt(12) / 2)
+
+
+def test_step_with_a_closure_refuses_second_order_before_any_pass():
+    """step(closure) cannot compute the Hessian-vector product: it says so, and where to go,
+    before the closure runs or a weight moves."""
+    p = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = SAM([p], torch.optim.SGD, rho=0.05, lr=0.1, second_order=True)
+    p.grad = torch.tensor([0.5, 0.5])
+    calls = []
+    with pytest.raises(ValueError, match=r"second_order=True .*step\.train_step"):
+        opt.step(lambda: calls.append(1))
+    assert calls == [] and torch.equal(p.detach(), torch.tensor([1.0, -2.0]))

@@ -145,7 +145,8 @@ class SAM(torch.optim.Optimizer):
         adaptive, eta: ASAM with T = |w| + η (see module docstring for which parameters).
         p: ``"2"`` (SAM), ``"inf"`` (sign) or ``"random"`` (Gaussian direction of norm ρ).
         ascent_steps: k projected ascent steps (Table 11).
-        second_order: keep the dε̂/dw term (App. C.4); the step must pass ``hvp`` to second_step.
+        second_order: keep the dε̂/dw term (App. C.4); the step must pass ``hvp`` to second_step
+            (:func:`sam_bench.engine.step.train_step` does; ``step(closure)`` cannot).
         diagnostics: accumulate ‖g‖, ‖ε‖, L(w+ε)−L(w), cos(g, g_SAM) on the device, and with
             ``second_order`` the cosine between the first-order and the full update (Fig. 5).
         seed: seed of the generator for ``p="random"``.
@@ -541,6 +542,10 @@ class SAM(torch.optim.Optimizer):
             return
         if closure is None:
             raise ValueError("SAM with rho > 0 needs a closure that recomputes forward and backward")
+        if self.second_order:  # checked before any pass: second_step would refuse it after two of them
+            raise ValueError("second_order=True needs a Hessian-vector product, which step(closure) cannot compute: "
+                             "train with sam_bench.engine.step.train_step (it passes hvp= to second_step), or call "
+                             "first_step and second_step(hvp=...) yourself")
         self.first_step(zero_grad=True)
         for _ in range(self.ascent_steps - 1):
             with torch.enable_grad():
