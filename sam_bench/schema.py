@@ -368,7 +368,7 @@ def config_hash(config: dict) -> str:
 
 # Keys that do not change what a run computes, for grouping: the schema's, and the optimizer's
 # diagnostics (they only read the gradients and ε into device accumulators: sam.py _record_cosine,
-# _keep_clean_grad, record_loss_gap; msam.py the same; the update is the same with them off).
+# keep_clean_grad, record_loss_gap; msam.py the same; the update is the same with them off).
 GROUPING_IGNORED = (*NON_SEMANTIC_KEYS, "optimizer.diagnostics", "seed")
 # Optimizer keys an SGD run ignores (one pass, no ascent: sam.SAM.two_pass is False, so neither
 # the ascent's keys nor the ascent's all-reduce is used); ρ is 0 for it. Not m: an SGD run

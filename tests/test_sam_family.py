@@ -1058,6 +1058,25 @@ def test_random_generator_state_resumes():
         assert torch.equal(a, b)
 
 
+def test_random_generator_state_through_the_public_methods():
+    """rng_state()/set_rng_state() (the trainer's per-rank checkpoint): None before the first draw,
+    then a state that replays the same directions in another optimizer."""
+    model = tiny_model()
+    opt = make_sam(model, p="random", seed=5)
+    assert opt.rng_state() is None
+    run(model, opt, 1)
+    state = opt.rng_state()
+    model_b = copy.deepcopy(model)
+    opt_b = make_sam(model_b, p="random", seed=6)
+    opt_b.load_state_dict({"base_optimizer": copy.deepcopy(opt.state_dict()["base_optimizer"])})
+    opt_b.set_rng_state(state)
+    x, y = batch(4)
+    for mdl, o in ((model, opt), (model_b, opt_b)):
+        train_step(mdl, o, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(mdl))
+    for a, b in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+
+
 # ---- 3. fp16 loss scaling -------------------------------------------------------------------
 
 class _InfGrad(torch.autograd.Function):

@@ -152,7 +152,7 @@ def train_step(
             optimizer.step()
         else:
             _unscale(optimizer, scaler)
-            optimizer._add_l2()
+            optimizer.add_l2()
             optimizer.descend(scaler.found_inf)
             scaler.update()
         optimizer.zero_grad()

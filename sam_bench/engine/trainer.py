@@ -201,7 +201,7 @@ def _gather_rank_rngs(optimizer: SAM, device: torch.device, dist_info: DistInfo)
     rank 0's checkpoint; None in a single process (``rng`` and the optimizer state hold them)."""
     if not dist_info.enabled:
         return None
-    mine = {"rng": rng_state(device), "sam": optimizer._generator.get_state() if optimizer._generator is not None else None}
+    mine = {"rng": rng_state(device), "sam": optimizer.rng_state()}
     states: list[dict | None] = [None] * dist_info.world_size
     dist.all_gather_object(states, mine)
     return states
@@ -214,7 +214,7 @@ def _restore_rank_rngs(state: dict, optimizer: SAM, device: torch.device, dist_i
     if dist_info.enabled and ranks is not None and len(ranks) == dist_info.world_size:
         set_rng_state(ranks[dist_info.rank]["rng"], device)
         if ranks[dist_info.rank]["sam"] is not None:
-            optimizer._rng(device).set_state(ranks[dist_info.rank]["sam"])
+            optimizer.set_rng_state(ranks[dist_info.rank]["sam"], device)
     else:
         set_rng_state(state["rng"], device)
 

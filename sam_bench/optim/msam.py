@@ -317,7 +317,7 @@ def _second_order_final_gradient(passes: "_VmapPasses", optimizer: SAM, params: 
                 g.add_(p.detach().unsqueeze(0) + e, alpha=grp["l2"])
         terms = second_order_terms(clean_grads, first, groups, clean_norm, hvp)
         if optimizer.diagnostics:  # Fig. 5: cos(first-order, full), of the chunk means
-            optimizer._record_second_order_cosine([g.mean(dim=0) for g in first], [t.mean(dim=0) for t in terms])
+            optimizer.record_second_order_cosine([g.mean(dim=0) for g in first], [t.mean(dim=0) for t in terms])
         for p, g, t in zip(params, first, terms):
             p.grad = (g + t).mean(dim=0)
     return losses2
@@ -460,10 +460,10 @@ def msam_step(
             if grp["l2"]:
                 g.add_(p.detach().unsqueeze(0), alpha=grp["l2"])  # the L2 term of each chunk's loss
         eps = optimizer.direction(grads, params, groups, chunks)
-        clean_norm = optimizer._clean_norm
+        clean_norm = optimizer.clean_norm
         optimizer.grad_norm = clean_norm.mean()
         if optimizer.diagnostics:
-            optimizer._keep_clean_grad(params, [g.mean(dim=0) for g in grads])
+            optimizer.keep_clean_grad(params, [g.mean(dim=0) for g in grads])
     clean_grads = grads if optimizer.second_order else None
     del grads
 
@@ -482,8 +482,7 @@ def msam_step(
             step = optimizer.direction(grads, params, groups, chunks)
             eps = optimizer.project(torch._foreach_add(eps, step), chunks) if eps else eps
         del grads
-    optimizer._clean_norm = clean_norm  # diagnostics report the clean pass's ‖g_c‖
-    optimizer._eps = eps
+    optimizer.set_perturbation(eps, clean_norm)  # diagnostics report the clean pass's ‖g_c‖
 
     # perturbed pass: mean_c ∇L_c(w + ε_c) lands in w.grad
     set_true_gradient(model, False)

@@ -268,7 +268,7 @@ class SAM(torch.optim.Optimizer):
         return [(p, g) for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
-    def _add_l2(self) -> None:
+    def add_l2(self) -> None:
         """grad += l2·w at the current weights (the gradient of 0.5·l2·‖w‖² in the loss)."""
         for group in self.param_groups:
             if group["l2"]:
@@ -298,7 +298,7 @@ class SAM(torch.optim.Optimizer):
     def direction(self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict], chunks: int) -> list[torch.Tensor]:
         """ε (stacked [C, ...]) from stacked gradients: the variant's maximiser of εᵀg on the ρ-ball.
 
-        Also records ‖g‖ per chunk (``self._clean_norm``) for diagnostics and the second-order term.
+        Also records ‖g‖ per chunk (:attr:`clean_norm`) for diagnostics and the second-order term.
         """
         if not grads:  # nothing received a gradient this step: ‖g‖ = 0 (not the last step's)
             self._clean_norm = torch.zeros(1, device=self._device)
@@ -362,12 +362,32 @@ class SAM(torch.optim.Optimizer):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
+    def rng_state(self) -> torch.Tensor | None:
+        """State of the generator of ``p="random"`` (None before its first draw), for a checkpoint."""
+        return self._generator.get_state() if self._generator is not None else None
+
+    def set_rng_state(self, state: torch.Tensor, device: torch.device | None = None) -> None:
+        """Resume the generator of ``p="random"`` from :meth:`rng_state` (on ``device``, default the
+        parameters')."""
+        self._rng(device if device is not None else self._device).set_state(state)
+
+    @property
+    def clean_norm(self) -> torch.Tensor:
+        """‖g‖ per chunk [C] of the clean-pass gradient that the last :meth:`direction` saw (device)."""
+        return self._clean_norm
+
+    def set_perturbation(self, eps: list[torch.Tensor], clean_norm: torch.Tensor) -> None:
+        """The ε (stacked [C, ...]) now applied and the clean pass's ‖g‖ per chunk [C], for the
+        diagnostics of :meth:`descend`, when a caller computes the ascent itself (m-sharpness)."""
+        self._eps = eps
+        self._clean_norm = clean_norm
+
     # ---- the plain (C = 1) two-pass API -----------------------------------------------------
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w, then move to w + ε̂ using the gradients of the first (clean) pass."""
-        self._add_l2()
+        self.add_l2()
         pairs = [(p, g) for p, g in self.trainable() if p.grad is not None]
         all_params = [p for p, _ in pairs]
         self._had_grad = {id(p) for p in all_params}  # preload_l2: the L2 term only where the loss reaches
@@ -376,7 +396,7 @@ class SAM(torch.optim.Optimizer):
         # one that got none in this pass (k-step ascent), and restore() must put it back too
         self._save_backup([p for p, _ in self.trainable()])
         if self.diagnostics or self.second_order:
-            self._keep_clean_grad(all_params, [p.grad for p in all_params])
+            self.keep_clean_grad(all_params, [p.grad for p in all_params])
         eps = self.direction(grads, all_params, [g for _, g in pairs], 1)
         self.grad_norm = self._clean_norm.reshape(())
         self._eps = [e for e, (_, g) in zip(eps, pairs) if g["rho"] > 0]
@@ -389,7 +409,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def ascent_step(self, zero_grad: bool = False) -> None:
         """One more projected ascent step from the gradient at w + ε (k-step SAM)."""
-        self._add_l2()
+        self.add_l2()
         before = dict(zip(map(id, self._moved), self._eps))
         # ε lives on the parameters moved so far and those with a gradient now (a missing gradient is 0)
         pairs = [(p, g) for p, g in self.trainable() if g["rho"] > 0 and (p.grad is not None or id(p) in before)]
@@ -406,7 +426,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _keep_clean_grad(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def keep_clean_grad(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Copy g (of ``params``) into persistent buffers (one fused copy per step, no allocation)."""
         self._clean_params = params
         buf = self._clean_grad
@@ -438,7 +458,7 @@ class SAM(torch.optim.Optimizer):
         Under DDP the backward then all-reduces CE-gradient + L2 term together, so every rank gets
         mean_r l2·(w+ε_r) as the official per-device loss does, with no extra communication;
         :meth:`second_step` then skips its own L2 addition. Only the parameters that had a gradient
-        in the clean pass get it (as :meth:`_add_l2` without DDP): a frozen or unused one gets none,
+        in the clean pass get it (as :meth:`add_l2` without DDP): a frozen or unused one gets none,
         so it does not move.
         """
         for group in self.param_groups:
@@ -466,7 +486,7 @@ class SAM(torch.optim.Optimizer):
         if self._backup is None:
             raise RuntimeError("second_step() called before first_step()")
         if not self._l2_preloaded:
-            self._add_l2()  # official: the L2 term is evaluated at w + ε̂ too
+            self.add_l2()  # official: the L2 term is evaluated at w + ε̂ too
         self._l2_preloaded = False
         self.restore()
         if self.second_order:
@@ -493,10 +513,10 @@ class SAM(torch.optim.Optimizer):
         terms = [t[0] for t in second_order_terms(stacked(self._clean_grads_for(params)), stacked(v), list(groups),
                                                   self._clean_norm.reshape(1), lambda u: stacked(hvp([x[0] for x in u])))]
         if self.diagnostics:
-            self._record_second_order_cosine(v, terms)
+            self.record_second_order_cosine(v, terms)
         torch._foreach_add_(v, terms)
 
-    def _record_second_order_cosine(self, first_order: list[torch.Tensor], terms: list[torch.Tensor]) -> None:
+    def record_second_order_cosine(self, first_order: list[torch.Tensor], terms: list[torch.Tensor]) -> None:
         """Fig. 5: cos(first-order g', full g' + J_ε̂ᵀ g'), from three fused norms."""
         na, nt = global_norm(first_order).double(), global_norm(terms).double()
         nb = global_norm(torch._foreach_add(first_order, terms)).double()
@@ -536,7 +556,7 @@ class SAM(torch.optim.Optimizer):
         With rho = 0 this is the base optimizer's step (plus L2 and clipping); no closure runs.
         """
         if not self.two_pass:
-            self._add_l2()
+            self.add_l2()
             self._clip()
             self.base_optimizer.step()
             return
@@ -624,7 +644,7 @@ class SAM(torch.optim.Optimizer):
         random-direction generator; never the saved copy of w."""
         out = {"base_optimizer": self.base_optimizer.state_dict()}
         if self._generator is not None:
-            out["generator"] = self._generator.get_state()
+            out["generator"] = self.rng_state()
         if self._diag is not None:  # a log interval cut by a checkpoint: its resumed mean covers all its steps
             out["diagnostics"] = self._diag.detach().cpu().clone()
         return out
@@ -633,6 +653,6 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self.param_groups = self.base_optimizer.param_groups
         if "generator" in state_dict:
-            self._rng(self._device).set_state(state_dict["generator"])
+            self.set_rng_state(state_dict["generator"])
         if "diagnostics" in state_dict:
             self._diag = state_dict["diagnostics"].to(self._device).clone()
