@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from sam_bench.engine.precision import LossScaler
+from sam_bench.engine.precision import LossScaler, scaled_backward
 from sam_bench.optim.bn import batchnorm_modules, running_stats_frozen
 from sam_bench.optim.chunked import ghost_batch_norm_pass
 from sam_bench.optim.sam import SAM
@@ -67,10 +67,6 @@ def set_true_gradient(model: nn.Module, value: bool) -> None:
     for m in model.modules():
         if hasattr(m, "true_gradient"):
             m.true_gradient = value
-
-
-def _backward(loss: torch.Tensor, scaler: LossScaler | None) -> None:
-    (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 def _unscale(optimizer: SAM, scaler: LossScaler | None) -> None:
@@ -145,7 +141,7 @@ def train_step(
         with ghost_batch_norm_pass(model, images.shape[0] // m) if m else contextlib.nullcontext(), autocast():
             logits = model(images)
             loss = loss_fn(logits, labels)
-        _backward(loss, scaler)
+        scaled_backward(loss, scaler)
         if ddp:  # every rank the same running statistics, as SAM's clean pass leaves them (official pmean)
             _average_bn_state(model)
         if scaler is None:
@@ -167,7 +163,7 @@ def train_step(
         with autocast():
             logits = model(images)
             loss = loss_fn(logits, labels)
-        _backward(loss, scaler)
+        scaled_backward(loss, scaler)
         if sync_perturbation and ddp:
             _average_gradients(optimizer)
     if ddp:
@@ -181,7 +177,7 @@ def train_step(
         with ddp_module.no_sync() if ddp else contextlib.nullcontext():
             with running_stats_frozen(batchnorm_modules(model)), autocast():
                 ascent_loss = loss_fn(model(images), labels)
-            _backward(ascent_loss, scaler)
+            scaled_backward(ascent_loss, scaler)
             if sync_perturbation and ddp:
                 _average_gradients(optimizer)
         _unscale(optimizer, scaler)
@@ -193,7 +189,7 @@ def train_step(
         optimizer.preload_l2(scaler.scale_ if scaler is not None else None)  # the L2 term of each rank's loss joins the all-reduce
     with running_stats_frozen(bn_untouched), autocast():
         perturbed_loss = loss_fn(model(images), labels)
-    _backward(perturbed_loss, scaler)  # the only synchronised backward under DDP
+    scaled_backward(perturbed_loss, scaler)  # the only synchronised backward under DDP
     if ddp and bn_modules is None:  # BN mode "both": the perturbed pass's updates are averaged too
         _average_bn_state(model)  # (after the backward, which saved the running statistics)
     _unscale(optimizer, scaler)

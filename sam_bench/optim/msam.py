@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sam_bench.engine.precision import scaled_backward
 from sam_bench.optim import chunked
 from sam_bench.optim.chunked import at_least_fp32
 from sam_bench.optim.sam import SAM, second_order_terms
@@ -228,7 +229,7 @@ class _VmapPasses:
         """Losses, logits and per-chunk gradients (None for a parameter no chunk's loss used)."""
         bufs = _stack(self.bn_bufs, self.chunks)
         losses, logits = self.batched(leaf, bufs, self.x, self.y)
-        (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
+        scaled_backward(losses.sum(), scaler)
         if update_stats and self.bn_bufs:
             _write_back(self.bn_bufs, bufs)
         return losses, logits, [leaf[n].grad for n in self.names]
@@ -238,7 +239,7 @@ class _VmapPasses:
         shifted = {n: (p.unsqueeze(0) + e).contiguous() for n, p, e in zip(self.names, self.params, eps)}
         bufs = _stack(self.bn_bufs, self.chunks)
         losses, _ = self.batched(shifted, bufs, self.x, self.y)
-        (scaler.scale(losses.mean()) if scaler is not None else losses.mean()).backward()
+        scaled_backward(losses.mean(), scaler)
         if update_stats and self.bn_bufs:
             _write_back(self.bn_bufs, bufs)
         return losses
@@ -282,13 +283,13 @@ class _SplitPasses:
         """Losses, logits and per-chunk gradients (None for a parameter no chunk's loss used)."""
         stacked = {n: chunked.Stacked(t, per_chunk=per_chunk) for n, t in zip(self.names, leaf)}
         losses, logits = self._run(stacked, update_stats)
-        (scaler.scale(losses.sum()) if scaler is not None else losses.sum()).backward()
+        scaled_backward(losses.sum(), scaler)
         return losses, logits, [t.grad for t in leaf]
 
     def perturbed(self, eps: list[torch.Tensor], scaler, update_stats: bool) -> torch.Tensor:
         stacked = {n: chunked.Stacked(p.unsqueeze(0) + e, base=p) for n, p, e in zip(self.names, self.params, eps)}
         losses, _ = self._run(stacked, update_stats)
-        (scaler.scale(losses.mean()) if scaler is not None else losses.mean()).backward()
+        scaled_backward(losses.mean(), scaler)
         return losses
 
 
