@@ -313,9 +313,7 @@ def _second_order_final_gradient(passes: "_VmapPasses", optimizer: SAM, params: 
 
     with torch.no_grad():
         first = _zeros_for_none(grads, list(leaf.values()))
-        for g, p, e, grp in zip(first, params, eps, groups):
-            if grp["l2"]:
-                g.add_(p.detach().unsqueeze(0) + e, alpha=grp["l2"])
+        _add_l2_terms(first, params, groups, eps)
         terms = second_order_terms(clean_grads, first, groups, clean_norm, hvp)
         if optimizer.diagnostics:  # Fig. 5: cos(first-order, full), of the chunk means
             optimizer.record_second_order_cosine([g.mean(dim=0) for g in first], [t.mean(dim=0) for t in terms])
@@ -328,6 +326,17 @@ def _without(names: list[str], params: list[torch.Tensor], drop: set[str]) -> tu
     """(names, params) without those named in ``drop``, and the dropped (name, param) pairs."""
     kept = [(n, p) for n, p in zip(names, params) if n not in drop]
     return [n for n, _ in kept], [p for _, p in kept], [(n, p) for n, p in zip(names, params) if n in drop]
+
+
+@torch.no_grad()
+def _add_l2_terms(grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict],
+                  eps: list[torch.Tensor] | None = None) -> None:
+    """g_c += l2·(w + ε_c) in place for stacked gradients [C, ...]: the gradient of the L2 term
+    0.5·l2·‖w + ε_c‖² of chunk c's loss, at w (``eps`` None) or at chunk c's perturbed weights."""
+    for i, (g, p, grp) in enumerate(zip(grads, params, groups)):
+        if grp["l2"]:
+            w = p.detach().unsqueeze(0)
+            g.add_(w if eps is None else w + eps[i], alpha=grp["l2"])
 
 
 def _zeros_for_none(grads: list, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -457,9 +466,7 @@ def msam_step(
     if scaler is not None:
         scaler.unscale_(grads)
     with torch.no_grad():
-        for g, p, grp in zip(grads, params, groups):
-            if grp["l2"]:
-                g.add_(p.detach().unsqueeze(0), alpha=grp["l2"])  # the L2 term of each chunk's loss
+        _add_l2_terms(grads, params, groups)  # the L2 term of each chunk's loss
         eps = optimizer.direction(grads, params, groups, chunks)
         clean_norm = optimizer.clean_norm
         optimizer.grad_norm = clean_norm.mean()
@@ -477,9 +484,7 @@ def msam_step(
         if scaler is not None:
             scaler.unscale_(grads)
         with torch.no_grad():
-            for g, p, e, grp in zip(grads, params, eps, groups):
-                if grp["l2"]:
-                    g.add_(p.detach().unsqueeze(0) + e, alpha=grp["l2"])  # L2 term at w + ε_c
+            _add_l2_terms(grads, params, groups, eps)  # L2 term at w + ε_c
             step = optimizer.direction(grads, params, groups, chunks)
             eps = optimizer.project(torch._foreach_add(eps, step), chunks) if eps else eps
         del grads
