@@ -232,7 +232,7 @@ def batch_norm_forward(bn: _BatchNorm, x: torch.Tensor, params: dict[str, Stacke
                 bn.running_mean.copy_(means.mean(0))
                 bn.running_var.copy_(variances.mean(0))
             else:
-                _cumulative_average(bn, x, chunks)
+                update_running_stats(bn, x, chunks)
     return y
 
 
@@ -270,9 +270,11 @@ def _chunk_moments(xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.var_mean(xv, dim=[1, *range(3, xv.dim())], correction=0, keepdim=True)
 
 
-def _cumulative_average(bn: _BatchNorm, x: torch.Tensor, chunks: int) -> None:
-    """momentum None in the eager path (``F.batch_norm`` would need the count as a host float: a
-    sync): the chunk statistics computed here, then :func:`_move_running_stats`."""
+def update_running_stats(bn: _BatchNorm, x: torch.Tensor, chunks: int) -> None:
+    """Move ``bn``'s running statistics by the mean over the ``chunks`` chunks of ``x`` of each chunk's
+    statistics (:func:`_move_running_stats`; the batch counter already advanced), in fp32 for
+    fp16/bf16 activations. The eager path with momentum None (``F.batch_norm`` would need the count as
+    a host float: a sync), and the vmap engine's ghost BN (one chunk per vmapped call)."""
     xv = at_least_fp32(x.detach()).view(chunks, -1, *x.shape[1:])
     _move_running_stats(bn, *_chunk_moments(xv), xv)
 

@@ -104,19 +104,6 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 LAYOUT = "nchw"
 
 
-def _update_running_stats(mod: _BatchNorm, x: torch.Tensor, dims: list[int]) -> None:
-    """PyTorch's running-average update from this batch: unbiased variance, momentum ``None`` =
-    cumulative average; computed in fp32 (or the activation dtype when wider)."""
-    with torch.no_grad():
-        xf = x.detach()
-        xf = at_least_fp32(xf)
-        var, mean = torch.var_mean(xf, dim=dims, correction=1 if xf.numel() > xf.shape[1] else 0)
-        mod.num_batches_tracked.add_(1)
-        mom = (1.0 / mod.num_batches_tracked) if mod.momentum is None else mod.momentum
-        mod.running_mean.mul_(1 - mom).add_(mom * mean.to(mod.running_mean.dtype))
-        mod.running_var.mul_(1 - mom).add_(mom * var.to(mod.running_var.dtype))
-
-
 def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """``mod(x)`` for one chunk, written so that vmap batches it in any dtype.
 
@@ -136,7 +123,9 @@ def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         xf = at_least_fp32(x)
         return torch.addcmul(shift.to(xf.dtype).reshape(shape), xf, scale.to(xf.dtype).reshape(shape)).to(x.dtype)
     if mod.training and mod.track_running_stats and mod.running_mean is not None:
-        _update_running_stats(mod, x, [0, *range(2, x.dim())])
+        with torch.no_grad():  # PyTorch's running-average update from this chunk (the split engine's)
+            mod.num_batches_tracked.add_(1)
+            chunked.update_running_stats(mod, x, 1)
     y = F.batch_norm(x, None, None, None, None, True, 0.0, mod.eps)  # one fused kernel, fp32 stats inside
     if mod.weight is not None:
         y = torch.addcmul(mod.bias.to(y.dtype).reshape(shape), y, mod.weight.to(y.dtype).reshape(shape))
