@@ -118,6 +118,13 @@ def _per_chunk(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.reshape(scale.shape + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
+def _cosine_from_norms(norm_a: torch.Tensor, norm_b: torch.Tensor, norm_diff: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) = (‖a‖² + ‖b‖² − ‖a−b‖²) / (2‖a‖‖b‖) in float64, from three norms (fused norms of
+    the tensor lists, no dot product per parameter); 0 when a or b is 0."""
+    na, nb, nd = norm_a.double(), norm_b.double(), norm_diff.double()
+    return (na**2 + nb**2 - nd**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def second_order_terms(clean: list[torch.Tensor], first_order: list[torch.Tensor], groups: list[dict],
                        clean_norm: torch.Tensor, hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> list[torch.Tensor]:
     """J_ε̂ᵀ g' (App. C.4) for stacked tensors [C, ...], one ε̂ per chunk (C = 1 for plain SAM):
@@ -518,9 +525,8 @@ class SAM(torch.optim.Optimizer):
 
     def record_second_order_cosine(self, first_order: list[torch.Tensor], terms: list[torch.Tensor]) -> None:
         """Fig. 5: cos(first-order g', full g' + J_ε̂ᵀ g'), from three fused norms."""
-        na, nt = global_norm(first_order).double(), global_norm(terms).double()
-        nb = global_norm(torch._foreach_add(first_order, terms)).double()
-        cos = (na**2 + nb**2 - nt**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
+        full = torch._foreach_add(first_order, terms)
+        cos = _cosine_from_norms(global_norm(first_order), global_norm(full), global_norm(terms))
         self._accumulate(DIAGNOSTICS.index("second_order_cosine"), cos)
 
     @torch.no_grad()
@@ -602,8 +608,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _record_cosine(self) -> None:
-        """‖g‖, ‖ε‖ (chunk means) and cos(clean g, SAM g) before clipping, with fused norms:
-        cos = (‖a‖² + ‖b‖² − ‖a−b‖²) / (2‖a‖‖b‖)."""
+        """‖g‖, ‖ε‖ (chunk means) and cos(clean g, SAM g) before clipping, with fused norms."""
         params = [p for p, _ in self.trainable() if p.grad is not None]
         if list(map(id, params)) != list(map(id, self._clean_params)):  # some parameter has a gradient in one pass only
             clean_ids = set(map(id, self._clean_params))
@@ -611,9 +616,8 @@ class SAM(torch.optim.Optimizer):
         sam = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         clean = self._clean_grads_for(params)
         device = self._device
-        na, nb = global_norm(clean, device).double(), global_norm(sam, device).double()
-        nd = global_norm(torch._foreach_sub(clean, sam) if clean else [], device).double()
-        cos = (na**2 + nb**2 - nd**2) / (2 * na * nb).clamp_min(torch.finfo(torch.float64).tiny)
+        cos = _cosine_from_norms(global_norm(clean, device), global_norm(sam, device),
+                                 global_norm(torch._foreach_sub(clean, sam) if clean else [], device))
         self._accumulate(0, self._clean_norm.double().mean())
         self._accumulate(1, chunk_norms(self._eps, self._eps[0].shape[0]).double().mean() if self._eps else torch.zeros((), device=device))
         self._accumulate(3, cos)
