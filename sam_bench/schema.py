@@ -494,6 +494,22 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"dataset.mean/std need {ds.in_chans} values (dataset.in_chans), got {len(ds.mean)}/{len(ds.std)}")
 
 
+def sam_variant_conflict(adaptive: bool, p: str, ascent_steps: int, second_order: bool, key: str = "") -> str | None:
+    """Why these SAM variants do not combine (None when they do): the one statement of the rules,
+    for the config check and for :class:`sam_bench.optim.sam.SAM` (here, without torch, so that a
+    sweep is validated before anything imports it). ``key`` prefixes each setting's name in the
+    message ("optimizer." for the config)."""
+    if ascent_steps > 1 and (p == "random" or adaptive):
+        return (f"{key}ascent_steps > 1 needs {key}p=2 or inf and {key}adaptive=false (each step projects a "
+                "gradient direction onto the Euclidean or ∞-ball)")
+    if (adaptive or second_order) and p != "2":
+        return f"{key}adaptive and {key}second_order are defined for {key}p=2 only"
+    if second_order and (adaptive or ascent_steps > 1):
+        return (f"{key}second_order differentiates plain SAM's ε = ρg/‖g‖ (App. C.4): use it with "
+                f"{key}adaptive=false and {key}ascent_steps=1")
+    return None
+
+
 def _validate_sam_family(opt: Any, tr: Any) -> None:
     """Checks of the SAM-variant keys (m-sharpness, ASAM, p, k-step, second order, fp16)."""
     if str(opt.p) not in ("2", "inf", "random"):
@@ -511,12 +527,8 @@ def _validate_sam_family(opt: Any, tr: Any) -> None:
         raise ConfigError(f"optimizer.eta={opt.eta} must be >= 0 (ASAM's η)")
     if opt.ascent_steps < 1:
         raise ConfigError(f"optimizer.ascent_steps={opt.ascent_steps} must be >= 1 (1 = plain SAM)")
-    if opt.ascent_steps > 1 and (str(opt.p) == "random" or opt.adaptive):
-        raise ConfigError("optimizer.ascent_steps > 1 needs optimizer.p=2 or inf and optimizer.adaptive=false")
-    if (opt.adaptive or opt.second_order) and str(opt.p) != "2":
-        raise ConfigError("optimizer.adaptive and optimizer.second_order are defined for optimizer.p=2 only")
-    if opt.second_order and (opt.adaptive or opt.ascent_steps > 1):
-        raise ConfigError("optimizer.second_order differentiates plain SAM's ε = ρg/‖g‖ (App. C.4): use it with "
-                          "optimizer.adaptive=false and optimizer.ascent_steps=1")
+    conflict = sam_variant_conflict(opt.adaptive, str(opt.p), opt.ascent_steps, opt.second_order, key="optimizer.")
+    if conflict:
+        raise ConfigError(conflict)
     if opt.second_order and str(getattr(tr.precision, "value", tr.precision)) == "fp16":
         raise ConfigError("optimizer.second_order needs a double backward without loss scaling: use trainer.precision=bf16 or fp32")

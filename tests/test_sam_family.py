@@ -1615,3 +1615,26 @@ def test_combinations_without_their_maths_are_refused(kw, group):
         opt = SAM([a], torch.optim.SGD, rho=0.1, lr=0.1, **kw)
         with pytest.raises(ValueError):
             opt.add_param_group({"params": [b], **group})
+
+
+def test_sam_and_the_config_accept_the_same_variant_combinations():
+    """One set of rules (schema.sam_variant_conflict) for SAM's arguments and the config check."""
+    import itertools
+
+    from sam_bench.schema import validate
+
+    for adaptive, p, k, second_order in itertools.product([False, True], ["2", "inf", "random"], [1, 2], [False, True]):
+        kw = dict(adaptive=adaptive, p=p, ascent_steps=k, second_order=second_order)
+        try:
+            SAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, rho=0.1, lr=0.1, **kw)
+            sam_ok = True
+        except ValueError:
+            sam_ok = False
+        try:
+            validate(train_cfg(**kw))
+            config_ok = True
+        except ConfigError:
+            config_ok = False
+        assert sam_ok == config_ok, kw
+        assert sam_ok == (not (k > 1 and (p == "random" or adaptive)) and not ((adaptive or second_order) and p != "2")
+                          and not (second_order and (adaptive or k > 1))), kw
