@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 from sam_bench.engine.step import train_step
 import sam_bench.optim.sam as sam_module
 from sam_bench.optim import SAM, batchnorm_modules
-
+from sam_reference import LR, MOMENTUM, RHO, WD, batch, ref_grad, tiny_model, weights
 
 
 @pytest.fixture(autouse=True)
@@ -24,43 +24,7 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-LR, MOMENTUM, WD, RHO, EPS_BN = 0.1, 0.9, 5e-4, 0.05, 1e-5
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 5),
-    ).double()
-
-
-def batch(step: int):
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
-
-
-# ---- the reference: plain tensors, hand-written forward, hand-written Nesterov SGD ----------
-
-def ref_loss(w: list[torch.Tensor], x, y) -> torch.Tensor:
-    conv, gamma, beta, fc_w, fc_b = w
-    h = F.conv2d(x, conv, padding=1)
-    mean = h.mean(dim=(0, 2, 3), keepdim=True)
-    var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    h = (h - mean) / torch.sqrt(var + EPS_BN) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
-    h = torch.relu(h).mean(dim=(2, 3))
-    return F.cross_entropy(h @ fc_w.T + fc_b, y)
-
-
-def ref_grad(w, x, y, l2: float):
-    w = [t.detach().requires_grad_(True) for t in w]
-    loss = ref_loss(w, x, y) + 0.5 * l2 * sum((t * t).sum() for t in w)
-    return [g.detach() for g in torch.autograd.grad(loss, w)]
-
+# ---- the reference (sam_reference.py): plain tensors, hand-written forward and Nesterov SGD ----
 
 def ref_sam_steps(w, steps: int, rho: float, mode: str, clip: float | None):
     """Algorithm 1 of the paper with the official code's details, float64."""
@@ -87,11 +51,6 @@ def ref_sam_steps(w, steps: int, rho: float, mode: str, clip: float | None):
     return w
 
 
-def model_weights(model):
-    conv, bn, fc = model[0], model[1], model[5]
-    return [conv.weight, bn.weight, bn.bias, fc.weight, fc.bias]
-
-
 def run_optimizer(model, steps: int, rho: float, mode: str, clip: float | None):
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay=WD, weight_decay_mode=mode,
               grad_clip=clip, lr=LR, momentum=MOMENTUM, nesterov=True)
@@ -106,17 +65,17 @@ def run_optimizer(model, steps: int, rho: float, mode: str, clip: float | None):
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_sam_matches_float64_reference(mode, clip):
     model = tiny_model()
-    expected = ref_sam_steps(model_weights(model), steps=4, rho=RHO, mode=mode, clip=clip)
+    expected = ref_sam_steps(weights(model), steps=4, rho=RHO, mode=mode, clip=clip)
     run_optimizer(model, steps=4, rho=RHO, mode=mode, clip=clip)
-    for got, want in zip(model_weights(model), expected):
+    for got, want in zip(weights(model), expected):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-10)
 
 
 def test_clipping_is_active_in_the_clip_test():
     """Guard for the test above: a 0.5 clip must actually change the trajectory."""
     model = tiny_model()
-    a = ref_sam_steps(model_weights(model), 2, RHO, "loss", None)
-    b = ref_sam_steps(model_weights(model), 2, RHO, "loss", 0.5)
+    a = ref_sam_steps(weights(model), 2, RHO, "loss", None)
+    b = ref_sam_steps(weights(model), 2, RHO, "loss", 0.5)
     assert max(float((x - y).abs().max()) for x, y in zip(a, b)) > 1e-4
 
 
@@ -137,9 +96,9 @@ def test_rho_zero_is_torch_sgd_bit_for_bit():
 
 def test_rho_zero_matches_reference_sgd():
     model = tiny_model()
-    expected = ref_sam_steps(model_weights(model), steps=3, rho=0.0, mode="loss", clip=5.0)
+    expected = ref_sam_steps(weights(model), steps=3, rho=0.0, mode="loss", clip=5.0)
     run_optimizer(model, steps=3, rho=0.0, mode="loss", clip=5.0)
-    for got, want in zip(model_weights(model), expected):
+    for got, want in zip(weights(model), expected):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-12)
 
 

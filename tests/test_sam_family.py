@@ -19,8 +19,9 @@ from sam_bench.engine.step import RngReplay, train_step
 from sam_bench.errors import ConfigError
 from sam_bench.optim import SAM, batchnorm_modules, build_optimizer, set_bn_eval
 from sam_bench.schema import DatasetConfig, OptimizerConfig, TrainerConfig
+from sam_reference import EPS_BN, LR, MOMENTUM, RHO, WD, batch, ref_grad, ref_loss, tiny_model, weights
 
-LR, MOMENTUM, WD, RHO, EPS_BN, BN_MOM = 0.1, 0.9, 5e-4, 0.05, 1e-5, 0.1
+BN_MOM = 0.1
 NO_AMP = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 NAMES = ["0.weight", "1.weight", "1.bias", "5.weight", "5.bias"]
 
@@ -40,40 +41,7 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-def tiny_model() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
-    ).double()
-
-
-def batch(step: int, n: int = 8):
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
-
-
-def weights(model):
-    return [model[0].weight, model[1].weight, model[1].bias, model[5].weight, model[5].bias]
-
-
 # ---- reference ------------------------------------------------------------------------------
-
-def ref_loss(w, x, y):
-    conv, gamma, beta, fc_w, fc_b = w
-    h = F.conv2d(x, conv, padding=1)
-    mean = h.mean(dim=(0, 2, 3), keepdim=True)
-    var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    h = (h - mean) / torch.sqrt(var + EPS_BN) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
-    h = torch.relu(h).mean(dim=(2, 3))
-    return F.cross_entropy(h @ fc_w.T + fc_b, y)
-
-
-def ref_grad(w, x, y, l2=WD):
-    w = [t.detach().requires_grad_(True) for t in w]
-    loss = ref_loss(w, x, y) + 0.5 * l2 * sum((t * t).sum() for t in w)
-    return [g.detach() for g in torch.autograd.grad(loss, w)]
-
 
 def norm(ts):
     return math.sqrt(sum(float((t * t).sum()) for t in ts))
@@ -1624,7 +1592,7 @@ def test_sam_and_the_config_accept_the_same_variant_combinations():
     from sam_bench.schema import validate
 
     for adaptive, p, k, second_order in itertools.product([False, True], ["2", "inf", "random"], [1, 2], [False, True]):
-        kw = dict(adaptive=adaptive, p=p, ascent_steps=k, second_order=second_order)
+        kw = {"adaptive": adaptive, "p": p, "ascent_steps": k, "second_order": second_order}
         try:
             SAM([nn.Parameter(torch.ones(2))], torch.optim.SGD, rho=0.1, lr=0.1, **kw)
             sam_ok = True
