@@ -38,7 +38,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def scaled_backward(loss: torch.Tensor, scaler: "LossScaler | None") -> None:
+def scaled_backward(loss: torch.Tensor, scaler: LossScaler | None) -> None:
     """``loss.backward()``, on the scaled loss under fp16 loss scaling (``scaler`` given): every
     backward pass of a step goes through here, and is unscaled after it by ``scaler.unscale_``."""
     (scaler.scale(loss) if scaler is not None else loss).backward()
