@@ -1606,3 +1606,17 @@ def test_sam_and_the_config_accept_the_same_variant_combinations():
         assert sam_ok == config_ok, kw
         assert sam_ok == (not (k > 1 and (p == "random" or adaptive)) and not ((adaptive or second_order) and p != "2")
                           and not (second_order and (adaptive or k > 1))), kw
+
+
+def test_build_optimizer_takes_every_default_from_the_schema():
+    """The optimizer built from a default config has the schema's values (diagnostics on: the
+    factory's own fallback said off), and a config without a field fails instead of guessing."""
+    cfg = OmegaConf.structured(OptimizerConfig(name="sam"))
+    opt = build_optimizer(cfg, tiny_model())
+    default = OptimizerConfig(name="sam")
+    assert opt.diagnostics is default.diagnostics is True
+    assert (opt.p, opt.eta, opt.ascent_steps, opt.second_order) == (default.p, default.eta, default.ascent_steps, default.second_order)
+    assert [g["adaptive"] for g in opt.param_groups] == [default.adaptive]
+    partial = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "diagnostics"})
+    with pytest.raises(Exception, match="diagnostics"):
+        build_optimizer(partial, tiny_model())

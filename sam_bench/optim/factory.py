@@ -36,21 +36,22 @@ def param_groups(model: nn.Module, adaptive: bool) -> list[dict]:
 
 
 def build_optimizer(opt_cfg, model: nn.Module, seed: int = 0) -> SAM:
-    """SAM (or SGD = SAM with rho 0) over SGD with (Nesterov) momentum, as the official code."""
-    adaptive = bool(opt_cfg.get("adaptive", False))
+    """SAM (or SGD = SAM with rho 0) over SGD with (Nesterov) momentum, as the official code.
+    ``opt_cfg``: the ``optimizer`` config (:class:`sam_bench.schema.OptimizerConfig`); every field
+    is read as it stands, so its defaults are the schema's, never a second set here."""
     return SAM(
-        param_groups(model, adaptive),
+        param_groups(model, bool(opt_cfg.adaptive)),
         torch.optim.SGD,
         rho=effective_rho(opt_cfg),
         weight_decay=opt_cfg.weight_decay,
         weight_decay_mode=str(_value(opt_cfg.weight_decay_mode)),
         grad_clip=opt_cfg.grad_clip,
-        adaptive=adaptive,
-        eta=float(opt_cfg.get("eta", 0.01)),
-        p=str(opt_cfg.get("p", "2")),
-        ascent_steps=int(opt_cfg.get("ascent_steps", 1)),
-        second_order=bool(opt_cfg.get("second_order", False)),
-        diagnostics=bool(opt_cfg.get("diagnostics", False)),
+        adaptive=bool(opt_cfg.adaptive),
+        eta=float(opt_cfg.eta),
+        p=str(opt_cfg.p),
+        ascent_steps=int(opt_cfg.ascent_steps),
+        second_order=bool(opt_cfg.second_order),
+        diagnostics=bool(opt_cfg.diagnostics),
         seed=seed,
         lr=opt_cfg.lr,
         momentum=opt_cfg.momentum,
