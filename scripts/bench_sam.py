@@ -38,7 +38,6 @@ from omegaconf import OmegaConf
 
 # noqa: E402 below: imports after the sys.path line on purpose
 
-import sam_bench.optim.msam as msam
 from sam_bench.engine.precision import autocast
 from sam_bench.engine.step import train_step
 from sam_bench.engine.trainer import compile_model
@@ -63,10 +62,9 @@ VARIANTS = {
 }
 #: variants whose step is captured once in a CUDA graph and replayed (:func:`_graphed`)
 GRAPHED = ("sam_graphed", "msam_graphed")
-#: m-SAM variants -> (sam_bench.optim.msam.ENGINE, sam_bench.optim.msam.LAYOUT)
-MSAM_SETTINGS = {"msam": (msam.ENGINE, msam.LAYOUT), "msam_split": ("split", msam.LAYOUT),
-                 "msam_vmap": ("vmap", msam.LAYOUT), "msam_il": ("vmap", "interleaved"), "msam_k2": (msam.ENGINE, msam.LAYOUT),
-                 "msam_graphed": ("split", msam.LAYOUT)}
+#: m-SAM variants -> (engine, layout): train_step's m_engine and m_layout (sam_bench.optim.msam.msam_step)
+MSAM_SETTINGS = {"msam": ("auto", "nchw"), "msam_split": ("split", "nchw"), "msam_vmap": ("vmap", "nchw"),
+                 "msam_il": ("vmap", "interleaved"), "msam_k2": ("auto", "nchw"), "msam_graphed": ("split", "nchw")}
 
 
 def loop_over_chunks_step(model, opt, x, y, loss_fn, amp, m):
@@ -167,9 +165,9 @@ def time_variant(arch: str, variant: str, device: torch.device, precision: str, 
     loss_fn = nn.CrossEntropyLoss()
     amp = lambda: autocast(device, precision)  # noqa: E731
     chunk = m if variant in MSAM_SETTINGS else None
-    msam.ENGINE, msam.LAYOUT = MSAM_SETTINGS.get(variant, MSAM_SETTINGS["msam"])
+    engine, layout = MSAM_SETTINGS.get(variant, MSAM_SETTINGS["msam"])
     step = (lambda: loop_over_chunks_step(net, opt, x, y, loss_fn, amp, m)) if variant == "msam_loop" else \
-        (lambda: train_step(net, opt, x, y, loss_fn, amp, bn, None, m=chunk))
+        (lambda: train_step(net, opt, x, y, loss_fn, amp, bn, None, m=chunk, m_engine=engine, m_layout=layout))
     if MARK_STEP:
         step = _marking_step_begin(step)
     if variant in GRAPHED:

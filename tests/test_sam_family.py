@@ -5,7 +5,9 @@ forward (BN with batch statistics), never through the code under test.
 """
 
 import copy
+import functools
 import math
+import sys
 
 import pytest
 import torch
@@ -28,8 +30,9 @@ NAMES = ["0.weight", "1.weight", "1.bias", "5.weight", "5.bias"]
 
 @pytest.fixture(params=["split", "vmap"])
 def engine(request, monkeypatch):
-    """Run an m-sharpness test through each engine of sam_bench.optim.msam."""
-    monkeypatch.setattr(msam, "ENGINE", request.param)
+    """Run an m-sharpness test through each engine of sam_bench.optim.msam: this module's
+    ``train_step`` (as every helper here calls it) takes that engine unless a call names one."""
+    monkeypatch.setattr(sys.modules[__name__], "train_step", functools.partial(train_step, m_engine=request.param))
     return request.param
 
 
@@ -527,10 +530,28 @@ def test_m_sharpness_whole_batch_equals_plain_sam(engine):
     opt_a, opt_b = make_sam(a), make_sam(b)
     for s in range(3):
         x, y = batch(s)
-        msam_step(a, opt_a, x, y, F.cross_entropy, NO_AMP, 8, batchnorm_modules(a), None, None)
+        msam_step(a, opt_a, x, y, F.cross_entropy, NO_AMP, 8, batchnorm_modules(a), None, None, engine)
         train_step(b, opt_b, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(b))
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # as_strided_ (pooling) has no batching rule
+def test_vmap_engine_interleaved_layout_gives_the_nchw_step():
+    """The vmap engine's image layouts (msam_step's ``layout``) differ in memory order only: the same
+    weights and BN state after two steps; an unknown layout is refused."""
+    from sam_bench.optim.msam import msam_step
+
+    models = [tiny_model(), tiny_model()]
+    opts = [make_sam(mdl) for mdl in models]
+    for s in range(2):
+        x, y = batch(s)
+        for mdl, opt, layout in zip(models, opts, ("nchw", "interleaved")):
+            msam_step(mdl, opt, x, y, F.cross_entropy, NO_AMP, 2, batchnorm_modules(mdl), None, None, "vmap", layout)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="layout 'nhwc' is unknown"):
+        train_step(models[0], opts[0], x, y, F.cross_entropy, NO_AMP, None, m=2, m_engine="vmap", m_layout="nhwc")
 
 
 class RichNet(nn.Module):
@@ -1002,7 +1023,7 @@ def test_m_sharpness_leaves_frozen_and_unused_parameters_alone_as_plain_sam_does
     frozen, unused = nets[2].net[1].weight.detach().clone(), nets[2].unused.weight.detach().clone()
     for s in range(2):
         x, y = batch(s)
-        msam_step(nets[0], opts[0], x, y, F.cross_entropy, NO_AMP, 8, batchnorm_modules(nets[0]), None, None)
+        msam_step(nets[0], opts[0], x, y, F.cross_entropy, NO_AMP, 8, batchnorm_modules(nets[0]), None, None, engine)
         train_step(nets[1], opts[1], x, y, F.cross_entropy, NO_AMP, batchnorm_modules(nets[1]))
         train_step(nets[2], opts[2], x, y, F.cross_entropy, NO_AMP, batchnorm_modules(nets[2]), m=4)
     for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
@@ -1210,7 +1231,7 @@ def test_m_sharpness_runs_on_cuda_channels_last_under_autocast(precision, engine
     scaler = LossScaler(torch.device("cuda")) if precision == "fp16" else None
     x, y = batch(0)
     x = x.float().cuda().contiguous(memory_format=torch.channels_last)
-    loss, _ = msam_step(model, opt, x, y.cuda(), F.cross_entropy, amp, 4, batchnorm_modules(model), None, scaler)
+    loss, _ = msam_step(model, opt, x, y.cuda(), F.cross_entropy, amp, 4, batchnorm_modules(model), None, scaler, engine)
     assert seen and all(d == dtype for d in seen)
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -1384,7 +1405,6 @@ def test_auto_engine_takes_vmap_above_the_split_engines_chunk_bound(caplog, monk
     def split_must_not_run(*args, **kwargs):
         raise AssertionError("the split engine ran")
 
-    monkeypatch.setattr(msam, "ENGINE", "auto")
     monkeypatch.setattr(msam, "_SplitPasses", split_must_not_run)
     model = tiny_model()
     run(model, make_sam(model), 1, m=1, n=bound + 1)  # a direct train_step call decides the same way

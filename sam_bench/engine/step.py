@@ -110,6 +110,7 @@ def train_step(
     *,
     m: int | None = None,
     m_engine: str | None = None,
+    m_layout: str = "nchw",
     scaler: LossScaler | None = None,
     sync_perturbation: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +120,8 @@ def train_step(
     (BN mode "clean"). ``rng``: when given, the perturbed pass replays the clean pass's draws.
     ``m``: m-sharpness chunk size (each chunk of m examples gets its own ε; ghost BN per chunk; for
     SGD, ghost BN only: the chunks are the simulated devices of both methods); None or the whole
-    batch: plain SAM / SGD. ``m_engine``: "auto", "split" or "vmap" (see
-    :mod:`sam_bench.optim.msam`; None = its ``ENGINE``). ``scaler``: fp16 loss scaling. ``sync_perturbation``:
+    batch: plain SAM / SGD. ``m_engine``: "auto" (also None), "split" or "vmap", and ``m_layout``
+    the vmap engine's image layout (see :func:`sam_bench.optim.msam.msam_step`). ``scaler``: fp16 loss scaling. ``sync_perturbation``:
     under DDP, average the ascent gradient over ranks (default: each rank perturbs with its own).
     """
     ddp_module = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
@@ -133,7 +134,8 @@ def train_step(
         if optimizer.two_pass:
             from sam_bench.optim.msam import msam_step
 
-            return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler, m_engine)
+            return msam_step(model, optimizer, images, labels, loss_fn, autocast, m, bn_modules, rng, scaler,
+                             m_engine or "auto", m_layout)
     else:
         m = None
     two_pass = optimizer.two_pass

@@ -15,7 +15,7 @@ So a chunk is a device in every respect:
   BN state);
 - the final gradient is mean_c ∇L_c(w + ε_c), then clipped and applied once.
 
-Two engines compute exactly this (``ENGINE``; "auto" takes split for a compiled model or on the CPU,
+Two engines compute exactly this (``msam_step``'s ``engine``; "auto" takes split for a compiled model or on the CPU,
 vmap for an eager CUDA model, above ``SPLIT_MAX_CHUNKS`` chunks per batch, or where split cannot run
 the model: measured, see ``why_auto_takes_vmap``):
 
@@ -47,7 +47,7 @@ vmap engine: BatchNorm inside the vmapped call goes through ``ghost_batch_norm``
 the module's own forward: ``F.batch_norm``'s vmap batching rule rejects bf16 activations with fp32
 running statistics ("Expected running_mean to have type BFloat16 but got Float", H200, torch
 2.11), so the statistics-free batch norm is called and the running averages are updated
-separately in fp32. A channels_last model's images are re-laid out per ``LAYOUT`` (the module's
+separately in fp32. A channels_last model's images are re-laid out per ``layout`` (``LAYOUTS``; the module's
 own BN forward asked vmap for the memory format, which it cannot answer for channels_last). On
 CPU, autocast does not cast the ``aten::convolution`` a vmapped convolution dispatches to, so
 convolutions stay fp32 there. Ops without a batching rule (e.g. ``as_strided_`` inside
@@ -100,8 +100,9 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 #: grouped kernels and the layout carries through the network, instead of transposing NCHW to
 #: NHWC and back around every convolution. Measured on an H200 (WRN-28-10, m=32 of 256, bf16):
 #: 151 ms interleaved vs 159 ms nchw per step (results/benchmarks.md). The default stays "nchw",
-#: the layout every CUDA test ran with (bf16, fp16, fp32); "interleaved" ran in bf16 only.
-LAYOUT = "nchw"
+#: the layout every CUDA test ran with (bf16, fp16, fp32); "interleaved" ran in bf16 only
+#: (scripts/bench_sam.py's variant "msam_il" passes it).
+LAYOUTS = ("nchw", "interleaved")
 
 
 def ghost_batch_norm(mod: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -144,10 +145,10 @@ def ghost_batch_norms(model: nn.Module):
     return chunked.batch_norm_forwards(model, _ghost_forward)
 
 
-def _chunked(images: torch.Tensor, chunks: int, m: int) -> torch.Tensor:
-    """[batch, ...] -> [chunks, m, ...] in the physical layout ``LAYOUT`` names (values equal)."""
+def _chunked(images: torch.Tensor, chunks: int, m: int, layout: str) -> torch.Tensor:
+    """[batch, ...] -> [chunks, m, ...] in the physical ``layout`` (one of ``LAYOUTS``; values equal)."""
     x = images.reshape(chunks, m, *images.shape[1:])
-    if LAYOUT == "interleaved" and images.dim() == 4:
+    if layout == "interleaved" and images.dim() == 4:
         return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
     return x.contiguous()
 
@@ -166,15 +167,10 @@ def _write_back(buffers: dict[str, torch.Tensor], stacked: dict[str, torch.Tenso
             v.copy_(stacked[k].mean(dim=0))
 
 
-#: Which m-sharpness engine runs: "auto" (the split engine of :mod:`sam_bench.optim.chunked` when the
-#: model's layers allow it, else vmap), "split" or "vmap". A module switch for benchmarks and tests.
-ENGINE = "auto"
-
-
 class _VmapPasses:
     """Both passes through ``vmap`` over stacked parameters and BN buffers (any model)."""
 
-    def __init__(self, model, names, params, consts, bn_bufs, x, y, loss_fn, autocast, chunks):
+    def __init__(self, model, names, params, consts, bn_bufs, x, y, loss_fn, autocast, chunks, layout):
         def chunk_loss(stacked_params, stacked_bufs, xc, yc):
             with autocast(), ghost_batch_norms(model):  # see "Precision" above
                 out = functional_call(model, (stacked_params, stacked_bufs, consts), (xc,), strict=False)
@@ -182,7 +178,7 @@ class _VmapPasses:
 
         self.batched = vmap(chunk_loss, in_dims=(0, 0, 0, 0), randomness="different")
         self.model, self.names, self.params, self.bn_bufs, self.chunks, self.consts = model, names, params, bn_bufs, chunks, consts
-        self.x, self.y = _chunked(x, chunks, x.shape[0] // chunks), y.reshape(chunks, -1, *y.shape[1:])
+        self.x, self.y = _chunked(x, chunks, x.shape[0] // chunks, layout), y.reshape(chunks, -1, *y.shape[1:])
 
     def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Per-chunk losses [C], logits [batch, ...] and per-chunk gradients [C, ...] at w (None for a
@@ -413,10 +409,13 @@ def msam_step(
     bn_modules: list | None,
     rng,
     scaler,
-    engine: str | None = None,
+    engine: str = "auto",
+    layout: str = "nchw",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One m-sharpness SAM step (see module docstring). ``bn_modules`` given = BN mode "clean";
-    ``engine``: "auto", "split" or "vmap" (None: the module's ``ENGINE``)."""
+    ``engine``: "auto" (the split engine of :mod:`sam_bench.optim.chunked` when the model's layers
+    allow it, else vmap: :func:`why_vmap`), "split" or "vmap"; ``layout``: the vmap engine's image
+    layout, one of ``LAYOUTS``."""
     from sam_bench.engine.step import set_true_gradient
 
     runner = model  # the split engine calls the model as given (a torch.compile wrapper stays compiled)
@@ -430,7 +429,8 @@ def msam_step(
     names = [name_of[id(p)] for p, _ in owned]
     params = [p for p, _ in owned]
     groups = [g for _, g in owned]
-    engine = engine or ENGINE
+    if layout not in LAYOUTS:
+        raise ValueError(f"m-sharpness layout {layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
     if engine not in ("split", "vmap") or (optimizer.second_order and engine == "split"):  # the trainer resolves it once
         engine = resolve_engine(runner, engine, chunks, device=images.device.type, second_order=optimizer.second_order)
     if engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
@@ -440,7 +440,7 @@ def msam_step(
         bn_bufs = _bn_buffers(model)
         consts = {n: p.detach() for n, p in model.named_parameters() if id(p) not in owned_ids}
         consts.update({n: b for n, b in model.named_buffers() if n not in bn_bufs})
-        passes = _VmapPasses(model, names, params, consts, bn_bufs, images, labels, loss_fn, autocast, chunks)
+        passes = _VmapPasses(model, names, params, consts, bn_bufs, images, labels, loss_fn, autocast, chunks, layout)
 
     # clean pass: per-chunk gradients at w
     if rng is not None:
