@@ -1178,6 +1178,73 @@ def test_fp16_overflow_on_first_step_leaves_fresh_momentum():
     assert all(torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())
 
 
+def _mixed_params():
+    """fp32 and fp64 parameters, a channels_last conv kernel, and one that never gets a gradient."""
+    g = torch.Generator().manual_seed(9)
+    conv = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    return [nn.Parameter(conv), nn.Parameter(torch.randn(5, generator=g, dtype=torch.float32)),
+            nn.Parameter(torch.randn(6, generator=g, dtype=torch.float64)), nn.Parameter(torch.randn(2, generator=g))]
+
+
+def _masked_steps(flags: list[float | None], bad: set[int] = frozenset()):
+    """SGD steps through SAM.descend with these found_inf flags (None: no masking), gradients of
+    every parameter but the last, inf in the steps of ``bad``; the parameters and the optimizer."""
+    params = _mixed_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, nesterov=True)
+    g = torch.Generator().manual_seed(10)
+    for step, flag in enumerate(flags):
+        for p in params[:-1]:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * (float("inf") if step in bad else 1.0)
+        opt.descend(None if flag is None else torch.tensor(flag))
+        opt.zero_grad()
+    return params, opt
+
+
+def test_fp16_masking_leaves_a_clean_step_bit_for_bit_and_undoes_an_overflow_bit_for_bit():
+    """descend(found_inf) (one flat select per device and dtype): with the flag clear, the very step
+    of descend(None), weights and momentum (mixed dtypes, a channels_last kernel); with it set, every
+    bit of every weight and buffer as before the step, also where the step made inf/NaN; a buffer
+    the skipped step created is zeros, and the layout of every tensor is kept."""
+    plain, opt_plain = _masked_steps([None, None, None])
+    masked, opt_masked = _masked_steps([0.0, 0.0, 0.0])
+    for a, b in zip(plain, masked):
+        assert torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype
+        if a.grad is not None or b in opt_masked.base_optimizer.state:
+            assert torch.equal(opt_plain.base_optimizer.state[a]["momentum_buffer"],
+                               opt_masked.base_optimizer.state[b]["momentum_buffer"])
+    two, opt_two = _masked_steps([0.0, 0.0])
+    skipped, opt_skipped = _masked_steps([0.0, 0.0, 1.0], bad={2})
+    for a, b in zip(two, skipped):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    for a, b in zip(two[:-1], skipped[:-1]):
+        assert torch.equal(opt_two.base_optimizer.state[a]["momentum_buffer"], opt_skipped.base_optimizer.state[b]["momentum_buffer"])
+    first, opt_first = _masked_steps([1.0], bad={0})
+    for p, w in zip(first, _mixed_params()):
+        assert torch.equal(p, w)
+    assert all(torch.equal(opt_first.base_optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in first[:-1])
+    assert first[-1] not in opt_first.base_optimizer.state  # no state made up for a parameter without gradient
+
+
+def test_preload_l2_is_the_per_parameter_term_bit_for_bit():
+    """preload_l2 (fused per device and dtype) puts exactly p.grad + l2·w·scale (or l2·w·scale where
+    p.grad is None) in every parameter that had a clean-pass gradient, none in the others."""
+    params = _mixed_params()
+    opt = SAM([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.3}], torch.optim.SGD,
+              rho=RHO, lr=LR, weight_decay=WD)
+    g = torch.Generator().manual_seed(11)
+    for p in params[:-1]:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    opt.first_step(zero_grad=True)
+    params[1].grad = torch.randn(params[1].shape, generator=g, dtype=params[1].dtype)  # one already has a gradient
+    before = params[1].grad.clone()
+    scale = torch.tensor(2.0**13)
+    opt.preload_l2(scale)
+    for p, l2 in zip(params[:-1], (WD, WD, 0.3)):
+        term = p.detach() * l2 * scale.to(p.dtype)
+        assert torch.equal(p.grad, before + term if p is params[1] else term)
+    assert params[-1].grad is None
+
+
 def test_fp16_is_refused_on_the_cpu():
     with pytest.raises(ConfigError, match="trainer.precision=fp16 needs CUDA"):
         resolve_precision("fp16", torch.device("cpu"))

@@ -120,6 +120,52 @@ def _per_chunk(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.reshape(scale.shape + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), each group in list order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values, one after the other, as one new 1-d tensor (one kernel; exact)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+class _FlatCopy:
+    """An exact copy of some tensors, taken before an fp16 base step, to put back on the device
+    where the step overflowed (no host sync).
+
+    One flat buffer per (device, dtype): one concatenation to save, and to put back one
+    concatenation, one select and one fused copy, instead of a clone, a select and a copy per
+    tensor. A select and never arithmetic: a skipped step's values are inf/NaN (inf·0 is NaN), and
+    w + (w0 − w)·1 is not w0 in floating point; no foreach op selects (there is no _foreach_where).
+    """
+
+    def __init__(self, keys: list, tensors: list[torch.Tensor]):
+        self.groups = []  # (keys, flat copy, sizes)
+        for idx in _by_device_and_dtype(tensors):
+            self.groups.append(([keys[i] for i in idx], _flat([tensors[i] for i in idx]), [tensors[i].numel() for i in idx]))
+
+    def _saved_for(self, keys: list, like: list[torch.Tensor]) -> torch.Tensor:
+        """The saved values of ``keys`` as one flat tensor (zeros for a key not saved)."""
+        for saved_keys, flat, _ in self.groups:
+            if saved_keys == keys:  # every step but a buffer's first: the saved buffer itself
+                return flat
+        pieces = {k: piece for saved_keys, flat, sizes in self.groups for k, piece in zip(saved_keys, flat.split(sizes))}
+        return torch.cat([pieces[k].to(t.dtype) if k in pieces else t.new_zeros(t.numel()) for k, t in zip(keys, like)])
+
+    def put_back_where(self, skip: torch.Tensor, keys: list, tensors: list[torch.Tensor]) -> None:
+        """t ← its saved value (zeros if none was saved) where the device flag ``skip`` is set, for
+        every tensor (bit for bit either way)."""
+        for idx in _by_device_and_dtype(tensors):
+            ts = [tensors[i] for i in idx]
+            new = _flat(ts)
+            torch.where(skip.to(new.device), self._saved_for([keys[i] for i in idx], ts), new, out=new)
+            torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(new.split([t.numel() for t in ts]), ts)])
+
+
 def _cosine_from_norms(norm_a: torch.Tensor, norm_b: torch.Tensor, norm_diff: torch.Tensor) -> torch.Tensor:
     """cos(a, b) = (‖a‖² + ‖b‖² − ‖a−b‖²) / (2‖a‖‖b‖) in float64, from three norms (fused norms of
     the tensor lists, no dot product per parameter); 0 when a or b is 0."""
@@ -466,12 +512,20 @@ class SAM(torch.optim.Optimizer):
         so it does not move.
         """
         for group in self.param_groups:
-            if group["l2"]:
-                for p in (p for p in group["params"] if id(p) in self._had_grad):
-                    term = p.detach() * group["l2"]
-                    if loss_scale is not None:  # fp16: the backward adds scaled gradients
-                        term = term * loss_scale.to(term.dtype)
-                    p.grad = term if p.grad is None else p.grad.add_(term)
+            params = [p for p in group["params"] if id(p) in self._had_grad]
+            if not group["l2"] or not params:
+                continue
+            for idx in _by_device_and_dtype(params):  # fused kernels, the same arithmetic per tensor
+                ps = [params[i] for i in idx]
+                terms = torch._foreach_mul(ps, group["l2"])
+                if loss_scale is not None:  # fp16: the backward adds scaled gradients
+                    torch._foreach_mul_(terms, loss_scale.to(ps[0].device, ps[0].dtype))
+                added = [(p.grad, t) for p, t in zip(ps, terms) if p.grad is not None]
+                if added:
+                    torch._foreach_add_([g for g, _ in added], [t for _, t in added])
+                for p, t in zip(ps, terms):
+                    if p.grad is None:
+                        p.grad = t
         self._l2_preloaded = True
 
     @torch.no_grad()
@@ -538,18 +592,22 @@ class SAM(torch.optim.Optimizer):
             self.base_optimizer.step()
             return
         params = [p for p, _ in self.trainable()]
-        snapshot = {p: {k: v.clone() for k, v in self.base_optimizer.state[p].items() if torch.is_tensor(v)} for p in params}
-        w0 = [p.detach().clone() for p in params]
+        saved = _FlatCopy(*self._step_tensors(params))
         self.base_optimizer.step()
-        skip = found_inf.reshape(()) > 0
-        for p, w in zip(params, w0):
-            p.copy_(torch.where(skip, w, p))
-            for k, v in self.base_optimizer.state[p].items():
+        # a buffer created by this step is restored to zeros: SGD then starts it from g exactly as
+        # a fresh buffer (dampening 0)
+        saved.put_back_where(found_inf.reshape(()) > 0, *self._step_tensors(params))
+
+    def _step_tensors(self, params: list[torch.Tensor]) -> tuple[list[tuple[int, str]], list[torch.Tensor]]:
+        """What the base step may change: the parameters and their tensor state (momentum), as
+        (keys, tensors), a key being (the parameter's index, "" or the state's name)."""
+        keys, tensors = [(i, "") for i in range(len(params))], list(params)
+        for i, p in enumerate(params):
+            for k, v in self.base_optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v):
-                    # a buffer created by this step is restored to zeros: SGD then starts it from g
-                    # exactly as a fresh buffer (dampening 0).
-                    old = snapshot[p].get(k, torch.zeros_like(v))
-                    v.copy_(torch.where(skip, old, v))
+                    keys.append((i, k))
+                    tensors.append(v)
+        return keys, tensors
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
