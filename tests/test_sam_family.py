@@ -554,6 +554,43 @@ def test_vmap_engine_interleaved_layout_gives_the_nchw_step():
         train_step(models[0], opts[0], x, y, F.cross_entropy, NO_AMP, None, m=2, m_engine="vmap", m_layout="nhwc")
 
 
+def test_m_sharpness_setup_is_reused_and_rebuilt_when_the_model_or_groups_change(engine, monkeypatch):
+    """What a step takes from the model and the optimizer's groups is cached (msam._Setup): steps
+    that reuse it equal steps that rebuild it every time, bit for bit, through a parameter frozen
+    and unfrozen, BN switched to eval, the optimizer reloaded (new group dicts) and model.float()
+    (every parameter's and buffer's storage swapped, the key unchanged); rebuilt on those changes
+    only."""
+    real = msam._new_setup
+    builds = []
+    monkeypatch.setattr(msam, "_new_setup", lambda *a, **k: builds.append(1) or real(*a, **k))
+    changes = [
+        lambda model, opt: None,
+        lambda model, opt: None,  # nothing changed: reused
+        lambda model, opt: model[0].weight.requires_grad_(False),
+        lambda model, opt: model[0].weight.requires_grad_(True),
+        lambda model, opt: set_bn_eval(batchnorm_modules(model)),
+        lambda model, opt: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+        lambda model, opt: model.float(),  # storage swapped under the same key: read at each step
+    ]
+    states, counts = [], []
+    for rebuild_every_step in (False, True):
+        builds.clear()
+        model = tiny_model()
+        opt = make_sam(model)
+        for s, change in enumerate(changes):
+            change(model, opt)
+            if rebuild_every_step:
+                msam._SETUPS.clear()
+            x, y = batch(s)
+            train_step(model, opt, x.to(model[0].weight.dtype), y, F.cross_entropy, NO_AMP, batchnorm_modules(model), m=4)
+        states.append(model.state_dict())
+        counts.append(len(builds))
+    assert counts == [5, len(changes)]
+    assert states[0]["0.weight"].dtype == torch.float32
+    for (name, a), b in zip(states[0].items(), states[1].values()):
+        assert torch.equal(a, b), name
+
+
 class RichNet(nn.Module):
     """Every layer configuration the split engine evaluates per chunk: strided conv with a bias,
     dilated grouped conv, BN with momentum None, BN without affine, BN1d, Linear with and without

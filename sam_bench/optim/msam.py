@@ -68,6 +68,8 @@ Speed, WRN-28-10 (CUDA) / WRN-16-4 (CPU), batch 256, m = 32 (results/benchmarks.
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -92,6 +94,88 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
                 if getattr(mod, b, None) is not None:
                     out[prefix + b] = getattr(mod, b)
     return out
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What a :class:`_Setup` of ``model`` depends on, as a cheap key: the ids of its modules and
+    parameters, its buffers' names, and the modes that decide which BN statistics move (a walk
+    without building names, about half the cost of one ``named_parameters()``)."""
+    out: list = []
+    stack = [model]
+    while stack:
+        mod = stack.pop()
+        out += (id(mod), mod.training, mod.__dict__.get("track_running_stats"))  # (no getattr: a miss raises, slow)
+        out += map(id, mod._parameters.values())
+        out += mod._buffers
+        stack += (m for m in mod._modules.values() if m is not None)
+    return tuple(out)
+
+
+@dataclass
+class _Setup:
+    """What a step's passes take from the model and the optimizer's parameter groups alone (and the
+    engine, chunk count and device): built once and reused while ``key`` holds. ``msam_step`` used
+    to rebuild it at every step (several walks over the model's modules and parameters with their
+    names: a host cost of the eager split engine, host-bound on a GPU). Tensors whose storage may
+    be swapped (``model.to()``) are read at each step: parameters are detached then, buffers are
+    looked up in their module."""
+
+    key: tuple
+    held: list  # every object whose id is in ``key`` (so that no new object takes one of them)
+    runner: nn.Module  # the model as called (a torch.compile wrapper stays compiled)
+    model: nn.Module
+    engine: str  # "split" or "vmap"
+    names: list[str]  # the parameters the step trains: the optimizer's, in the model, requires_grad
+    params: list[torch.Tensor]
+    groups: list[dict]
+    fixed: list[tuple[str, torch.Tensor]]  # the model's other parameters (constants of the passes)
+    bn_buffers: list[tuple[str, nn.Module, str]]  # (name, module, attribute): running stats BN moves
+    other_buffers: list[tuple[str, nn.Module, str]]  # every other buffer (a constant of the passes)
+
+    @staticmethod
+    def buffers(slots: list[tuple[str, nn.Module, str]]) -> dict[str, torch.Tensor]:
+        """{name: the buffer now in its module} for ``bn_buffers`` or ``other_buffers``."""
+        return {name: mod._buffers[attr] for name, mod, attr in slots}
+
+
+#: The last setup per optimizer (weak: dropped with the optimizer).
+_SETUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _setup(runner: nn.Module, optimizer: SAM, chunks: int, engine: str, device_type: str) -> _Setup:
+    """The cached :class:`_Setup` of this model, optimizer, chunk count, engine and device, rebuilt
+    when any of them changed: a module or parameter replaced or added, a train/eval switch, a
+    parameter frozen or unfrozen, a param group added or reloaded (``load_state_dict``)."""
+    model = getattr(runner, "_orig_mod", runner)
+    key = (id(runner), _structure(model), chunks, engine, device_type, optimizer.second_order,
+           tuple((id(p), id(g), p.requires_grad) for g in optimizer.param_groups for p in g["params"]))
+    setup = _SETUPS.get(optimizer)
+    if setup is None or setup.key != key:
+        setup = _SETUPS[optimizer] = _new_setup(key, runner, model, optimizer, chunks, engine, device_type)
+    return setup
+
+
+def _new_setup(key: tuple, runner: nn.Module, model: nn.Module, optimizer: SAM, chunks: int, engine: str,
+               device_type: str) -> _Setup:
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    # the optimizer's parameters of this model that train (one frozen after the optimizer was built does not)
+    owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of and p.requires_grad]
+    owned_ids = {id(p) for p, _ in owned}
+    if engine not in ("split", "vmap") or (optimizer.second_order and engine == "split"):  # the trainer resolves it once
+        engine = resolve_engine(runner, engine, chunks, device=device_type, second_order=optimizer.second_order)
+    bn = _bn_buffers(model)
+
+    def slot(name: str) -> tuple[str, nn.Module, str]:
+        prefix, _, attr = name.rpartition(".")
+        return name, model.get_submodule(prefix), attr
+
+    return _Setup(
+        key=key, held=[runner, *model.modules(), *model.parameters(), *optimizer.param_groups],
+        runner=runner, model=model, engine=engine,
+        names=[name_of[id(p)] for p, _ in owned], params=[p for p, _ in owned], groups=[g for _, g in owned],
+        fixed=[(n, p) for n, p in model.named_parameters() if id(p) not in owned_ids],
+        bn_buffers=[slot(n) for n in bn], other_buffers=[slot(n) for n, _ in model.named_buffers() if n not in bn],
+    )
 
 
 #: Physical layout of the chunked images: "nchw" (contiguous chunks) or "interleaved" (memory
@@ -170,14 +254,19 @@ def _write_back(buffers: dict[str, torch.Tensor], stacked: dict[str, torch.Tenso
 class _VmapPasses:
     """Both passes through ``vmap`` over stacked parameters and BN buffers (any model)."""
 
-    def __init__(self, model, names, params, consts, bn_bufs, x, y, loss_fn, autocast, chunks, layout):
+    def __init__(self, setup: _Setup, x, y, loss_fn, autocast, chunks, layout):
+        model = setup.model
+        consts = {n: p.detach() for n, p in setup.fixed}
+        consts.update(setup.buffers(setup.other_buffers))
+
         def chunk_loss(stacked_params, stacked_bufs, xc, yc):
             with autocast(), ghost_batch_norms(model):  # see "Precision" above
                 out = functional_call(model, (stacked_params, stacked_bufs, consts), (xc,), strict=False)
                 return at_least_fp32(loss_fn(out, yc)), out
 
         self.batched = vmap(chunk_loss, in_dims=(0, 0, 0, 0), randomness="different")
-        self.model, self.names, self.params, self.bn_bufs, self.chunks, self.consts = model, names, params, bn_bufs, chunks, consts
+        self.model, self.chunks, self.consts, self.bn_bufs = model, chunks, consts, setup.buffers(setup.bn_buffers)
+        self.names, self.params, self.groups = setup.names, setup.params, setup.groups
         self.x, self.y = _chunked(x, chunks, x.shape[0] // chunks, layout), y.reshape(chunks, -1, *y.shape[1:])
 
     def clean(self, scaler) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -195,7 +284,7 @@ class _VmapPasses:
 
     def drop(self, names: set[str]) -> None:
         """Evaluate these parameters as constants from now on (they get no gradient)."""
-        self.names, self.params, dropped = _without(self.names, self.params, names)
+        self.names, self.params, self.groups, dropped = _without(self.names, self.params, self.groups, names)
         self.consts.update((n, p.detach()) for n, p in dropped)
 
     def hessian_vector_products(self, u: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -233,14 +322,13 @@ class _VmapPasses:
 class _SplitPasses:
     """Both passes with full-batch layers, per-chunk kernels only where needed (:mod:`chunked`)."""
 
-    def __init__(self, model, runner, names, params, x, y, loss_fn, autocast, chunks):
-        """``runner``: what is called on the images, ``model`` itself or its ``torch.compile`` wrapper
-        (dynamo traces the swapped layer forwards: one graph per pass, reused every step)."""
-        self.model, self.runner, self.names, self.params, self.chunks = model, runner, names, params, chunks
+    def __init__(self, setup: _Setup, x, y, loss_fn, autocast, chunks):
+        """``setup.runner``: what is called on the images, the model itself or its ``torch.compile``
+        wrapper (dynamo traces the swapped layer forwards: one graph per pass, reused every step)."""
+        self.model, self.runner, self.chunks = setup.model, setup.runner, chunks
+        self.names, self.params, self.groups = setup.names, setup.params, setup.groups
         self.x, self.y, self.loss_fn, self.autocast = x, y, loss_fn, autocast
-        owned = {id(p) for p in params}
-        self.fixed = {n: chunked.Stacked(p.detach().unsqueeze(0).expand(chunks, *p.shape))
-                      for n, p in model.named_parameters() if id(p) not in owned}
+        self.fixed = {n: chunked.Stacked(p.detach().unsqueeze(0).expand(chunks, *p.shape)) for n, p in setup.fixed}
 
     def _run(self, stacked: dict, update_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast(), chunked.chunked_layers(self.model, self.chunks, {**self.fixed, **stacked}, update_stats):
@@ -261,7 +349,7 @@ class _SplitPasses:
 
     def drop(self, names: set[str]) -> None:
         """Evaluate these parameters as constants from now on (they get no gradient)."""
-        self.names, self.params, dropped = _without(self.names, self.params, names)
+        self.names, self.params, self.groups, dropped = _without(self.names, self.params, self.groups, names)
         self.fixed.update((n, chunked.Stacked(p.detach().unsqueeze(0).expand(self.chunks, *p.shape))) for n, p in dropped)
 
     def _per_chunk_grads(self, leaf: list[torch.Tensor], scaler, per_chunk: bool, update_stats: bool):
@@ -278,14 +366,15 @@ class _SplitPasses:
         return losses
 
 
-def _second_order_final_gradient(passes: "_VmapPasses", optimizer: SAM, params: list, groups: list, eps: list,
-                                 clean_grads: list, clean_norm: torch.Tensor, rng, update_stats: bool) -> torch.Tensor:
+def _second_order_final_gradient(passes: _VmapPasses, optimizer: SAM, eps: list, clean_grads: list,
+                                 clean_norm: torch.Tensor, rng, update_stats: bool) -> torch.Tensor:
     """App. C.4 per chunk: w.grad = mean_c [g'_c + J_cᵀ g'_c], g'_c = ∇L_c(w + ε_c) + l2·(w + ε_c) and
     J_cᵀ v = ρ·H_c(u_c) + l2·u_c, u_c = (v − ĝ_c ĝ_cᵀ v)/‖g_c‖ (ĝ_c = g_c/‖g_c‖, g_c the clean gradient
     with its L2 term, H_c the Hessian of chunk c's loss at w): :meth:`SAM._add_second_order` for each
     chunk, with the chunk's own ε, gradients and Hessian. Returns the per-chunk losses at w + ε_c."""
     from sam_bench.engine.step import set_true_gradient
 
+    params, groups = passes.params, passes.groups
     leaf = {n: (p.detach().unsqueeze(0) + e).requires_grad_(True) for n, p, e in zip(passes.names, params, eps)}
     losses2, _, grads = passes._per_chunk_grads(leaf, None, update_stats=update_stats)
     def hvp(u: list[torch.Tensor]) -> list[torch.Tensor]:  # at w, the clean pass's draws, shake true gradient
@@ -307,10 +396,12 @@ def _second_order_final_gradient(passes: "_VmapPasses", optimizer: SAM, params: 
     return losses2
 
 
-def _without(names: list[str], params: list[torch.Tensor], drop: set[str]) -> tuple[list, list, list]:
-    """(names, params) without those named in ``drop``, and the dropped (name, param) pairs."""
-    kept = [(n, p) for n, p in zip(names, params) if n not in drop]
-    return [n for n, _ in kept], [p for _, p in kept], [(n, p) for n, p in zip(names, params) if n in drop]
+def _without(names: list[str], params: list[torch.Tensor], groups: list[dict], drop: set[str]) -> tuple[list, list, list, list]:
+    """(names, params, groups) without those named in ``drop`` (new lists), and the dropped (name,
+    param) pairs."""
+    kept = [i for i, n in enumerate(names) if n not in drop]
+    return ([names[i] for i in kept], [params[i] for i in kept], [groups[i] for i in kept],
+            [(n, p) for n, p in zip(names, params) if n in drop])
 
 
 @torch.no_grad()
@@ -418,88 +509,22 @@ def msam_step(
     layout, one of ``LAYOUTS``."""
     from sam_bench.engine.step import set_true_gradient
 
-    runner = model  # the split engine calls the model as given (a torch.compile wrapper stays compiled)
-    model = getattr(model, "_orig_mod", model)
     if optimizer.second_order and scaler is not None:
         raise ValueError("second_order needs a double backward without loss scaling: use bf16 or fp32, not fp16")
-    chunks = images.shape[0] // m
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    # the optimizer's parameters of this model that train (one frozen after the optimizer was built does not)
-    owned = [(p, g) for p, g in optimizer.trainable() if id(p) in name_of and p.requires_grad]
-    names = [name_of[id(p)] for p, _ in owned]
-    params = [p for p, _ in owned]
-    groups = [g for _, g in owned]
     if layout not in LAYOUTS:
         raise ValueError(f"m-sharpness layout {layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
-    if engine not in ("split", "vmap") or (optimizer.second_order and engine == "split"):  # the trainer resolves it once
-        engine = resolve_engine(runner, engine, chunks, device=images.device.type, second_order=optimizer.second_order)
-    if engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
-        passes = _SplitPasses(model, runner, names, params, images, labels, loss_fn, autocast, chunks)
-    else:
-        owned_ids = {id(p) for p in params}
-        bn_bufs = _bn_buffers(model)
-        consts = {n: p.detach() for n, p in model.named_parameters() if id(p) not in owned_ids}
-        consts.update({n: b for n, b in model.named_buffers() if n not in bn_bufs})
-        passes = _VmapPasses(model, names, params, consts, bn_bufs, images, labels, loss_fn, autocast, chunks, layout)
-
-    # clean pass: per-chunk gradients at w
+    passes = _build_passes(model, optimizer, images, labels, loss_fn, autocast, images.shape[0] // m, engine, layout)
     if rng is not None:
         rng.save()
-    set_true_gradient(model, True)
-    losses, logits, grads = passes.clean(scaler)
-    unused = {n for n, g in zip(names, grads) if g is None}
-    if unused:  # in no chunk's loss: as in plain SAM, no gradient, so no L2 term, no ε and no step
-        passes.drop(unused)
-        kept = [i for i, n in enumerate(names) if n not in unused]
-        names, params, groups, grads = ([xs[i] for i in kept] for xs in (names, params, groups, grads))
-    if scaler is not None:
-        scaler.unscale_(grads)
-    with torch.no_grad():
-        _add_l2_terms(grads, params, groups)  # the L2 term of each chunk's loss
-        eps = optimizer.direction(grads, params, groups, chunks)
-        clean_norm = optimizer.clean_norm
-        optimizer.grad_norm = clean_norm.mean()
-        if optimizer.diagnostics:
-            optimizer.keep_clean_grad(params, [g.mean(dim=0) for g in grads])
-    clean_grads = grads if optimizer.second_order else None
-    del grads
-
-    # k-step ascent (Table 11): each chunk's ε moves along its own gradient at w + ε_c, projected
-    # onto the ρ-ball; same draws, shake layers' true gradient, BN state untouched (as plain SAM)
-    for _ in range(optimizer.ascent_steps - 1):
-        if rng is not None:
-            rng.rewind()
-        grads = passes.ascent(eps, scaler)
-        if scaler is not None:
-            scaler.unscale_(grads)
-        with torch.no_grad():
-            _add_l2_terms(grads, params, groups, eps)  # L2 term at w + ε_c
-            step = optimizer.direction(grads, params, groups, chunks)
-            eps = optimizer.project(torch._foreach_add(eps, step), chunks) if eps else eps
-        del grads
+    set_true_gradient(passes.model, True)
+    losses, logits, eps, clean_norm, clean_grads = _clean_pass(passes, optimizer, scaler)
+    eps = _ascend(passes, optimizer, eps, scaler, rng)
     optimizer.set_perturbation(eps, clean_norm)  # diagnostics report the clean pass's ‖g_c‖
-
-    # perturbed pass: mean_c ∇L_c(w + ε_c) lands in w.grad
-    set_true_gradient(model, False)
+    set_true_gradient(passes.model, False)
     if rng is not None:
         rng.rewind()
     optimizer.zero_grad()
-    if optimizer.second_order:
-        losses2 = _second_order_final_gradient(passes, optimizer, params, groups, eps, clean_grads, clean_norm, rng,
-                                               update_stats=bn_modules is None)
-    else:
-        losses2 = passes.perturbed(eps, scaler, update_stats=bn_modules is None)  # mode "both": stats again
-        if scaler is not None:
-            scaler.unscale_(p.grad for p in params)
-        with torch.no_grad():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            for l2, (ws, es) in _by_l2(params, eps, groups):  # mean_c l2·(w + ε_c)
-                final = [w.grad for w in ws]
-                torch._foreach_add_(final, ws, alpha=l2)  # one fused kernel (w.grad has w's layout)
-                for g, e in zip(final, es):  # ε has the clean gradients' layout (contiguous), maybe not w's
-                    g.add_(e.mean(dim=0), alpha=l2)
+    losses2 = _final_gradient(passes, optimizer, eps, clean_grads, clean_norm, scaler, rng, update_stats=bn_modules is None)
     loss = losses.detach().mean()
     optimizer.record_loss_gap(loss, losses2.detach().mean())
     optimizer.descend(scaler.found_inf if scaler is not None else None)
@@ -507,3 +532,75 @@ def msam_step(
     if scaler is not None:
         scaler.update()
     return loss, logits.detach()
+
+
+def _build_passes(runner: nn.Module, optimizer: SAM, images: torch.Tensor, labels: torch.Tensor, loss_fn, autocast,
+                  chunks: int, engine: str, layout: str) -> _VmapPasses | _SplitPasses:
+    """This step's passes over ``images`` in ``chunks`` chunks, from the cached :class:`_Setup`."""
+    setup = _setup(runner, optimizer, chunks, engine, images.device.type)
+    if setup.engine == "split":  # chunked_layers refuses a layer it cannot split (same module walk)
+        return _SplitPasses(setup, images, labels, loss_fn, autocast, chunks)
+    return _VmapPasses(setup, images, labels, loss_fn, autocast, chunks, layout)
+
+
+def _clean_pass(passes: _VmapPasses | _SplitPasses, optimizer: SAM, scaler) -> tuple:
+    """The clean pass: per-chunk gradients at w (with each chunk's L2 term), and from them each
+    chunk's ε. Returns the per-chunk losses, the logits, ε, ‖g_c‖ [C] and (second order only) the
+    per-chunk clean gradients. A parameter in no chunk's loss is dropped from the passes: as in
+    plain SAM it gets no gradient, so no L2 term, no ε and no step."""
+    losses, logits, grads = passes.clean(scaler)
+    unused = {n for n, g in zip(passes.names, grads) if g is None}
+    if unused:
+        passes.drop(unused)
+        grads = [g for g in grads if g is not None]
+    if scaler is not None:
+        scaler.unscale_(grads)
+    with torch.no_grad():
+        _add_l2_terms(grads, passes.params, passes.groups)  # the L2 term of each chunk's loss
+        eps = optimizer.direction(grads, passes.params, passes.groups, passes.chunks)
+        clean_norm = optimizer.clean_norm
+        optimizer.grad_norm = clean_norm.mean()
+        if optimizer.diagnostics:
+            optimizer.keep_clean_grad(passes.params, [g.mean(dim=0) for g in grads])
+    return losses, logits, eps, clean_norm, grads if optimizer.second_order else None
+
+
+def _ascend(passes: _VmapPasses | _SplitPasses, optimizer: SAM, eps: list[torch.Tensor], scaler, rng) -> list[torch.Tensor]:
+    """k-step ascent (Table 11): k − 1 more passes, in which each chunk's ε moves along its own
+    gradient at w + ε_c (with its L2 term there), projected onto the ρ-ball; the clean pass's
+    draws, shake layers' true gradient, BN state untouched (as plain SAM). Returns the final ε."""
+    for _ in range(optimizer.ascent_steps - 1):
+        if rng is not None:
+            rng.rewind()
+        grads = passes.ascent(eps, scaler)
+        if scaler is not None:
+            scaler.unscale_(grads)
+        with torch.no_grad():
+            _add_l2_terms(grads, passes.params, passes.groups, eps)  # L2 term at w + ε_c
+            step = optimizer.direction(grads, passes.params, passes.groups, passes.chunks)
+            eps = optimizer.project(torch._foreach_add(eps, step), passes.chunks) if eps else eps
+        del grads
+    return eps
+
+
+def _final_gradient(passes: _VmapPasses | _SplitPasses, optimizer: SAM, eps: list[torch.Tensor], clean_grads,
+                    clean_norm: torch.Tensor, scaler, rng, update_stats: bool) -> torch.Tensor:
+    """The perturbed pass: w.grad = mean_c [∇L_c(w + ε_c) + l2·(w + ε_c)] (with each chunk's
+    second-order term under ``second_order``); BN statistics move again when ``update_stats`` (BN
+    mode "both"). Returns the per-chunk losses at w + ε_c."""
+    if optimizer.second_order:
+        return _second_order_final_gradient(passes, optimizer, eps, clean_grads, clean_norm, rng, update_stats)
+    params, groups = passes.params, passes.groups
+    losses = passes.perturbed(eps, scaler, update_stats=update_stats)
+    if scaler is not None:
+        scaler.unscale_(p.grad for p in params)
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for l2, (ws, es) in _by_l2(params, eps, groups):  # mean_c l2·(w + ε_c)
+            final = [w.grad for w in ws]
+            torch._foreach_add_(final, ws, alpha=l2)  # one fused kernel (w.grad has w's layout)
+            for g, e in zip(final, es):  # ε has the clean gradients' layout (contiguous), maybe not w's
+                g.add_(e.mean(dim=0), alpha=l2)
+    return losses
