@@ -121,8 +121,11 @@ def train_step(
     ``m``: m-sharpness chunk size (each chunk of m examples gets its own ε; ghost BN per chunk; for
     SGD, ghost BN only: the chunks are the simulated devices of both methods); None or the whole
     batch: plain SAM / SGD. ``m_engine``: "auto" (also None), "split" or "vmap", and ``m_layout``
-    the vmap engine's image layout (see :func:`sam_bench.optim.msam.msam_step`). ``scaler``: fp16 loss scaling. ``sync_perturbation``:
-    under DDP, average the ascent gradient over ranks (default: each rank perturbs with its own).
+    the vmap engine's image layout (see :func:`sam_bench.optim.msam.msam_step`). ``scaler``: fp16
+    loss scaling. ``sync_perturbation``: under DDP, average the ascent gradient over ranks (default:
+    each rank perturbs with its own).
+
+    The passes: :func:`_sgd_step` (ρ = 0), else :func:`_ascent_passes` then :func:`_descent_pass`.
     """
     ddp_module = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     ddp = isinstance(ddp_module, nn.parallel.DistributedDataParallel)
@@ -138,28 +141,43 @@ def train_step(
                              m_engine or "auto", m_layout)
     else:
         m = None
-    two_pass = optimizer.two_pass
-    if not two_pass:  # SGD (ρ = 0); with m, BN per chunk of m as in m-SAM's clean pass
-        with ghost_batch_norm_pass(model, images.shape[0] // m) if m else contextlib.nullcontext(), autocast():
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-        scaled_backward(loss, scaler)
-        if ddp:  # every rank the same running statistics, as SAM's clean pass leaves them (official pmean)
-            _average_bn_state(model)
-        if scaler is None:
-            optimizer.step()
-        else:
-            _unscale(optimizer, scaler)
-            optimizer.add_l2()
-            optimizer.descend(scaler.found_inf)
-            scaler.update()
-        optimizer.zero_grad()
-        return loss.detach(), logits.detach()
-
+    if not optimizer.two_pass:
+        return _sgd_step(model, optimizer, images, labels, loss_fn, autocast, m, scaler, ddp)
     if ddp and optimizer.second_order:
         raise ValueError("second_order under DDP is not supported (its double backward would bypass the all-reduce)")
     if rng is not None:
         rng.save()
+    loss, logits = _ascent_passes(model, optimizer, images, labels, loss_fn, autocast, rng, scaler, ddp, sync_perturbation)
+    _descent_pass(model, optimizer, images, labels, loss_fn, autocast, bn_modules, rng, scaler, ddp, loss)
+    return loss.detach(), logits.detach()
+
+
+def _sgd_step(model, optimizer: SAM, images, labels, loss_fn, autocast, m: int | None, scaler: LossScaler | None,
+              ddp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGD (ρ = 0): one pass and the base step; with ``m``, BN per chunk of m as in m-SAM's clean pass."""
+    with ghost_batch_norm_pass(model, images.shape[0] // m) if m else contextlib.nullcontext(), autocast():
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+    scaled_backward(loss, scaler)
+    if ddp:  # every rank the same running statistics, as SAM's clean pass leaves them (official pmean)
+        _average_bn_state(model)
+    if scaler is None:
+        optimizer.step()
+    else:
+        _unscale(optimizer, scaler)
+        optimizer.add_l2()
+        optimizer.descend(scaler.found_inf)
+        scaler.update()
+    optimizer.zero_grad()
+    return loss.detach(), logits.detach()
+
+
+def _ascent_passes(model, optimizer: SAM, images, labels, loss_fn, autocast, rng: RngReplay | None,
+                   scaler: LossScaler | None, ddp: bool, sync_perturbation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean pass at w (BN statistics move; under DDP unsynced, forward and backward), then the
+    weights at w + ε, then the k − 1 extra ascent passes (same draws, BN statistics untouched), all
+    with the shake layers' true gradient. Returns the clean-pass loss and logits."""
+    ddp_module = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     set_true_gradient(model, True)
     with ddp_module.no_sync() if ddp else contextlib.nullcontext():  # forward AND backward unsynced
         with autocast():
@@ -172,7 +190,6 @@ def train_step(
         _average_bn_state(model)
     _unscale(optimizer, scaler)
     optimizer.first_step(zero_grad=True)
-    bn_untouched = bn_modules or []
     for _ in range(optimizer.ascent_steps - 1):
         if rng is not None:
             rng.rewind()
@@ -185,11 +202,19 @@ def train_step(
         _unscale(optimizer, scaler)
         optimizer.ascent_step(zero_grad=True)
     set_true_gradient(model, False)
+    return loss, logits
+
+
+def _descent_pass(model, optimizer: SAM, images, labels, loss_fn, autocast, bn_modules: list[_BatchNorm] | None,
+                  rng: RngReplay | None, scaler: LossScaler | None, ddp: bool, loss: torch.Tensor) -> None:
+    """The perturbed pass at w + ε (the clean pass's draws; BN statistics untouched in mode "clean";
+    the only backward DDP synchronises), then the base step from w (``second_step``: weights
+    restored, second-order term, clip, fp16 masking)."""
     if rng is not None:
         rng.rewind()
     if ddp:
         optimizer.preload_l2(scaler.scale_ if scaler is not None else None)  # the L2 term of each rank's loss joins the all-reduce
-    with running_stats_frozen(bn_untouched), autocast():
+    with running_stats_frozen(bn_modules or []), autocast():
         perturbed_loss = loss_fn(model(images), labels)
     scaled_backward(perturbed_loss, scaler)  # the only synchronised backward under DDP
     if ddp and bn_modules is None:  # BN mode "both": the perturbed pass's updates are averaged too
@@ -200,7 +225,6 @@ def train_step(
     optimizer.second_step(zero_grad=True, hvp=hvp, found_inf=scaler.found_inf if scaler is not None else None)
     if scaler is not None:
         scaler.update()
-    return loss.detach(), logits.detach()
 
 
 def _hessian_vector_product(model, optimizer: SAM, images, labels, loss_fn, autocast, rng) -> Callable:
