@@ -91,21 +91,6 @@ def _dotted_keys(node, prefix: str = "") -> list[str]:
     return [k for name, child in node.items() for k in _dotted_keys(child, f"{prefix}{name}.")]
 
 
-def _similar_keys(keys: list[str], unknown: str) -> list[str]:
-    """The keys ``unknown`` was likely meant to be: those with the same last part anywhere
-    (``model.depth`` -> ``model.kwargs.depth``), else its siblings spelt alike (``optimizer.rhoo`` ->
-    ``optimizer.rho``)."""
-    import difflib
-
-    parent, _, leaf = unknown.rpartition(".")
-    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf]
-    if same_leaf:
-        return same_leaf
-    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
-    close = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.75)
-    return [f"{parent}.{k}" if parent else k for k in close]
-
-
 def _suggest_keys(compose_without: Callable[[str], object], text: str) -> str:
     """' did you mean X?' for the key Hydra could not override (named in ``text``), from the config
     composed without that override; '' when there is no good guess."""
@@ -121,7 +106,9 @@ def _suggest_keys(compose_without: Callable[[str], object], text: str) -> str:
         cfg = OmegaConf.to_container(compose_without(unknown), resolve=False)
     except Exception:  # noqa: BLE001 - a hint must never hide the real error
         return ""
-    similar = _similar_keys(_dotted_keys(cfg), unknown)
+    from sam_bench.schema import similar_keys
+
+    similar = similar_keys(_dotted_keys(cfg), unknown)
     return f" did you mean {' or '.join(similar)}?" if similar else ""
 
 
