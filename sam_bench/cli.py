@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
 import os
 import sys
 from pathlib import Path
@@ -62,11 +61,6 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-#: A sweep with at most this many points is checked point by point; a larger one by its first
-#: point and every value of every swept key in turn (each compose takes ~0.1 s).
-PREFLIGHT_ALL_POINTS = 16
-
-
 def _values(override) -> list[str]:
     """The overrides one command-line override stands for: itself, or one per value of a sweep."""
     if not override.is_sweep_override():
@@ -75,13 +69,12 @@ def _values(override) -> list[str]:
 
 
 def _sweep_points(overrides: list) -> list[list[str]]:
-    """The points of the command line's sweep to check before anything runs: all of them, or for a
-    large sweep the first point and each swept value once (every value checked, not every pair)."""
-    values = [_values(o) for o in overrides]
-    if math.prod(len(v) for v in values) <= PREFLIGHT_ALL_POINTS:
-        return [list(p) for p in itertools.product(*values)]
-    first = [v[0] for v in values]
-    return [first] + [first[:i] + [other] + first[i + 1:] for i, vs in enumerate(values) for other in vs[1:]]
+    """Every point of the command line's sweep (its overrides, one value each), each once.
+
+    All of them are composed and validated before any runs: checking each value of each key alone
+    missed pairs that fail together (``optimizer.m=32`` with ``trainer.batch_size=48``)."""
+    points = (list(p) for p in itertools.product(*[_values(o) for o in overrides]))
+    return list({tuple(p): p for p in points}.values())
 
 
 def _dotted_keys(node, prefix: str = "") -> list[str]:
@@ -156,11 +149,54 @@ def _preset_sweeps(config_name: str, parsed: list) -> list[str]:
     return [f"{key}={value}" for key, value in params.items() if key not in given]
 
 
+#: Hydra's flags that print (the composed config, or how it was composed) instead of running: the
+#: overrides beside them are checked as for a run, then Hydra prints. Each with what it takes after
+#: it: a value, or one of some choices when given (``--info``'s is optional).
+PRINT_FLAGS = {"--cfg": "value", "-c": "value", "--package": "value", "-p": "value", "--resolve": "none",
+               "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
+PRINT_FLAGS["-i"] = PRINT_FLAGS["--info"]
+
+
+def _split_print_flags(args: list[str]) -> tuple[list[str] | None, bool]:
+    """(the overrides, whether a printing flag is given) of ``args``; None for the overrides when
+    another flag (--help, --run, ...) is there: that is left to Hydra."""
+    overrides, printing, i = [], False, 0
+    while i < len(args):
+        flag, eq, _ = args[i].partition("=")
+        takes = PRINT_FLAGS.get(flag)
+        if takes is not None:
+            printing = True
+            given = i + 1 < len(args) and (takes == "value" or (takes != "none" and args[i + 1] in takes))
+            i += 1 if eq or not given else 2
+        elif args[i].startswith("-"):
+            return None, printing
+        else:
+            overrides.append(args[i])
+            i += 1
+    return overrides, printing
+
+
+def _no_equals(arg: str, following: list[str], command: str) -> str:
+    """The one-line error for an argument without '=' (``sam-bench train optimizer rho=0.1``)."""
+    from sam_bench.paths import config_dir
+
+    group = Path(config_dir()) / arg
+    if command == "train" and arg and group.is_dir():
+        options = sorted(str(f.relative_to(group).with_suffix("")) for f in group.glob("*.yaml"))
+        options += sorted(f"{d.name}/<name>" for d in group.iterdir() if d.is_dir())
+        key = next((a.split("=", 1)[0] for a in following if "=" in a and "." not in a.split("=", 1)[0]), None)
+        example = f"{arg}.{key}={following[[a.split('=', 1)[0] for a in following].index(key)].split('=', 1)[1]}" if key else f"{arg}.<key>=<value>"
+        return (f"'{arg}' lacks '=': choose an option of the {arg} group with {arg}=<option> (one of: {', '.join(options)}), "
+                f"or set one of its keys with {example} (no space)")
+    return f"'{arg}' is not an override: write key=value (e.g. {'optimizer.rho=0.1' if command == 'train' else 'out=results'}); " \
+           f"`sam-bench {command} --help` lists every key"
+
+
 def _preflight(config_name: str) -> None:
-    """Compose (and for ``train`` validate) the points of the command line's sweep before Hydra runs
+    """Compose (and for ``train`` validate) every point of the command line's sweep before Hydra runs
     any, so that a bad override or value fails at once with one line naming it (exit 2), not with
-    Hydra's multi-line report (exit 1) or after the sweep's first jobs have trained.
-    Flags (--help, --cfg, --info, ...) and anything this cannot judge are left to Hydra."""
+    Hydra's multi-line report (exit 1) or after the sweep's first jobs have trained. ``--cfg``/``--info``
+    are checked alike, then Hydra prints; other flags (--help, ...) and what this cannot judge are left to Hydra."""
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     multirun = len(args) < len(sys.argv) - 1
     exclusive = [a for a in args if a in ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc")]
@@ -168,8 +204,15 @@ def _preflight(config_name: str) -> None:
         _fail(f"{exclusive[0]} cannot be combined with -m/--multirun (Hydra does one or the other); drop -m to see "
               f"one point, e.g. sam-bench {config_name} {exclusive[0]} job <that point's overrides>"
               if exclusive[0] in ("--cfg", "-c") else f"{exclusive[0]} cannot be combined with -m/--multirun; drop -m")
-    if any(a.startswith("-") for a in args):
+    if multirun and config_name != "train":  # Hydra would make multirun/<date>/ dirs, which the report then reads
+        _fail(f"-m/--multirun sweeps training runs; sam-bench {config_name} runs once: drop -m"
+              + (" (one report reads every run under runs=[DIR,...])" if config_name == "report" else ""))
+    overrides, printing = _split_print_flags(args)
+    if overrides is None:
         return
+    bare = next((i for i, a in enumerate(overrides) if "=" not in a and not a.startswith("~")), None)
+    if bare is not None:
+        _fail(_no_equals(overrides[bare], overrides[bare + 1:], config_name))
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
@@ -177,18 +220,27 @@ def _preflight(config_name: str) -> None:
 
     from sam_bench.errors import SamBenchError
     from sam_bench.paths import config_dir
-    from sam_bench.schema import validate
+    from sam_bench.schema import HessianConfig, ReportConfig, check_known_keys, validate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         try:
-            parsed = OverridesParser.create().parse_overrides(args)
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except OverrideParseException as e:
+            _fail(f"cannot parse the overrides {' '.join(overrides)!r}: {str(e).splitlines()[0]}; a value with '=' or ',' in it "
+                  "(a run directory's name) needs quotes: key='value' (grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
+        sweep = next((o for o in parsed if o.is_sweep_override()), None)
+        if sweep is not None and not multirun:  # Hydra's own message is five lines, exit 1
+            _fail(f"{sweep.input_line} gives several values: "
+                  + ("add -m to train each (sam-bench train -m ...)" if config_name == "train" else f"sam-bench {config_name} takes one")
+                  + "; a list is written key=[a,b], a string with a comma quoted: key='a,b'")
+        for o in parsed:
+            if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and not o.is_sweep_override() and not str(o.value()).strip():
+                _fail(f"{o.key_or_group} is empty: the run would write its checkpoints into the current directory; "
+                      f"give a directory, e.g. {o.key_or_group}=runs/mine ({o.key_or_group}=. for the current one)")
+        try:
             if multirun:  # a preset's own grid (hydra.sweeper.params, e.g. Fig. 6's p x rho) is swept too
                 parsed += OverridesParser.create().parse_overrides(_preset_sweeps(config_name, parsed))
             points = _sweep_points(parsed)
-        except OverrideParseException as e:
-            _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]}; a value with '=' or ',' "
-                  "in it (a run directory's name) needs quotes: key='value' "
-                  "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
         except Exception:  # a sweep form this cannot expand: Hydra will judge it
             return
         swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
@@ -203,11 +255,13 @@ def _preflight(config_name: str) -> None:
 
                 suggest = lambda text: _suggest_keys(compose_without, text)  # noqa: E731
                 _fail(_describe_composition_error(e, config_name, suggest) + where)
-            if config_name == "train":
-                try:
+            try:
+                if config_name == "train":
                     validate(cfg)
-                except SamBenchError as e:
-                    _fail(f"{e}{where}")
+                else:
+                    check_known_keys(cfg, ReportConfig if config_name == "report" else HessianConfig, config_name)
+            except SamBenchError as e:
+                _fail(f"{e}{where}")
 
 
 def _skip_diverged_sweep_point(error: Exception, diverged: list[str]) -> None:

@@ -479,7 +479,7 @@ def check_known_keys(cfg: Any, schema: type, command: str) -> None:
 
     if not isinstance(cfg, DictConfig):
         return
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])  # hydra: Hydra's own config
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra: Hydra's own config
     unknown = _unknown_keys(OmegaConf.to_container(job, resolve=False), schema)
     if unknown:
         key = unknown[0]

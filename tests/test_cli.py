@@ -27,8 +27,8 @@ TINY = [
 ]
 
 
-def run(args, env, check=True, timeout=300):
-    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
+def run(args, env, check=True, timeout=300, cwd=None):
+    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -181,8 +181,19 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         # every point of a sweep is composed and validated, not only the first
         (["-m", "optimizer=sgd,nosuch"], "Could not find 'optimizer/nosuch'; choose one of: asam, sam, sgd (sweep point optimizer=nosuch)"),
         (["-m", "optimizer.m=4,3", "trainer.batch_size=36,32"], "must be >= 1 and divide trainer.batch_size=32 (the per-device batch is split into chunks of m examples); pick a divisor or optimizer.m=null (sweep point optimizer.m=3 trainer.batch_size=32)"),
-        # a large sweep (over PREFLIGHT_ALL_POINTS): each value of each swept key checked once
         (["-m", "seed=0,1,2,3,4,5,6,7,8", "optimizer.rho=0.05,-1"], "is negative: rho is a radius, use a value >= 0 (paper grid: 0.01-0.5) (sweep point seed=0 optimizer.rho=-1)"),
+        # a pair that fails together in a sweep of more than 16 points: each pair is checked, not each value alone
+        (["-m", "seed=0,1,2,3,4", "optimizer.m=null,32", "trainer.batch_size=64,48"],
+         "optimizer.m=32 must be >= 1 and divide trainer.batch_size=48 (the per-device batch is split into chunks of m examples); "
+         "pick a divisor or optimizer.m=null (sweep point seed=0 optimizer.m=32 trainer.batch_size=48)"),
+        # a key added with + is checked against the schema too (it trained with the default rho)
+        (["+optimizer.rhoo=0.1"], "optimizer.rhoo is not a key of the config (a + override adds keys unchecked); did you mean optimizer.rho?"),
+        # several values without -m: one line that says to add -m (Hydra's message is five lines, exit 1)
+        (["optimizer.rho=0.1,0.2"], "optimizer.rho=0.1,0.2 gives several values: add -m to train each (sam-bench train -m ...)"),
+        (["seed=range(3)"], "seed=range(3) gives several values: add -m"),
+        # a group without '=' (the next word was meant as its key): said so, not a quoting hint
+        (["optimizer", "rho=0.1"], "'optimizer' lacks '=': choose an option of the optimizer group with optimizer=<option> "
+         "(one of: asam, sam, sgd), or set one of its keys with optimizer.rho=0.1 (no space)"),
         # Hydra refuses --cfg with -m by a traceback
         (["-m", "optimizer=sgd,sam", "--cfg", "job"], "--cfg cannot be combined with -m/--multirun (Hydra does one or the other); drop -m"),
         # a preset's own grid (hydra.sweeper.params: Fig. 6's p x rho) is checked too
@@ -234,3 +245,34 @@ def test_a_refused_resume_names_the_keys_and_leaves_the_run_described_as_it_was(
     assert "name=first" in command and not any(o.startswith("optimizer.rho") for o in command)
     hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
     assert "name=first" in hydra_cfg["overrides"]["task"] and "name=second" not in hydra_cfg["overrides"]["task"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optimizer.rho=-1"], "optimizer.rho=-1.0 is negative"),
+    (["optimizer.rho=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
+    (["optimizer=sma"], "Could not find 'optimizer/sma'; choose one of: asam, sam, sgd"),
+    (["+trainer.epochz=3"], "trainer.epochz is not a key of the config"),
+])
+@pytest.mark.parametrize("flag", [["--cfg", "job"], ["--info", "defaults"]])
+def test_cfg_and_info_validate_the_overrides_they_print(cli_env, args, message, flag):
+    """--cfg job printed a config that would fail (exit 0), or Hydra's multi-line report (exit 1)."""
+    proc = run(["train", *args, *flag], cli_env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_an_empty_run_directory_is_refused(cli_env, tmp_path):
+    """hydra.run.dir= (empty) wrote checkpoint.pt and result.json into the current directory."""
+    proc = run(["train", *TINY, "hydra.run.dir="], cli_env, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "sam-bench: error: hydra.run.dir is empty: the run would write its checkpoints into the current directory; give a "
+        "directory, e.g. hydra.run.dir=runs/mine (hydra.run.dir=. for the current one)"], proc.stderr
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "hessian"])
+def test_multirun_is_refused_for_report_and_hessian(cli_env, tmp_path, command):
+    """report -m made multirun/<date>/<time>/ inside the default run root, which the report then read."""
+    proc = run([command, "-m"], cli_env, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"sam-bench: error: -m/--multirun sweeps training runs; sam-bench {command} runs once: drop -m")
+    assert list(tmp_path.iterdir()) == []
