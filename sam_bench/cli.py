@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -193,10 +194,11 @@ def _no_equals(arg: str, following: list[str], command: str) -> str:
 
 
 def _preflight(config_name: str) -> None:
-    """Compose (and for ``train`` validate) every point of the command line's sweep before Hydra runs
-    any, so that a bad override or value fails at once with one line naming it (exit 2), not with
-    Hydra's multi-line report (exit 1) or after the sweep's first jobs have trained. ``--cfg``/``--info``
-    are checked alike, then Hydra prints; other flags (--help, ...) and what this cannot judge are left to Hydra."""
+    """Compose (and for ``train`` validate, and build each distinct model on the meta device) every
+    point of the command line's sweep before Hydra runs any, so that a bad override, value or model
+    fails at once with one line naming it (exit 2), not with Hydra's multi-line report (exit 1) or
+    after the sweep's first jobs have trained. ``--cfg``/``--info`` are checked alike (the models
+    aside), then Hydra prints; other flags (--help, ...) and what this cannot judge are left to Hydra."""
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     multirun = len(args) < len(sys.argv) - 1
     exclusive = [a for a in args if a in ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc")]
@@ -244,6 +246,7 @@ def _preflight(config_name: str) -> None:
         except Exception:  # a sweep form this cannot expand: Hydra will judge it
             return
         swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
+        models: dict[str, tuple] = {}  # each distinct model of the sweep, built once below
         for point in points:
             where = f" (sweep point {' '.join(point[i] for i in swept)})" if len(points) > 1 else ""
             try:
@@ -262,6 +265,76 @@ def _preflight(config_name: str) -> None:
                     check_known_keys(cfg, ReportConfig if config_name == "report" else HessianConfig, config_name)
             except SamBenchError as e:
                 _fail(f"{e}{where}")
+            if config_name == "train" and not printing:
+                spec, use = _model_use(cfg)
+                if spec is not None:
+                    models.setdefault(spec, ({}, where))[0].setdefault(use, where)
+    for spec, (uses, where) in models.items():
+        problem = _model_problem(json.loads(spec), uses)
+        if problem:
+            _fail(problem[0] + (problem[1] if len(points) > 1 else ""))
+
+
+def _model_use(cfg) -> tuple[str | None, str | None]:
+    """(the model a point builds, how its training step uses it) as JSON keys, so that a sweep builds
+    each distinct model once; (None, None) when the config does not say (left to the run)."""
+    from omegaconf import OmegaConf
+
+    try:
+        opt, tr = cfg.optimizer, cfg.trainer
+        kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+        kwargs.pop("pretrained", None)  # checked without loading weights (a download takes minutes)
+        spec = {"arch": str(cfg.model.arch), "num_classes": int(cfg.dataset.num_classes),
+                "in_chans": int(cfg.dataset.in_chans), "kwargs": kwargs}
+        rank_batch = tr.batch_size // max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        use = None  # as the trainer decides: m-sharpness only for m below the per-rank batch
+        if opt.m not in (None, rank_batch):
+            use = {"chunks": rank_batch // opt.m, "engine": str(getattr(opt.m_engine, "value", opt.m_engine)),
+                   "two_pass": opt.name != "sgd" and opt.rho > 0, "second_order": bool(opt.second_order),
+                   "compiled": bool(tr.compile)}
+    except Exception:  # noqa: BLE001 - an unresolvable value: the run reports it
+        return None, None
+    return json.dumps(spec, sort_keys=True, default=str), json.dumps(use, sort_keys=True)
+
+
+def _model_problem(spec: dict, uses: dict) -> tuple[str, str] | None:
+    """(why, at which sweep point) the model ``spec`` cannot be built, or cannot be trained as
+    ``uses`` (m-sharpness engine, ghost BatchNorm) asks; None when it can. Built on the meta device:
+    no memory, no weights (QA: 1-2 s for the largest)."""
+    import torch
+
+    from sam_bench.errors import SamBenchError
+    from sam_bench.models import build_model
+
+    where = next(iter(uses.values()))
+    try:
+        with torch.device("meta"):
+            model = build_model(spec["arch"], spec["num_classes"], spec["in_chans"], **spec["kwargs"])
+    except SamBenchError as e:
+        return str(e), where
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        if "meta" in str(e).lower():  # the model computes something while it is built: the run itself will tell
+            return None
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"model.arch={spec['arch']!r} with model.kwargs {spec['kwargs']} cannot be built: {detail}", where
+    for use, where in uses.items():
+        use = json.loads(use)
+        if use is None:
+            continue
+        if use["two_pass"]:
+            from sam_bench.optim.msam import why_vmap
+
+            try:
+                why_vmap(model, use["engine"], use["chunks"], compiled=use["compiled"], device="cpu", second_order=use["second_order"])
+            except ValueError as e:
+                return str(e), where
+        else:
+            from sam_bench.optim.chunked import ghost_batch_norm_unsupported
+
+            why = ghost_batch_norm_unsupported(model)
+            if why:
+                return why, where
+    return None
 
 
 def _skip_diverged_sweep_point(error: Exception, diverged: list[str]) -> None:

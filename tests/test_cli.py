@@ -188,6 +188,9 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
          "pick a divisor or optimizer.m=null (sweep point seed=0 optimizer.m=32 trainer.batch_size=48)"),
         # a key added with + is checked against the schema too (it trained with the default rho)
         (["+optimizer.rhoo=0.1"], "optimizer.rhoo is not a key of the config (a + override adds keys unchecked); did you mean optimizer.rho?"),
+        # the model is built (on the meta device) for every distinct model of the sweep before any point trains
+        (["-m", "model.kwargs.depth=10,11"], "WideResNet depth must be 6n+4 (10, 16, 22, 28, 40, ...), got 11 (sweep point model.kwargs.depth=11)"),
+        (["model.arch=nonexistent_net"], "model.arch='nonexistent_net' is not a registered model"),
         # several values without -m: one line that says to add -m (Hydra's message is five lines, exit 1)
         (["optimizer.rho=0.1,0.2"], "optimizer.rho=0.1,0.2 gives several values: add -m to train each (sam-bench train -m ...)"),
         (["seed=range(3)"], "seed=range(3) gives several values: add -m"),
@@ -276,3 +279,15 @@ def test_multirun_is_refused_for_report_and_hessian(cli_env, tmp_path, command):
     proc = run([command, "-m"], cli_env, check=False, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith(f"sam-bench: error: -m/--multirun sweeps training runs; sam-bench {command} runs once: drop -m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_engine_the_model_cannot_take_fails_before_anything_runs(cli_env, tmp_path):
+    """optimizer.m_engine=split with a layer it cannot split (EfficientNet's BatchNormAct2d) failed in
+    the trainer, after the data (and here the pretrained weights) were loaded: the preflight builds the
+    model on the meta device, without weights, and asks the engine."""
+    proc = run(["train", "dataset=synthetic", "model=efficientnet_b7", "optimizer.m=16", "optimizer.m_engine=split",
+                "trainer.batch_size=32", f"hydra.run.dir={tmp_path / 'bad'}"], cli_env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == ["sam-bench: error: optimizer.m_engine=split cannot run this model: bn1 "
+                                              "(BatchNormAct2d) is not Conv2d, Linear or BatchNorm1d/2d; use optimizer.m_engine=auto or vmap"], proc.stderr
+    assert not (tmp_path / "bad").exists()
