@@ -247,6 +247,7 @@ def _preflight(config_name: str) -> None:
             return
         swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
         models: dict[str, tuple] = {}  # each distinct model of the sweep, built once below
+        warned: set = set()
         for point in points:
             where = f" (sweep point {' '.join(point[i] for i in swept)})" if len(points) > 1 else ""
             try:
@@ -265,6 +266,8 @@ def _preflight(config_name: str) -> None:
                     check_known_keys(cfg, ReportConfig if config_name == "report" else HessianConfig, config_name)
             except SamBenchError as e:
                 _fail(f"{e}{where}")
+            if config_name == "train":
+                _warn_preset_rho(cfg, point, warned)
             if config_name == "train" and not printing:
                 spec, use = _model_use(cfg)
                 if spec is not None:
@@ -273,6 +276,30 @@ def _preflight(config_name: str) -> None:
         problem = _model_problem(json.loads(spec), uses)
         if problem:
             _fail(problem[0] + (problem[1] if len(points) > 1 else ""))
+
+
+def _warn_preset_rho(cfg, point: list[str], warned: set) -> None:
+    """A warning when an experiment preset's ``optimizer.rho`` replaces the one of the optimizer group the
+    command line chose (``experiment=paper/table1_... optimizer=asam`` trains ASAM with the preset's
+    SAM ρ = 0.05, not asam.yaml's 0.5): the preset, merged after the group, wins. Once per
+    (preset, group); none when the command line sets ``optimizer.rho`` itself, or for SGD (ρ = 0)."""
+    from hydra import compose
+
+    experiment = cfg.hydra.runtime.choices.get("experiment")
+    keys = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] if "=" in o else "" for o in point}
+    group = keys.get("optimizer")
+    if experiment is None or group is None or "optimizer.rho" in keys or cfg.optimizer.name == "sgd" or (experiment, group) in warned:
+        return
+    warned.add((experiment, group))
+    without = [o for o in point if o.split("=", 1)[0].lstrip("+~") != "optimizer"]
+    try:
+        preset_group = compose("train", overrides=without, return_hydra_config=True).hydra.runtime.choices.get("optimizer")
+        own = compose("train", overrides=[f"optimizer={group}"]).optimizer.rho
+    except Exception:  # noqa: BLE001 - only a warning
+        return
+    if preset_group != group and own != cfg.optimizer.rho:
+        print(f"sam-bench: warning: experiment={experiment} sets optimizer.rho={cfg.optimizer.rho}, which replaces "
+              f"optimizer={group}'s own rho={own}; add optimizer.rho={own} to train with {group}'s", file=sys.stderr)
 
 
 def _model_use(cfg) -> tuple[str | None, str | None]:

@@ -291,3 +291,16 @@ def test_an_engine_the_model_cannot_take_fails_before_anything_runs(cli_env, tmp
     assert proc.returncode == 2 and lines == ["sam-bench: error: optimizer.m_engine=split cannot run this model: bn1 "
                                               "(BatchNormAct2d) is not Conv2d, Linear or BatchNorm1d/2d; use optimizer.m_engine=auto or vmap"], proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_presets_rho_over_the_chosen_optimizers_is_warned_about(cli_env):
+    """experiment=<paper preset> optimizer=asam trains with the preset's rho (merged after the group):
+    one warning line; the config is as it was. No warning for sam (the preset's own group), sgd (rho unused)
+    or an explicit optimizer.rho."""
+    preset = "experiment=paper/table1_wrn28_10_200ep_basic_cifar10"
+    proc = run(["train", preset, "optimizer=asam", "--cfg", "job"], cli_env)
+    assert proc.stderr.strip() == ("sam-bench: warning: experiment=paper/table1_wrn28_10_200ep_basic_cifar10 sets optimizer.rho=0.05, "
+                                   "which replaces optimizer=asam's own rho=0.5; add optimizer.rho=0.5 to train with asam's")
+    assert "  rho: 0.05\n" in proc.stdout and "  adaptive: true\n" in proc.stdout
+    for other in (["optimizer=sam"], ["optimizer=sgd"], ["optimizer=asam", "optimizer.rho=0.5"]):
+        assert "warning" not in run(["train", preset, *other, "--cfg", "job"], cli_env).stderr, other
