@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -304,3 +305,15 @@ def test_a_presets_rho_over_the_chosen_optimizers_is_warned_about(cli_env):
     assert "  rho: 0.05\n" in proc.stdout and "  adaptive: true\n" in proc.stdout
     for other in (["optimizer=sam"], ["optimizer=sgd"], ["optimizer=asam", "optimizer.rho=0.5"]):
         assert "warning" not in run(["train", preset, *other, "--cfg", "job"], cli_env).stderr, other
+
+
+def test_a_relative_data_root_is_taken_from_where_the_command_ran_under_job_chdir(cli_env, tmp_path):
+    """With hydra.job.chdir=true the job runs in its run directory: a relative data_root (the default
+    `data`) was read, downloaded and extracted there, once per run."""
+    env = {**cli_env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("SAM_BENCH_DATA")  # the default data_root, `data`
+    proc = run(["train", "dataset=cifar10", "dataset.download=false", "hydra.job.chdir=true", "hydra.run.dir=run"],
+               env, check=False, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert str(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1") in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "run" / "data").exists()
