@@ -439,13 +439,14 @@ def report() -> None:
     sys.argv = [sys.argv[0], *_quote_paths(sys.argv[1:], ("out",), list_keys=("runs",))]
     _register()
     _preflight("report")
+    default_roots = not any(a.split("=", 1)[0].lstrip("+~") == "runs" for a in sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="report")
     def _report(cfg) -> None:
         from sam_bench.report import write_report
 
         try:
-            table = write_report([str(r) for r in cfg.runs], cfg.out, tensorboard=cfg.tensorboard)
+            table = write_report([str(r) for r in cfg.runs], cfg.out, tensorboard=cfg.tensorboard, default_roots=default_roots)
         except SamBenchError as e:
             _fail(str(e))
         if cfg.print_table:

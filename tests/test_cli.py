@@ -317,3 +317,15 @@ def test_a_relative_data_root_is_taken_from_where_the_command_ran_under_job_chdi
     assert proc.returncode == 2
     assert str(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1") in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_report_with_the_default_roots_says_nothing_of_a_missing_one(cli_env, tmp_path):
+    """The quick start sweeps (multirun/) and reports with the default runs=[runs,multirun]: a missing
+    runs/ is no typo and was warned about in summary.md; a root the user names still is."""
+    run(["train", "-m", *TINY, "trainer.epochs=1", "seed=0"], cli_env)  # into tmp_path/multirun
+    proc = run(["report", "out=results/quickstart"], cli_env, cwd=tmp_path)
+    assert "does not exist" not in proc.stderr and "Warning" not in (tmp_path / "results" / "quickstart" / "summary.md").read_text()
+    assert "| synthetic |" in proc.stdout
+    named = run(["report", "runs=[runs,multirun]", "out=results/named"], cli_env, cwd=tmp_path)
+    assert "run root runs does not exist: skipped (check runs=[...])" in (tmp_path / "results" / "named" / "summary.md").read_text()
+    assert "run root runs does not exist" in named.stderr

@@ -129,3 +129,12 @@ def test_optimizer_diagnostics_do_not_split_a_group(tmp_path):
         (d / "result.json").write_text(json.dumps(r))
     (group,) = group_runs(find_runs([str(tmp_path)])[0])
     assert group.seeds == [0, 1]
+
+
+def test_the_default_roots_pass_over_a_missing_one(tmp_path):
+    """With the default runs=[runs,multirun] a missing root is no typo (the quick start only sweeps)."""
+    fake_run(tmp_path / "multirun", "good", "sgd", 0.0, 0, 3.0)
+    roots = [str(tmp_path / "runs"), str(tmp_path / "multirun")]
+    assert "Warning" not in write_report(roots, str(tmp_path / "out"), default_roots=True)
+    assert f"Warning: run root {tmp_path / 'runs'} does not exist" in write_report(roots, str(tmp_path / "out"))
+

@@ -23,10 +23,14 @@ from sam_bench.tracking.results import atomic_write_bytes
 __all__ = ["write_report"]
 
 
-def write_report(roots: list[str], out: str, tensorboard: bool = False) -> str:
-    """Write the report under ``out``; return the summary's Markdown text."""
+def write_report(roots: list[str], out: str, tensorboard: bool = False, default_roots: bool = False) -> str:
+    """Write the report under ``out``; return the summary's Markdown text. ``default_roots``: ``roots``
+    are the defaults (``runs`` and ``multirun``), not the user's: one of them missing is no typo (a
+    quick start that only swept has no ``runs/``) and is passed over without a warning."""
     if not any(Path(r).is_dir() for r in roots):
         raise ConfigError(f"none of the run roots {roots} is a directory; pass runs=[DIR,...] with the directories your runs went to")
+    if default_roots:
+        roots = [r for r in roots if Path(r).exists()]
     skipped_roots = root_problems(roots)
     results, incomplete = find_runs(roots)
     groups = group_runs(results)
