@@ -26,7 +26,8 @@ commands:
   hessian  top eigenvalues of the training-loss Hessian of a checkpoint (Fig. 3 left); e.g.
              sam-bench hessian checkpoint=runs/<run>/checkpoint_epoch0050.pt
 
-`sam-bench <command> --help` lists the config groups and every key of the command.
+`sam-bench <command> --help` lists the config groups and every key of the command;
+`sam-bench --version` prints the versions of sam-bench, torch and hydra-core.
 """
 
 
@@ -550,12 +551,31 @@ COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report, "mo
 _register()
 
 
+def _version() -> str:
+    """``sam-bench X (torch Y, hydra-core Z)``: read from the installed packages' metadata (importing
+    torch takes seconds)."""
+    from importlib import metadata
+
+    from sam_bench import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"sam-bench {__version__} (torch {installed('torch')}, hydra-core {installed('hydra-core')})"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
     command = args[0]
+    if command in ("--version", "-V"):
+        print(_version())
+        return
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see sam-bench --help)")
     sys.argv = [f"sam-bench {command}", *args[1:]]

@@ -329,3 +329,12 @@ def test_report_with_the_default_roots_says_nothing_of_a_missing_one(cli_env, tm
     named = run(["report", "runs=[runs,multirun]", "out=results/named"], cli_env, cwd=tmp_path)
     assert "run root runs does not exist: skipped (check runs=[...])" in (tmp_path / "results" / "named" / "summary.md").read_text()
     assert "run root runs does not exist" in named.stderr
+
+
+def test_version(cli_env):
+    from importlib import metadata
+
+    import sam_bench
+
+    proc = run(["--version"], cli_env)
+    assert proc.stdout.strip() == f"sam-bench {sam_bench.__version__} (torch {metadata.version('torch')}, hydra-core {metadata.version('hydra-core')})"
