@@ -338,3 +338,15 @@ def test_version(cli_env):
 
     proc = run(["--version"], cli_env)
     assert proc.stdout.strip() == f"sam-bench {sam_bench.__version__} (torch {metadata.version('torch')}, hydra-core {metadata.version('hydra-core')})"
+
+
+def test_report_into_a_read_only_directory_is_one_line(cli_env, tmp_path):
+    """An existing out= directory on a read-only file system ended in an OSError traceback (the check
+    was only mkdir's). As root a chmod does not stop writes: /proc/self takes no new file from anyone."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "runs").mkdir()
+    proc = run(["report", f"runs=[{tmp_path / 'runs'}]", "out=/proc/self"], cli_env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sam-bench: error: cannot write the report into out=/proc/self ("), proc.stderr

@@ -9,6 +9,7 @@ the TensorBoard event files).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from sam_bench.errors import ConfigError
@@ -37,11 +38,15 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
     out_dir = Path(out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # an existing directory may still be read-only
     except OSError as e:
-        raise ConfigError(f"cannot create the report directory out={out} ({e}); pass a writable out=DIR") from e
+        raise ConfigError(f"cannot write the report into out={out} ({e}); pass a writable out=DIR") from e
 
     def write(name: str, data: str | bytes) -> None:
-        atomic_write_bytes(out_dir / name, data if isinstance(data, bytes) else data.encode())
+        try:
+            atomic_write_bytes(out_dir / name, data if isinstance(data, bytes) else data.encode())
+        except OSError as e:  # e.g. the disk filled up
+            raise ConfigError(f"cannot write the report file {out_dir / name} ({e}); pass a writable out=DIR") from e
 
     text = "# sam-bench summary\n\nFinal-epoch test error over seeds; runs grouped when they differ only by seed.\n\n"
     text += "".join(f"Warning: {p}.\n" for p in skipped_roots) + ("\n" if skipped_roots else "")
