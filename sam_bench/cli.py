@@ -181,15 +181,17 @@ def _split_print_flags(args: list[str]) -> tuple[list[str] | None, bool]:
 def _no_equals(arg: str, following: list[str], command: str) -> str:
     """The one-line error for an argument without '=' (``sam-bench train optimizer rho=0.1``)."""
     from sam_bench.paths import config_dir
+    from sam_bench.schema import SCHEMA_GROUPS
 
     group = Path(config_dir()) / arg
     if command == "train" and arg and group.is_dir():
         options = sorted(str(f.relative_to(group).with_suffix("")) for f in group.glob("*.yaml"))
         options += sorted(f"{d.name}/<name>" for d in group.iterdir() if d.is_dir())
-        key = next((a.split("=", 1)[0] for a in following if "=" in a and "." not in a.split("=", 1)[0]), None)
-        example = f"{arg}.{key}={following[[a.split('=', 1)[0] for a in following].index(key)].split('=', 1)[1]}" if key else f"{arg}.<key>=<value>"
-        return (f"'{arg}' lacks '=': choose an option of the {arg} group with {arg}=<option> (one of: {', '.join(options)}), "
-                f"or set one of its keys with {example} (no space)")
+        choose = f"'{arg}' lacks '=': choose an option of the {arg} group with {arg}=<option> (one of: {', '.join(options)})"
+        if arg not in SCHEMA_GROUPS:  # experiment: a preset, no keys of its own
+            return choose
+        meant = next((a for a in following if "=" in a and "." not in a.split("=", 1)[0]), None)  # rho=0.1
+        return f"{choose}, or set one of its keys with {arg}.{meant or '<key>=<value>'} (no space)"
     return f"'{arg}' is not an override: write key=value (e.g. {'optimizer.rho=0.1' if command == 'train' else 'out=results'}); " \
            f"`sam-bench {command} --help` lists every key"
 

@@ -198,6 +198,8 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         # a group without '=' (the next word was meant as its key): said so, not a quoting hint
         (["optimizer", "rho=0.1"], "'optimizer' lacks '=': choose an option of the optimizer group with optimizer=<option> "
          "(one of: asam, sam, sgd), or set one of its keys with optimizer.rho=0.1 (no space)"),
+        (["experiment"], "'experiment' lacks '=': choose an option of the experiment group with experiment=<option> "
+         "(one of: fmnist_quickstart, paper/<name>)"),
         # Hydra refuses --cfg with -m by a traceback
         (["-m", "optimizer=sgd,sam", "--cfg", "job"], "--cfg cannot be combined with -m/--multirun (Hydra does one or the other); drop -m"),
         # a preset's own grid (hydra.sweeper.params: Fig. 6's p x rho) is checked too
