@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,7 +26,8 @@ commands:
   hessian  top eigenvalues of the training-loss Hessian of a checkpoint (Fig. 3 left); e.g.
              sam-bench hessian checkpoint=runs/<run>/checkpoint_epoch0050.pt
 
-`sam-bench <command> --help` lists the config groups and every key of the command.
+`sam-bench <command> --help` lists the config groups and every key of the command;
+`sam-bench --version` prints the versions of sam-bench, torch and hydra-core.
 """
 
 
@@ -62,11 +63,6 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-#: A sweep with at most this many points is checked point by point; a larger one by its first
-#: point and every value of every swept key in turn (each compose takes ~0.1 s).
-PREFLIGHT_ALL_POINTS = 16
-
-
 def _values(override) -> list[str]:
     """The overrides one command-line override stands for: itself, or one per value of a sweep."""
     if not override.is_sweep_override():
@@ -75,13 +71,12 @@ def _values(override) -> list[str]:
 
 
 def _sweep_points(overrides: list) -> list[list[str]]:
-    """The points of the command line's sweep to check before anything runs: all of them, or for a
-    large sweep the first point and each swept value once (every value checked, not every pair)."""
-    values = [_values(o) for o in overrides]
-    if math.prod(len(v) for v in values) <= PREFLIGHT_ALL_POINTS:
-        return [list(p) for p in itertools.product(*values)]
-    first = [v[0] for v in values]
-    return [first] + [first[:i] + [other] + first[i + 1:] for i, vs in enumerate(values) for other in vs[1:]]
+    """Every point of the command line's sweep (its overrides, one value each), each once.
+
+    All of them are composed and validated before any runs: checking each value of each key alone
+    missed pairs that fail together (``optimizer.m=32`` with ``trainer.batch_size=48``)."""
+    points = (list(p) for p in itertools.product(*[_values(o) for o in overrides]))
+    return list({tuple(p): p for p in points}.values())
 
 
 def _dotted_keys(node, prefix: str = "") -> list[str]:
@@ -89,21 +84,6 @@ def _dotted_keys(node, prefix: str = "") -> list[str]:
     if not isinstance(node, dict) or not node:
         return [prefix[:-1]] if prefix else []
     return [k for name, child in node.items() for k in _dotted_keys(child, f"{prefix}{name}.")]
-
-
-def _similar_keys(keys: list[str], unknown: str) -> list[str]:
-    """The keys ``unknown`` was likely meant to be: those with the same last part anywhere
-    (``model.depth`` -> ``model.kwargs.depth``), else its siblings spelt alike (``optimizer.rhoo`` ->
-    ``optimizer.rho``)."""
-    import difflib
-
-    parent, _, leaf = unknown.rpartition(".")
-    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf]
-    if same_leaf:
-        return same_leaf
-    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
-    close = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.75)
-    return [f"{parent}.{k}" if parent else k for k in close]
 
 
 def _suggest_keys(compose_without: Callable[[str], object], text: str) -> str:
@@ -121,7 +101,9 @@ def _suggest_keys(compose_without: Callable[[str], object], text: str) -> str:
         cfg = OmegaConf.to_container(compose_without(unknown), resolve=False)
     except Exception:  # noqa: BLE001 - a hint must never hide the real error
         return ""
-    similar = _similar_keys(_dotted_keys(cfg), unknown)
+    from sam_bench.schema import similar_keys
+
+    similar = similar_keys(_dotted_keys(cfg), unknown)
     return f" did you mean {' or '.join(similar)}?" if similar else ""
 
 
@@ -169,11 +151,57 @@ def _preset_sweeps(config_name: str, parsed: list) -> list[str]:
     return [f"{key}={value}" for key, value in params.items() if key not in given]
 
 
+#: Hydra's flags that print (the composed config, or how it was composed) instead of running: the
+#: overrides beside them are checked as for a run, then Hydra prints. Each with what it takes after
+#: it: a value, or one of some choices when given (``--info``'s is optional).
+PRINT_FLAGS = {"--cfg": "value", "-c": "value", "--package": "value", "-p": "value", "--resolve": "none",
+               "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
+PRINT_FLAGS["-i"] = PRINT_FLAGS["--info"]
+
+
+def _split_print_flags(args: list[str]) -> tuple[list[str] | None, bool]:
+    """(the overrides, whether a printing flag is given) of ``args``; None for the overrides when
+    another flag (--help, --run, ...) is there: that is left to Hydra."""
+    overrides, printing, i = [], False, 0
+    while i < len(args):
+        flag, eq, _ = args[i].partition("=")
+        takes = PRINT_FLAGS.get(flag)
+        if takes is not None:
+            printing = True
+            given = i + 1 < len(args) and (takes == "value" or (takes != "none" and args[i + 1] in takes))
+            i += 1 if eq or not given else 2
+        elif args[i].startswith("-"):
+            return None, printing
+        else:
+            overrides.append(args[i])
+            i += 1
+    return overrides, printing
+
+
+def _no_equals(arg: str, following: list[str], command: str) -> str:
+    """The one-line error for an argument without '=' (``sam-bench train optimizer rho=0.1``)."""
+    from sam_bench.paths import config_dir
+    from sam_bench.schema import SCHEMA_GROUPS
+
+    group = Path(config_dir()) / arg
+    if command == "train" and arg and group.is_dir():
+        options = sorted(str(f.relative_to(group).with_suffix("")) for f in group.glob("*.yaml"))
+        options += sorted(f"{d.name}/<name>" for d in group.iterdir() if d.is_dir())
+        choose = f"'{arg}' lacks '=': choose an option of the {arg} group with {arg}=<option> (one of: {', '.join(options)})"
+        if arg not in SCHEMA_GROUPS:  # experiment: a preset, no keys of its own
+            return choose
+        meant = next((a for a in following if "=" in a and "." not in a.split("=", 1)[0]), None)  # rho=0.1
+        return f"{choose}, or set one of its keys with {arg}.{meant or '<key>=<value>'} (no space)"
+    return f"'{arg}' is not an override: write key=value (e.g. {'optimizer.rho=0.1' if command == 'train' else 'out=results'}); " \
+           f"`sam-bench {command} --help` lists every key"
+
+
 def _preflight(config_name: str) -> None:
-    """Compose (and for ``train`` validate) the points of the command line's sweep before Hydra runs
-    any, so that a bad override or value fails at once with one line naming it (exit 2), not with
-    Hydra's multi-line report (exit 1) or after the sweep's first jobs have trained.
-    Flags (--help, --cfg, --info, ...) and anything this cannot judge are left to Hydra."""
+    """Compose (and for ``train`` validate, and build each distinct model on the meta device) every
+    point of the command line's sweep before Hydra runs any, so that a bad override, value or model
+    fails at once with one line naming it (exit 2), not with Hydra's multi-line report (exit 1) or
+    after the sweep's first jobs have trained. ``--cfg``/``--info`` are checked alike (the models
+    aside), then Hydra prints; other flags (--help, ...) and what this cannot judge are left to Hydra."""
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     multirun = len(args) < len(sys.argv) - 1
     exclusive = [a for a in args if a in ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc")]
@@ -181,8 +209,15 @@ def _preflight(config_name: str) -> None:
         _fail(f"{exclusive[0]} cannot be combined with -m/--multirun (Hydra does one or the other); drop -m to see "
               f"one point, e.g. sam-bench {config_name} {exclusive[0]} job <that point's overrides>"
               if exclusive[0] in ("--cfg", "-c") else f"{exclusive[0]} cannot be combined with -m/--multirun; drop -m")
-    if any(a.startswith("-") for a in args):
+    if multirun and config_name != "train":  # Hydra would make multirun/<date>/ dirs, which the report then reads
+        _fail(f"-m/--multirun sweeps training runs; sam-bench {config_name} runs once: drop -m"
+              + (" (one report reads every run under runs=[DIR,...])" if config_name == "report" else ""))
+    overrides, printing = _split_print_flags(args)
+    if overrides is None:
         return
+    bare = next((i for i, a in enumerate(overrides) if "=" not in a and not a.startswith("~")), None)
+    if bare is not None:
+        _fail(_no_equals(overrides[bare], overrides[bare + 1:], config_name))
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
@@ -190,21 +225,32 @@ def _preflight(config_name: str) -> None:
 
     from sam_bench.errors import SamBenchError
     from sam_bench.paths import config_dir
-    from sam_bench.schema import validate
+    from sam_bench.schema import HessianConfig, ReportConfig, check_known_keys, validate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         try:
-            parsed = OverridesParser.create().parse_overrides(args)
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except OverrideParseException as e:
+            _fail(f"cannot parse the overrides {' '.join(overrides)!r}: {str(e).splitlines()[0]}; a value with '=' or ',' in it "
+                  "(a run directory's name) needs quotes: key='value' (grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
+        sweep = next((o for o in parsed if o.is_sweep_override()), None)
+        if sweep is not None and not multirun:  # Hydra's own message is five lines, exit 1
+            _fail(f"{sweep.input_line} gives several values: "
+                  + ("add -m to train each (sam-bench train -m ...)" if config_name == "train" else f"sam-bench {config_name} takes one")
+                  + "; a list is written key=[a,b], a string with a comma quoted: key='a,b'")
+        for o in parsed:
+            if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and not o.is_sweep_override() and not str(o.value()).strip():
+                _fail(f"{o.key_or_group} is empty: the run would write its checkpoints into the current directory; "
+                      f"give a directory, e.g. {o.key_or_group}=runs/mine ({o.key_or_group}=. for the current one)")
+        try:
             if multirun:  # a preset's own grid (hydra.sweeper.params, e.g. Fig. 6's p x rho) is swept too
                 parsed += OverridesParser.create().parse_overrides(_preset_sweeps(config_name, parsed))
             points = _sweep_points(parsed)
-        except OverrideParseException as e:
-            _fail(f"cannot parse the overrides {' '.join(args)!r}: {str(e).splitlines()[0]}; a value with '=' or ',' "
-                  "in it (a run directory's name) needs quotes: key='value' "
-                  "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)")
         except Exception:  # a sweep form this cannot expand: Hydra will judge it
             return
         swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
+        models: dict[str, tuple] = {}  # each distinct model of the sweep, built once below
+        warned: set = set()
         for point in points:
             where = f" (sweep point {' '.join(point[i] for i in swept)})" if len(points) > 1 else ""
             try:
@@ -216,11 +262,109 @@ def _preflight(config_name: str) -> None:
 
                 suggest = lambda text: _suggest_keys(compose_without, text)  # noqa: E731
                 _fail(_describe_composition_error(e, config_name, suggest) + where)
-            if config_name == "train":
-                try:
+            try:
+                if config_name == "train":
                     validate(cfg)
-                except SamBenchError as e:
-                    _fail(f"{e}{where}")
+                else:
+                    check_known_keys(cfg, ReportConfig if config_name == "report" else HessianConfig, config_name)
+            except SamBenchError as e:
+                _fail(f"{e}{where}")
+            if config_name == "train":
+                _warn_preset_rho(cfg, point, warned)
+            if config_name == "train" and not printing:
+                spec, use = _model_use(cfg)
+                if spec is not None:
+                    models.setdefault(spec, ({}, where))[0].setdefault(use, where)
+    for spec, (uses, where) in models.items():
+        problem = _model_problem(json.loads(spec), uses)
+        if problem:
+            _fail(problem[0] + (problem[1] if len(points) > 1 else ""))
+
+
+def _warn_preset_rho(cfg, point: list[str], warned: set) -> None:
+    """A warning when an experiment preset's ``optimizer.rho`` replaces the one of the optimizer group the
+    command line chose (``experiment=paper/table1_... optimizer=asam`` trains ASAM with the preset's
+    SAM ρ = 0.05, not asam.yaml's 0.5): the preset, merged after the group, wins. Once per
+    (preset, group); none when the command line sets ``optimizer.rho`` itself, or for SGD (ρ = 0)."""
+    from hydra import compose
+
+    experiment = cfg.hydra.runtime.choices.get("experiment")
+    keys = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] if "=" in o else "" for o in point}
+    group = keys.get("optimizer")
+    if experiment is None or group is None or "optimizer.rho" in keys or cfg.optimizer.name == "sgd" or (experiment, group) in warned:
+        return
+    warned.add((experiment, group))
+    without = [o for o in point if o.split("=", 1)[0].lstrip("+~") != "optimizer"]
+    try:
+        preset_group = compose("train", overrides=without, return_hydra_config=True).hydra.runtime.choices.get("optimizer")
+        own = compose("train", overrides=[f"optimizer={group}"]).optimizer.rho
+    except Exception:  # noqa: BLE001 - only a warning
+        return
+    if preset_group != group and own != cfg.optimizer.rho:
+        print(f"sam-bench: warning: experiment={experiment} sets optimizer.rho={cfg.optimizer.rho}, which replaces "
+              f"optimizer={group}'s own rho={own}; add optimizer.rho={own} to train with {group}'s", file=sys.stderr)
+
+
+def _model_use(cfg) -> tuple[str | None, str | None]:
+    """(the model a point builds, how its training step uses it) as JSON keys, so that a sweep builds
+    each distinct model once; (None, None) when the config does not say (left to the run)."""
+    from omegaconf import OmegaConf
+
+    try:
+        opt, tr = cfg.optimizer, cfg.trainer
+        kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+        kwargs.pop("pretrained", None)  # checked without loading weights (a download takes minutes)
+        spec = {"arch": str(cfg.model.arch), "num_classes": int(cfg.dataset.num_classes),
+                "in_chans": int(cfg.dataset.in_chans), "kwargs": kwargs}
+        rank_batch = tr.batch_size // max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        use = None  # as the trainer decides: m-sharpness only for m below the per-rank batch
+        if opt.m not in (None, rank_batch):
+            use = {"chunks": rank_batch // opt.m, "engine": str(getattr(opt.m_engine, "value", opt.m_engine)),
+                   "two_pass": opt.name != "sgd" and opt.rho > 0, "second_order": bool(opt.second_order),
+                   "compiled": bool(tr.compile)}
+    except Exception:  # noqa: BLE001 - an unresolvable value: the run reports it
+        return None, None
+    return json.dumps(spec, sort_keys=True, default=str), json.dumps(use, sort_keys=True)
+
+
+def _model_problem(spec: dict, uses: dict) -> tuple[str, str] | None:
+    """(why, at which sweep point) the model ``spec`` cannot be built, or cannot be trained as
+    ``uses`` (m-sharpness engine, ghost BatchNorm) asks; None when it can. Built on the meta device:
+    no memory, no weights (QA: 1-2 s for the largest)."""
+    import torch
+
+    from sam_bench.errors import SamBenchError
+    from sam_bench.models import build_model
+
+    where = next(iter(uses.values()))
+    try:
+        with torch.device("meta"):
+            model = build_model(spec["arch"], spec["num_classes"], spec["in_chans"], **spec["kwargs"])
+    except SamBenchError as e:
+        return str(e), where
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        if "meta" in str(e).lower():  # the model computes something while it is built: the run itself will tell
+            return None
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"model.arch={spec['arch']!r} with model.kwargs {spec['kwargs']} cannot be built: {detail}", where
+    for use, where in uses.items():
+        use = json.loads(use)
+        if use is None:
+            continue
+        if use["two_pass"]:
+            from sam_bench.optim.msam import why_vmap
+
+            try:
+                why_vmap(model, use["engine"], use["chunks"], compiled=use["compiled"], device="cpu", second_order=use["second_order"])
+            except ValueError as e:
+                return str(e), where
+        else:
+            from sam_bench.optim.chunked import ghost_batch_norm_unsupported
+
+            why = ghost_batch_norm_unsupported(model)
+            if why:
+                return why, where
+    return None
 
 
 def _skip_diverged_sweep_point(error: Exception, diverged: list[str]) -> None:
@@ -298,13 +442,14 @@ def report() -> None:
     sys.argv = [sys.argv[0], *_quote_paths(sys.argv[1:], ("out",), list_keys=("runs",))]
     _register()
     _preflight("report")
+    default_roots = not any(a.split("=", 1)[0].lstrip("+~") == "runs" for a in sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="report")
     def _report(cfg) -> None:
         from sam_bench.report import write_report
 
         try:
-            table = write_report([str(r) for r in cfg.runs], cfg.out, tensorboard=cfg.tensorboard)
+            table = write_report([str(r) for r in cfg.runs], cfg.out, tensorboard=cfg.tensorboard, default_roots=default_roots)
         except SamBenchError as e:
             _fail(str(e))
         if cfg.print_table:
@@ -408,12 +553,31 @@ COMMANDS: dict[str, Callable[[], None]] = {"train": train, "report": report, "mo
 _register()
 
 
+def _version() -> str:
+    """``sam-bench X (torch Y, hydra-core Z)``: read from the installed packages' metadata (importing
+    torch takes seconds)."""
+    from importlib import metadata
+
+    from sam_bench import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"sam-bench {__version__} (torch {installed('torch')}, hydra-core {installed('hydra-core')})"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
     command = args[0]
+    if command in ("--version", "-V"):
+        print(_version())
+        return
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see sam-bench --help)")
     sys.argv = [f"sam-bench {command}", *args[1:]]

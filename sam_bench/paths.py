@@ -24,6 +24,15 @@ def config_dir() -> str:
 
 
 def data_dir(ds) -> str:
-    """``dataset.root`` with ``~`` expanded: the shell expands ``data_root=~/x`` but not ``dataset.root=~/x``
-    or ``SAM_BENCH_DATA='~/x'``, and torchvision expands it for some datasets and not for others."""
-    return os.path.expanduser(str(ds.root))
+    """``dataset.root`` with ``~`` expanded (the shell expands ``data_root=~/x`` but not ``dataset.root=~/x``
+    or ``SAM_BENCH_DATA='~/x'``, and torchvision expands it for some datasets and not for others), and
+    a relative path taken from the directory the command was started in: with ``hydra.job.chdir=true``
+    the job runs inside its run directory, where the default ``data`` would be a fresh one per run."""
+    root = os.path.expanduser(str(ds.root))
+    if os.path.isabs(root):
+        return root
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return os.path.join(HydraConfig.get().runtime.cwd, root)
+    return root

@@ -422,8 +422,76 @@ def validate_ranks(cfg: Any, world_size: int) -> None:
                           "gradient all-reduce): run it in one process, with optimizer.m for per-device perturbations")
 
 
+def _schema_fields(schema: type) -> dict[str, Any]:
+    """``{field: its type}`` of a schema dataclass, the annotations resolved."""
+    import typing
+
+    return typing.get_type_hints(schema)
+
+
+def schema_keys(schema: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every key of a schema, dotted, down to its leaves (a free-form dict such as ``model.kwargs`` is one key)."""
+    import dataclasses
+
+    keys = []
+    for name, kind in _schema_fields(schema).items():
+        if dataclasses.is_dataclass(kind):
+            keys += schema_keys(kind, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """The keys of ``node`` (a plain dict) that ``schema`` lacks, dotted; a field typed as a dict or
+    Any (``model.kwargs``: passed on to timm) holds any key."""
+    import dataclasses
+
+    fields = _schema_fields(schema)
+    unknown = []
+    for key, value in node.items():
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(fields[key]) and isinstance(value, dict):
+            unknown += _unknown_keys(value, fields[key], f"{prefix}{key}.")
+    return unknown
+
+
+def similar_keys(keys: list[str], unknown: str) -> list[str]:
+    """The keys ``unknown`` was likely meant to be: those with the same last part anywhere
+    (``model.depth`` -> ``model.kwargs.depth``), else its siblings spelt alike (``optimizer.rhoo`` ->
+    ``optimizer.rho``)."""
+    import difflib
+
+    parent, _, leaf = unknown.rpartition(".")
+    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf and k != unknown]
+    if same_leaf:
+        return same_leaf
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.75)
+    return [f"{parent}.{k}" if parent else k for k in close]
+
+
+def check_known_keys(cfg: Any, schema: type, command: str) -> None:
+    """Refuse a key the schema lacks. Hydra checks every ``key=value`` against the typed config, but
+    ``+key=value`` adds a key without a check: ``+optimizer.rhoo=0.1`` would train with the default ρ."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra: Hydra's own config
+    unknown = _unknown_keys(OmegaConf.to_container(job, resolve=False), schema)
+    if unknown:
+        key = unknown[0]
+        similar = similar_keys(schema_keys(schema), key)
+        raise ConfigError(f"{key} is not a key of the config (a + override adds keys unchecked)"
+                          + (f"; did you mean {' or '.join(similar)}?" if similar else ";")
+                          + f" `sam-bench {command} --help` lists every key")
+
+
 def validate(cfg: Any) -> None:
     """Checks that relate values or bound them; raises :class:`ConfigError` naming key and fix."""
+    check_known_keys(cfg, TrainConfig, "train")
     opt, tr, ds = cfg.optimizer, cfg.trainer, cfg.dataset
     if opt.name not in ("sgd", "sam"):
         raise ConfigError(f"optimizer.name={opt.name!r} is unknown: use optimizer=sgd or optimizer=sam")

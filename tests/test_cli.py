@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +28,8 @@ TINY = [
 ]
 
 
-def run(args, env, check=True, timeout=300):
-    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
+def run(args, env, check=True, timeout=300, cwd=None):
+    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -181,8 +182,24 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         # every point of a sweep is composed and validated, not only the first
         (["-m", "optimizer=sgd,nosuch"], "Could not find 'optimizer/nosuch'; choose one of: asam, sam, sgd (sweep point optimizer=nosuch)"),
         (["-m", "optimizer.m=4,3", "trainer.batch_size=36,32"], "must be >= 1 and divide trainer.batch_size=32 (the per-device batch is split into chunks of m examples); pick a divisor or optimizer.m=null (sweep point optimizer.m=3 trainer.batch_size=32)"),
-        # a large sweep (over PREFLIGHT_ALL_POINTS): each value of each swept key checked once
         (["-m", "seed=0,1,2,3,4,5,6,7,8", "optimizer.rho=0.05,-1"], "is negative: rho is a radius, use a value >= 0 (paper grid: 0.01-0.5) (sweep point seed=0 optimizer.rho=-1)"),
+        # a pair that fails together in a sweep of more than 16 points: each pair is checked, not each value alone
+        (["-m", "seed=0,1,2,3,4", "optimizer.m=null,32", "trainer.batch_size=64,48"],
+         "optimizer.m=32 must be >= 1 and divide trainer.batch_size=48 (the per-device batch is split into chunks of m examples); "
+         "pick a divisor or optimizer.m=null (sweep point seed=0 optimizer.m=32 trainer.batch_size=48)"),
+        # a key added with + is checked against the schema too (it trained with the default rho)
+        (["+optimizer.rhoo=0.1"], "optimizer.rhoo is not a key of the config (a + override adds keys unchecked); did you mean optimizer.rho?"),
+        # the model is built (on the meta device) for every distinct model of the sweep before any point trains
+        (["-m", "model.kwargs.depth=10,11"], "WideResNet depth must be 6n+4 (10, 16, 22, 28, 40, ...), got 11 (sweep point model.kwargs.depth=11)"),
+        (["model.arch=nonexistent_net"], "model.arch='nonexistent_net' is not a registered model"),
+        # several values without -m: one line that says to add -m (Hydra's message is five lines, exit 1)
+        (["optimizer.rho=0.1,0.2"], "optimizer.rho=0.1,0.2 gives several values: add -m to train each (sam-bench train -m ...)"),
+        (["seed=range(3)"], "seed=range(3) gives several values: add -m"),
+        # a group without '=' (the next word was meant as its key): said so, not a quoting hint
+        (["optimizer", "rho=0.1"], "'optimizer' lacks '=': choose an option of the optimizer group with optimizer=<option> "
+         "(one of: asam, sam, sgd), or set one of its keys with optimizer.rho=0.1 (no space)"),
+        (["experiment"], "'experiment' lacks '=': choose an option of the experiment group with experiment=<option> "
+         "(one of: fmnist_quickstart, paper/<name>)"),
         # Hydra refuses --cfg with -m by a traceback
         (["-m", "optimizer=sgd,sam", "--cfg", "job"], "--cfg cannot be combined with -m/--multirun (Hydra does one or the other); drop -m"),
         # a preset's own grid (hydra.sweeper.params: Fig. 6's p x rho) is checked too
@@ -234,3 +251,104 @@ def test_a_refused_resume_names_the_keys_and_leaves_the_run_described_as_it_was(
     assert "name=first" in command and not any(o.startswith("optimizer.rho") for o in command)
     hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
     assert "name=first" in hydra_cfg["overrides"]["task"] and "name=second" not in hydra_cfg["overrides"]["task"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optimizer.rho=-1"], "optimizer.rho=-1.0 is negative"),
+    (["optimizer.rho=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
+    (["optimizer=sma"], "Could not find 'optimizer/sma'; choose one of: asam, sam, sgd"),
+    (["+trainer.epochz=3"], "trainer.epochz is not a key of the config"),
+])
+@pytest.mark.parametrize("flag", [["--cfg", "job"], ["--info", "defaults"]])
+def test_cfg_and_info_validate_the_overrides_they_print(cli_env, args, message, flag):
+    """--cfg job printed a config that would fail (exit 0), or Hydra's multi-line report (exit 1)."""
+    proc = run(["train", *args, *flag], cli_env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_an_empty_run_directory_is_refused(cli_env, tmp_path):
+    """hydra.run.dir= (empty) wrote checkpoint.pt and result.json into the current directory."""
+    proc = run(["train", *TINY, "hydra.run.dir="], cli_env, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "sam-bench: error: hydra.run.dir is empty: the run would write its checkpoints into the current directory; give a "
+        "directory, e.g. hydra.run.dir=runs/mine (hydra.run.dir=. for the current one)"], proc.stderr
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "hessian"])
+def test_multirun_is_refused_for_report_and_hessian(cli_env, tmp_path, command):
+    """report -m made multirun/<date>/<time>/ inside the default run root, which the report then read."""
+    proc = run([command, "-m"], cli_env, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"sam-bench: error: -m/--multirun sweeps training runs; sam-bench {command} runs once: drop -m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_engine_the_model_cannot_take_fails_before_anything_runs(cli_env, tmp_path):
+    """optimizer.m_engine=split with a layer it cannot split (EfficientNet's BatchNormAct2d) failed in
+    the trainer, after the data (and here the pretrained weights) were loaded: the preflight builds the
+    model on the meta device, without weights, and asks the engine."""
+    proc = run(["train", "dataset=synthetic", "model=efficientnet_b7", "optimizer.m=16", "optimizer.m_engine=split",
+                "trainer.batch_size=32", f"hydra.run.dir={tmp_path / 'bad'}"], cli_env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == ["sam-bench: error: optimizer.m_engine=split cannot run this model: bn1 "
+                                              "(BatchNormAct2d) is not Conv2d, Linear or BatchNorm1d/2d; use optimizer.m_engine=auto or vmap"], proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_presets_rho_over_the_chosen_optimizers_is_warned_about(cli_env):
+    """experiment=<paper preset> optimizer=asam trains with the preset's rho (merged after the group):
+    one warning line; the config is as it was. No warning for sam (the preset's own group), sgd (rho unused)
+    or an explicit optimizer.rho."""
+    preset = "experiment=paper/table1_wrn28_10_200ep_basic_cifar10"
+    proc = run(["train", preset, "optimizer=asam", "--cfg", "job"], cli_env)
+    assert proc.stderr.strip() == ("sam-bench: warning: experiment=paper/table1_wrn28_10_200ep_basic_cifar10 sets optimizer.rho=0.05, "
+                                   "which replaces optimizer=asam's own rho=0.5; add optimizer.rho=0.5 to train with asam's")
+    assert "  rho: 0.05\n" in proc.stdout and "  adaptive: true\n" in proc.stdout
+    for other in (["optimizer=sam"], ["optimizer=sgd"], ["optimizer=asam", "optimizer.rho=0.5"]):
+        assert "warning" not in run(["train", preset, *other, "--cfg", "job"], cli_env).stderr, other
+
+
+def test_a_relative_data_root_is_taken_from_where_the_command_ran_under_job_chdir(cli_env, tmp_path):
+    """With hydra.job.chdir=true the job runs in its run directory: a relative data_root (the default
+    `data`) was read, downloaded and extracted there, once per run."""
+    env = {**cli_env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("SAM_BENCH_DATA")  # the default data_root, `data`
+    proc = run(["train", "dataset=cifar10", "dataset.download=false", "hydra.job.chdir=true", "hydra.run.dir=run"],
+               env, check=False, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert str(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1") in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_report_with_the_default_roots_says_nothing_of_a_missing_one(cli_env, tmp_path):
+    """The quick start sweeps (multirun/) and reports with the default runs=[runs,multirun]: a missing
+    runs/ is no typo and was warned about in summary.md; a root the user names still is."""
+    run(["train", "-m", *TINY, "trainer.epochs=1", "seed=0"], cli_env)  # into tmp_path/multirun
+    proc = run(["report", "out=results/quickstart"], cli_env, cwd=tmp_path)
+    assert "does not exist" not in proc.stderr and "Warning" not in (tmp_path / "results" / "quickstart" / "summary.md").read_text()
+    assert "| synthetic |" in proc.stdout
+    named = run(["report", "runs=[runs,multirun]", "out=results/named"], cli_env, cwd=tmp_path)
+    assert "run root runs does not exist: skipped (check runs=[...])" in (tmp_path / "results" / "named" / "summary.md").read_text()
+    assert "run root runs does not exist" in named.stderr
+
+
+def test_version(cli_env):
+    from importlib import metadata
+
+    import sam_bench
+
+    proc = run(["--version"], cli_env)
+    assert proc.stdout.strip() == f"sam-bench {sam_bench.__version__} (torch {metadata.version('torch')}, hydra-core {metadata.version('hydra-core')})"
+
+
+def test_report_into_a_read_only_directory_is_one_line(cli_env, tmp_path):
+    """An existing out= directory on a read-only file system ended in an OSError traceback (the check
+    was only mkdir's). As root a chmod does not stop writes: /proc/self takes no new file from anyone."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "runs").mkdir()
+    proc = run(["report", f"runs=[{tmp_path / 'runs'}]", "out=/proc/self"], cli_env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sam-bench: error: cannot write the report into out=/proc/self ("), proc.stderr

@@ -145,3 +145,16 @@ def test_compute_changes_concern_the_configs_they_changed():
     assert compute_changes({**sgd_m, "optimizer": {"name": "sgd", "rho": 0.0, "m": 256}}, since=2) == []  # m = batch
     assert [computed_as(c, None) for c in (sam_cifar, sgd_m, aa)] == [2, 2, 2]
     assert [computed_as(c, 4) for c in (sam_cifar, sgd_m, aa)] == [2, 3, 4]
+
+
+def test_a_key_added_with_plus_must_be_a_schema_key(compose_train):
+    """``+key=value`` adds a key Hydra does not check: a misspelt one trained with the default (QA:
+    ``+optimizer.rhoo=0.1`` ran with ρ = 0.05). Only free-form dicts (``model.kwargs``, passed to timm) take new keys."""
+    for overrides, message in [(["+optimizer.rhoo=0.1"], "optimizer.rhoo is not a key of the config .*did you mean optimizer.rho\\?"),
+                               (["+trainer.epochz=3"], "trainer.epochz .*did you mean trainer.epochs\\?"),
+                               (["+seeed=1"], "seeed .*did you mean seed\\?"),
+                               (["+dataset.label_noise.rat=0.2"], "dataset.label_noise.rat .*did you mean dataset.label_noise.rate\\?"),
+                               (["+nosuchkey=1"], "nosuchkey is not a key of the config .*; `sam-bench train --help` lists every key")]:
+        with pytest.raises(ConfigError, match=message):
+            validate(compose_train(overrides))
+    validate(compose_train(["+model.kwargs.pretrained_cfg_overlay.file=/x.pth", "+model.kwargs.drop_rate=0.1"]))

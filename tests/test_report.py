@@ -129,3 +129,61 @@ def test_optimizer_diagnostics_do_not_split_a_group(tmp_path):
         (d / "result.json").write_text(json.dumps(r))
     (group,) = group_runs(find_runs([str(tmp_path)])[0])
     assert group.seeds == [0, 1]
+
+
+def test_damaged_results_are_listed_with_the_reason_not_a_crash(tmp_path):
+    """Hand-damaged result.json files (failure injection, QA): each is skipped with its reason, the
+    rest reported. Before: TypeError on a null finished_at beside a run of the same seed, and
+    AttributeError/TypeError in the grouping on a string config.optimizer or compute_version."""
+    fake_run(tmp_path, "good", "sgd", 0.0, 0, 3.0)
+    damage = {
+        "null_finished": (lambda r: r.update(finished_at=None), "result.json: finished_at is None, not a time"),
+        "optimizer_str": (lambda r: r["config"].update(optimizer="sam"), "result.json: config.optimizer is 'sam', not a mapping"),
+        "version_str": (lambda r: r.update(compute_version="4"), "result.json: compute_version is '4', not an integer"),
+        "version_float": (lambda r: r.update(compute_version=3.5), "result.json: compute_version is 3.5, not an integer"),
+        "rho_str": (lambda r: r["config"]["optimizer"].update(name="sam", rho="abc"),
+                    "result.json: its config cannot be read (ValueError: could not convert string to float: 'abc')"),
+        "time_str": (lambda r: r.update(train_time_s="long"), "result.json: train_time_s is 'long', not a number"),
+    }
+    for name, (edit, _) in damage.items():
+        d = fake_run(tmp_path, name, "sgd", 0.0, 0, 3.5)
+        r = json.loads((d / "result.json").read_text())
+        edit(r)
+        (d / "result.json").write_text(json.dumps(r))
+    results, incomplete = find_runs([str(tmp_path)])
+    assert [r["run_dir"] for r in results] == [str(tmp_path / "good")]
+    text = write_report([str(tmp_path)], str(tmp_path / "out"))
+    assert "| t1 | cifar10 | wrn28_10 | sgd | 0 | 200 | 3.00 | 1 | 0 |" in text
+    for name, (_, why) in damage.items():
+        assert f"- {tmp_path / name} ({why})" in text, name
+
+
+def test_the_default_roots_pass_over_a_missing_one(tmp_path):
+    """With the default runs=[runs,multirun] a missing root is no typo (the quick start only sweeps)."""
+    fake_run(tmp_path / "multirun", "good", "sgd", 0.0, 0, 3.0)
+    roots = [str(tmp_path / "runs"), str(tmp_path / "multirun")]
+    assert "Warning" not in write_report(roots, str(tmp_path / "out"), default_roots=True)
+    assert f"Warning: run root {tmp_path / 'runs'} does not exist" in write_report(roots, str(tmp_path / "out"))
+
+
+def test_an_unwritable_report_directory_is_a_config_error(tmp_path, monkeypatch):
+    """An existing out= directory that takes no file (a read-only file system) ended in an OSError
+    traceback: only mkdir was checked."""
+    import errno
+
+    import pytest
+
+    from sam_bench import report
+    from sam_bench.errors import ConfigError
+
+    fake_run(tmp_path / "runs", "good", "sgd", 0.0, 0, 3.0)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(report, "atomic_write_bytes", read_only)
+    with pytest.raises(ConfigError, match=r"cannot write the report file .*summary.md \(.*Read-only file system\); pass a writable"):
+        write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)  # found before any file is written
+    with pytest.raises(ConfigError, match=r"cannot write the report into out=.*Read-only file system\); pass a writable out=DIR"):
+        write_report([str(tmp_path / "runs")], str(tmp_path / "out"))

@@ -9,6 +9,7 @@ the TensorBoard event files).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from sam_bench.errors import ConfigError
@@ -23,21 +24,29 @@ from sam_bench.tracking.results import atomic_write_bytes
 __all__ = ["write_report"]
 
 
-def write_report(roots: list[str], out: str, tensorboard: bool = False) -> str:
-    """Write the report under ``out``; return the summary's Markdown text."""
+def write_report(roots: list[str], out: str, tensorboard: bool = False, default_roots: bool = False) -> str:
+    """Write the report under ``out``; return the summary's Markdown text. ``default_roots``: ``roots``
+    are the defaults (``runs`` and ``multirun``), not the user's: one of them missing is no typo (a
+    quick start that only swept has no ``runs/``) and is passed over without a warning."""
     if not any(Path(r).is_dir() for r in roots):
         raise ConfigError(f"none of the run roots {roots} is a directory; pass runs=[DIR,...] with the directories your runs went to")
+    if default_roots:
+        roots = [r for r in roots if Path(r).exists()]
     skipped_roots = root_problems(roots)
     results, incomplete = find_runs(roots)
     groups = group_runs(results)
     out_dir = Path(out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # an existing directory may still be read-only
     except OSError as e:
-        raise ConfigError(f"cannot create the report directory out={out} ({e}); pass a writable out=DIR") from e
+        raise ConfigError(f"cannot write the report into out={out} ({e}); pass a writable out=DIR") from e
 
     def write(name: str, data: str | bytes) -> None:
-        atomic_write_bytes(out_dir / name, data if isinstance(data, bytes) else data.encode())
+        try:
+            atomic_write_bytes(out_dir / name, data if isinstance(data, bytes) else data.encode())
+        except OSError as e:  # e.g. the disk filled up
+            raise ConfigError(f"cannot write the report file {out_dir / name} ({e}); pass a writable out=DIR") from e
 
     text = "# sam-bench summary\n\nFinal-epoch test error over seeds; runs grouped when they differ only by seed.\n\n"
     text += "".join(f"Warning: {p}.\n" for p in skipped_roots) + ("\n" if skipped_roots else "")

@@ -176,7 +176,37 @@ def result_problem(result: object) -> str:
         return f"final_test_error is {error!r}, not a finite number"
     lacking = [k for k, ok in (("config", isinstance(result.get("config"), dict)), ("seed", isinstance(result.get("seed"), int)))
                if not ok]
-    return f"{RESULT_FILE} lacks {' and '.join(lacking)}" if lacking else ""
+    if lacking:
+        return f"{RESULT_FILE} lacks {' and '.join(lacking)}"
+    return _damage(result)
+
+
+def _damage(result: dict) -> str:
+    """Why the fields the report reads besides the error and seed cannot be read (a hand-edited or
+    damaged file), or ''. A result.json the trainer wrote always passes."""
+    config = result["config"]
+    wrong = [f"config.{k} is {config[k]!r}, not a mapping" for k in ("dataset", "model", "optimizer", "trainer")
+             if k in config and not isinstance(config[k], dict)]
+    # each key that may be absent, with its type; null is allowed where an older version wrote it
+    for key, kind, what, nullable in (("finished_at", str, "a time", False), ("compute_version", int, "an integer", True),
+                                      ("train_time_s", (int, float), "a number", True), ("world_size", int, "an integer", True),
+                                      ("ranks", int, "an integer", True)):
+        holder = config if key == "ranks" else result
+        if key not in holder or (holder[key] is None and nullable):
+            continue
+        if not isinstance(holder[key], kind) or isinstance(holder[key], bool):
+            wrong.append(f"{'config.' if holder is config else ''}{key} is {holder[key]!r}, not {what}")
+    if wrong:
+        return f"{RESULT_FILE}: {wrong[0]}"
+    try:  # what grouping reads of the config
+        grouping_config(config, result.get("compute_version"))
+        opt = config.get("optimizer", {})
+        method_label(opt)
+        if opt.get("name") != "sgd":
+            float(opt.get("rho", 0.0))
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        return f"{RESULT_FILE}: its config cannot be read ({type(e).__name__}: {e})"
+    return ""
 
 
 def find_runs(roots: list[str]) -> tuple[list[dict], list[str]]:

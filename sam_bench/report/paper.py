@@ -30,7 +30,6 @@ PAPER_YAML = Path(__file__).resolve().parent / "paper" / "tables.yaml"
 
 TOP1 = "final_test_error"
 TOP5 = "final_test_top5_error"  # recorded by ImageNet runs
-VAL = "final_val_error"  # recorded when dataset.val_size is set
 SHARPNESS = "final_sharpness"  # max_ε L(w+ε) − L(w) at the end of training (Table 11)
 
 
