@@ -42,8 +42,12 @@ def test_two_ranks_equal_single_process_m_sharpness_and_only_rank0_writes(cli_en
     run(sam_bench_cmd() + ["train", *ARGS, "optimizer.m=32", f"hydra.run.dir={tmp_path / 'm32'}"], cli_env)
     run(sam_bench_cmd() + ["train", *ARGS, f"hydra.run.dir={tmp_path / 'plain'}"], cli_env)
     w_ddp, w_m32, w_plain = weights(ddp), weights(tmp_path / "m32"), weights(tmp_path / "plain")
-    # per-rank perturbation == m-sharpness with m = per-rank batch (fp32 rounding only) ...
-    assert max_diff(w_ddp, w_m32) < 1e-5
+    # per-rank perturbation == m-sharpness with m = per-rank batch (fp32 rounding only; the float64
+    # equality to 1e-10 is tests/test_sam_ddp.py) ... The rounding floor is measured, not guessed: the
+    # same single-process m=32 run differs from itself by 1.5e-5 between 1 and 2 CPU threads
+    # (OMP_NUM_THREADS=1: oneDNN sums the first conv's weight gradient in another order), while the
+    # global perturbation below moves the weights by 8e-3.
+    assert max_diff(w_ddp, w_m32) < 1e-4
     # ... and not the global perturbation of plain SAM over the whole batch
     assert max_diff(w_ddp, w_plain) > 1e-3
     # rank 0 alone writes: one result, one event file, one log line per epoch
