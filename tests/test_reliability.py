@@ -517,6 +517,24 @@ def test_another_configs_finished_result_is_not_overwritten_when_the_checkpoints
     assert fit(cfg, tmp_path)["final_test_error"] == done["final_test_error"]  # its own config: read back, not retrained
 
 
+def _files(run_dir: Path) -> dict:
+    return {p.relative_to(run_dir): _sha(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "preempted"])
+def test_checkpointing_off_does_not_overwrite_another_configs_run(compose_train, tmp_path, finished):
+    """trainer.checkpoint=false read no checkpoint, so no config was compared (result.json was only
+    when no checkpoint was left): another config's finished run lost its result.json, metrics.jsonl
+    and got a second event file in tb/ (QA); an unfinished one lost its metrics.jsonl."""
+    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    assert _run_child(cfg, tmp_path, None if finished else "step@3:TERM") == (0 if finished else PREEMPTED_EXIT_CODE)
+    before = _files(tmp_path)
+    what = r"the finished result \(result.json\)" if finished else "a checkpoint"
+    with pytest.raises(CheckpointError, match=f"holds {what} of a different config \\(optimizer.rho: 0.05 -> 0.1"):
+        fit(compose_train([*TINY, "trainer.epochs=1", "optimizer.rho=0.1", "trainer.checkpoint=false"]), tmp_path)
+    assert _files(tmp_path) == before
+
+
 def test_a_key_added_by_a_newer_version_resumes_at_its_default_and_records_both_commits(compose_train, tmp_path, monkeypatch):
     """A checkpoint written before optimizer.sync_perturbation existed trained as its default: the
     new code resumes it (it used to refuse every in-progress run), and result.json names both code

@@ -374,9 +374,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
 
     done = read_result(run_dir)
     if done is not None and done.get("config_hash") != chash and isinstance(done.get("config"), dict) \
-            and not ckpt.checkpoint_files(run_dir):
-        # no checkpoint to compare with (deleted to free space, or trainer.checkpoint=false): the result's
-        # config decides, so another config's finished run is never overwritten
+            and (not cfg.trainer.checkpoint or not ckpt.checkpoint_files(run_dir)):
+        # no checkpoint to compare with (deleted to free space), or none read (trainer.checkpoint=false): the
+        # result's config decides, so another config's finished run is never overwritten
         try:
             _check_resumable(done["config"], config, run_dir, what="the finished result (result.json)",
                              versioned="compute_version" in done)
@@ -438,20 +438,11 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     wait_for_all_ranks(dist_info, device)  # no rank reads the directory while rank 0 cleans it
     hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
     loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
+    if not tr.checkpoint:  # nothing is resumed, but another config's run there is refused all the same
+        _refuse_another_runs_checkpoint(run_dir, config, labels_hash, main)
     if loaded is not None:
         state, path = loaded
-        try:
-            _check_resumable(state["config"], config, run_dir, what="a checkpoint", versioned="compute_version" in state)
-            _check_compute_version(state.get("compute_version"), path, config)
-        except CheckpointError:
-            if main:
-                _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
-            raise
-        if state.get("labels_hash", labels_hash) != labels_hash:
-            raise CheckpointError(
-                f"{path} was trained on different training labels (dataset files or label-noise settings changed); "
-                "restore them or train into a new run directory"
-            )
+        _check_same_run(state, path, config, labels_hash, run_dir, main, resuming=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler") is not None:
@@ -716,6 +707,35 @@ def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str, versio
     else:
         current.pop("ranks", None)
     ckpt.check_config_matches(before, current, run_dir, what)
+
+
+def _refuse_another_runs_checkpoint(run_dir: Path, config: dict, labels_hash: str, main: bool) -> None:
+    """Under ``trainer.checkpoint=false`` (which neither resumes nor writes checkpoints): refuse, as a
+    resume would, when ``run_dir``'s checkpoint is another config's or was trained on other labels,
+    so that the run this command overwrites (metrics.jsonl, result.json, tb/) is its own."""
+    try:
+        loaded = ckpt.load_checkpoint(run_dir)
+    except CheckpointError:  # none readable: nothing to compare with (result.json, when there is one, was)
+        return
+    if loaded is not None:
+        _check_same_run(*loaded, config, labels_hash, run_dir, main, resuming=False)
+
+
+def _check_same_run(state: dict, path: Path, config: dict, labels_hash: str, run_dir: Path, main: bool, resuming: bool) -> None:
+    """Refuse (CheckpointError) when the checkpoint ``state`` read from ``path`` is another config's
+    run, one trained on other labels, or (``resuming``) one that older code computed otherwise; the
+    refused command's ``.hydra/`` files are put back first."""
+    try:
+        _check_resumable(state["config"], config, run_dir, what="a checkpoint", versioned="compute_version" in state)
+        if resuming:
+            _check_compute_version(state.get("compute_version"), path, config)
+        if state.get("labels_hash", labels_hash) != labels_hash:
+            raise CheckpointError(f"{path} was trained on different training labels (dataset files or label-noise settings "
+                                  "changed); restore them or train into a new run directory")
+    except CheckpointError:
+        if main:
+            _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
+        raise
 
 
 def _check_compute_version(saved: int | None, path: Path, config: dict) -> None:
