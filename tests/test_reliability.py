@@ -485,6 +485,40 @@ def test_second_process_on_a_busy_run_directory_fails_fast(cli_env, tmp_path):
     assert (run / ".hydra" / "config.yaml").read_text() == "the running job's config\n"  # refused before Hydra wrote it
 
 
+def test_the_cli_locks_the_run_directory_before_hydra_writes_there_and_the_trainer_takes_it_over(tmp_path):
+    """The lock was taken in fit(), after torch's import: for seconds after Hydra had written a job's
+    .hydra/ files, a second command found the directory free and rewrote them (QA)."""
+    from sam_bench.engine.rundir import _lock_or_refuse, lock_before_hydra
+
+    def another_process_locks():  # flock conflicts between open files, even of one process
+        with open(tmp_path / ".lock", "a+") as f:
+            _lock_or_refuse(f, tmp_path)
+
+    lock_before_hydra(tmp_path)
+    with pytest.raises(ConfigError, match=f"is in use by another sam-bench process \\(pid {os.getpid()}\\)"):
+        another_process_locks()
+    with run_lock(tmp_path):  # the trainer's: taken over, not refused
+        with pytest.raises(ConfigError, match="in use"):
+            another_process_locks()
+    another_process_locks()  # released at the end of the run
+
+
+@pytest.mark.slow
+def test_a_command_refused_on_a_busy_directory_leaves_the_running_jobs_hydra_files(cli_env, tmp_path):
+    run = tmp_path / "r"
+    first = subprocess.Popen(sam_bench_cmd() + ["train", *TINY, f"hydra.run.dir={run}"], env=cli_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / ".hydra" / "overrides.yaml").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # Hydra has written them
+    before = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    second = _cli([*TINY, "optimizer.rho=0.1", f"hydra.run.dir={run}"], cli_env)
+    assert first.wait(timeout=300) == 0, first.communicate()[1]
+    assert second.returncode == 2 and "is in use by another sam-bench process" in second.stderr, second.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+
+
 # ---------------------------------------------------------------- what a resume must never destroy (QA)
 
 
