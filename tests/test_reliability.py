@@ -519,6 +519,23 @@ def test_a_command_refused_on_a_busy_directory_leaves_the_running_jobs_hydra_fil
     assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("by", ["result", "checkpoint"])
+def test_a_refused_command_leaves_the_hydra_files_as_they_were(cli_env, tmp_path, by):
+    """A refusal on result.json (no checkpoint left) put back config.yaml alone, rebuilt, and left the
+    refused command's overrides.yaml and hydra.yaml in place (QA)."""
+    run = tmp_path / "r"
+    assert _cli([*TINY, "trainer.epochs=1", f"hydra.run.dir={run}"], cli_env).returncode == 0
+    if by == "result":
+        for path in ckpt.checkpoint_files(run):
+            path.unlink()
+    before = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    proc = _cli([*TINY, "trainer.epochs=1", "optimizer.lr=0.05", f"hydra.run.dir={run}"], cli_env)
+    what = "the finished result (result.json)" if by == "result" else "a checkpoint"
+    assert proc.returncode == 2 and f"holds {what} of a different config (optimizer.lr" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+
+
 # ---------------------------------------------------------------- what a resume must never destroy (QA)
 
 

@@ -50,9 +50,14 @@ def _lock_or_refuse(f, run_dir: Path) -> None:
         ) from None
 
 
+#: the files Hydra writes into ``<run dir>/.hydra/`` before the job runs
+HYDRA_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
+
 #: lock files this process took before Hydra wrote the command's ``.hydra/`` files (by the run
 #: directory's real path), for :func:`run_lock` to take over
 _early_locks: dict[str, Any] = {}
+#: the ``.hydra/`` files of those directories as they were before Hydra rewrote them (None: absent)
+_hydra_before: dict[str, dict[str, bytes | None]] = {}
 
 
 def _key(run_dir: Path) -> str:
@@ -68,9 +73,10 @@ def _write_pid(f) -> None:
 
 def lock_before_hydra(run_dir: Path) -> None:
     """Take ``run_dir``'s lock (ConfigError if a running sam-bench holds it) before Hydra writes this
-    command's ``.hydra/`` files there. The trainer's :func:`run_lock` takes the lock over, so no
-    other command gets in between (a lock taken only once the trainer ran, seconds later, let a
-    second command rewrite a running job's ``.hydra/``)."""
+    command's ``.hydra/`` files there, and note those files as they are. The trainer's
+    :func:`run_lock` takes the lock over, so no other command gets in between (a lock taken only
+    once the trainer ran, seconds later, let a second command rewrite a running job's ``.hydra/``);
+    a command the trainer refuses puts the noted files back (:func:`hydra_files_before`)."""
     run_dir = Path(run_dir)
     f = open(run_dir / LOCK_FILE, "a+")
     try:
@@ -80,6 +86,20 @@ def lock_before_hydra(run_dir: Path) -> None:
         raise
     _write_pid(f)
     _early_locks[_key(run_dir)] = f
+    before = {}
+    for name in HYDRA_FILES:
+        try:
+            before[name] = (run_dir / ".hydra" / name).read_bytes()
+        except OSError:
+            before[name] = None
+    _hydra_before[_key(run_dir)] = before
+
+
+def hydra_files_before(run_dir: Path) -> dict[str, bytes | None] | None:
+    """``run_dir``'s ``.hydra/`` files as they were before Hydra wrote this command's (None for one that
+    did not exist); None when this process did not note them (no :func:`lock_before_hydra`: a
+    sweep point, torchrun, or :func:`~sam_bench.engine.trainer.fit` called directly)."""
+    return _hydra_before.get(_key(run_dir))
 
 
 @contextlib.contextmanager

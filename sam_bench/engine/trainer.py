@@ -37,7 +37,7 @@ from sam_bench.engine.distributed import (
 )
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
-from sam_bench.engine.rundir import ensure_writable, run_lock
+from sam_bench.engine.rundir import ensure_writable, hydra_files_before, run_lock
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -758,17 +758,29 @@ def _check_compute_version(saved: int | None, path: Path, config: dict) -> None:
 
 
 def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
-    """Hydra rewrote ``.hydra/`` with the refused command's files before the trainer ran: put back
-    the config the directory's checkpoint was trained with (the report names an unfinished run from
-    config.yaml) and, when the checkpoint holds them (those written since they were added), the
-    command line files of the command that wrote it."""
+    """Hydra rewrote ``.hydra/`` with the refused command's files before the trainer ran: put them
+    back as they were when the CLI noted them (:func:`~sam_bench.engine.rundir.lock_before_hydra`),
+    else (a sweep point, torchrun) the config the directory's run was trained with (the report names
+    an unfinished run from config.yaml) and, when ``files`` holds them (a checkpoint's, those written
+    since they were added), the command line files of the command that wrote it."""
     hydra_dir = Path(run_dir) / ".hydra"
-    if hydra_dir.is_dir():
-        atomic_write_bytes(hydra_dir / "config.yaml",
-                           OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
-        for name in HYDRA_FILES:
-            if name in files:
-                atomic_write_bytes(hydra_dir / name, files[name].encode())
+    if not hydra_dir.is_dir():
+        return
+    before = hydra_files_before(run_dir)
+    if before is not None:
+        for name, data in before.items():
+            if data is None:
+                (hydra_dir / name).unlink(missing_ok=True)  # this command's: there was none
+            else:
+                atomic_write_bytes(hydra_dir / name, data)
+        if not any(before.values()) and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
+        return
+    atomic_write_bytes(hydra_dir / "config.yaml",
+                       OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
+    for name in HYDRA_FILES:
+        if name in files:
+            atomic_write_bytes(hydra_dir / name, files[name].encode())
 
 
 def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo,
