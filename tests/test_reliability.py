@@ -1,12 +1,14 @@
 """Reliability: verified checkpoints, preemption, non-finite detection, the run lock, fault injection
 and one clear line for every bad input."""
 
+import errno
 import json
 import multiprocessing
 import os
 import random
 import signal
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -25,6 +27,7 @@ from sam_bench.engine.trainer import FiniteGuard, fit
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.paths import config_dir
 from sam_bench.schema import validate
+from sam_bench.tracking.results import WriteError
 
 TINY = [
     "dataset=synthetic",
@@ -638,6 +641,96 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, _state(20))
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.CHECKPOINT] and ckpt.load_checkpoint(tmp_path)[0]["step"] == 10
+
+
+def test_a_full_disk_before_the_first_checkpoint_does_not_speak_of_intact_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: _no_space())
+    with pytest.raises(CheckpointError) as failed:
+        ckpt.save_checkpoint(tmp_path, _state(10))
+    assert str(failed.value) == (f"cannot write {tmp_path / ckpt.NEXT} (No space left on device); no checkpoint was written yet: "
+                                 "free space (or raise the quota) and re-run the same command to train from the start")
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+INTACT = "the checkpoints already there are intact: free space (or raise the quota) and re-run the same command to resume from them"
+WRITE_FAILURES = [
+    # (id, what fails, file named, extra overrides, the rest of the line)
+    ("metrics", "sam_bench.engine.trainer.write_metrics", "metrics.jsonl", [], INTACT),
+    ("result", "sam_bench.engine.trainer.atomic_write_json", "result.json", [], INTACT),
+    ("noise_file", "sam_bench.data.noisy.atomic_write_bytes", "noisy_labels.pt", ["dataset.label_noise.rate=0.2"],
+     "no checkpoint was written yet: free space (or raise the quota) and re-run the same command to train from the start"),
+    ("no_checkpointing", "sam_bench.engine.trainer.write_metrics", "metrics.jsonl", ["trainer.checkpoint=false"],
+     "trainer.checkpoint=false keeps no checkpoint: free space (or raise the quota) and re-run the same command to train "
+     "again from epoch 1"),
+]
+
+
+@pytest.mark.parametrize("name,target,file,overrides,rest", WRITE_FAILURES, ids=[w[0] for w in WRITE_FAILURES])
+def test_a_failed_write_is_one_line_naming_the_file_and_what_a_rerun_does(compose_train, tmp_path, monkeypatch, caplog,
+                                                                          name, target, file, overrides, rest):
+    """Only the checkpoint's write failures were one line: a full disk at metrics.jsonl, result.json
+    or the label-noise file ended in a traceback (QA). The line goes to the log (train.log) too, and
+    the same command then finishes the run."""
+    cfg = compose_train([*TINY, "trainer.epochs=1", *overrides])
+    monkeypatch.setattr(target, _no_space)
+    with pytest.raises(WriteError) as failed:
+        fit(cfg, tmp_path)
+    line = f"cannot write {tmp_path / file} (No space left on device); {rest}"
+    assert str(failed.value) == line
+    assert line in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    monkeypatch.undo()
+    assert fit(cfg, tmp_path)["status"] == "complete"
+
+
+def test_a_tensorboard_write_failure_is_one_line_after_the_epochs_checkpoint(compose_train, tmp_path, monkeypatch):
+    """TensorBoard's write error (raised by its writer thread at a later call) was a traceback, and
+    came before the epoch end's checkpoint, which it cost (QA)."""
+    from tensorboard.summary.writer import record_writer
+
+    write, calls = record_writer.RecordWriter.write, [0]
+
+    def failing(self, data):  # the event file's header, then a full disk
+        calls[0] += 1
+        return write(self, data) if calls[0] == 1 else _no_space()
+
+    cfg = compose_train([*TINY, "trainer.epochs=2"])
+    monkeypatch.setattr(record_writer.RecordWriter, "write", failing)
+    with pytest.raises(WriteError) as failed:
+        fit(cfg, tmp_path)
+    assert str(failed.value) == f"cannot write {tmp_path / 'tb'} (No space left on device); {INTACT}"
+    assert ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)["epoch"] == 1 and len(_metrics(tmp_path)) == 1
+    monkeypatch.undo()
+    assert fit(cfg, tmp_path)["status"] == "complete" and len(_metrics(tmp_path)) == 2
+
+
+FULL_DISK_AT_TENSORBOARD = """
+import errno, os, sys
+from tensorboard.summary.writer import record_writer
+write, calls = record_writer.RecordWriter.write, [0]
+def failing(self, data):
+    calls[0] += 1
+    if calls[0] > 1:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, data)
+record_writer.RecordWriter.write = failing
+from sam_bench.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_cli_is_one_line_also_in_train_log(cli_env, tmp_path):
+    run = tmp_path / "r"
+    args = ["train", *TINY, "trainer.epochs=2", f"hydra.run.dir={run}"]
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_AT_TENSORBOARD, *args], env=cli_env, capture_output=True, text=True,
+                          timeout=300)
+    line = f"cannot write {run / 'tb'} (No space left on device); {INTACT}"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"sam-bench: error: {line}", proc.stderr
+    assert "Traceback" not in proc.stderr and line in (run / "train.log").read_text()
+    assert _cli(args[1:], cli_env).returncode == 0 and len(_metrics(run)) == 2
 
 
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():

@@ -21,7 +21,7 @@ import torch
 
 from sam_bench.engine.faults import fault_point
 from sam_bench.errors import CheckpointError
-from sam_bench.tracking.results import fsync_dir
+from sam_bench.tracking.results import WriteError, fix_for, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,22 @@ NEXT = ".checkpoint.next.pt"
 #: prefix of the lasting per-epoch copies (``trainer.keep_epochs``), see :func:`kept_name`
 KEPT_PREFIX = "checkpoint_epoch"
 REQUIRED_KEYS = ("format", "epoch", "step", "model", "optimizer", "rng", "history", "config_hash")
+
+
+class CheckpointWriteError(CheckpointError, WriteError):
+    """A checkpoint could not be written; the files already there are untouched."""
+
+
+def write_failure(path: Path, error: OSError, run_dir: Path, checkpointing: bool = True) -> str:
+    """The one line for a file of the run that could not be written: the file, the cause, the state
+    of the checkpoints, and what re-running the same command then does."""
+    if not checkpointing:
+        state, rerun = "trainer.checkpoint=false keeps no checkpoint", "train again from epoch 1"
+    elif checkpoint_files(run_dir):
+        state, rerun = "the checkpoints already there are intact", "resume from them"
+    else:
+        state, rerun = "no checkpoint was written yet", "train from the start"
+    return f"cannot write {path} ({error.strerror or error}); {state}: {fix_for(error)} and re-run the same command to {rerun}"
 
 
 def content_digest(obj: Any) -> str:
@@ -75,8 +91,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:  # disk full, quota, file size limit: one line, no half-written temporary left
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); the checkpoints already there are intact: free space "
-                              "(or raise the quota) and re-run the same command to resume from them") from e
+        raise CheckpointWriteError(write_failure(path, e, path.parent)) from e
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = None) -> Path:
@@ -94,13 +109,16 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = 
         _write_atomic(run_dir / keep_as, buf.getvalue())
     newest, previous, nxt = run_dir / CHECKPOINT, run_dir / PREVIOUS, run_dir / NEXT
     _write_atomic(nxt, buf.getvalue())
-    fsync_dir(run_dir)
-    fault_point("checkpoint_written")
-    if newest.exists():
-        os.replace(newest, previous)
-    fault_point("checkpoint_rotated")
-    os.replace(nxt, newest)
-    fsync_dir(run_dir)
+    try:  # the renames (an I/O error): whatever step it stops at, resuming finds a whole checkpoint
+        fsync_dir(run_dir)
+        fault_point("checkpoint_written")
+        if newest.exists():
+            os.replace(newest, previous)
+        fault_point("checkpoint_rotated")
+        os.replace(nxt, newest)
+        fsync_dir(run_dir)
+    except OSError as e:
+        raise CheckpointWriteError(write_failure(newest, e, run_dir)) from e
     return newest
 
 

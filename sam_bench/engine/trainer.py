@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sam_bench.analysis.sharpness import estimate_sharpness
 from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.loader import derived_seed
-from sam_bench.data.noisy import noise_summary
+from sam_bench.data.noisy import NOISE_FILE, noise_summary
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.distributed import (
     DistInfo,
@@ -55,8 +55,8 @@ from sam_bench.schema import (
     validate_ranks,
     with_schema_defaults,
 )
-from sam_bench.tracking.results import (DIVERGED_FILE, RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_divergence,
-                                        read_result, versions, write_divergence, write_metrics)
+from sam_bench.tracking.results import (DIVERGED_FILE, METRICS_FILE, RESULT_FILE, WriteError, atomic_write_bytes, atomic_write_json,
+                                        git_commit, read_divergence, read_result, versions, write_divergence, write_metrics)
 
 log = logging.getLogger("sam_bench")
 
@@ -341,8 +341,35 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             return _fit(cfg, run_dir, preempt, dist_info)
         except TrainingDiverged as e:
             if dist_info.is_main and not getattr(e, "recorded", False):
-                write_divergence(run_dir, _run_config(cfg, dist_info)[1], str(e))
+                try:
+                    write_divergence(run_dir, _run_config(cfg, dist_info)[1], str(e))
+                except OSError as err:  # the divergence is the news; a full disk must not hide it
+                    log.warning("could not record the divergence in %s (%s)", run_dir / DIVERGED_FILE, err.strerror or err)
             raise
+        except WriteError as e:  # a full disk, say: the line the CLI prints goes to train.log too
+            _log_failure(e)
+            raise
+
+
+def _log_failure(error: Exception) -> None:
+    """Log ``error`` (into train.log under the CLI); when the disk that failed holds train.log too,
+    the line is lost quietly, without logging's "--- Logging error ---" traceback."""
+    raise_exceptions = logging.raiseExceptions
+    logging.raiseExceptions = False
+    try:
+        log.error("%s", error)
+    finally:
+        logging.raiseExceptions = raise_exceptions
+
+
+@contextlib.contextmanager
+def _writing(path: Path, run_dir: Path, checkpointing: bool):
+    """An OSError writing ``path`` (disk full, quota, I/O error) as :class:`WriteError`: one line
+    naming the file, the cause and what re-running the command does, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(ckpt.write_failure(path, e, run_dir, checkpointing)) from e
 
 
 @contextlib.contextmanager
@@ -460,7 +487,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         if main:
             path = ckpt.complete_rotation(run_dir, path)
             ckpt.set_aside_damaged_newest(run_dir, path)
-            write_metrics(run_dir, history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
+            with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+                write_metrics(run_dir, history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
         if start_epoch >= tr.epochs:
             log.info("%s holds the finished training (epoch %d of %d); writing its result", path, start_epoch, tr.epochs)
         else:
@@ -471,7 +499,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         commits.append(commit)
     noise_sha = None  # rank 0 alone writes the noise file (and the result that names its hash)
     if data.noise is not None and main:  # after the config check: a refused resume leaves the run's own noise file alone
-        noise_file, noise_sha = data.noise.save(run_dir)
+        with _writing(run_dir / NOISE_FILE, run_dir, tr.checkpoint):
+            noise_file, noise_sha = data.noise.save(run_dir)
         log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
                  data.noise.seed, 100 * data.noise.realised_rate, noise_file.name, noise_sha[:12])
 
@@ -556,7 +585,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(model) else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
     amp = lambda: autocast(device, precision)  # noqa: E731
-    writer = _summary_writer(run_dir, global_step) if main else _NullWriter()
+    writer = _EventWriter(run_dir, global_step, tr.checkpoint) if main else _NullWriter()
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s | %s (%.2fM params) | %s rho=%g | %d epochs x %d steps, batch %d | %s %s",
@@ -610,16 +639,19 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                     writer.add_scalar(k, v, global_step)
             if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
                 writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), global_step)
-            writer.flush()
+            writer.flush()  # before the checkpoint (a kill after it would lose the epoch's events); a failure waits
             due = last_epoch or (epoch + 1) % tr.checkpoint_every_epochs == 0 or (epoch + 1) in tr.keep_epochs
             written = save(epoch + 1, global_step, None) if tr.checkpoint and due else None
             if main:
-                write_metrics(run_dir, history)
+                with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+                    write_metrics(run_dir, history)
+            writer.raise_failure()  # a TensorBoard write error, now that the epoch's checkpoint and metrics are written
             if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
                 stop_if_preempted(epoch + 1, global_step, None, written)
     writer.close()
     if main and start_epoch >= tr.epochs:  # killed between the last checkpoint and metrics.jsonl: resumed to here
-        write_metrics(run_dir, history)
+        with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+            write_metrics(run_dir, history)
     sharpness = _final_sharpness(cfg, model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info, m) if tr.final_sharpness else None
 
     last = history[-1]
@@ -657,7 +689,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         fitted = 100.0 - evaluate(forward, data.noisy_train, amp, dist_info)["test_error"] if data.noisy_train is not None else None
         result.update(noise_summary(history, fitted, data.noise, noise_sha))
     if main:
-        atomic_write_json(run_dir / RESULT_FILE, result)
+        with _writing(run_dir / RESULT_FILE, run_dir, tr.checkpoint):
+            atomic_write_json(run_dir / RESULT_FILE, result)
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an earlier config's record (this one completed)
     log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
     return result
@@ -811,7 +844,7 @@ def _no_buffer_sync() -> dict[str, bool]:
 
 
 class _NullWriter:
-    """The SummaryWriter of ranks other than 0: logs nothing."""
+    """The event writer of ranks other than 0: logs nothing."""
 
     def add_scalar(self, *args, **kwargs) -> None:
         pass
@@ -819,8 +852,65 @@ class _NullWriter:
     def flush(self) -> None:
         pass
 
+    def raise_failure(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
+
+
+class _EventWriter:
+    """TensorBoard's SummaryWriter under ``<run dir>/tb``, whose write errors wait: the first one (a
+    full disk; TensorBoard's writer thread reports it at a later call) stops further events and is
+    raised, as :class:`WriteError`, by :meth:`raise_failure`, which the epoch loop calls once the
+    epoch's checkpoint is written, or by :meth:`close`. A TensorBoard failure never costs the epoch."""
+
+    def __init__(self, run_dir: Path, resumed_at: int, checkpointing: bool):
+        self.run_dir, self.path, self.checkpointing = run_dir, run_dir / "tb", checkpointing
+        self.error: OSError | None = None
+        _quiet_event_writer_thread()
+        with _writing(self.path, run_dir, checkpointing):
+            self.writer = _summary_writer(run_dir, resumed_at)
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        if self.error is None:
+            try:
+                getattr(self.writer, method)(*args, **kwargs)
+            except OSError as e:
+                self.error = e
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        self._call("add_scalar", *args, **kwargs)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def raise_failure(self) -> None:
+        if self.error is not None:
+            raise WriteError(ckpt.write_failure(self.path, self.error, self.run_dir, self.checkpointing)) from self.error
+
+    def close(self) -> None:
+        self._call("close")
+        self.raise_failure()
+
+
+def _quiet_event_writer_thread() -> None:
+    """TensorBoard's writer thread dies of a write error with a traceback on stderr, and hands the
+    error on to the next call, which :class:`_EventWriter` reports in one line: keep the thread's
+    traceback for errors other than OSError."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "sam_bench", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.sam_bench = True
+    threading.excepthook = hook
 
 
 def _summary_writer(run_dir: Path, resumed_at: int):
