@@ -629,6 +629,60 @@ def test_resuming_past_a_damaged_newest_keeps_the_good_previous(tmp_path):
     assert (tmp_path / f"{ckpt.CHECKPOINT}.damaged").read_bytes() == b""
 
 
+def _unreadable(path: Path) -> None:
+    """Make ``path`` a file whose every read fails with EIO, as on a failing disk (/proc/self/mem at
+    offset 0; a permission error cannot be made as root)."""
+    path.unlink(missing_ok=True)
+    path.symlink_to("/proc/self/mem")
+
+
+def test_checkpoints_that_cannot_be_read_are_neither_called_damaged_nor_set_aside(tmp_path):
+    """An I/O error reading both files advised deleting the run directory, and one reading the
+    newest renamed it .damaged (QA): a file that cannot be read may be intact."""
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    _unreadable(tmp_path / ckpt.CHECKPOINT)
+    state, path = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 10
+    ckpt.set_aside_damaged_newest(tmp_path, path)
+    assert (tmp_path / ckpt.CHECKPOINT).is_symlink() and not list(tmp_path.glob("*.damaged*"))
+    _unreadable(tmp_path / ckpt.PREVIOUS)
+    with pytest.raises(CheckpointError) as failed:
+        ckpt.load_checkpoint(tmp_path)
+    assert str(failed.value) == (
+        f"no checkpoint in {tmp_path} could be read: {tmp_path / ckpt.CHECKPOINT} (cannot be read: Input/output error); "
+        f"{tmp_path / ckpt.PREVIOUS} (cannot be read: Input/output error). A file that cannot be read may be intact: fix the "
+        "cause (its permissions, the disk) and re-run the same command to resume")
+
+
+def test_a_one_off_read_error_is_read_again(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    read, failed = ckpt.read_checkpoint, []
+
+    def once(path):
+        if not failed:
+            failed.append(path)
+            raise ckpt.ReadError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return read(path)
+
+    monkeypatch.setattr(ckpt, "read_checkpoint", once)
+    assert ckpt.load_checkpoint(tmp_path)[0]["step"] == 20 and failed == [tmp_path / ckpt.CHECKPOINT]
+
+
+def test_a_file_set_aside_as_damaged_is_never_overwritten(tmp_path):
+    """A second damaged newest was renamed over the first one set aside (QA)."""
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    for damage, step in ((b"first damage", 30), (b"second damage", 40)):
+        (tmp_path / ckpt.CHECKPOINT).write_bytes(damage)
+        state, path = ckpt.load_checkpoint(tmp_path)
+        ckpt.set_aside_damaged_newest(tmp_path, path)
+        ckpt.save_checkpoint(tmp_path, _state(step))
+    assert (tmp_path / f"{ckpt.CHECKPOINT}.damaged").read_bytes() == b"first damage"
+    assert (tmp_path / f"{ckpt.CHECKPOINT}.damaged.1").read_bytes() == b"second damage"
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, _state(10))
 
