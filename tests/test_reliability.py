@@ -815,13 +815,15 @@ def test_diagnostics_of_a_log_interval_cut_by_a_checkpoint_survive_it():
 
 
 @pytest.mark.slow
-def test_a_resumed_run_shows_each_tensorboard_point_once(compose_train, tmp_path):
+@pytest.mark.parametrize("killed_in", [2, 1], ids=["second_checkpoint", "first_checkpoint"])
+def test_a_resumed_run_shows_each_tensorboard_point_once(compose_train, tmp_path, killed_in):
     """Killed after an epoch's events were flushed but before its checkpoint: the resumed run writes
-    those steps again, and TensorBoard hides the first copies (purge_step)."""
+    those steps again, and TensorBoard hides the first copies (purge_step); also when the run had no
+    checkpoint yet and starts over (the first epoch's points were shown twice, QA)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = compose_train([*TINY, "trainer.epochs=2"])
-    assert _run_child(cfg, tmp_path, "checkpoint_partial@2") not in (0, None)
+    assert _run_child(cfg, tmp_path, f"checkpoint_partial@{killed_in}") not in (0, None)
     assert _run_child(cfg, tmp_path) == 0
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()

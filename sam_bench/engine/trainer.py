@@ -915,7 +915,11 @@ def _quiet_event_writer_thread() -> None:
 
 def _summary_writer(run_dir: Path, resumed_at: int):
     """TensorBoard's writer; resuming after step ``resumed_at`` hides the events a killed run had
-    written past its checkpoint (``purge_step``), which the resumed run writes again."""
+    written past its checkpoint (``purge_step``), which the resumed run writes again; so does a run
+    that starts over where events are already (killed before its first checkpoint, or
+    ``trainer.checkpoint=false``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
+    tb = run_dir / "tb"
+    earlier = resumed_at or any(tb.glob("*tfevents*"))
+    return SummaryWriter(log_dir=str(tb), purge_step=resumed_at + 1 if earlier else None)
