@@ -799,6 +799,39 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before  # and leaving the block raised nothing more
 
 
+def test_a_signal_noted_early_is_taken_over_by_the_trainers_handler():
+    from sam_bench.engine.signals import catch_early
+
+    before = signal.getsignal(signal.SIGTERM)
+    early = catch_early()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        with PreemptionHandler() as h:
+            assert h.requested and h.signal_name == "SIGTERM"
+    finally:
+        early.__exit__(None, None, None)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_before_training_began_exits_75(cli_env, tmp_path):
+    """Before the trainer installed its handler (after torch's import, seconds in), SIGTERM killed
+    the run (status 143), which a scheduler takes for a failure, not a preemption (QA)."""
+    run = tmp_path / "r"
+    proc = subprocess.Popen(sam_bench_cmd() + ["train", *TINY, f"hydra.run.dir={run}"], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / ".hydra" / "overrides.yaml").exists() and time.time() < deadline:  # Hydra's part done, torch's next
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert err.strip().splitlines()[-1] == ("sam-bench: preempted: stopped by SIGTERM before training began, nothing written; "
+                                            "re-run the same command to start")
+    assert not ckpt.checkpoint_files(run) and not (run / "metrics.jsonl").exists()
+
+
 def test_diagnostics_of_a_log_interval_cut_by_a_checkpoint_survive_it():
     """The device accumulators were not checkpointed: the first interval after a resume logged the
     mean of its second half only."""

@@ -426,6 +426,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     device = resolve_device(tr.device)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
+    if any_rank(preempt.requested, dist_info, device):  # a signal noted since the CLI started (signals.catch_early)
+        again = "resume" if tr.checkpoint and ckpt.checkpoint_files(run_dir) else "start"
+        raise Preempted(f"stopped by {preempt.signal_name or 'a preemption signal to another rank'} before training "
+                        f"began, nothing written; re-run the same command to {again}")
     validate_ranks(cfg, dist_info.world_size)
     rank_batch = per_rank_batch(tr.batch_size, dist_info)
     precision = resolve_precision(tr.precision, device)
