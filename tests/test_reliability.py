@@ -168,6 +168,54 @@ def test_finite_guard_names_the_first_bad_step():
         grad_guard.check(1, 0)
 
 
+def _guard_rank(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: rank 1 asks to stop by step 2, and its loss goes NaN at step 3."""
+    import torch.distributed as dist
+
+    from sam_bench.engine.distributed import DistInfo
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        guard = FiniteGuard(torch.device("cpu"), DistInfo(rank=rank, world_size=2), stop_requested=lambda: rank == 1)
+        for step in (1, 2):
+            guard.update(torch.tensor(1.0))
+        guard.check(2, 0)
+        stop = guard.stop
+        for step in (3, 4):
+            guard.update(torch.tensor(float("nan") if rank == 1 and step == 3 else 1.0))
+        try:
+            guard.check(4, 0)
+            error = None
+        except TrainingDiverged as e:
+            error = str(e).split(";")[0]
+        results.put((rank, stop, error))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        results.put((rank, None, repr(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_the_ranks_agree_on_a_divergence_and_a_stop_request():
+    """Under torchrun the finite check looked at its own rank: a rank that diverged alone raised alone
+    (the others waited in their next collective) and wrote no divergence record unless it was rank 0
+    (QA). Now one all-reduce, which also carries the preemption flag, makes every rank raise."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_guard_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got == [(rank, True, "non-finite training loss or gradient at step 3 (epoch 1)") for rank in (0, 1)]
+
+
 # ---------------------------------------------------------------- fault injection (in forked children)
 
 

@@ -150,14 +150,20 @@ class FiniteGuard:
     """Watches the training loss (and SAM's ascent-gradient norm) for inf/NaN on the device.
 
     ``update`` runs every step without a host sync; ``check`` syncs once (at a log interval, an
-    epoch end, before a checkpoint) and names the first bad step since the last check.
+    epoch end, before a checkpoint) and names the first bad step since the last check. Under
+    torchrun the ranks agree in that check's one all-reduce: when any rank went non-finite, every
+    rank raises (one rank alone left the others waiting in their next collective, and wrote no
+    divergence record unless it was rank 0); the same all-reduce tells every rank whether any was
+    asked to stop (``stop_requested``, a preemption signal): :attr:`stop`.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, dist_info: DistInfo = DistInfo(), stop_requested: Callable[[], bool] = lambda: False):
         self.ok = torch.ones((), dtype=torch.bool, device=device)
         self.good_steps = torch.zeros((), dtype=torch.long, device=device)  # finite steps since last check
         self.checked_step = 0  # global step of the last successful check
         self.last_checkpoint = "none written yet"
+        self.dist_info, self.stop_requested = dist_info, stop_requested
+        self.stop = False  # whether any rank was asked to stop, as of the check at step checked_step
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         finite = torch.isfinite(loss)
@@ -166,23 +172,41 @@ class FiniteGuard:
         self.ok.logical_and_(finite)
         self.good_steps += self.ok
 
-    def check(self, global_step: int, epoch: int) -> None:
-        if bool(self.ok):  # the one host sync
-            self.good_steps.zero_()
-            self.checked_step = global_step
-            return
-        bad = self.checked_step + int(self.good_steps) + 1
-        raise TrainingDiverged(
-            f"non-finite training loss or gradient at step {bad} (epoch {epoch + 1}); nothing after the last good "
-            f"checkpoint ({self.last_checkpoint}) was saved. Lower optimizer.lr (or optimizer.grad_clip), "
-            "then train into a new run directory"
-        )
+    def check(self, global_step: int, epoch: int, weights: nn.Module | None = None) -> None:
+        """Raise TrainingDiverged when the loss or gradient went non-finite since the last check (or,
+        given ``weights``, when a weight or buffer of that model is non-finite); one host sync."""
+        never = torch.full_like(self.good_steps, 2**62)
+        flags = torch.stack([
+            (~self.ok).long(),
+            -torch.where(self.ok, never, self.good_steps),  # minus the finite steps before the first bad one
+            (~_all_finite(weights)).long().to(self.ok.device) if weights is not None else torch.zeros_like(self.good_steps),
+            torch.full_like(self.good_steps, int(self.dist_info.enabled and self.stop_requested())),
+        ])
+        if self.dist_info.enabled:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank's flag; the earliest bad step
+        bad, minus_good, bad_weights, stop = flags.tolist()  # the one host sync
+        self.stop = bool(stop)
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite training loss or gradient at step {self.checked_step - minus_good + 1} (epoch {epoch + 1}); nothing "
+                f"after the last good checkpoint ({self.last_checkpoint}) was saved. Lower optimizer.lr (or "
+                "optimizer.grad_clip), then train into a new run directory"
+            )
+        if bad_weights:
+            raise TrainingDiverged(
+                f"non-finite weights after step {global_step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
+                f"{self.last_checkpoint}. Lower optimizer.lr (or optimizer.grad_clip), then train into a new run directory"
+            )
+        self.good_steps.zero_()
+        self.checked_step = global_step
 
 
-def weights_finite(model: nn.Module) -> bool:
-    """Every floating-point parameter and buffer is finite (one host sync)."""
+def _all_finite(model: nn.Module) -> torch.Tensor:
+    """Whether every floating-point parameter and buffer of ``model`` is finite, as a device bool (no sync)."""
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=next(iter(model.state_dict().values()), torch.empty(())).device)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def new_epoch_progress(device: torch.device) -> dict[str, Any]:
@@ -460,7 +484,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
     labels_hash = ckpt.content_digest(data.train.labels)  # catches a changed label-noise file on resume
-    guard = FiniteGuard(device)
+    guard = FiniteGuard(device, dist_info, stop_requested=lambda: preempt.requested)
 
     start_epoch, global_step, history, train_time, partial = 0, 0, [], 0.0, None
     commits: list = []  # the code versions this run trained with, oldest first (a resume may bring a newer one)
@@ -511,12 +535,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     def save(epoch_done: int, step: int, progress: dict[str, Any] | None) -> Path:
         """Checkpoint the full state; refuses (TrainingDiverged) to write non-finite weights."""
         epoch = epoch_done if progress is not None else epoch_done - 1  # 0-based epoch being trained
-        guard.check(step, epoch)
-        if not weights_finite(model):
-            raise TrainingDiverged(
-                f"non-finite weights after step {step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
-                f"{guard.last_checkpoint}. Lower optimizer.lr (or optimizer.grad_clip), then train into a new run directory"
-            )
+        guard.check(step, epoch, weights=model)  # the loss, the gradient and the weights (on every rank)
         if progress is not None and dist_info.enabled:  # the epoch's running stats over all ranks
             progress = _summed_over_ranks(progress, dist_info)
         ranks_rng = _gather_rank_rngs(optimizer, device, dist_info)
@@ -553,7 +572,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         if dist_info.enabled:  # all ranks stop at the same step: agree at log intervals and epoch ends
             if progress is not None and step % tr.log_every_steps:
                 return
-            if not any_rank(preempt.requested, dist_info, device):
+            # at a log interval the finite check's all-reduce (just done, in train_one_epoch) told whether any rank was asked
+            agreed = guard.stop if progress is not None and guard.checked_step == step else any_rank(preempt.requested, dist_info, device)
+            if not agreed:
                 return
         elif not preempt.requested:
             return
