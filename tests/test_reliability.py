@@ -168,6 +168,25 @@ def test_finite_guard_names_the_first_bad_step():
         grad_guard.check(1, 0)
 
 
+def test_the_finite_check_reads_the_progress_bars_loss_in_its_one_sync(monkeypatch):
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.update(torch.tensor(1.0))
+    syncs = []
+    for name in ("tolist", "item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: syncs.append(_n) or _o(self))
+    assert guard.check(4, 0, extra=torch.tensor(0.25)) == [0.25]
+    monkeypatch.undo()
+    assert syncs == ["tolist"]
+
+
+def test_a_divergence_says_whether_it_is_recorded_already_and_keeps_it_when_pickled():
+    import pickle
+
+    again = pickle.loads(pickle.dumps(TrainingDiverged("diverged here before", recorded=True)))
+    assert again.recorded and str(again) == "diverged here before" and not TrainingDiverged("x").recorded
+
+
 def _guard_rank(rank: int, port: int, results) -> None:
     """One of two gloo ranks: rank 1 asks to stop by step 2, and its loss goes NaN at step 3."""
     import torch.distributed as dist

@@ -172,9 +172,10 @@ class FiniteGuard:
         self.ok.logical_and_(finite)
         self.good_steps += self.ok
 
-    def check(self, global_step: int, epoch: int, weights: nn.Module | None = None) -> None:
+    def check(self, global_step: int, epoch: int, weights: nn.Module | None = None, extra: torch.Tensor | None = None) -> list[float]:
         """Raise TrainingDiverged when the loss or gradient went non-finite since the last check (or,
-        given ``weights``, when a weight or buffer of that model is non-finite); one host sync."""
+        given ``weights``, when a weight or buffer of that model is non-finite); one host sync, which
+        also reads ``extra`` (this rank's values, returned as a list)."""
         never = torch.full_like(self.good_steps, 2**62)
         flags = torch.stack([
             (~self.ok).long(),
@@ -184,7 +185,8 @@ class FiniteGuard:
         ])
         if self.dist_info.enabled:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank's flag; the earliest bad step
-        bad, minus_good, bad_weights, stop = flags.tolist()  # the one host sync
+        values = flags.tolist() if extra is None else torch.cat([flags.double(), extra.detach().double().reshape(-1)]).tolist()
+        bad, minus_good, bad_weights, stop = (int(v) for v in values[:4])  # read in the one host sync
         self.stop = bool(stop)
         if bad:
             raise TrainingDiverged(
@@ -199,6 +201,7 @@ class FiniteGuard:
             )
         self.good_steps.zero_()
         self.checked_step = global_step
+        return values[4:]
 
 
 def _all_finite(model: nn.Module) -> torch.Tensor:
@@ -279,8 +282,12 @@ def train_one_epoch(
 ) -> tuple[dict[str, float], int]:
     """Train for one epoch (from ``partial['epoch_step']`` when resuming); returns (stats, global step).
 
-    Host syncs: one per ``log_every`` steps (finite check) and one at the end.
-    ``after_step(epoch, global_step, progress)`` runs after every step (checkpoints, preemption).
+    Host syncs of this loop: at every ``log_every``-th global step one that reads the finite check
+    together with the progress bar's running loss (under torchrun the all-reduce by which the ranks
+    agree on the check and on a preemption), and one more when SAM's diagnostics are on
+    (``optimizer.diagnostics``: ``on_log`` gets them); two at the end (the finite check, the epoch's
+    totals). ``after_step(epoch, global_step, progress)`` runs after every step (checkpoints,
+    preemption).
     """
     model.train()
     if bn_eval:
@@ -306,12 +313,15 @@ def train_one_epoch(
             guard.update(loss, optimizer.grad_norm if watch_grad_norm else None)
         bar.update(1)
         if global_step % log_every == 0:  # intervals of the global step: the same whatever the epoch length
+            running = None if bar.disable else acc["loss_sum"] / acc["seen"]  # the progress bar's, read with the check
             if guard is not None:
-                guard.check(global_step, epoch)  # a sync per log interval only
+                shown = guard.check(global_step, epoch, extra=running)
+            else:
+                shown = [] if running is None else [running.item()]
             if on_log is not None:
-                on_log(global_step, optimizer.read_diagnostics())  # SAM diagnostics: one sync per interval
-            if not bar.disable:
-                bar.set_postfix(loss=f"{(acc['loss_sum'] / acc['seen']).item():.3f}")
+                on_log(global_step, optimizer.read_diagnostics())  # SAM's diagnostics: a sync of their own when they are on
+            if shown:
+                bar.set_postfix(loss=f"{shown[0]:.3f}")
         acc["time_s"] = time.perf_counter() - t0
         if after_step is not None:
             after_step(epoch, global_step, acc)
@@ -350,8 +360,8 @@ def evaluate(model: nn.Module, loader: DeviceLoader, amp, dist_info: DistInfo = 
 def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train (or resume, or skip if already complete) the run described by ``cfg`` in ``run_dir``.
 
-    Holds the run directory's lock throughout, and turns SIGTERM/SIGUSR1 into a checkpoint and
-    :class:`Preempted` (see :mod:`sam_bench.engine.signals`).
+    Holds the run directory's lock throughout, and turns SIGTERM, SIGUSR1, SIGUSR2 or a first Ctrl-C
+    (SIGINT) into a checkpoint and :class:`Preempted` (see :mod:`sam_bench.engine.signals`).
     """
     validate(cfg)
     run_dir = Path(run_dir)
@@ -364,7 +374,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         try:
             return _fit(cfg, run_dir, preempt, dist_info)
         except TrainingDiverged as e:
-            if dist_info.is_main and not getattr(e, "recorded", False):
+            if dist_info.is_main and not e.recorded:
                 try:
                     write_divergence(run_dir, _run_config(cfg, dist_info)[1], str(e))
                 except OSError as err:  # the divergence is the news; a full disk must not hide it
@@ -441,10 +451,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         return done
     diverged = read_divergence(run_dir)
     if diverged is not None and diverged.get("config_hash") == chash:  # deterministic: it would diverge again
-        error = TrainingDiverged(f"this config diverged in {run_dir} before ({str(diverged.get('error')).split(';')[0]}); "
-                                 f"delete the run directory to train it again, or change optimizer.lr or optimizer.grad_clip")
-        error.recorded = True
-        raise error
+        raise TrainingDiverged(f"this config diverged in {run_dir} before ({str(diverged.get('error')).split(';')[0]}); "
+                               f"delete the run directory to train it again, or change optimizer.lr or optimizer.grad_clip",
+                               recorded=True)
 
     tr = cfg.trainer
     device = resolve_device(tr.device)
@@ -628,7 +637,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                 on_log=lambda step, diag: [writer.add_scalar(k, v, step) for k, v in diag.items()],
             )
             partial = None
-            epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.item())
+            epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.tolist())
             train_time += epoch_time
             last_epoch = epoch + 1 == tr.epochs
             evaluated = last_epoch or (epoch + 1) % tr.eval_every == 0
