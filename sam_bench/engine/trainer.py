@@ -312,6 +312,7 @@ def train_one_epoch(
         if guard is not None:
             guard.update(loss, optimizer.grad_norm if watch_grad_norm else None)
         bar.update(1)
+        fault_point("step")  # (tests) a signal here is one the check below, at a log interval, carries to every rank
         if global_step % log_every == 0:  # intervals of the global step: the same whatever the epoch length
             running = None if bar.disable else acc["loss_sum"] / acc["seen"]  # the progress bar's, read with the check
             if guard is not None:
@@ -595,7 +596,6 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         raise Preempted(f"stopped by {by} at step {step}; checkpoint {where}; {again}")
 
     def after_step(epoch: int, step: int, progress: dict[str, Any]) -> None:
-        fault_point("step")
         stop_if_preempted(epoch, step, progress)
         every = tr.checkpoint_every_steps
         if tr.checkpoint and every and step % every == 0 and progress["epoch_step"] < steps_per_epoch:
