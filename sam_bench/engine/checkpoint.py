@@ -204,8 +204,8 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
 
 
 def _read_or_why(path: Path) -> tuple[dict[str, Any] | None, str | None, str | None]:
-    """(state, None, None) for a good file; else (None, why, how): ``how`` is "unreadable" (an
-    OSError: the file could not be read, and may well be intact; read twice, for a one-off error) or
+    """(state, None, None) for a good file; else (None, why, how): ``how`` is "unreadable" (a
+    :class:`ReadError` twice: a one-off error is read past; the file may well be intact) or
     "damaged" (its content: truncated, corrupt, foreign)."""
     for attempt in (1, 2):
         try:
