@@ -388,6 +388,9 @@ def _skip_diverged_sweep_point(error: Exception, diverged: list[str]) -> None:
 
 
 def train() -> None:
+    from sam_bench.engine.signals import catch_early
+
+    catch_early()  # first: a scheduler's SIGTERM while Hydra composes or torch imports stops the run as a preemption (75)
     import hydra
     from hydra.core.hydra_config import HydraConfig
 

@@ -18,4 +18,12 @@ class CheckpointError(SamBenchError):
 
 
 class TrainingDiverged(SamBenchError):
-    """A non-finite loss, gradient or weight: the run stops before writing that state anywhere."""
+    """A non-finite loss, gradient or weight: the run stops before writing that state anywhere.
+    ``recorded``: the run directory's divergence record says so already (not written again)."""
+
+    def __init__(self, message: str, recorded: bool = False):
+        super().__init__(message)
+        self.recorded = recorded
+
+    def __reduce__(self):  # pickled (a launcher's job result) with ``recorded``
+        return type(self), (str(self), self.recorded)

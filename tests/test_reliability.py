@@ -1,12 +1,14 @@
 """Reliability: verified checkpoints, preemption, non-finite detection, the run lock, fault injection
 and one clear line for every bad input."""
 
+import errno
 import json
 import multiprocessing
 import os
 import random
 import signal
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -25,6 +27,7 @@ from sam_bench.engine.trainer import FiniteGuard, fit
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.paths import config_dir
 from sam_bench.schema import validate
+from sam_bench.tracking.results import WriteError
 
 TINY = [
     "dataset=synthetic",
@@ -163,6 +166,73 @@ def test_finite_guard_names_the_first_bad_step():
     grad_guard.update(torch.tensor(1.0), torch.tensor(float("inf")))  # a finite loss, an infinite gradient norm
     with pytest.raises(TrainingDiverged, match="at step 1 "):
         grad_guard.check(1, 0)
+
+
+def test_the_finite_check_reads_the_progress_bars_loss_in_its_one_sync(monkeypatch):
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.update(torch.tensor(1.0))
+    syncs = []
+    for name in ("tolist", "item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: syncs.append(_n) or _o(self))
+    assert guard.check(4, 0, extra=torch.tensor(0.25)) == [0.25]
+    monkeypatch.undo()
+    assert syncs == ["tolist"]
+
+
+def test_a_divergence_says_whether_it_is_recorded_already_and_keeps_it_when_pickled():
+    import pickle
+
+    again = pickle.loads(pickle.dumps(TrainingDiverged("diverged here before", recorded=True)))
+    assert again.recorded and str(again) == "diverged here before" and not TrainingDiverged("x").recorded
+
+
+def _guard_rank(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: rank 1 asks to stop by step 2, and its loss goes NaN at step 3."""
+    import torch.distributed as dist
+
+    from sam_bench.engine.distributed import DistInfo
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        guard = FiniteGuard(torch.device("cpu"), DistInfo(rank=rank, world_size=2), stop_requested=lambda: rank == 1)
+        for step in (1, 2):
+            guard.update(torch.tensor(1.0))
+        guard.check(2, 0)
+        stop = guard.stop
+        for step in (3, 4):
+            guard.update(torch.tensor(float("nan") if rank == 1 and step == 3 else 1.0))
+        try:
+            guard.check(4, 0)
+            error = None
+        except TrainingDiverged as e:
+            error = str(e).split(";")[0]
+        results.put((rank, stop, error))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        results.put((rank, None, repr(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_the_ranks_agree_on_a_divergence_and_a_stop_request():
+    """Under torchrun the finite check looked at its own rank: a rank that diverged alone raised alone
+    (the others waited in their next collective) and wrote no divergence record unless it was rank 0
+    (QA). Now one all-reduce, which also carries the preemption flag, makes every rank raise."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_guard_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got == [(rank, True, "non-finite training loss or gradient at step 3 (epoch 1)") for rank in (0, 1)]
 
 
 # ---------------------------------------------------------------- fault injection (in forked children)
@@ -485,6 +555,57 @@ def test_second_process_on_a_busy_run_directory_fails_fast(cli_env, tmp_path):
     assert (run / ".hydra" / "config.yaml").read_text() == "the running job's config\n"  # refused before Hydra wrote it
 
 
+def test_the_cli_locks_the_run_directory_before_hydra_writes_there_and_the_trainer_takes_it_over(tmp_path):
+    """The lock was taken in fit(), after torch's import: for seconds after Hydra had written a job's
+    .hydra/ files, a second command found the directory free and rewrote them (QA)."""
+    from sam_bench.engine.rundir import _lock_or_refuse, lock_before_hydra
+
+    def another_process_locks():  # flock conflicts between open files, even of one process
+        with open(tmp_path / ".lock", "a+") as f:
+            _lock_or_refuse(f, tmp_path)
+
+    lock_before_hydra(tmp_path)
+    with pytest.raises(ConfigError, match=f"is in use by another sam-bench process \\(pid {os.getpid()}\\)"):
+        another_process_locks()
+    with run_lock(tmp_path):  # the trainer's: taken over, not refused
+        with pytest.raises(ConfigError, match="in use"):
+            another_process_locks()
+    another_process_locks()  # released at the end of the run
+
+
+@pytest.mark.slow
+def test_a_command_refused_on_a_busy_directory_leaves_the_running_jobs_hydra_files(cli_env, tmp_path):
+    run = tmp_path / "r"
+    first = subprocess.Popen(sam_bench_cmd() + ["train", *TINY, f"hydra.run.dir={run}"], env=cli_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / ".hydra" / "overrides.yaml").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # Hydra has written them
+    before = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    second = _cli([*TINY, "optimizer.rho=0.1", f"hydra.run.dir={run}"], cli_env)
+    assert first.wait(timeout=300) == 0, first.communicate()[1]
+    assert second.returncode == 2 and "is in use by another sam-bench process" in second.stderr, second.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("by", ["result", "checkpoint"])
+def test_a_refused_command_leaves_the_hydra_files_as_they_were(cli_env, tmp_path, by):
+    """A refusal on result.json (no checkpoint left) put back config.yaml alone, rebuilt, and left the
+    refused command's overrides.yaml and hydra.yaml in place (QA)."""
+    run = tmp_path / "r"
+    assert _cli([*TINY, "trainer.epochs=1", f"hydra.run.dir={run}"], cli_env).returncode == 0
+    if by == "result":
+        for path in ckpt.checkpoint_files(run):
+            path.unlink()
+    before = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    proc = _cli([*TINY, "trainer.epochs=1", "optimizer.lr=0.05", f"hydra.run.dir={run}"], cli_env)
+    what = "the finished result (result.json)" if by == "result" else "a checkpoint"
+    assert proc.returncode == 2 and f"holds {what} of a different config (optimizer.lr" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+
+
 # ---------------------------------------------------------------- what a resume must never destroy (QA)
 
 
@@ -515,6 +636,24 @@ def test_another_configs_finished_result_is_not_overwritten_when_the_checkpoints
         fit(compose_train([*TINY, "trainer.epochs=1", "optimizer.lr=0.05"]), tmp_path)
     assert _sha(tmp_path / "result.json") == before
     assert fit(cfg, tmp_path)["final_test_error"] == done["final_test_error"]  # its own config: read back, not retrained
+
+
+def _files(run_dir: Path) -> dict:
+    return {p.relative_to(run_dir): _sha(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "preempted"])
+def test_checkpointing_off_does_not_overwrite_another_configs_run(compose_train, tmp_path, finished):
+    """trainer.checkpoint=false read no checkpoint, so no config was compared (result.json was only
+    when no checkpoint was left): another config's finished run lost its result.json, metrics.jsonl
+    and got a second event file in tb/ (QA); an unfinished one lost its metrics.jsonl."""
+    cfg = compose_train([*TINY, "trainer.epochs=1"])
+    assert _run_child(cfg, tmp_path, None if finished else "step@3:TERM") == (0 if finished else PREEMPTED_EXIT_CODE)
+    before = _files(tmp_path)
+    what = r"the finished result \(result.json\)" if finished else "a checkpoint"
+    with pytest.raises(CheckpointError, match=f"holds {what} of a different config \\(optimizer.rho: 0.05 -> 0.1"):
+        fit(compose_train([*TINY, "trainer.epochs=1", "optimizer.rho=0.1", "trainer.checkpoint=false"]), tmp_path)
+    assert _files(tmp_path) == before
 
 
 def test_a_key_added_by_a_newer_version_resumes_at_its_default_and_records_both_commits(compose_train, tmp_path, monkeypatch):
@@ -557,6 +696,60 @@ def test_resuming_past_a_damaged_newest_keeps_the_good_previous(tmp_path):
     assert (tmp_path / f"{ckpt.CHECKPOINT}.damaged").read_bytes() == b""
 
 
+def _unreadable(path: Path) -> None:
+    """Make ``path`` a file whose every read fails with EIO, as on a failing disk (/proc/self/mem at
+    offset 0; a permission error cannot be made as root)."""
+    path.unlink(missing_ok=True)
+    path.symlink_to("/proc/self/mem")
+
+
+def test_checkpoints_that_cannot_be_read_are_neither_called_damaged_nor_set_aside(tmp_path):
+    """An I/O error reading both files advised deleting the run directory, and one reading the
+    newest renamed it .damaged (QA): a file that cannot be read may be intact."""
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    _unreadable(tmp_path / ckpt.CHECKPOINT)
+    state, path = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 10
+    ckpt.set_aside_damaged_newest(tmp_path, path)
+    assert (tmp_path / ckpt.CHECKPOINT).is_symlink() and not list(tmp_path.glob("*.damaged*"))
+    _unreadable(tmp_path / ckpt.PREVIOUS)
+    with pytest.raises(CheckpointError) as failed:
+        ckpt.load_checkpoint(tmp_path)
+    assert str(failed.value) == (
+        f"no checkpoint in {tmp_path} could be read: {tmp_path / ckpt.CHECKPOINT} (cannot be read: Input/output error); "
+        f"{tmp_path / ckpt.PREVIOUS} (cannot be read: Input/output error). A file that cannot be read may be intact: fix the "
+        "cause (its permissions, the disk) and re-run the same command to resume")
+
+
+def test_a_one_off_read_error_is_read_again(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    read, failed = ckpt.read_checkpoint, []
+
+    def once(path):
+        if not failed:
+            failed.append(path)
+            raise ckpt.ReadError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return read(path)
+
+    monkeypatch.setattr(ckpt, "read_checkpoint", once)
+    assert ckpt.load_checkpoint(tmp_path)[0]["step"] == 20 and failed == [tmp_path / ckpt.CHECKPOINT]
+
+
+def test_a_file_set_aside_as_damaged_is_never_overwritten(tmp_path):
+    """A second damaged newest was renamed over the first one set aside (QA)."""
+    ckpt.save_checkpoint(tmp_path, _state(10))
+    ckpt.save_checkpoint(tmp_path, _state(20))
+    for damage, step in ((b"first damage", 30), (b"second damage", 40)):
+        (tmp_path / ckpt.CHECKPOINT).write_bytes(damage)
+        state, path = ckpt.load_checkpoint(tmp_path)
+        ckpt.set_aside_damaged_newest(tmp_path, path)
+        ckpt.save_checkpoint(tmp_path, _state(step))
+    assert (tmp_path / f"{ckpt.CHECKPOINT}.damaged").read_bytes() == b"first damage"
+    assert (tmp_path / f"{ckpt.CHECKPOINT}.damaged.1").read_bytes() == b"second damage"
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, _state(10))
 
@@ -571,6 +764,96 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.CHECKPOINT] and ckpt.load_checkpoint(tmp_path)[0]["step"] == 10
 
 
+def test_a_full_disk_before_the_first_checkpoint_does_not_speak_of_intact_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: _no_space())
+    with pytest.raises(CheckpointError) as failed:
+        ckpt.save_checkpoint(tmp_path, _state(10))
+    assert str(failed.value) == (f"cannot write {tmp_path / ckpt.NEXT} (No space left on device); no checkpoint was written yet: "
+                                 "free space (or raise the quota) and re-run the same command to train from the start")
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+INTACT = "the checkpoints already there are intact: free space (or raise the quota) and re-run the same command to resume from them"
+WRITE_FAILURES = [
+    # (id, what fails, file named, extra overrides, the rest of the line)
+    ("metrics", "sam_bench.engine.trainer.write_metrics", "metrics.jsonl", [], INTACT),
+    ("result", "sam_bench.engine.trainer.atomic_write_json", "result.json", [], INTACT),
+    ("noise_file", "sam_bench.data.noisy.atomic_write_bytes", "noisy_labels.pt", ["dataset.label_noise.rate=0.2"],
+     "no checkpoint was written yet: free space (or raise the quota) and re-run the same command to train from the start"),
+    ("no_checkpointing", "sam_bench.engine.trainer.write_metrics", "metrics.jsonl", ["trainer.checkpoint=false"],
+     "trainer.checkpoint=false keeps no checkpoint: free space (or raise the quota) and re-run the same command to train "
+     "again from epoch 1"),
+]
+
+
+@pytest.mark.parametrize("name,target,file,overrides,rest", WRITE_FAILURES, ids=[w[0] for w in WRITE_FAILURES])
+def test_a_failed_write_is_one_line_naming_the_file_and_what_a_rerun_does(compose_train, tmp_path, monkeypatch, caplog,
+                                                                          name, target, file, overrides, rest):
+    """Only the checkpoint's write failures were one line: a full disk at metrics.jsonl, result.json
+    or the label-noise file ended in a traceback (QA). The line goes to the log (train.log) too, and
+    the same command then finishes the run."""
+    cfg = compose_train([*TINY, "trainer.epochs=1", *overrides])
+    monkeypatch.setattr(target, _no_space)
+    with pytest.raises(WriteError) as failed:
+        fit(cfg, tmp_path)
+    line = f"cannot write {tmp_path / file} (No space left on device); {rest}"
+    assert str(failed.value) == line
+    assert line in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    monkeypatch.undo()
+    assert fit(cfg, tmp_path)["status"] == "complete"
+
+
+def test_a_tensorboard_write_failure_is_one_line_after_the_epochs_checkpoint(compose_train, tmp_path, monkeypatch):
+    """TensorBoard's write error (raised by its writer thread at a later call) was a traceback, and
+    came before the epoch end's checkpoint, which it cost (QA)."""
+    from tensorboard.summary.writer import record_writer
+
+    write, calls = record_writer.RecordWriter.write, [0]
+
+    def failing(self, data):  # the event file's header, then a full disk
+        calls[0] += 1
+        return write(self, data) if calls[0] == 1 else _no_space()
+
+    cfg = compose_train([*TINY, "trainer.epochs=2"])
+    monkeypatch.setattr(record_writer.RecordWriter, "write", failing)
+    with pytest.raises(WriteError) as failed:
+        fit(cfg, tmp_path)
+    assert str(failed.value) == f"cannot write {tmp_path / 'tb'} (No space left on device); {INTACT}"
+    assert ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)["epoch"] == 1 and len(_metrics(tmp_path)) == 1
+    monkeypatch.undo()
+    assert fit(cfg, tmp_path)["status"] == "complete" and len(_metrics(tmp_path)) == 2
+
+
+FULL_DISK_AT_TENSORBOARD = """
+import errno, os, sys
+from tensorboard.summary.writer import record_writer
+write, calls = record_writer.RecordWriter.write, [0]
+def failing(self, data):
+    calls[0] += 1
+    if calls[0] > 1:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, data)
+record_writer.RecordWriter.write = failing
+from sam_bench.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_cli_is_one_line_also_in_train_log(cli_env, tmp_path):
+    run = tmp_path / "r"
+    args = ["train", *TINY, "trainer.epochs=2", f"hydra.run.dir={run}"]
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_AT_TENSORBOARD, *args], env=cli_env, capture_output=True, text=True,
+                          timeout=300)
+    line = f"cannot write {run / 'tb'} (No space left on device); {INTACT}"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"sam-bench: error: {line}", proc.stderr
+    assert "Traceback" not in proc.stderr and line in (run / "train.log").read_text()
+    assert _cli(args[1:], cli_env).returncode == 0 and len(_metrics(run)) == 2
+
+
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
     before = signal.getsignal(signal.SIGINT)
     with PreemptionHandler() as h:
@@ -581,6 +864,39 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is before  # and leaving the block raised nothing more
+
+
+def test_a_signal_noted_early_is_taken_over_by_the_trainers_handler():
+    from sam_bench.engine.signals import catch_early
+
+    before = signal.getsignal(signal.SIGTERM)
+    early = catch_early()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        with PreemptionHandler() as h:
+            assert h.requested and h.signal_name == "SIGTERM"
+    finally:
+        early.__exit__(None, None, None)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_before_training_began_exits_75(cli_env, tmp_path):
+    """Before the trainer installed its handler (after torch's import, seconds in), SIGTERM killed
+    the run (status 143), which a scheduler takes for a failure, not a preemption (QA)."""
+    run = tmp_path / "r"
+    proc = subprocess.Popen(sam_bench_cmd() + ["train", *TINY, f"hydra.run.dir={run}"], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / ".hydra" / "overrides.yaml").exists() and time.time() < deadline:  # Hydra's part done, torch's next
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert err.strip().splitlines()[-1] == ("sam-bench: preempted: stopped by SIGTERM before training began, nothing written; "
+                                            "re-run the same command to start")
+    assert not ckpt.checkpoint_files(run) and not (run / "metrics.jsonl").exists()
 
 
 def test_diagnostics_of_a_log_interval_cut_by_a_checkpoint_survive_it():
@@ -599,13 +915,15 @@ def test_diagnostics_of_a_log_interval_cut_by_a_checkpoint_survive_it():
 
 
 @pytest.mark.slow
-def test_a_resumed_run_shows_each_tensorboard_point_once(compose_train, tmp_path):
+@pytest.mark.parametrize("killed_in", [2, 1], ids=["second_checkpoint", "first_checkpoint"])
+def test_a_resumed_run_shows_each_tensorboard_point_once(compose_train, tmp_path, killed_in):
     """Killed after an epoch's events were flushed but before its checkpoint: the resumed run writes
-    those steps again, and TensorBoard hides the first copies (purge_step)."""
+    those steps again, and TensorBoard hides the first copies (purge_step); also when the run had no
+    checkpoint yet and starts over (the first epoch's points were shown twice, QA)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = compose_train([*TINY, "trainer.epochs=2"])
-    assert _run_child(cfg, tmp_path, "checkpoint_partial@2") not in (0, None)
+    assert _run_child(cfg, tmp_path, f"checkpoint_partial@{killed_in}") not in (0, None)
     assert _run_child(cfg, tmp_path) == 0
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()

@@ -21,7 +21,7 @@ import torch
 
 from sam_bench.engine.faults import fault_point
 from sam_bench.errors import CheckpointError
-from sam_bench.tracking.results import fsync_dir
+from sam_bench.tracking.results import WriteError, fix_for, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,22 @@ NEXT = ".checkpoint.next.pt"
 #: prefix of the lasting per-epoch copies (``trainer.keep_epochs``), see :func:`kept_name`
 KEPT_PREFIX = "checkpoint_epoch"
 REQUIRED_KEYS = ("format", "epoch", "step", "model", "optimizer", "rng", "history", "config_hash")
+
+
+class CheckpointWriteError(CheckpointError, WriteError):
+    """A checkpoint could not be written; the files already there are untouched."""
+
+
+def write_failure(path: Path, error: OSError, run_dir: Path, checkpointing: bool = True) -> str:
+    """The one line for a file of the run that could not be written: the file, the cause, the state
+    of the checkpoints, and what re-running the same command then does."""
+    if not checkpointing:
+        state, rerun = "trainer.checkpoint=false keeps no checkpoint", "train again from epoch 1"
+    elif checkpoint_files(run_dir):
+        state, rerun = "the checkpoints already there are intact", "resume from them"
+    else:
+        state, rerun = "no checkpoint was written yet", "train from the start"
+    return f"cannot write {path} ({error.strerror or error}); {state}: {fix_for(error)} and re-run the same command to {rerun}"
 
 
 def content_digest(obj: Any) -> str:
@@ -75,8 +91,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:  # disk full, quota, file size limit: one line, no half-written temporary left
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); the checkpoints already there are intact: free space "
-                              "(or raise the quota) and re-run the same command to resume from them") from e
+        raise CheckpointWriteError(write_failure(path, e, path.parent)) from e
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = None) -> Path:
@@ -94,13 +109,16 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = 
         _write_atomic(run_dir / keep_as, buf.getvalue())
     newest, previous, nxt = run_dir / CHECKPOINT, run_dir / PREVIOUS, run_dir / NEXT
     _write_atomic(nxt, buf.getvalue())
-    fsync_dir(run_dir)
-    fault_point("checkpoint_written")
-    if newest.exists():
-        os.replace(newest, previous)
-    fault_point("checkpoint_rotated")
-    os.replace(nxt, newest)
-    fsync_dir(run_dir)
+    try:  # the renames (an I/O error): whatever step it stops at, resuming finds a whole checkpoint
+        fsync_dir(run_dir)
+        fault_point("checkpoint_written")
+        if newest.exists():
+            os.replace(newest, previous)
+        fault_point("checkpoint_rotated")
+        os.replace(nxt, newest)
+        fsync_dir(run_dir)
+    except OSError as e:
+        raise CheckpointWriteError(write_failure(newest, e, run_dir)) from e
     return newest
 
 
@@ -132,9 +150,41 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+class ReadError(OSError):
+    """The file could not be read (an I/O or permission error): its content may well be intact."""
+
+
+class _CheckpointFile(io.FileIO):
+    """A file whose read errors are :class:`ReadError`, told apart from what ``torch.load`` raises
+    about the content (a truncated file is an OSError too: EINVAL, from a seek)."""
+
+    def __init__(self, path: Path):
+        try:
+            super().__init__(path, "rb")
+        except OSError as e:
+            raise ReadError(e.errno, e.strerror, str(path)) from e
+
+    def _reading(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as e:
+            raise ReadError(e.errno, e.strerror, self.name) from e
+
+    def read(self, size: int = -1) -> bytes:
+        return self._reading(super().read, size)
+
+    def readinto(self, b) -> int:
+        return self._reading(super().readinto, b)
+
+    def readall(self) -> bytes:
+        return self._reading(super().readall)
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and verify one file; raises on truncation, corruption or a foreign file."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load and verify one file; raises :class:`ReadError` when it cannot be read (I/O error,
+    permission), another exception on truncation, corruption or a foreign file."""
+    with _CheckpointFile(path) as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"not a sam-bench checkpoint (a {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -153,42 +203,76 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
     return [p for p in (run_dir / CHECKPOINT, run_dir / NEXT, run_dir / PREVIOUS) if p.exists()]
 
 
+def _read_or_why(path: Path) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """(state, None, None) for a good file; else (None, why, how): ``how`` is "unreadable" (a
+    :class:`ReadError` twice: a one-off error is read past; the file may well be intact) or
+    "damaged" (its content: truncated, corrupt, foreign)."""
+    for attempt in (1, 2):
+        try:
+            return read_checkpoint(path), None, None
+        except ReadError as e:
+            if attempt == 2:
+                return None, f"cannot be read: {e.strerror or e}", "unreadable"
+        except Exception as e:  # truncated, corrupt, foreign file
+            first_line = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # torch's first sentence says it
+            return None, f"{type(e).__name__}: {first_line}", "damaged"
+    raise AssertionError("unreachable")
+
+
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The most advanced verified checkpoint in ``run_dir`` and its path; None if there is none.
 
-    Unreadable files (truncated, corrupt) are reported and skipped; if every file is
-    unreadable, :class:`CheckpointError` says so rather than silently starting over.
+    Damaged files (truncated, corrupt) and unreadable ones (an I/O or permission error) are reported
+    and skipped; if every file is, :class:`CheckpointError` says so rather than silently starting
+    over, and advises deleting the run directory only when every file is damaged.
     """
-    good, errors = [], []
+    good, damaged, unreadable = [], [], []
     for path in checkpoint_files(run_dir):
-        try:
-            good.append((read_checkpoint(path), path))
-        except Exception as e:  # truncated, corrupt, foreign file
-            first_line = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # torch's first sentence says it
-            errors.append(f"{path} ({type(e).__name__}: {first_line})")
-            log.warning("checkpoint %s is unreadable (%s: %s); using an older one if any", path, type(e).__name__, first_line)
+        state, why, how = _read_or_why(path)
+        if state is not None:
+            good.append((state, path))
+            continue
+        (unreadable if how == "unreadable" else damaged).append(f"{path} ({why})")
+        log.warning("checkpoint %s is %s (%s); using an older one if any", path, how, why)
     if good:
         return max(good, key=lambda sp: (sp[0]["epoch"], sp[0]["step"]))
-    if errors:
+    if damaged or unreadable:
         for path in sorted(Path(run_dir).glob(f"{KEPT_PREFIX}*.pt"), reverse=True):  # trainer.keep_epochs copies, newest first
-            try:
-                state = read_checkpoint(path)
-            except Exception:  # noqa: BLE001 - damaged too: try the one before
+            state, _, _ = _read_or_why(path)
+            if state is None:  # damaged or unreadable too: try the one before
                 continue
             log.warning("no readable newest or previous checkpoint in %s; resuming from the kept copy %s", run_dir, path.name)
             return state, path
-        raise CheckpointError(f"no readable checkpoint in {run_dir}: {'; '.join(errors)}. Delete the run directory to start over")
+        if unreadable:  # not to be deleted: the files may be intact
+            raise CheckpointError(f"no checkpoint in {run_dir} could be read: {'; '.join(unreadable + damaged)}. A file that "
+                                  "cannot be read may be intact: fix the cause (its permissions, the disk) and re-run the "
+                                  "same command to resume")
+        raise CheckpointError(f"no readable checkpoint in {run_dir}: {'; '.join(damaged)}. Delete the run directory to start over")
     return None
 
 
 def set_aside_damaged_newest(run_dir: Path, loaded: Path) -> None:
-    """Resuming from an older file than ``checkpoint.pt`` means the newest was unreadable: rename it
-    ``checkpoint.pt.damaged`` so the next save does not rotate it over the good file just used."""
+    """Resuming from an older file than ``checkpoint.pt`` means the newest was not read: when its
+    content is damaged, rename it ``checkpoint.pt.damaged`` (``.damaged.1``, ... when that is taken:
+    a file set aside is never overwritten) so the next save does not rotate it over the good file
+    just used. A newest file that could not be read (an I/O or permission error) may be intact: it
+    stays, and the next save makes it the previous one."""
     newest = Path(run_dir) / CHECKPOINT
-    if Path(loaded) != newest and Path(loaded).name != NEXT and newest.exists():
-        os.replace(newest, newest.with_name(CHECKPOINT + ".damaged"))
-        fsync_dir(Path(run_dir))
-        log.warning("%s was unreadable: kept as %s.damaged", newest, CHECKPOINT)
+    if Path(loaded) == newest or Path(loaded).name == NEXT or not newest.exists():
+        return
+    state, why, how = _read_or_why(newest)
+    if how != "damaged":
+        if how == "unreadable":
+            log.warning("%s %s: left in place (not damaged, as far as is known)", newest, why)
+        return
+    aside = newest.with_name(f"{CHECKPOINT}.damaged")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = newest.with_name(f"{CHECKPOINT}.damaged.{n}")
+    os.replace(newest, aside)
+    fsync_dir(Path(run_dir))
+    log.warning("%s is damaged (%s): kept as %s", newest, why, aside.name)
 
 
 def check_config_matches(saved: dict, current: dict, run_dir: Path, what: str = "a checkpoint") -> None:

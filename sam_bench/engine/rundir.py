@@ -2,7 +2,9 @@
 
 Two processes training into the same directory would interleave checkpoints and metrics; the
 second one therefore fails at once (``fcntl.flock`` on ``.lock``, released by the kernel when
-the holder exits or dies, so a killed run never leaves a stale lock behind).
+the holder exits or dies, so a killed run never leaves a stale lock behind). ``sam-bench train``
+takes it before Hydra writes the command's ``.hydra/`` files into the directory, and the trainer
+takes it over from there.
 """
 
 from __future__ import annotations
@@ -48,26 +50,72 @@ def _lock_or_refuse(f, run_dir: Path) -> None:
         ) from None
 
 
-def refuse_if_in_use(run_dir: Path) -> None:
-    """Fail (ConfigError) if a running sam-bench holds ``run_dir``'s lock; takes nothing. Called before
-    Hydra writes the command's ``.hydra/`` files there, which would overwrite the running job's."""
-    path = Path(run_dir) / LOCK_FILE
-    if path.is_file():
-        with open(path, "a+") as f:  # closing releases the probe's lock at once
-            _lock_or_refuse(f, run_dir)
+#: the files Hydra writes into ``<run dir>/.hydra/`` before the job runs
+HYDRA_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
+
+#: lock files this process took before Hydra wrote the command's ``.hydra/`` files (by the run
+#: directory's real path), for :func:`run_lock` to take over
+_early_locks: dict[str, Any] = {}
+#: the ``.hydra/`` files of those directories as they were before Hydra rewrote them (None: absent)
+_hydra_before: dict[str, dict[str, bytes | None]] = {}
+
+
+def _key(run_dir: Path) -> str:
+    return os.path.realpath(run_dir)
+
+
+def _write_pid(f) -> None:
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+
+
+def lock_before_hydra(run_dir: Path) -> None:
+    """Take ``run_dir``'s lock (ConfigError if a running sam-bench holds it) before Hydra writes this
+    command's ``.hydra/`` files there, and note those files as they are. The trainer's
+    :func:`run_lock` takes the lock over, so no other command gets in between (a lock taken only
+    once the trainer ran, seconds later, let a second command rewrite a running job's ``.hydra/``);
+    a command the trainer refuses puts the noted files back (:func:`hydra_files_before`)."""
+    run_dir = Path(run_dir)
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        _lock_or_refuse(f, run_dir)
+    except BaseException:
+        f.close()
+        raise
+    _write_pid(f)
+    _early_locks[_key(run_dir)] = f
+    before = {}
+    for name in HYDRA_FILES:
+        try:
+            before[name] = (run_dir / ".hydra" / name).read_bytes()
+        except OSError:
+            before[name] = None
+    _hydra_before[_key(run_dir)] = before
+
+
+def hydra_files_before(run_dir: Path) -> dict[str, bytes | None] | None:
+    """``run_dir``'s ``.hydra/`` files as they were before Hydra wrote this command's (None for one that
+    did not exist); None when this process did not note them (no :func:`lock_before_hydra`: a
+    sweep point, torchrun, or :func:`~sam_bench.engine.trainer.fit` called directly)."""
+    return _hydra_before.get(_key(run_dir))
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``run_dir`` for the duration of the block; fail fast if taken."""
-    path = Path(run_dir) / LOCK_FILE
-    f = open(path, "a+")
+    """Hold an exclusive lock on ``run_dir`` for the duration of the block; fail fast if taken.
+    A lock this process took already (:func:`lock_before_hydra`) is taken over, not taken again."""
+    f = _early_locks.pop(_key(run_dir), None)
+    if f is None:
+        f = open(Path(run_dir) / LOCK_FILE, "a+")
+        try:
+            _lock_or_refuse(f, run_dir)
+        except BaseException:
+            f.close()
+            raise
+        _write_pid(f)
     try:
-        _lock_or_refuse(f, run_dir)
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
         yield
     finally:
         f.close()  # closing the descriptor releases the lock
@@ -87,7 +135,7 @@ class OutputDirCheck(Callback):
             if key == "hydra.run.dir" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
                 # (under torchrun the ranks learn it together inside the trainer, so that every rank says so:
                 # one rank leaving here first would have torchrun kill the others mid-sentence)
-                refuse_if_in_use(directory)
+                lock_before_hydra(directory)
         except ConfigError as e:
             print(f"sam-bench: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -8,6 +8,7 @@ import os
 import random
 import resource
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sam_bench.analysis.sharpness import estimate_sharpness
 from sam_bench.data import DataBundle, DeviceLoader, build_data
 from sam_bench.data.loader import derived_seed
-from sam_bench.data.noisy import noise_summary
+from sam_bench.data.noisy import NOISE_FILE, noise_summary
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.distributed import (
     DistInfo,
@@ -37,7 +38,7 @@ from sam_bench.engine.distributed import (
 )
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
-from sam_bench.engine.rundir import ensure_writable, run_lock
+from sam_bench.engine.rundir import ensure_writable, hydra_files_before, run_lock
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -55,8 +56,8 @@ from sam_bench.schema import (
     validate_ranks,
     with_schema_defaults,
 )
-from sam_bench.tracking.results import (DIVERGED_FILE, RESULT_FILE, atomic_write_bytes, atomic_write_json, git_commit, read_divergence,
-                                        read_result, versions, write_divergence, write_metrics)
+from sam_bench.tracking.results import (DIVERGED_FILE, METRICS_FILE, RESULT_FILE, WriteError, atomic_write_bytes, atomic_write_json,
+                                        git_commit, read_divergence, read_result, versions, write_divergence, write_metrics)
 
 log = logging.getLogger("sam_bench")
 
@@ -150,14 +151,20 @@ class FiniteGuard:
     """Watches the training loss (and SAM's ascent-gradient norm) for inf/NaN on the device.
 
     ``update`` runs every step without a host sync; ``check`` syncs once (at a log interval, an
-    epoch end, before a checkpoint) and names the first bad step since the last check.
+    epoch end, before a checkpoint) and names the first bad step since the last check. Under
+    torchrun the ranks agree in that check's one all-reduce: when any rank went non-finite, every
+    rank raises (one rank alone left the others waiting in their next collective, and wrote no
+    divergence record unless it was rank 0); the same all-reduce tells every rank whether any was
+    asked to stop (``stop_requested``, a preemption signal): :attr:`stop`.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, dist_info: DistInfo = DistInfo(), stop_requested: Callable[[], bool] = lambda: False):
         self.ok = torch.ones((), dtype=torch.bool, device=device)
         self.good_steps = torch.zeros((), dtype=torch.long, device=device)  # finite steps since last check
         self.checked_step = 0  # global step of the last successful check
         self.last_checkpoint = "none written yet"
+        self.dist_info, self.stop_requested = dist_info, stop_requested
+        self.stop = False  # whether any rank was asked to stop, as of the check at step checked_step
 
     def update(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         finite = torch.isfinite(loss)
@@ -166,23 +173,44 @@ class FiniteGuard:
         self.ok.logical_and_(finite)
         self.good_steps += self.ok
 
-    def check(self, global_step: int, epoch: int) -> None:
-        if bool(self.ok):  # the one host sync
-            self.good_steps.zero_()
-            self.checked_step = global_step
-            return
-        bad = self.checked_step + int(self.good_steps) + 1
-        raise TrainingDiverged(
-            f"non-finite training loss or gradient at step {bad} (epoch {epoch + 1}); nothing after the last good "
-            f"checkpoint ({self.last_checkpoint}) was saved. Lower optimizer.lr (or optimizer.grad_clip), "
-            "then train into a new run directory"
-        )
+    def check(self, global_step: int, epoch: int, weights: nn.Module | None = None, extra: torch.Tensor | None = None) -> list[float]:
+        """Raise TrainingDiverged when the loss or gradient went non-finite since the last check (or,
+        given ``weights``, when a weight or buffer of that model is non-finite); one host sync, which
+        also reads ``extra`` (this rank's values, returned as a list)."""
+        never = torch.full_like(self.good_steps, 2**62)
+        flags = torch.stack([
+            (~self.ok).long(),
+            -torch.where(self.ok, never, self.good_steps),  # minus the finite steps before the first bad one
+            (~_all_finite(weights)).long().to(self.ok.device) if weights is not None else torch.zeros_like(self.good_steps),
+            torch.full_like(self.good_steps, int(self.dist_info.enabled and self.stop_requested())),
+        ])
+        if self.dist_info.enabled:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank's flag; the earliest bad step
+        values = flags.tolist() if extra is None else torch.cat([flags.double(), extra.detach().double().reshape(-1)]).tolist()
+        bad, minus_good, bad_weights, stop = (int(v) for v in values[:4])  # read in the one host sync
+        self.stop = bool(stop)
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite training loss or gradient at step {self.checked_step - minus_good + 1} (epoch {epoch + 1}); nothing "
+                f"after the last good checkpoint ({self.last_checkpoint}) was saved. Lower optimizer.lr (or "
+                "optimizer.grad_clip), then train into a new run directory"
+            )
+        if bad_weights:
+            raise TrainingDiverged(
+                f"non-finite weights after step {global_step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
+                f"{self.last_checkpoint}. Lower optimizer.lr (or optimizer.grad_clip), then train into a new run directory"
+            )
+        self.good_steps.zero_()
+        self.checked_step = global_step
+        return values[4:]
 
 
-def weights_finite(model: nn.Module) -> bool:
-    """Every floating-point parameter and buffer is finite (one host sync)."""
+def _all_finite(model: nn.Module) -> torch.Tensor:
+    """Whether every floating-point parameter and buffer of ``model`` is finite, as a device bool (no sync)."""
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=next(iter(model.state_dict().values()), torch.empty(())).device)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def new_epoch_progress(device: torch.device) -> dict[str, Any]:
@@ -255,8 +283,12 @@ def train_one_epoch(
 ) -> tuple[dict[str, float], int]:
     """Train for one epoch (from ``partial['epoch_step']`` when resuming); returns (stats, global step).
 
-    Host syncs: one per ``log_every`` steps (finite check) and one at the end.
-    ``after_step(epoch, global_step, progress)`` runs after every step (checkpoints, preemption).
+    Host syncs of this loop: at every ``log_every``-th global step one that reads the finite check
+    together with the progress bar's running loss (under torchrun the all-reduce by which the ranks
+    agree on the check and on a preemption), and one more when SAM's diagnostics are on
+    (``optimizer.diagnostics``: ``on_log`` gets them); two at the end (the finite check, the epoch's
+    totals). ``after_step(epoch, global_step, progress)`` runs after every step (checkpoints,
+    preemption).
     """
     model.train()
     if bn_eval:
@@ -281,13 +313,17 @@ def train_one_epoch(
         if guard is not None:
             guard.update(loss, optimizer.grad_norm if watch_grad_norm else None)
         bar.update(1)
+        fault_point("step")  # (tests) a signal here is one the check below, at a log interval, carries to every rank
         if global_step % log_every == 0:  # intervals of the global step: the same whatever the epoch length
+            running = None if bar.disable else acc["loss_sum"] / acc["seen"]  # the progress bar's, read with the check
             if guard is not None:
-                guard.check(global_step, epoch)  # a sync per log interval only
+                shown = guard.check(global_step, epoch, extra=running)
+            else:
+                shown = [] if running is None else [running.item()]
             if on_log is not None:
-                on_log(global_step, optimizer.read_diagnostics())  # SAM diagnostics: one sync per interval
-            if not bar.disable:
-                bar.set_postfix(loss=f"{(acc['loss_sum'] / acc['seen']).item():.3f}")
+                on_log(global_step, optimizer.read_diagnostics())  # SAM's diagnostics: a sync of their own when they are on
+            if shown:
+                bar.set_postfix(loss=f"{shown[0]:.3f}")
         acc["time_s"] = time.perf_counter() - t0
         if after_step is not None:
             after_step(epoch, global_step, acc)
@@ -326,8 +362,8 @@ def evaluate(model: nn.Module, loader: DeviceLoader, amp, dist_info: DistInfo = 
 def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train (or resume, or skip if already complete) the run described by ``cfg`` in ``run_dir``.
 
-    Holds the run directory's lock throughout, and turns SIGTERM/SIGUSR1 into a checkpoint and
-    :class:`Preempted` (see :mod:`sam_bench.engine.signals`).
+    Holds the run directory's lock throughout, and turns SIGTERM, SIGUSR1, SIGUSR2 or a first Ctrl-C
+    (SIGINT) into a checkpoint and :class:`Preempted` (see :mod:`sam_bench.engine.signals`).
     """
     validate(cfg)
     run_dir = Path(run_dir)
@@ -340,9 +376,36 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         try:
             return _fit(cfg, run_dir, preempt, dist_info)
         except TrainingDiverged as e:
-            if dist_info.is_main and not getattr(e, "recorded", False):
-                write_divergence(run_dir, _run_config(cfg, dist_info)[1], str(e))
+            if dist_info.is_main and not e.recorded:
+                try:
+                    write_divergence(run_dir, _run_config(cfg, dist_info)[1], str(e))
+                except OSError as err:  # the divergence is the news; a full disk must not hide it
+                    log.warning("could not record the divergence in %s (%s)", run_dir / DIVERGED_FILE, err.strerror or err)
             raise
+        except WriteError as e:  # a full disk, say: the line the CLI prints goes to train.log too
+            _log_failure(e)
+            raise
+
+
+def _log_failure(error: Exception) -> None:
+    """Log ``error`` (into train.log under the CLI); when the disk that failed holds train.log too,
+    the line is lost quietly, without logging's "--- Logging error ---" traceback."""
+    raise_exceptions = logging.raiseExceptions
+    logging.raiseExceptions = False
+    try:
+        log.error("%s", error)
+    finally:
+        logging.raiseExceptions = raise_exceptions
+
+
+@contextlib.contextmanager
+def _writing(path: Path, run_dir: Path, checkpointing: bool):
+    """An OSError writing ``path`` (disk full, quota, I/O error) as :class:`WriteError`: one line
+    naming the file, the cause and what re-running the command does, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(ckpt.write_failure(path, e, run_dir, checkpointing)) from e
 
 
 @contextlib.contextmanager
@@ -371,12 +434,113 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         log.info("optimizer=sgd: optimizer.rho=%s ignored (SGD is SAM with rho=0, one pass per step)", cfg.optimizer.rho)
     cfg.optimizer.rho = effective_rho(cfg.optimizer)
     config, chash = _run_config(cfg, dist_info)
+    done = _finished_or_diverged(cfg, run_dir, config, chash, main)
+    if done is not None:
+        return done
 
+    tr = cfg.trainer
+    device = _run_device(tr.device, dist_info)
+    if any_rank(preempt.requested, dist_info, device):  # a signal noted since the CLI started (signals.catch_early)
+        again = "resume" if tr.checkpoint and ckpt.checkpoint_files(run_dir) else "start"
+        raise Preempted(f"stopped by {preempt.signal_name or 'a preemption signal to another rank'} before training "
+                        f"began, nothing written; re-run the same command to {again}")
+    run = _build_run(cfg, config, device, dist_info)
+    guard = FiniteGuard(device, dist_info, stop_requested=lambda: preempt.requested)
+    state = _Progress()
+    if tr.checkpoint and main:  # rank 0 alone: another rank's cleanup could delete a temporary it is writing
+        ckpt.remove_stale_temporaries(run_dir)
+    wait_for_all_ranks(dist_info, device)  # no rank reads the directory while rank 0 cleans it
+    hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
+    _resume(cfg, run_dir, run, state, guard, config, dist_info, device)
+    commit = git_commit()
+    if not state.commits or state.commits[-1] != commit:
+        state.commits.append(commit)
+    noise_sha = None  # rank 0 alone writes the noise file (and the result that names its hash)
+    if run.data.noise is not None and main:  # after the config check: a refused resume leaves the run's own noise file alone
+        noise_sha = _save_noise_file(run.data.noise, run_dir, tr.checkpoint)
+    checkpoints = _Checkpointer(run_dir, tr, run, state, guard, preempt, dist_info, device,
+                                {"config": config, "config_hash": chash, "labels_hash": run.labels_hash, "hydra_files": hydra_files})
+
+    bn_mode = str(config["optimizer"]["bn"])
+    forward, bn = _wrap_model(run.model, tr, dist_info, device, state.start_epoch)
+    rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(run.model) else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
+    amp = lambda: autocast(device, run.precision)  # noqa: E731
+    writer = _EventWriter(run_dir, state.global_step, tr.checkpoint) if main else _NullWriter()
+    n_params = sum(p.numel() for p in run.model.parameters())
+    data, optimizer = run.data, run.optimizer
+    steps_per_epoch = len(data.train)
+    log.info(
+        "%s | %s (%.2fM params) | %s rho=%g | %d epochs x %d steps, batch %d | %s %s",
+        cfg.dataset.name, cfg.model.arch, n_params / 1e6, method_label(cfg.optimizer), effective_rho(cfg.optimizer),
+        tr.epochs, steps_per_epoch, tr.batch_size, device_name(device), run.precision,
+    )
+    wall_start = time.perf_counter()
+    with logging_redirect_tqdm():
+        for epoch in range(state.start_epoch, tr.epochs):
+            partial, state.partial = state.partial, None
+            t0 = time.perf_counter() - (partial["time_s"] if partial else 0.0)
+            train_stats, state.global_step = train_one_epoch(
+                forward, data.train, optimizer, run.scheduler, epoch, state.global_step, loss_fn, amp,
+                bn if bn_mode == "clean" else None, bn if bn_mode == "frozen" else None, rng, tr.progress, tr.log_every_steps,
+                partial=partial, guard=guard, after_step=checkpoints.after_step, step_kwargs=run.step_kwargs, dist_info=dist_info,
+                on_log=lambda step, diag: [writer.add_scalar(k, v, step) for k, v in diag.items()],
+            )
+            epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.tolist())
+            state.train_time += epoch_time
+            last_epoch = epoch + 1 == tr.epochs
+            evaluated = last_epoch or (epoch + 1) % tr.eval_every == 0
+            eval_stats = evaluate(forward, data.test, amp, dist_info) if evaluated else {"test_loss": None, "test_error": None}
+            if data.val is not None:  # held-out split every epoch (model selection); test stays for the report
+                eval_stats.update({k.replace("test_", "val_"): v for k, v in evaluate(forward, data.val, amp, dist_info).items()})
+            record = {
+                "epoch": epoch + 1,
+                "step": state.global_step,
+                "lr": optimizer.param_groups[0]["lr"],
+                **train_stats,
+                **eval_stats,
+                "epoch_time_s": epoch_time,
+                "images_per_s": steps_per_epoch * tr.batch_size / epoch_time,
+            }
+            state.history.append(record)
+            _log_epoch(writer, record, tr.epochs, evaluated, optimizer, last_epoch, cfg.optimizer.rho)
+            writer.flush()  # before the checkpoint (a kill after it would lose the epoch's events); a failure waits
+            due = last_epoch or (epoch + 1) % tr.checkpoint_every_epochs == 0 or (epoch + 1) in tr.keep_epochs
+            written = checkpoints.save(epoch + 1, state.global_step, None) if tr.checkpoint and due else None
+            if main:
+                with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+                    write_metrics(run_dir, state.history)
+            writer.raise_failure()  # a TensorBoard write error, now that the epoch's checkpoint and metrics are written
+            if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
+                checkpoints.stop_if_preempted(epoch + 1, state.global_step, None, written)
+    writer.close()
+    if main and state.start_epoch >= tr.epochs:  # killed between the last checkpoint and metrics.jsonl: resumed to here
+        with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+            write_metrics(run_dir, state.history)
+    sharpness = _final_sharpness(cfg, run.model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info, run.m) \
+        if tr.final_sharpness else None
+
+    result = _result_record(cfg, run, state, config, chash, commit, sharpness, n_params, device, wall_start)
+    if data.noise is not None:
+        fitted = 100.0 - evaluate(forward, data.noisy_train, amp, dist_info)["test_error"] if data.noisy_train is not None else None
+        result.update(noise_summary(state.history, fitted, data.noise, noise_sha))
+    if main:
+        with _writing(run_dir / RESULT_FILE, run_dir, tr.checkpoint):
+            atomic_write_json(run_dir / RESULT_FILE, result)
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an earlier config's record (this one completed)
+    log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
+    return result
+
+
+def _finished_or_diverged(cfg: DictConfig, run_dir: Path, config: dict, chash: str, main: bool) -> dict[str, Any] | None:
+    """The run's result when ``run_dir`` holds this config's finished run (nothing to do), else None;
+    refuses (CheckpointError) another config's finished result when no checkpoint decides, and
+    (TrainingDiverged) a config that diverged there before."""
     done = read_result(run_dir)
     if done is not None and done.get("config_hash") != chash and isinstance(done.get("config"), dict) \
-            and not ckpt.checkpoint_files(run_dir):
-        # no checkpoint to compare with (deleted to free space, or trainer.checkpoint=false): the result's
-        # config decides, so another config's finished run is never overwritten
+            and (not cfg.trainer.checkpoint or not ckpt.checkpoint_files(run_dir)):
+        # no checkpoint to compare with (deleted to free space), or none read (trainer.checkpoint=false): the
+        # result's config decides, so another config's finished run is never overwritten
         try:
             _check_resumable(done["config"], config, run_dir, what="the finished result (result.json)",
                              versioned="compute_version" in done)
@@ -390,15 +554,39 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         return done
     diverged = read_divergence(run_dir)
     if diverged is not None and diverged.get("config_hash") == chash:  # deterministic: it would diverge again
-        error = TrainingDiverged(f"this config diverged in {run_dir} before ({str(diverged.get('error')).split(';')[0]}); "
-                                 f"delete the run directory to train it again, or change optimizer.lr or optimizer.grad_clip")
-        error.recorded = True
-        raise error
+        raise TrainingDiverged(f"this config diverged in {run_dir} before ({str(diverged.get('error')).split(';')[0]}); "
+                               f"delete the run directory to train it again, or change optimizer.lr or optimizer.grad_clip",
+                               recorded=True)
+    return None
 
-    tr = cfg.trainer
-    device = resolve_device(tr.device)
+
+def _run_device(requested: str, dist_info: DistInfo) -> torch.device:
+    """``trainer.device`` resolved; under torchrun on CUDA, this rank's GPU."""
+    device = resolve_device(requested)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+@dataclass
+class _Run:
+    """What a run trains, built from its config (this rank's part under torchrun)."""
+
+    data: DataBundle
+    model: nn.Module
+    optimizer: SAM
+    scaler: LossScaler | None
+    scheduler: Any
+    step_kwargs: dict[str, Any]  # train_step's m-sharpness, scaler and perturbation-sync settings
+    m: int | None  # optimizer.m when it splits this rank's batch, else None
+    precision: str
+    labels_hash: str  # of the training labels: catches a changed label-noise file on resume
+
+
+def _build_run(cfg: DictConfig, config: dict, device: torch.device, dist_info: DistInfo) -> _Run:
+    """Threads, determinism and seeds set; data, model, optimizer, loss scaler, schedule and the
+    step's keyword arguments built (each rank its slice of the batches and its own generator)."""
+    tr = cfg.trainer
     validate_ranks(cfg, dist_info.world_size)
     rank_batch = per_rank_batch(tr.batch_size, dist_info)
     precision = resolve_precision(tr.precision, device)
@@ -426,128 +614,147 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         m_engine = None
         _check_sgd_ghost_bn(model, m, rank_batch)
     step_kwargs = {"m": m, "m_engine": m_engine, "scaler": scaler, "sync_perturbation": cfg.optimizer.sync_perturbation}
-    steps_per_epoch = len(data.train)
-    scheduler = build_scheduler(cfg.optimizer, optimizer, steps_per_epoch, tr.epochs)
-    labels_hash = ckpt.content_digest(data.train.labels)  # catches a changed label-noise file on resume
-    guard = FiniteGuard(device)
+    scheduler = build_scheduler(cfg.optimizer, optimizer, len(data.train), tr.epochs)
+    return _Run(data, model, optimizer, scaler, scheduler, step_kwargs, m, precision, ckpt.content_digest(data.train.labels))
 
-    start_epoch, global_step, history, train_time, partial = 0, 0, [], 0.0, None
-    commits: list = []  # the code versions this run trained with, oldest first (a resume may bring a newer one)
-    if tr.checkpoint and main:  # rank 0 alone: another rank's cleanup could delete a temporary it is writing
-        ckpt.remove_stale_temporaries(run_dir)
-    wait_for_all_ranks(dist_info, device)  # no rank reads the directory while rank 0 cleans it
-    hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
+
+@dataclass
+class _Progress:
+    """Where training stands: from the start, or as a checkpoint left it (resumed); updated as it goes."""
+
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_time: float = 0.0
+    partial: dict[str, Any] | None = None  # a partly trained epoch's accumulators (new_epoch_progress)
+    commits: list = field(default_factory=list)  # the code versions this run trained with, oldest first (a resume may bring a newer one)
+
+
+def _resume(cfg: DictConfig, run_dir: Path, run: _Run, state: _Progress, guard: FiniteGuard, config: dict,
+            dist_info: DistInfo, device: torch.device) -> None:
+    """Restore ``run`` and ``state`` from ``run_dir``'s newest verified checkpoint, if any (refusing
+    another config's, as under ``trainer.checkpoint=false``, which reads none to resume from)."""
+    tr, main = cfg.trainer, dist_info.is_main
     loaded = ckpt.load_checkpoint(run_dir) if tr.checkpoint else None
-    if loaded is not None:
-        state, path = loaded
-        try:
-            _check_resumable(state["config"], config, run_dir, what="a checkpoint", versioned="compute_version" in state)
-            _check_compute_version(state.get("compute_version"), path, config)
-        except CheckpointError:
-            if main:
-                _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
-            raise
-        if state.get("labels_hash", labels_hash) != labels_hash:
-            raise CheckpointError(
-                f"{path} was trained on different training labels (dataset files or label-noise settings changed); "
-                "restore them or train into a new run directory"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        _restore_rank_rngs(state, optimizer, device, dist_info)
-        start_epoch, global_step, history, train_time = state["epoch"], state["step"], state["history"], state["train_time"]
-        commits = list(state.get("git_commits") or [])
-        if state.get("partial") is not None:
-            partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["partial"].items()}
-            if dist_info.rank != 0:  # the checkpoint holds the sums over ranks: rank 0 carries them
-                partial.update(seen=0, loss_sum=torch.zeros_like(partial["loss_sum"]), correct=torch.zeros_like(partial["correct"]))
-        guard.checked_step = global_step
-        guard.last_checkpoint = f"{path}, step {global_step}"
-        wait_for_all_ranks(dist_info, device)  # every rank has read the checkpoint before rank 0 renames files
-        if main:
-            path = ckpt.complete_rotation(run_dir, path)
-            ckpt.set_aside_damaged_newest(run_dir, path)
-            write_metrics(run_dir, history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
-        if start_epoch >= tr.epochs:
-            log.info("%s holds the finished training (epoch %d of %d); writing its result", path, start_epoch, tr.epochs)
-        else:
-            log.info("resuming %s from epoch %d step %d (global step %d)", run_dir, start_epoch + 1,
-                     partial["epoch_step"] if partial else 0, global_step)
-    commit = git_commit()
-    if not commits or commits[-1] != commit:
-        commits.append(commit)
-    noise_sha = None  # rank 0 alone writes the noise file (and the result that names its hash)
-    if data.noise is not None and main:  # after the config check: a refused resume leaves the run's own noise file alone
-        noise_file, noise_sha = data.noise.save(run_dir)
-        log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", data.noise.mode, 100 * data.noise.rate,
-                 data.noise.seed, 100 * data.noise.realised_rate, noise_file.name, noise_sha[:12])
+    if not tr.checkpoint:  # nothing is resumed, but another config's run there is refused all the same
+        _refuse_another_runs_checkpoint(run_dir, config, run.labels_hash, main)
+    if loaded is None:
+        return
+    saved, path = loaded
+    _check_same_run(saved, path, config, run.labels_hash, run_dir, main, resuming=True)
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if run.scaler is not None and saved.get("scaler") is not None:
+        run.scaler.load_state_dict(saved["scaler"])
+    _restore_rank_rngs(saved, run.optimizer, device, dist_info)
+    state.start_epoch, state.global_step, state.history, state.train_time = saved["epoch"], saved["step"], saved["history"], saved["train_time"]
+    state.commits = list(saved.get("git_commits") or [])
+    if saved.get("partial") is not None:
+        partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved["partial"].items()}
+        if dist_info.rank != 0:  # the checkpoint holds the sums over ranks: rank 0 carries them
+            partial.update(seen=0, loss_sum=torch.zeros_like(partial["loss_sum"]), correct=torch.zeros_like(partial["correct"]))
+        state.partial = partial
+    guard.checked_step = state.global_step
+    guard.last_checkpoint = f"{path}, step {state.global_step}"
+    wait_for_all_ranks(dist_info, device)  # every rank has read the checkpoint before rank 0 renames files
+    if main:
+        path = ckpt.complete_rotation(run_dir, path)
+        ckpt.set_aside_damaged_newest(run_dir, path)
+        with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+            write_metrics(run_dir, state.history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
+    if state.start_epoch >= tr.epochs:
+        log.info("%s holds the finished training (epoch %d of %d); writing its result", path, state.start_epoch, tr.epochs)
+    else:
+        log.info("resuming %s from epoch %d step %d (global step %d)", run_dir, state.start_epoch + 1,
+                 state.partial["epoch_step"] if state.partial else 0, state.global_step)
 
-    def save(epoch_done: int, step: int, progress: dict[str, Any] | None) -> Path:
+
+def _save_noise_file(noise, run_dir: Path, checkpointing: bool) -> str:
+    """Write the run's label-noise record; returns its sha256 (named in the result)."""
+    with _writing(run_dir / NOISE_FILE, run_dir, checkpointing):
+        noise_file, noise_sha = noise.save(run_dir)
+    log.info("label noise %s %.0f%% (seed %d): realised %.2f%% -> %s sha256 %s", noise.mode, 100 * noise.rate,
+             noise.seed, 100 * noise.realised_rate, noise_file.name, noise_sha[:12])
+    return noise_sha
+
+
+class _Checkpointer:
+    """The run's checkpoints: :meth:`save` (the full state; rank 0 writes it), :meth:`stop_if_preempted`
+    and :meth:`after_step`, train_one_epoch's hook (preemption, mid-epoch checkpoints)."""
+
+    def __init__(self, run_dir: Path, tr: DictConfig, run: _Run, state: _Progress, guard: FiniteGuard,
+                 preempt: PreemptionHandler, dist_info: DistInfo, device: torch.device, identity: dict[str, Any]):
+        self.run_dir, self.tr, self.run, self.state, self.guard = run_dir, tr, run, state, guard
+        self.preempt, self.dist_info, self.device = preempt, dist_info, device
+        self.identity = identity  # config, config_hash, labels_hash, hydra_files: what every checkpoint says of the run
+
+    def save(self, epoch_done: int, step: int, progress: dict[str, Any] | None) -> Path:
         """Checkpoint the full state; refuses (TrainingDiverged) to write non-finite weights."""
+        run, tr, dist_info = self.run, self.tr, self.dist_info
         epoch = epoch_done if progress is not None else epoch_done - 1  # 0-based epoch being trained
-        guard.check(step, epoch)
-        if not weights_finite(model):
-            raise TrainingDiverged(
-                f"non-finite weights after step {step} (epoch {epoch + 1}); not saved, the last good checkpoint is "
-                f"{guard.last_checkpoint}. Lower optimizer.lr (or optimizer.grad_clip), then train into a new run directory"
-            )
+        self.guard.check(step, epoch, weights=run.model)  # the loss, the gradient and the weights (on every rank)
         if progress is not None and dist_info.enabled:  # the epoch's running stats over all ranks
             progress = _summed_over_ranks(progress, dist_info)
-        ranks_rng = _gather_rank_rngs(optimizer, device, dist_info)
-        if not main:  # rank 0 writes; the others hold the same state
-            return run_dir / ckpt.CHECKPOINT
+        ranks_rng = _gather_rank_rngs(run.optimizer, self.device, dist_info)
+        if not dist_info.is_main:  # rank 0 writes; the others hold the same state
+            return self.run_dir / ckpt.CHECKPOINT
         keep = ckpt.kept_name(epoch_done) if progress is None and epoch_done in tr.keep_epochs else None
-        path = ckpt.save_checkpoint(run_dir, {
+        path = ckpt.save_checkpoint(self.run_dir, {
             "epoch": epoch_done,  # completed epochs
             "step": step,
             "partial": None if progress is None else {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in progress.items()},
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(device),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "rng": rng_state(self.device),
             "rng_ranks": ranks_rng,
-            "history": history,
-            "train_time": train_time,
-            "config": config,
-            "config_hash": chash,
-            "labels_hash": labels_hash,
-            "hydra_files": hydra_files,
-            "git_commits": commits,
+            "history": self.state.history,
+            "train_time": self.state.train_time,
+            "config": self.identity["config"],
+            "config_hash": self.identity["config_hash"],
+            "labels_hash": self.identity["labels_hash"],
+            "hydra_files": self.identity["hydra_files"],
+            "git_commits": self.state.commits,
             "compute_version": COMPUTE_VERSION,
         }, keep_as=keep)
         if keep:
-            log.info("epoch %d's checkpoint kept as %s", epoch_done, run_dir / keep)
-        guard.last_checkpoint = f"{path}, step {step}"
+            log.info("epoch %d's checkpoint kept as %s", epoch_done, self.run_dir / keep)
+        self.guard.last_checkpoint = f"{path}, step {step}"
         return path
 
-    def stop_if_preempted(epoch_done: int, step: int, progress: dict[str, Any] | None, written: Path | None = None) -> None:
+    def stop_if_preempted(self, epoch_done: int, step: int, progress: dict[str, Any] | None, written: Path | None = None) -> None:
         """Checkpoint and stop if a preemption signal came; ``written``: this state's checkpoint was
         just saved (the epoch end), so it is not written again (that would rotate the previous
         epoch's fallback away)."""
-        if dist_info.enabled:  # all ranks stop at the same step: agree at log intervals and epoch ends
+        tr, preempt, guard = self.tr, self.preempt, self.guard
+        if self.dist_info.enabled:  # all ranks stop at the same step: agree at log intervals and epoch ends
             if progress is not None and step % tr.log_every_steps:
                 return
-            if not any_rank(preempt.requested, dist_info, device):
+            # at a log interval the finite check's all-reduce (just done, in train_one_epoch) told whether any rank was asked
+            agreed = guard.stop if progress is not None and guard.checked_step == step else \
+                any_rank(preempt.requested, self.dist_info, self.device)
+            if not agreed:
                 return
         elif not preempt.requested:
             return
         if written is None and tr.checkpoint:
-            written = save(epoch_done, step, progress)
+            written = self.save(epoch_done, step, progress)
         where = f"{written} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
         again = "re-run the same command to resume" if tr.checkpoint else "a re-run starts over from epoch 1"
         by = preempt.signal_name or "a preemption signal to another rank"  # under torchrun one rank may have got it
         raise Preempted(f"stopped by {by} at step {step}; checkpoint {where}; {again}")
 
-    def after_step(epoch: int, step: int, progress: dict[str, Any]) -> None:
-        fault_point("step")
-        stop_if_preempted(epoch, step, progress)
-        every = tr.checkpoint_every_steps
-        if tr.checkpoint and every and step % every == 0 and progress["epoch_step"] < steps_per_epoch:
-            save(epoch, step, progress)  # mid-epoch recovery point (the epoch end writes its own)
+    def after_step(self, epoch: int, step: int, progress: dict[str, Any]) -> None:
+        self.stop_if_preempted(epoch, step, progress)
+        every = self.tr.checkpoint_every_steps
+        if self.tr.checkpoint and every and step % every == 0 and progress["epoch_step"] < len(self.run.data.train):
+            self.save(epoch, step, progress)  # mid-epoch recovery point (the epoch end writes its own)
 
-    bn_mode = str(config["optimizer"]["bn"])
+
+def _wrap_model(model: nn.Module, tr: DictConfig, dist_info: DistInfo, device: torch.device, start_epoch: int
+                ) -> tuple[nn.Module, list]:
+    """The module the steps run (DDP, SyncBatchNorm, torch.compile as configured) and the BatchNorm
+    modules that run in it."""
     net = model
     if dist_info.enabled:
         if tr.sync_bn:
@@ -562,77 +769,38 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         log.info("torch.compile (mode %s): the first training step and the first evaluation compile their graphs "
                  "(minutes for a large model; Inductor's on-disk cache shortens reruns); epoch %d's time includes it",
                  tr.compile_mode, start_epoch + 1)
-    rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(model) else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
-    amp = lambda: autocast(device, precision)  # noqa: E731
-    writer = _summary_writer(run_dir, global_step) if main else _NullWriter()
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "%s | %s (%.2fM params) | %s rho=%g | %d epochs x %d steps, batch %d | %s %s",
-        cfg.dataset.name, cfg.model.arch, n_params / 1e6, method_label(cfg.optimizer), effective_rho(cfg.optimizer),
-        tr.epochs, steps_per_epoch, tr.batch_size, device_name(device), precision,
-    )
-    wall_start = time.perf_counter()
-    with logging_redirect_tqdm():
-        for epoch in range(start_epoch, tr.epochs):
-            t0 = time.perf_counter() - (partial["time_s"] if partial else 0.0)
-            train_stats, global_step = train_one_epoch(
-                forward, data.train, optimizer, scheduler, epoch, global_step, loss_fn, amp,
-                bn if bn_mode == "clean" else None, bn if bn_mode == "frozen" else None, rng, tr.progress, tr.log_every_steps,
-                partial=partial, guard=guard, after_step=after_step, step_kwargs=step_kwargs, dist_info=dist_info,
-                on_log=lambda step, diag: [writer.add_scalar(k, v, step) for k, v in diag.items()],
-            )
-            partial = None
-            epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.item())
-            train_time += epoch_time
-            last_epoch = epoch + 1 == tr.epochs
-            evaluated = last_epoch or (epoch + 1) % tr.eval_every == 0
-            eval_stats = evaluate(forward, data.test, amp, dist_info) if evaluated else {"test_loss": None, "test_error": None}
-            if data.val is not None:  # held-out split every epoch (model selection); test stays for the report
-                eval_stats.update({k.replace("test_", "val_"): v for k, v in evaluate(forward, data.val, amp, dist_info).items()})
-            record = {
-                "epoch": epoch + 1,
-                "step": global_step,
-                "lr": optimizer.param_groups[0]["lr"],
-                **train_stats,
-                **eval_stats,
-                "epoch_time_s": epoch_time,
-                "images_per_s": steps_per_epoch * tr.batch_size / epoch_time,
-            }
-            history.append(record)
-            test_msg = f"test loss {record['test_loss']:.4f} err {record['test_error']:.2f}%" if evaluated else "(no test eval)"
-            if record.get("val_error") is not None:
-                test_msg += f"  val err {record['val_error']:.2f}%"
-            log.info(
-                "epoch %d/%d  train loss %.4f err %.2f%%  %s  %.1fs (%.0f img/s)",
-                epoch + 1, tr.epochs, record["train_loss"], record["train_error"], test_msg, epoch_time, record["images_per_s"],
-            )
-            # x-axis: the global step, as the per-interval SAM diagnostics, so that a resume can hide (purge_step)
-            # whatever a killed run had written past its checkpoint; `epoch` maps steps to epochs
-            writer.add_scalar("epoch", epoch + 1, global_step)
-            for key in ("train_loss", "train_error", "test_loss", "test_error", "test_top5_error", "val_loss", "val_error",
-                        "val_top5_error", "lr", "images_per_s"):
-                if record.get(key) is not None:
-                    writer.add_scalar(TB_TAGS.get(key, key.replace("_", "/", 1)), record[key], global_step)
-            if last_epoch and optimizer.diagnostics:  # the last, partial log interval's means
-                for k, v in optimizer.read_diagnostics().items():
-                    writer.add_scalar(k, v, global_step)
-            if cfg.optimizer.rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
-                writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), global_step)
-            writer.flush()
-            due = last_epoch or (epoch + 1) % tr.checkpoint_every_epochs == 0 or (epoch + 1) in tr.keep_epochs
-            written = save(epoch + 1, global_step, None) if tr.checkpoint and due else None
-            if main:
-                write_metrics(run_dir, history)
-            if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
-                stop_if_preempted(epoch + 1, global_step, None, written)
-    writer.close()
-    if main and start_epoch >= tr.epochs:  # killed between the last checkpoint and metrics.jsonl: resumed to here
-        write_metrics(run_dir, history)
-    sharpness = _final_sharpness(cfg, model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info, m) if tr.final_sharpness else None
+    return forward, bn
 
-    last = history[-1]
-    result = {
+
+def _log_epoch(writer, record: dict[str, Any], epochs: int, evaluated: bool, optimizer: SAM, last_epoch: bool, rho: float) -> None:
+    """The epoch's line in the log and its scalars in TensorBoard."""
+    test_msg = f"test loss {record['test_loss']:.4f} err {record['test_error']:.2f}%" if evaluated else "(no test eval)"
+    if record.get("val_error") is not None:
+        test_msg += f"  val err {record['val_error']:.2f}%"
+    log.info(
+        "epoch %d/%d  train loss %.4f err %.2f%%  %s  %.1fs (%.0f img/s)",
+        record["epoch"], epochs, record["train_loss"], record["train_error"], test_msg, record["epoch_time_s"], record["images_per_s"],
+    )
+    # x-axis: the global step, as the per-interval SAM diagnostics, so that a resume can hide (purge_step)
+    # whatever a killed run had written past its checkpoint; `epoch` maps steps to epochs
+    step = record["step"]
+    writer.add_scalar("epoch", record["epoch"], step)
+    for key in ("train_loss", "train_error", "test_loss", "test_error", "test_top5_error", "val_loss", "val_error",
+                "val_top5_error", "lr", "images_per_s"):
+        if record.get(key) is not None:
+            writer.add_scalar(TB_TAGS.get(key, key.replace("_", "/", 1)), record[key], step)
+    if last_epoch and optimizer.diagnostics:  # the last, partial log interval's means
+        for k, v in optimizer.read_diagnostics().items():
+            writer.add_scalar(k, v, step)
+    if rho > 0 and not optimizer.diagnostics:  # else logged per interval (by step)
+        writer.add_scalar("sam/grad_norm", optimizer.grad_norm.item(), step)
+
+
+def _result_record(cfg: DictConfig, run: _Run, state: _Progress, config: dict, chash: str, commit: str | None,
+                   sharpness: float | None, n_params: int, device: torch.device, wall_start: float) -> dict[str, Any]:
+    """result.json's content (the label-noise summary aside)."""
+    tr, data, last = cfg.trainer, run.data, state.history[-1]
+    return {
         "status": "complete",
         "name": cfg.name,
         "final_test_error": last["test_error"],
@@ -641,7 +809,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         **{f"final_{k}": last[k] for k in ("test_top5_error", "val_error", "val_loss", "val_top5_error") if last.get(k) is not None},
         **({"final_sharpness": sharpness} if sharpness is not None else {}),
         "epochs": tr.epochs,
-        "steps": global_step,
+        "steps": state.global_step,
         # the images each split held (the test error is over all of test_images): a half-prepared folder shows here
         "train_images": data.train.num_examples,
         "test_images": data.test.num_examples,
@@ -650,26 +818,18 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         "config": config,
         "config_hash": chash,
         "git_commit": commit,
-        "git_commits": commits,  # every version that trained part of it, when a resume ran newer code
+        "git_commits": state.commits,  # every version that trained part of it, when a resume ran newer code
         "compute_version": COMPUTE_VERSION,
         "versions": versions(),
         "device": device_name(device),
-        "precision": precision,
+        "precision": run.precision,
         "num_params": n_params,
         "wall_time_s": time.perf_counter() - wall_start,
-        "train_time_s": train_time,
-        "images_per_s": global_step * tr.batch_size / train_time if train_time else None,
+        "train_time_s": state.train_time,
+        "images_per_s": state.global_step * tr.batch_size / state.train_time if state.train_time else None,
         "peak_memory_mb": peak_memory_mb(device),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if data.noise is not None:
-        fitted = 100.0 - evaluate(forward, data.noisy_train, amp, dist_info)["test_error"] if data.noisy_train is not None else None
-        result.update(noise_summary(history, fitted, data.noise, noise_sha))
-    if main:
-        atomic_write_json(run_dir / RESULT_FILE, result)
-        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an earlier config's record (this one completed)
-    log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
-    return result
 
 
 #: Hydra's records of the command line a job ran with (besides config.yaml, rebuilt from the config)
@@ -718,6 +878,35 @@ def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str, versio
     ckpt.check_config_matches(before, current, run_dir, what)
 
 
+def _refuse_another_runs_checkpoint(run_dir: Path, config: dict, labels_hash: str, main: bool) -> None:
+    """Under ``trainer.checkpoint=false`` (which neither resumes nor writes checkpoints): refuse, as a
+    resume would, when ``run_dir``'s checkpoint is another config's or was trained on other labels,
+    so that the run this command overwrites (metrics.jsonl, result.json, tb/) is its own."""
+    try:
+        loaded = ckpt.load_checkpoint(run_dir)
+    except CheckpointError:  # none readable: nothing to compare with (result.json, when there is one, was)
+        return
+    if loaded is not None:
+        _check_same_run(*loaded, config, labels_hash, run_dir, main, resuming=False)
+
+
+def _check_same_run(state: dict, path: Path, config: dict, labels_hash: str, run_dir: Path, main: bool, resuming: bool) -> None:
+    """Refuse (CheckpointError) when the checkpoint ``state`` read from ``path`` is another config's
+    run, one trained on other labels, or (``resuming``) one that older code computed otherwise; the
+    refused command's ``.hydra/`` files are put back first."""
+    try:
+        _check_resumable(state["config"], config, run_dir, what="a checkpoint", versioned="compute_version" in state)
+        if resuming:
+            _check_compute_version(state.get("compute_version"), path, config)
+        if state.get("labels_hash", labels_hash) != labels_hash:
+            raise CheckpointError(f"{path} was trained on different training labels (dataset files or label-noise settings "
+                                  "changed); restore them or train into a new run directory")
+    except CheckpointError:
+        if main:
+            _restore_hydra_config(run_dir, state["config"], state.get("hydra_files") or {})
+        raise
+
+
 def _check_compute_version(saved: int | None, path: Path, config: dict) -> None:
     """Refuse to continue a checkpoint whose code computed this config otherwise: a change of
     :data:`sam_bench.schema.COMPUTE_CHANGES` after its version that concerns this config. A checkpoint
@@ -738,17 +927,29 @@ def _check_compute_version(saved: int | None, path: Path, config: dict) -> None:
 
 
 def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
-    """Hydra rewrote ``.hydra/`` with the refused command's files before the trainer ran: put back
-    the config the directory's checkpoint was trained with (the report names an unfinished run from
-    config.yaml) and, when the checkpoint holds them (those written since they were added), the
-    command line files of the command that wrote it."""
+    """Hydra rewrote ``.hydra/`` with the refused command's files before the trainer ran: put them
+    back as they were when the CLI noted them (:func:`~sam_bench.engine.rundir.lock_before_hydra`),
+    else (a sweep point, torchrun) the config the directory's run was trained with (the report names
+    an unfinished run from config.yaml) and, when ``files`` holds them (a checkpoint's, those written
+    since they were added), the command line files of the command that wrote it."""
     hydra_dir = Path(run_dir) / ".hydra"
-    if hydra_dir.is_dir():
-        atomic_write_bytes(hydra_dir / "config.yaml",
-                           OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
-        for name in HYDRA_FILES:
-            if name in files:
-                atomic_write_bytes(hydra_dir / name, files[name].encode())
+    if not hydra_dir.is_dir():
+        return
+    before = hydra_files_before(run_dir)
+    if before is not None:
+        for name, data in before.items():
+            if data is None:
+                (hydra_dir / name).unlink(missing_ok=True)  # this command's: there was none
+            else:
+                atomic_write_bytes(hydra_dir / name, data)
+        if not any(before.values()) and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
+        return
+    atomic_write_bytes(hydra_dir / "config.yaml",
+                       OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
+    for name in HYDRA_FILES:
+        if name in files:
+            atomic_write_bytes(hydra_dir / name, files[name].encode())
 
 
 def _final_sharpness(cfg, model, optimizer, train, loss_fn, amp, rng, bn_mode: str, dist_info: DistInfo,
@@ -779,7 +980,7 @@ def _no_buffer_sync() -> dict[str, bool]:
 
 
 class _NullWriter:
-    """The SummaryWriter of ranks other than 0: logs nothing."""
+    """The event writer of ranks other than 0: logs nothing."""
 
     def add_scalar(self, *args, **kwargs) -> None:
         pass
@@ -787,13 +988,74 @@ class _NullWriter:
     def flush(self) -> None:
         pass
 
+    def raise_failure(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
+class _EventWriter:
+    """TensorBoard's SummaryWriter under ``<run dir>/tb``, whose write errors wait: the first one (a
+    full disk; TensorBoard's writer thread reports it at a later call) stops further events and is
+    raised, as :class:`WriteError`, by :meth:`raise_failure`, which the epoch loop calls once the
+    epoch's checkpoint is written, or by :meth:`close`. A TensorBoard failure never costs the epoch."""
+
+    def __init__(self, run_dir: Path, resumed_at: int, checkpointing: bool):
+        self.run_dir, self.path, self.checkpointing = run_dir, run_dir / "tb", checkpointing
+        self.error: OSError | None = None
+        _quiet_event_writer_thread()
+        with _writing(self.path, run_dir, checkpointing):
+            self.writer = _summary_writer(run_dir, resumed_at)
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        if self.error is None:
+            try:
+                getattr(self.writer, method)(*args, **kwargs)
+            except OSError as e:
+                self.error = e
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        self._call("add_scalar", *args, **kwargs)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def raise_failure(self) -> None:
+        if self.error is not None:
+            raise WriteError(ckpt.write_failure(self.path, self.error, self.run_dir, self.checkpointing)) from self.error
+
+    def close(self) -> None:
+        self._call("close")
+        self.raise_failure()
+
+
+def _quiet_event_writer_thread() -> None:
+    """TensorBoard's writer thread dies of a write error with a traceback on stderr, and hands the
+    error on to the next call, which :class:`_EventWriter` reports in one line: keep the thread's
+    traceback for errors other than OSError."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "sam_bench", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.sam_bench = True
+    threading.excepthook = hook
+
+
 def _summary_writer(run_dir: Path, resumed_at: int):
     """TensorBoard's writer; resuming after step ``resumed_at`` hides the events a killed run had
-    written past its checkpoint (``purge_step``), which the resumed run writes again."""
+    written past its checkpoint (``purge_step``), which the resumed run writes again; so does a run
+    that starts over where events are already (killed before its first checkpoint, or
+    ``trainer.checkpoint=false``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
+    tb = run_dir / "tb"
+    earlier = resumed_at or any(tb.glob("*tfevents*"))
+    return SummaryWriter(log_dir=str(tb), purge_step=resumed_at + 1 if earlier else None)

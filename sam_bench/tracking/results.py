@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -10,10 +11,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sam_bench.errors import SamBenchError
+
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 #: written when training diverged: {"config_hash", "error"}; removed when the directory completes
 DIVERGED_FILE = "diverged.json"
+
+
+class WriteError(SamBenchError):
+    """A file of the run could not be written (disk full, quota, I/O or permission error); the
+    message names the file, the cause, and what re-running the command does."""
+
+
+def fix_for(error: OSError) -> str:
+    """What to do about ``error``, the OSError of a failed write, in a few words."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space (or raise the quota)"
+    if error.errno == errno.EFBIG:
+        return "raise the file size limit"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the run directory writable"
+    return "fix the cause (the disk, the file system)"
 
 
 def _file_mode() -> int:
