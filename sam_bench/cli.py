@@ -58,9 +58,10 @@ def _register() -> None:
         OmegaConf.register_new_resolver("run_dirname", _sanitize_dirname)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
+    """One line on stderr and exit ``status``: 2 for bad input (the default), 1 for other errors."""
     print(f"sam-bench: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _values(override) -> list[str]:
@@ -412,11 +413,14 @@ def train() -> None:
             _fail(str(e))
         from sam_bench.engine.signals import PREEMPTED_EXIT_CODE, Preempted
         from sam_bench.engine.trainer import fit
+        from sam_bench.tracking.results import WriteError
 
         try:
             fit(cfg, HydraConfig.get().runtime.output_dir)
         except TrainingDiverged as e:
             _skip_diverged_sweep_point(e, diverged)
+        except WriteError as e:  # a full disk or an I/O error: not bad input (status 2), an error (1)
+            _fail(str(e), status=1)
         except SamBenchError as e:
             _fail(str(e))
         except Preempted as e:
