@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import sam_bench_cmd
+from conftest import sam_bench_cmd, sam_bench_forked
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,13 @@ TINY = [
 ]
 
 
-def run(args, env, check=True, timeout=300):
-    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
+def run(args, env, check=True, timeout=300, forked=False):
+    """`sam-bench <args>` in a subprocess; ``forked``: in a pre-imported child (conftest.sam_bench_forked),
+    for the runs a test sets up or compares with, and repeats of a command the test ran already."""
+    if forked:
+        proc = sam_bench_forked(args, env, timeout=timeout)
+    else:
+        proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -69,7 +74,7 @@ def test_train_writes_result_and_artifacts(cli_env, tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert (one / "checkpoint.pt").exists() and any((one / "tb").iterdir())
     # re-running a finished run does nothing and says so
-    again = run(["train", *TINY, f"hydra.run.dir={one}"], cli_env)
+    again = run(["train", *TINY, f"hydra.run.dir={one}"], cli_env, forked=True)
     assert "nothing to do" in again.stdout
 
 
@@ -103,7 +108,8 @@ def test_multirun_sgd_and_sam_then_report(cli_env, tmp_path):
 def test_rho_sweep_with_a_validation_split_is_chosen_on_it_by_the_report(cli_env, tmp_path):
     """The trainer records the final validation (and, above 5 classes, top-5) errors in result.json,
     and the report marks the ρ with the lowest one: the paper's protocol, end to end."""
-    run(["train", "-m", *TINY, "trainer.epochs=1", "optimizer.rho=0.05,0.5", "dataset.val_size=64", "dataset.num_classes=10"], cli_env)
+    run(["train", "-m", *TINY, "trainer.epochs=1", "optimizer.rho=0.05,0.5", "dataset.val_size=64", "dataset.num_classes=10"], cli_env,
+        forked=True)
     files = sorted((tmp_path / "multirun").rglob("result.json"))
     results = [json.loads(p.read_text()) for p in files]
     assert len(results) == 2
@@ -119,8 +125,8 @@ def test_rho_sweep_with_a_validation_split_is_chosen_on_it_by_the_report(cli_env
 
 
 def test_killed_run_resumes_to_the_same_result(cli_env, tmp_path):
-    args = [*TINY, "trainer.epochs=3", "dataset.train_size=512"]
-    run(["train", *args, f"hydra.run.dir={tmp_path / 'clean'}"], cli_env)
+    args = [*TINY, "trainer.epochs=3"]  # killed after epoch 1's checkpoint, with two epochs to go
+    run(["train", *args, f"hydra.run.dir={tmp_path / 'clean'}"], cli_env, forked=True)  # the reference
     victim = tmp_path / "victim"
     proc = subprocess.Popen(sam_bench_cmd() + ["train", *args, f"hydra.run.dir={victim}"], env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -224,7 +230,7 @@ def test_a_refused_resume_names_the_keys_and_leaves_the_run_described_as_it_was(
     import yaml
 
     run_dir = tmp_path / "r"
-    run(["train", *TINY, "trainer.epochs=1", "name=first", f"hydra.run.dir={run_dir}"], cli_env)
+    run(["train", *TINY, "trainer.epochs=1", "name=first", f"hydra.run.dir={run_dir}"], cli_env, forked=True)
     (run_dir / "result.json").unlink()  # as if it had been stopped before finishing
     proc = run(["train", *TINY, "trainer.epochs=1", "name=second", "optimizer.rho=0.2", f"hydra.run.dir={run_dir}"], cli_env, check=False)
     assert proc.returncode == 2 and "optimizer.rho: 0.05 -> 0.2" in proc.stderr, proc.stderr[-2000:]
