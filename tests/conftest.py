@@ -17,18 +17,23 @@ def _single_thread_determinism():
     yield
 
 
-@pytest.fixture
-def cli_env(tmp_path):
-    """Environment for CLI subprocesses: runs and data under tmp_path, no TTY progress bars."""
+def cli_env_under(root: Path) -> dict:
+    """Environment for CLI subprocesses: runs and data under ``root``, no TTY progress bars."""
     env = dict(os.environ)
     env.update(
-        SAM_BENCH_RUNS=str(tmp_path / "runs"),
-        SAM_BENCH_MULTIRUN=str(tmp_path / "multirun"),
-        SAM_BENCH_DATA=str(tmp_path / "data"),
+        SAM_BENCH_RUNS=str(root / "runs"),
+        SAM_BENCH_MULTIRUN=str(root / "multirun"),
+        SAM_BENCH_DATA=str(root / "data"),
         PYTHONUNBUFFERED="1",
     )
     _cli_forkserver()  # importing in the background while the test starts (see sam_bench_forked)
     return env
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    """Environment for CLI subprocesses: runs and data under tmp_path, no TTY progress bars."""
+    return cli_env_under(tmp_path)
 
 
 def sam_bench_cmd() -> list[str]:
