@@ -99,9 +99,10 @@ def sam_bench_forked(args: list[str], env: dict, timeout: float = 300, cwd: str 
     The forkserver is a fresh interpreter that has run no torch op, so its children start as a new
     process does (torch's default thread count, no OpenMP pool, no test's global state, Python's
     default warning filters), which forking the test process itself would not give: a child forked
-    after the test process ran a parallel op hangs in its own first one. For the runs a test sets
-    up or compares with, and repeats of a command; every test still runs the command it is about
-    at least once in a real subprocess (`sam_bench_cmd()`), start-up and all."""
+    after the test process ran a parallel op hangs in its own first one. What it does not see is the
+    start-up itself (an import error, a warning printed at import). So: for the runs a test sets up
+    or compares with, repeats of a command, and error messages checked for their text; a test about
+    the process (signals, one-line stderr, start-up) runs `sam_bench_cmd()` in a real subprocess."""
     ctx = _cli_forkserver()
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")

@@ -437,7 +437,9 @@ def test_bad_input_one_line_and_exit_2(cli_env, tmp_path, name, overrides, setup
     dir_args = [] if any(o.startswith(("hydra.run.dir", "hydra.sweep.dir")) for o in overrides) else [f"hydra.run.dir={run}"]
     flags = [o for o in overrides if o.startswith("-")]  # -m goes before the overrides
     overrides = [o for o in overrides if not o.startswith("-")]
-    proc = _cli([*flags, *TINY, "trainer.log_every_steps=1", *overrides, *dir_args], cli_env)
+    # the error's text and exit status, from main() in a pre-imported child; test_cli.py runs bad input
+    # in real subprocesses (and checks there that it is the only line)
+    proc = sam_bench_forked(["train", *flags, *TINY, "trainer.log_every_steps=1", *overrides, *dir_args], cli_env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == line.format(run=run)
     assert "Traceback" not in proc.stderr
