@@ -26,7 +26,6 @@ def cli_env_under(root: Path) -> dict:
         SAM_BENCH_DATA=str(root / "data"),
         PYTHONUNBUFFERED="1",
     )
-    _cli_forkserver()  # importing in the background while the test starts (see sam_bench_forked)
     return env
 
 
@@ -79,6 +78,14 @@ def _cli_child(args: list[str], env: dict, cwd: str | None, out: str, err: str) 
     sys.stdout.flush()
     sys.stderr.flush()
     raise SystemExit(code)  # multiprocessing exits with it, after its own clean-up (no leaked semaphores)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start sam_bench_forked()'s forkserver when a collected test file uses it: it imports in the
+    background while the tests before the first forked run go on."""
+    files = {Path(str(item.fspath)) for item in items}
+    if any("sam_bench_forked(" in path.read_text() for path in files if path.name != "conftest.py"):
+        _cli_forkserver()
 
 
 def _cli_forkserver() -> multiprocessing.context.BaseContext:
