@@ -80,16 +80,9 @@ def _cli_child(args: list[str], env: dict, cwd: str | None, out: str, err: str) 
     raise SystemExit(code)  # multiprocessing exits with it, after its own clean-up (no leaked semaphores)
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Start sam_bench_forked()'s forkserver when a collected test file uses it: it imports in the
-    background while the tests before the first forked run go on."""
-    files = {Path(str(item.fspath)) for item in items}
-    if any("sam_bench_forked(" in path.read_text() for path in files if path.name != "conftest.py"):
-        _cli_forkserver()
-
-
 def _cli_forkserver() -> multiprocessing.context.BaseContext:
-    """The forkserver context, its server started (once a session) with the CLI's modules preloading."""
+    """The forkserver context, its server started (at the first forked run of a session) with the CLI's
+    modules preloading. Not earlier: on two busy cores its import slows the tests it would overlap."""
     import multiprocessing.forkserver
 
     ctx = multiprocessing.get_context("forkserver")
