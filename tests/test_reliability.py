@@ -479,7 +479,7 @@ def test_a_divergence_record_of_another_config_does_not_stop_a_run_and_goes_when
     run = tmp_path / "r"
     run.mkdir()
     (run / "diverged.json").write_text(json.dumps({"config_hash": "another", "error": "non-finite loss; ..."}))
-    proc = _cli([*TINY, f"hydra.run.dir={run}"], cli_env)
+    proc = sam_bench_forked(["train", *TINY, f"hydra.run.dir={run}"], cli_env)  # the trainer's rule, not the process
     assert proc.returncode == 0, proc.stderr
     assert (run / "result.json").exists() and not (run / "diverged.json").exists()
 
