@@ -1,5 +1,8 @@
+import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,19 +17,101 @@ def _single_thread_determinism():
     yield
 
 
-@pytest.fixture
-def cli_env(tmp_path):
-    """Environment for CLI subprocesses: runs and data under tmp_path, no TTY progress bars."""
+def cli_env_under(root: Path) -> dict:
+    """Environment for CLI subprocesses: runs and data under ``root``, no TTY progress bars."""
     env = dict(os.environ)
     env.update(
-        SAM_BENCH_RUNS=str(tmp_path / "runs"),
-        SAM_BENCH_MULTIRUN=str(tmp_path / "multirun"),
-        SAM_BENCH_DATA=str(tmp_path / "data"),
+        SAM_BENCH_RUNS=str(root / "runs"),
+        SAM_BENCH_MULTIRUN=str(root / "multirun"),
+        SAM_BENCH_DATA=str(root / "data"),
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
+@pytest.fixture
+def cli_env(tmp_path):
+    """Environment for CLI subprocesses: runs and data under tmp_path, no TTY progress bars."""
+    return cli_env_under(tmp_path)
+
+
 def sam_bench_cmd() -> list[str]:
     """`python -m sam_bench` with the interpreter running the tests."""
     return [sys.executable, "-m", "sam_bench"]
+
+
+# ---- `sam-bench` in a pre-imported child -----------------------------------------------------------
+
+#: What `python -m sam_bench` spends its start-up importing (torch, timm, torchvision, Hydra,
+#: matplotlib): several seconds of every CLI subprocess. The forkserver imports it once.
+CLI_PRELOAD = ["sam_bench.cli", "sam_bench.engine.trainer", "sam_bench.analysis.spectrum", "sam_bench.report"]
+
+
+def _cli_child(args: list[str], env: dict, cwd: str | None, out: str, err: str) -> None:
+    """In a child of the forkserver: `sam-bench <args>` under ``env``, stdout and stderr to files."""
+    import io
+    import logging
+    import traceback
+
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True) for fd in (1, 2))
+    code = 0
+    try:
+        from sam_bench.cli import main
+
+        main(list(args))
+    except SystemExit as e:  # as the interpreter turns it into an exit status
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit(code)  # multiprocessing exits with it, after its own clean-up (no leaked semaphores)
+
+
+def _cli_forkserver() -> multiprocessing.context.BaseContext:
+    """The forkserver context, its server started (at the first forked run of a session) with the CLI's
+    modules preloading. Not earlier: on two busy cores its import slows the tests it would overlap."""
+    import multiprocessing.forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(CLI_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def sam_bench_forked(args: list[str], env: dict, timeout: float = 300, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m sam_bench <args>` without the interpreter start-up: the same ``main()`` in a child of
+    a forkserver that has imported the CLI's modules (once per test session), with this environment,
+    and its exit status (negative: killed by that signal), stdout and stderr as a CompletedProcess.
+
+    The forkserver is a fresh interpreter that has run no torch op, so its children start as a new
+    process does (torch's default thread count, no OpenMP pool, no test's global state, Python's
+    default warning filters), which forking the test process itself would not give: a child forked
+    after the test process ran a parallel op hangs in its own first one. What it does not see is the
+    start-up itself (an import error, a warning printed at import). So: for the runs a test sets up
+    or compares with, repeats of a command, and error messages checked for their text; a test about
+    the process (signals, one-line stderr, start-up) runs `sam_bench_cmd()` in a real subprocess."""
+    ctx = _cli_forkserver()
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        proc = ctx.Process(target=_cli_child, args=(list(args), dict(env), None if cwd is None else str(cwd), out, err))
+        proc.start()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(["sam-bench", *args], timeout)
+        read = lambda path: Path(path).read_text() if os.path.exists(path) else ""  # noqa: E731
+        return subprocess.CompletedProcess(["sam-bench", *args], proc.exitcode, read(out), read(err))

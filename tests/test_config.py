@@ -32,7 +32,12 @@ def group_options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group", ["dataset", "model", "optimizer", "trainer", "experiment"])
 def test_every_option_composes_and_validates(compose_train, group):
+    # the paper presets (experiment/paper/, 138 of the 139 experiments) are composed, validated and
+    # resolved one by one in test_presets.py (test_preset_composes_and_matches_the_paper): composing
+    # each a second time here was half a minute of the suite
     for option in group_options(group):
+        if group == "experiment" and option.startswith("paper/"):
+            continue
         cfg = compose_train([f"{group}={option}"])
         validate(cfg)
         OmegaConf.to_container(cfg, resolve=True)

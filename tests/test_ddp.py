@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import sam_bench_cmd
+from conftest import cli_env_under, sam_bench_cmd, sam_bench_forked
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +36,35 @@ def max_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_two_ranks_equal_single_process_m_sharpness_and_only_rank0_writes(cli_env, tmp_path):
+def forked(args, env):
+    """A single-process run a test compares with or starts from, in a pre-imported child (no start-up)."""
+    proc = sam_bench_forked(args, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A finished single-process run of ARGS (plain SAM over the whole batch), which tests only read
+    (or copy): made once for the module."""
+    root = tmp_path_factory.mktemp("plain")
+    forked(["train", *ARGS, f"hydra.run.dir={root / 'plain'}"], cli_env_under(root))
+    return root / "plain"
+
+
+@pytest.fixture(scope="module")
+def clean_3_epochs(tmp_path_factory):
+    """The uninterrupted 2-rank run of ARGS over 3 epochs, which the kill tests end equal to (made once)."""
+    root = tmp_path_factory.mktemp("clean3")
+    run(torchrun_cmd(2) + ["train", *ARGS, "trainer.epochs=3", f"hydra.run.dir={root / 'clean'}"], cli_env_under(root))
+    return root / "clean"
+
+
+def test_two_ranks_equal_single_process_m_sharpness_and_only_rank0_writes(cli_env, tmp_path, plain):
     ddp = tmp_path / "ddp"
     out = run(torchrun_cmd(2) + ["train", *ARGS, f"hydra.run.dir={ddp}"], cli_env)
-    run(sam_bench_cmd() + ["train", *ARGS, "optimizer.m=32", f"hydra.run.dir={tmp_path / 'm32'}"], cli_env)
-    run(sam_bench_cmd() + ["train", *ARGS, f"hydra.run.dir={tmp_path / 'plain'}"], cli_env)
-    w_ddp, w_m32, w_plain = weights(ddp), weights(tmp_path / "m32"), weights(tmp_path / "plain")
+    forked(["train", *ARGS, "optimizer.m=32", f"hydra.run.dir={tmp_path / 'm32'}"], cli_env)
+    w_ddp, w_m32, w_plain = weights(ddp), weights(tmp_path / "m32"), weights(plain)
     # per-rank perturbation == m-sharpness with m = per-rank batch (fp32 rounding only; the float64
     # equality to 1e-10 is tests/test_sam_ddp.py) ... The rounding floor is measured, not guessed: the
     # same single-process m=32 run differs from itself by 1.5e-5 between 1 and 2 CPU threads
@@ -79,7 +102,7 @@ def test_preempted_mid_epoch_under_torchrun_resumes_with_the_epochs_true_stats(c
     assert stopped.returncode != 0 and "preempted" in stopped.stderr, stopped.stderr[-2000:]
     state = torch.load(tmp_path / "victim" / "checkpoint.pt", weights_only=True)
     assert state["partial"]["epoch_step"] == 2 and state["partial"]["seen"] == 128  # 2 steps x 64 images, both ranks
-    alone = subprocess.run(sam_bench_cmd() + ["train", *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    alone = sam_bench_forked(["train", *args], cli_env)  # single-process: no start-up needed to be refused
     assert alone.returncode == 2 and "trained by 2 process(es) and this command runs 1" in alone.stderr \
         and "torchrun --nproc_per_node=2" in alone.stderr, alone.stderr[-2000:]
     run(torchrun_cmd(2) + ["train", *args], cli_env)
@@ -112,12 +135,12 @@ def test_a_busy_run_directory_stops_every_rank_before_it_is_touched(cli_env, tmp
     assert planted.read_bytes() == b"in flight" and not (busy / "checkpoint.pt").exists()
 
 
-def test_a_single_process_run_is_not_taken_over_by_torchrun(cli_env, tmp_path):
+def test_a_single_process_run_is_not_taken_over_by_torchrun(cli_env, tmp_path, plain):
     """The number of ranks sets SAM's m, so it is part of the run: a finished single-process run rerun
     under torchrun (same directory) is refused, naming how it was launched, and its result is left
     as it was (before, torchrun relabelled it `ranks: 2` and the report averaged it with 2-rank runs)."""
     one = tmp_path / "one"
-    run(sam_bench_cmd() + ["train", *ARGS, f"hydra.run.dir={one}"], cli_env)
+    shutil.copytree(plain, one)  # a finished single-process run of ARGS of its own
     before = (one / "result.json").read_bytes()
     proc = subprocess.run(torchrun_cmd(2) + ["train", *ARGS, f"hydra.run.dir={one}"], env=cli_env, capture_output=True,
                           text=True, timeout=300)
@@ -144,18 +167,17 @@ def test_rank_dependent_checks_fail_before_anything_runs(cli_env, tmp_path, over
 
 
 @pytest.mark.parametrize("fault", ["checkpoint_written@2", "checkpoint_rotated@2"])
-def test_a_checkpoint_rotation_cut_by_a_kill_is_finished_by_rank_0_alone(cli_env, tmp_path, fault):
+def test_a_checkpoint_rotation_cut_by_a_kill_is_finished_by_rank_0_alone(cli_env, tmp_path, fault, clean_3_epochs):
     """Rank 0 killed between writing the next checkpoint and renaming it in (end of epoch 2 of 3):
     on resume every rank reads the checkpoint first and rank 0 alone finishes the renames (before,
     each rank did, and the second's renames lost checkpoint.pt or a rank resumed from another step
     and hung). The run ends as the uninterrupted one, with both checkpoints readable."""
     args = [*ARGS, "trainer.epochs=3"]
-    run(torchrun_cmd(2) + ["train", *args, f"hydra.run.dir={tmp_path / 'clean'}"], cli_env)
     victim = tmp_path / "victim"
     killed = subprocess.run(torchrun_cmd(2) + ["train", *args, f"hydra.run.dir={victim}"],
                             env={**cli_env, "SAM_BENCH_FAULT": fault}, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0 and not (victim / "result.json").exists()
     run(torchrun_cmd(2) + ["train", *args, f"hydra.run.dir={victim}"], cli_env)
-    assert max_diff(weights(victim), weights(tmp_path / "clean")) == 0.0
+    assert max_diff(weights(victim), weights(clean_3_epochs)) == 0.0
     epochs = {name: torch.load(victim / name, weights_only=True)["epoch"] for name in ("checkpoint.pt", "checkpoint.prev.pt")}
     assert epochs == {"checkpoint.pt": 3, "checkpoint.prev.pt": 2}

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from conftest import sam_bench_cmd
+from conftest import sam_bench_cmd, sam_bench_forked
 import sam_bench.models  # noqa: F401  (registers the CIFAR models with timm)
 from sam_bench.analysis.hessian import LossHessian, lanczos, top_eigenvalues
 from sam_bench.data import load_arrays
@@ -114,8 +114,13 @@ TINY = ["dataset=synthetic", "dataset.train_size=128", "dataset.test_size=64", "
         "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.epochs=2", "trainer.progress=false", "optimizer=sam"]
 
 
-def run(args, env, check=True):
-    proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=300)
+def run(args, env, check=True, forked=False):
+    """`sam-bench <args>` in a subprocess; ``forked``: in a pre-imported child (conftest.sam_bench_forked),
+    for a run a test starts from and for more of a command the test has run for real already."""
+    if forked:
+        proc = sam_bench_forked(args, env)
+    else:
+        proc = subprocess.run(sam_bench_cmd() + args, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -124,7 +129,7 @@ def run(args, env, check=True):
 @pytest.mark.slow
 def test_hessian_command_on_a_kept_epoch_checkpoint(cli_env, tmp_path):
     run_dir = tmp_path / "optimizer=sam,seed=0"  # named as sam-bench names runs: "=" and "," in the path
-    run(["train", *TINY, "trainer.keep_epochs=[1]", f"hydra.run.dir='{run_dir}'"], cli_env)
+    run(["train", *TINY, "trainer.keep_epochs=[1]", f"hydra.run.dir='{run_dir}'"], cli_env, forked=True)
     kept = run_dir / "checkpoint_epoch0001.pt"
     # after 2 epochs the previous checkpoint is epoch 1's: the kept copy is that file, byte for byte
     assert kept.read_bytes() == (run_dir / "checkpoint.prev.pt").read_bytes()
@@ -140,7 +145,7 @@ def test_hessian_command_on_a_kept_epoch_checkpoint(cli_env, tmp_path):
     assert "lambda_max" in out and str(run_dir / "hessian_checkpoint_epoch0001.json") in out
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where out= needs a directory: refused before any computation
-    proc = run(["hessian", f"checkpoint={kept}", f"out={blocked / 'x.json'}"], cli_env, check=False)
+    proc = run(["hessian", f"checkpoint={kept}", f"out={blocked / 'x.json'}"], cli_env, check=False, forked=True)
     assert proc.returncode == 2 and f"output directory {blocked} is not writable" in proc.stderr and "out=" in proc.stderr
 
     # independently: the epoch-1 weights in eval mode on all 128 training images (order does not
@@ -160,17 +165,17 @@ def test_hessian_command_on_a_kept_epoch_checkpoint(cli_env, tmp_path):
 
 @pytest.mark.slow
 def test_hessian_command_bad_input_is_one_line(cli_env, tmp_path):
-    proc = run(["hessian"], cli_env, check=False)
+    proc = run(["hessian"], cli_env, check=False)  # a real process; the rest in pre-imported children
     assert proc.returncode == 2 and "checkpoint=... is missing" in proc.stderr
-    proc = run(["hessian", f"checkpoint={tmp_path / 'nope.pt'}"], cli_env, check=False)
+    proc = run(["hessian", f"checkpoint={tmp_path / 'nope.pt'}"], cli_env, check=False, forked=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = run(["hessian", f"checkpoint={tmp_path / 'empty'}"], cli_env, check=False)
+    proc = run(["hessian", f"checkpoint={tmp_path / 'empty'}"], cli_env, check=False, forked=True)
     assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
-    proc = run(["hessian", f"checkpoint={tmp_path / 'nope.pt'}", "top_k=5", "iters=3"], cli_env, check=False)
+    proc = run(["hessian", f"checkpoint={tmp_path / 'nope.pt'}", "top_k=5", "iters=3"], cli_env, check=False, forked=True)
     assert proc.returncode == 2 and "iters >= top_k" in proc.stderr
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    proc = run(["hessian", f"checkpoint={tmp_path / 'junk.pt'}"], cli_env, check=False)
+    proc = run(["hessian", f"checkpoint={tmp_path / 'junk.pt'}"], cli_env, check=False, forked=True)
     assert proc.returncode == 2 and "not a readable sam-bench checkpoint" in proc.stderr
 
 

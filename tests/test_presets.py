@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
 
 from sam_bench.cli import _register
 from sam_bench.data import STREAMED
@@ -166,6 +167,7 @@ def preset_name(path: Path) -> str:
 
 def test_every_preset_is_named_after_its_cell_and_cites_it():
     assert len(FILES) > 100
+    assert sorted(PRESETS.rglob("*.yaml")) == FILES  # none in a sub-folder, where the per-preset test would miss it
     for path in FILES:
         text = path.read_text()
         name = preset_name(path)
@@ -198,6 +200,13 @@ def test_every_paper_cell_with_runs_has_a_preset():
 def test_preset_composes_and_matches_the_paper(compose_preset, path):
     cfg = compose_preset(path.stem)
     validate(cfg)
+    # the job's config as `compose(return_hydra_config=False)` and the trainer see it: valid, and every
+    # interpolation resolves (the check test_config.py makes of the other experiments)
+    job = cfg.copy()
+    with open_dict(job):
+        del job["hydra"]
+    validate(job)
+    OmegaConf.to_container(job, resolve=True)
     name = cfg.name
     assert name == preset_name(path)
     choices = cfg.hydra.runtime.choices

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import sam_bench_cmd
+from conftest import sam_bench_cmd, sam_bench_forked
 from sam_bench.cli import _register
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.rundir import ensure_writable, run_lock
@@ -268,6 +268,20 @@ def _run_child(cfg, run_dir: Path, fault: str | None = None) -> int:
     return proc.exitcode
 
 
+@pytest.fixture(scope="module")
+def clean_tiny(tmp_path_factory) -> Path:
+    """The uninterrupted run of TINY (3 epochs), which tests that kill a run of TINY end equal to:
+    trained once for the module (tests only read it)."""
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(TINY))
+    GlobalHydra.instance().clear()
+    run_dir = tmp_path_factory.mktemp("clean_tiny") / "clean"
+    assert _run_child(cfg, run_dir) == 0
+    return run_dir
+
+
 def _newest_step(run_dir: Path) -> int:
     """Every checkpoint file on disk must verify; returns the most advanced step (0 if none)."""
     steps = [ckpt.read_checkpoint(p)["step"] for p in ckpt.checkpoint_files(run_dir)]
@@ -321,17 +335,16 @@ def test_killed_anywhere_resumes_bit_exactly(compose_train, tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["checkpoint_written@3", "checkpoint_rotated@3"])
-def test_killed_in_the_last_checkpoint_finishes_with_every_epoch_recorded(compose_train, tmp_path, fault):
+def test_killed_in_the_last_checkpoint_finishes_with_every_epoch_recorded(compose_train, tmp_path, fault, clean_tiny):
     """Killed while the final epoch's checkpoint is rotated in: the re-run finds the training done,
     completes the rotation, and writes metrics.jsonl (it still lacked that epoch) and the result."""
     cfg = compose_train(TINY)  # 3 epochs: the third checkpoint write is the last
-    assert _run_child(cfg, tmp_path / "clean") == 0
     assert _run_child(cfg, tmp_path / "victim", fault) == -signal.SIGKILL
     assert len(_metrics(tmp_path / "victim")) == 2
     assert _run_child(cfg, tmp_path / "victim") == 0
-    assert _metrics(tmp_path / "victim") == _metrics(tmp_path / "clean")
+    assert _metrics(tmp_path / "victim") == _metrics(clean_tiny)
     assert json.loads((tmp_path / "victim" / "result.json").read_text())["final_test_loss"] == \
-        json.loads((tmp_path / "clean" / "result.json").read_text())["final_test_loss"]
+        json.loads((clean_tiny / "result.json").read_text())["final_test_loss"]
     files = {p.name: ckpt.read_checkpoint(p)["epoch"] for p in ckpt.checkpoint_files(tmp_path / "victim")}
     assert files == {ckpt.CHECKPOINT: 3, ckpt.PREVIOUS: 2}  # as an uninterrupted run leaves them
 
@@ -447,7 +460,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(cli_env, compose_t
     assert "Traceback" not in err and not (victim / "result.json").exists()
     assert 3 <= ckpt.read_checkpoint(victim / "checkpoint.pt")["step"] < 16
 
-    resumed = _cli([*args, f"hydra.run.dir={victim}"], cli_env)
+    resumed = sam_bench_forked(["train", *args, f"hydra.run.dir={victim}"], cli_env)  # the resume: no start-up needed
     assert resumed.returncode == 0 and "resuming" in resumed.stdout
     assert _run_child(compose_train(args), tmp_path / "clean") == 0  # the uninterrupted reference
     assert _metrics(victim) == _metrics(tmp_path / "clean")
@@ -494,7 +507,9 @@ def test_bad_input_one_line_and_exit_2(cli_env, tmp_path, name, overrides, setup
     dir_args = [] if any(o.startswith(("hydra.run.dir", "hydra.sweep.dir")) for o in overrides) else [f"hydra.run.dir={run}"]
     flags = [o for o in overrides if o.startswith("-")]  # -m goes before the overrides
     overrides = [o for o in overrides if not o.startswith("-")]
-    proc = _cli([*flags, *TINY, "trainer.log_every_steps=1", *overrides, *dir_args], cli_env)
+    # the error's text and exit status, from main() in a pre-imported child; test_cli.py runs bad input
+    # in real subprocesses (and checks there that it is the only line)
+    proc = sam_bench_forked(["train", *flags, *TINY, "trainer.log_every_steps=1", *overrides, *dir_args], cli_env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == line.format(run=run)
     assert "Traceback" not in proc.stderr
@@ -516,8 +531,8 @@ def test_a_diverged_sweep_point_is_skipped_and_the_sweep_goes_on(cli_env, tmp_pa
     assert "diverged, so this sweep point is skipped and the sweep goes on: non-finite training loss" in (sweep / "0" / "train.log").read_text()
     assert json.loads((sweep / "1" / "result.json").read_text())["status"] == "complete"
     # the same sweep again: the diverged point is not trained again (it would diverge again), the other is complete
-    again = _cli(["-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
-                  f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)
+    again = sam_bench_forked(["train", "-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
+                              f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)  # as a repeat: forked
     assert again.returncode == 1, again.stderr
     assert f"this config diverged in {sweep / '0'} before (non-finite training loss or gradient at step 2 (epoch 1)); " \
            "delete the run directory to train it again" in again.stderr
@@ -534,7 +549,7 @@ def test_a_divergence_record_of_another_config_does_not_stop_a_run_and_goes_when
     run = tmp_path / "r"
     run.mkdir()
     (run / "diverged.json").write_text(json.dumps({"config_hash": "another", "error": "non-finite loss; ..."}))
-    proc = _cli([*TINY, f"hydra.run.dir={run}"], cli_env)
+    proc = sam_bench_forked(["train", *TINY, f"hydra.run.dir={run}"], cli_env)  # the trainer's rule, not the process
     assert proc.returncode == 0, proc.stderr
     assert (run / "result.json").exists() and not (run / "diverged.json").exists()
 
