@@ -181,7 +181,7 @@ class TrainConfig:
 
 @dataclass
 class ReportConfig:
-    runs: List[str] = field(default_factory=lambda: ["runs", "multirun"])
+    runs: List[str] = field(default_factory=lambda: ["${oc.env:SAM_BENCH_RUNS,runs}", "${oc.env:SAM_BENCH_MULTIRUN,multirun}"])
     out: str = "results"
     print_table: bool = True
     # HParams event files for ρ sweeps under <out>/tensorboard (not byte-stable: wall-clock times)

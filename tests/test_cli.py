@@ -342,6 +342,16 @@ def test_report_with_the_default_roots_says_nothing_of_a_missing_one(cli_env, tm
     assert "run root runs does not exist" in named.stderr
 
 
+def test_report_reads_the_run_roots_train_wrote_to(cli_env, tmp_path):
+    """train writes under $SAM_BENCH_RUNS / $SAM_BENCH_MULTIRUN; report's default roots are the same
+    (they were the literal runs/ and multirun/ of the working directory: nothing found)."""
+    run(["train", *TINY, "trainer.epochs=1"], cli_env)  # into tmp_path/runs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run(["report", "out=out"], cli_env, cwd=elsewhere)
+    assert "| synthetic |" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_version(cli_env):
     from importlib import metadata
 
