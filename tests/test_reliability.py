@@ -450,8 +450,8 @@ def test_a_diverged_sweep_point_is_skipped_and_the_sweep_goes_on(cli_env, tmp_pa
     """Multirun: the point that diverges (lr 1e30) is logged in its run directory and skipped, the
     next point trains to its result, and the command then exits 1 naming the diverged point."""
     sweep = tmp_path / "sweep"
-    proc = _cli(["-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
-                 f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)
+    proc = sam_bench_forked(["train", "-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
+                             f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)  # the sweep's logic: forked
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     tail = proc.stderr.strip().splitlines()[-2:]
