@@ -93,13 +93,15 @@ def _cli_forkserver() -> multiprocessing.context.BaseContext:
 
 def sam_bench_forked(args: list[str], env: dict, timeout: float = 300, cwd: str | None = None) -> subprocess.CompletedProcess:
     """`python -m sam_bench <args>` without the interpreter start-up: the same ``main()`` in a child of
-    a forkserver that has imported the CLI's modules (once per test session), with this environment,
+    a forkserver that has imported the CLI's modules (once per test session: the first forked run
+    waits for that import, the later ones start at once), with this environment,
     and its exit status (negative: killed by that signal), stdout and stderr as a CompletedProcess.
 
     The forkserver is a fresh interpreter that has run no torch op, so its children start as a new
     process does (torch's default thread count, no OpenMP pool, no test's global state, Python's
     default warning filters), which forking the test process itself would not give: a child forked
-    after the test process ran a parallel op hangs in its own first one. What it does not see is the
+    after the test process ran a parallel op on two or more threads hangs in its own first one
+    (libgomp). What it does not see is the
     start-up itself (an import error, a warning printed at import). So: for the runs a test sets up
     or compares with, repeats of a command, and error messages checked for their text; a test about
     the process (signals, one-line stderr, start-up) runs `sam_bench_cmd()` in a real subprocess."""

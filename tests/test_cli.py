@@ -82,7 +82,7 @@ def test_train_writes_result_and_artifacts(cli_env, tmp_path):
 
 
 def test_multirun_sgd_and_sam_then_report(cli_env, tmp_path):
-    run(["train", "-m", *TINY, "trainer.epochs=1", "optimizer=sgd,sam", "optimizer.rho=0.1"], cli_env)
+    run(["train", "-m", *TINY, "trainer.epochs=1", "optimizer=sgd,sam", "optimizer.rho=0.1"], cli_env, forked=True)  # the report's input
     results = sorted((tmp_path / "multirun").rglob("result.json"))
     assert len(results) == 2
     by_name = {json.loads(p.read_text())["config"]["optimizer"]["name"]: json.loads(p.read_text()) for p in results}

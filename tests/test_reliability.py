@@ -428,7 +428,9 @@ def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path,
     monkeypatch.setattr(trainer, "LossScaler", lambda device: real(device, init_scale=init_scale["value"]))
     # fp16 is refused on the CPU (a CUDA mode); CPU autocast fp16 still exercises the scaler's checkpointing
     monkeypatch.setattr(trainer, "resolve_precision", lambda requested, device: requested)
-    cfg = compose_train([*TINY, "trainer.epochs=1", "trainer.precision=fp16"])
+    # 4 steps: stopped after 2, 2 resumed (CPU fp16 convolutions are slow; a fresh scaler's 1.0 would
+    # still be far below the saved scale's half at the end)
+    cfg = compose_train([*TINY, "trainer.epochs=1", "trainer.precision=fp16", "dataset.train_size=128"])
     assert _run_child(cfg, tmp_path, "step@2:TERM") == PREEMPTED_EXIT_CODE
     saved = float(ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"])
     assert saved in (1234.0, 617.0)  # 617 if a step overflowed and backed off
@@ -520,8 +522,8 @@ def test_a_diverged_sweep_point_is_skipped_and_the_sweep_goes_on(cli_env, tmp_pa
     """Multirun: the point that diverges (lr 1e30) is logged in its run directory and skipped, the
     next point trains to its result, and the command then exits 1 naming the diverged point."""
     sweep = tmp_path / "sweep"
-    proc = _cli(["-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
-                 f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)
+    proc = sam_bench_forked(["train", "-m", *TINY, "trainer.log_every_steps=1", "optimizer.grad_clip=null", "optimizer.lr=1e30,0.1",
+                             f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cli_env)  # the sweep's logic: forked
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     tail = proc.stderr.strip().splitlines()[-2:]

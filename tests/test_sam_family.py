@@ -1411,16 +1411,15 @@ def test_cli_asam_m_sharpness_logs_diagnostics(cli_env, tmp_path):
     """optimizer=asam + optimizer.m reach the step; diagnostics land in TensorBoard.
     (fp16 is CUDA-only; its trainer wiring is tested in test_reliability with the scaler.)"""
     import json
-    import subprocess
 
-    from conftest import sam_bench_cmd, sam_bench_forked
+    from conftest import sam_bench_forked
     precision = "fp32"
     run_dir = tmp_path / "run"
     args = ["train", "dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "model=wrn",
             "model.kwargs.depth=10", "model.kwargs.width=1", "trainer.batch_size=16", "trainer.epochs=1",
             "trainer.progress=false", "trainer.log_every_steps=2", "optimizer=asam", "optimizer.m=4",
             f"trainer.precision={precision}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(sam_bench_cmd() + args, env=cli_env, capture_output=True, text=True, timeout=300)
+    proc = sam_bench_forked(args, cli_env)  # the trainer's wiring, not the process: main() in a forked child
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["config"]["optimizer"]["adaptive"] and result["config"]["optimizer"]["m"] == 4
@@ -1431,7 +1430,7 @@ def test_cli_asam_m_sharpness_logs_diagnostics(cli_env, tmp_path):
     events.Reload()
     cos = events.Scalars("sam/cosine")
     assert [e.step for e in cos] == [2, 4] and all(-1 <= e.value <= 1 for e in cos)
-    # the same command line twice more, without the interpreter start-up (a real one ran above)
+    # the same command line twice more
     bad = sam_bench_forked(args[:-1] + ["optimizer.m=3", f"hydra.run.dir={tmp_path / 'bad'}"], cli_env)
     assert bad.returncode == 2 and "optimizer.m=3" in bad.stderr + bad.stdout
     vmap = sam_bench_forked(args[:-1] + ["optimizer.m_engine=vmap", f"hydra.run.dir={tmp_path / 'vmap'}"], cli_env)
