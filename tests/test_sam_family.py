@@ -1079,11 +1079,16 @@ def test_random_generator_state_resumes():
     model_b = copy.deepcopy(model)
     opt_b = make_sam(model_b, p="random", seed=5)
     opt_b.load_state_dict(sd)
+    assert_same_next_step((model, opt), (model_b, opt_b))
+
+
+def assert_same_next_step(a, b):
+    """One more step of (model, opt) ``a`` and ``b`` on the same batch leaves identical weights."""
     x, y = batch(4)
-    for mdl, o in ((model, opt), (model_b, opt_b)):
+    for mdl, o in (a, b):
         train_step(mdl, o, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(mdl))
-    for a, b in zip(model.parameters(), model_b.parameters()):
-        assert torch.equal(a, b)
+    for p, q in zip(a[0].parameters(), b[0].parameters()):
+        assert torch.equal(p, q)
 
 
 def test_random_generator_state_through_the_public_methods():
@@ -1098,11 +1103,7 @@ def test_random_generator_state_through_the_public_methods():
     opt_b = make_sam(model_b, p="random", seed=6)
     opt_b.load_state_dict({"base_optimizer": copy.deepcopy(opt.state_dict()["base_optimizer"])})
     opt_b.set_rng_state(state)
-    x, y = batch(4)
-    for mdl, o in ((model, opt), (model_b, opt_b)):
-        train_step(mdl, o, x, y, F.cross_entropy, NO_AMP, batchnorm_modules(mdl))
-    for a, b in zip(model.parameters(), model_b.parameters()):
-        assert torch.equal(a, b)
+    assert_same_next_step((model, opt), (model_b, opt_b))
 
 
 # ---- 3. fp16 loss scaling -------------------------------------------------------------------

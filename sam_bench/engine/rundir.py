@@ -71,13 +71,9 @@ def _write_pid(f) -> None:
     f.flush()
 
 
-def lock_before_hydra(run_dir: Path) -> None:
-    """Take ``run_dir``'s lock (ConfigError if a running sam-bench holds it) before Hydra writes this
-    command's ``.hydra/`` files there, and note those files as they are. The trainer's
-    :func:`run_lock` takes the lock over, so no other command gets in between (a lock taken only
-    once the trainer ran, seconds later, let a second command rewrite a running job's ``.hydra/``);
-    a command the trainer refuses puts the noted files back (:func:`hydra_files_before`)."""
-    run_dir = Path(run_dir)
+def _take_lock(run_dir: Path):
+    """The open lock file of ``run_dir``, locked by this process with its pid written in it
+    (ConfigError, the file closed, if a running sam-bench holds it)."""
     f = open(run_dir / LOCK_FILE, "a+")
     try:
         _lock_or_refuse(f, run_dir)
@@ -85,7 +81,17 @@ def lock_before_hydra(run_dir: Path) -> None:
         f.close()
         raise
     _write_pid(f)
-    _early_locks[_key(run_dir)] = f
+    return f
+
+
+def lock_before_hydra(run_dir: Path) -> None:
+    """Take ``run_dir``'s lock (ConfigError if a running sam-bench holds it) before Hydra writes this
+    command's ``.hydra/`` files there, and note those files as they are. The trainer's
+    :func:`run_lock` takes the lock over, so no other command gets in between (a lock taken only
+    once the trainer ran, seconds later, let a second command rewrite a running job's ``.hydra/``);
+    a command the trainer refuses puts the noted files back (:func:`hydra_files_before`)."""
+    run_dir = Path(run_dir)
+    _early_locks[_key(run_dir)] = _take_lock(run_dir)
     before = {}
     for name in HYDRA_FILES:
         try:
@@ -106,15 +112,7 @@ def hydra_files_before(run_dir: Path) -> dict[str, bytes | None] | None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the duration of the block; fail fast if taken.
     A lock this process took already (:func:`lock_before_hydra`) is taken over, not taken again."""
-    f = _early_locks.pop(_key(run_dir), None)
-    if f is None:
-        f = open(Path(run_dir) / LOCK_FILE, "a+")
-        try:
-            _lock_or_refuse(f, run_dir)
-        except BaseException:
-            f.close()
-            raise
-        _write_pid(f)
+    f = _early_locks.pop(_key(run_dir), None) or _take_lock(Path(run_dir))
     try:
         yield
     finally:
