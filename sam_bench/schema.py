@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sam_bench.errors import ConfigError
+from sam_bench.variant_rules import sam_variant_conflict
 
 
 class Augment(str, Enum):
@@ -560,22 +561,6 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"dataset.pad={ds.pad} must be >= 0 (pixels of reflect padding before the random crop)")
     if len(ds.mean) != ds.in_chans or len(ds.std) != ds.in_chans:
         raise ConfigError(f"dataset.mean/std need {ds.in_chans} values (dataset.in_chans), got {len(ds.mean)}/{len(ds.std)}")
-
-
-def sam_variant_conflict(adaptive: bool, p: str, ascent_steps: int, second_order: bool, key: str = "") -> str | None:
-    """Why these SAM variants do not combine (None when they do): the one statement of the rules,
-    for the config check and for :class:`sam_bench.optim.sam.SAM` (here, without torch, so that a
-    sweep is validated before anything imports it). ``key`` prefixes each setting's name in the
-    message ("optimizer." for the config)."""
-    if ascent_steps > 1 and (p == "random" or adaptive):
-        return (f"{key}ascent_steps > 1 needs {key}p=2 or inf and {key}adaptive=false (each step projects a "
-                "gradient direction onto the Euclidean or ∞-ball)")
-    if (adaptive or second_order) and p != "2":
-        return f"{key}adaptive and {key}second_order are defined for {key}p=2 only"
-    if second_order and (adaptive or ascent_steps > 1):
-        return (f"{key}second_order differentiates plain SAM's ε = ρg/‖g‖ (App. C.4): use it with "
-                f"{key}adaptive=false and {key}ascent_steps=1")
-    return None
 
 
 def _validate_sam_family(opt: Any, tr: Any) -> None:

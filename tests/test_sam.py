@@ -288,3 +288,15 @@ def test_step_with_a_closure_refuses_second_order_before_any_pass():
     with pytest.raises(ValueError, match=r"second_order=True .*step\.train_step"):
         opt.step(lambda: calls.append(1))
     assert calls == [] and torch.equal(p.detach(), torch.tensor([1.0, -2.0]))
+
+
+def test_the_optimizer_imports_without_hydra():
+    """sam_bench.optim is a library a user drops into their own loop: importing it (and the m-sharpness
+    step) must not pull in Hydra, OmegaConf or the config schema."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sam_bench.optim, sam_bench.optim.msam, sam_bench.engine.step; "
+            "print(sorted(m for m in ('hydra', 'omegaconf', 'sam_bench.schema') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

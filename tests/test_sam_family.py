@@ -1710,7 +1710,7 @@ def test_combinations_without_their_maths_are_refused(kw, group):
 
 
 def test_sam_and_the_config_accept_the_same_variant_combinations():
-    """One set of rules (schema.sam_variant_conflict) for SAM's arguments and the config check."""
+    """One set of rules (variant_rules.sam_variant_conflict) for SAM's arguments and the config check."""
     import itertools
 
     from sam_bench.schema import validate

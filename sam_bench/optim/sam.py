@@ -43,7 +43,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from sam_bench.schema import sam_variant_conflict
+from sam_bench.variant_rules import sam_variant_conflict
 
 WEIGHT_DECAY_MODES = ("loss", "decoupled")
 P_NORMS = ("2", "inf", "random")
@@ -279,7 +279,7 @@ class SAM(torch.optim.Optimizer):
         group["weight_decay"] = 0.0 if self.weight_decay_mode == "loss" else wd
 
     def _check_groups(self, groups: list[dict]) -> None:
-        """The variants' constraints (:func:`sam_bench.schema.sam_variant_conflict`, the config's
+        """The variants' constraints (:func:`sam_bench.variant_rules.sam_variant_conflict`, the config's
         rules), with ``adaptive`` as any group sets it (a group may switch ASAM on)."""
         conflict = sam_variant_conflict(any(g["adaptive"] for g in groups), self.p, self.ascent_steps, self.second_order)
         if conflict:
