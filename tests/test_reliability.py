@@ -180,6 +180,44 @@ def test_the_finite_check_reads_the_progress_bars_loss_in_its_one_sync(monkeypat
     assert syncs == ["tolist"]
 
 
+def _sam_after_steps(steps: int):
+    """A tiny model's SAM (diagnostics on) after ``steps`` steps on one fixed batch."""
+    from sam_bench.optim import SAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, diagnostics=True)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y).backward())
+    return opt
+
+
+def test_a_log_interval_reads_the_check_the_loss_and_the_sam_diagnostics_in_one_sync(monkeypatch):
+    """The log interval's one host sync carries the finite check, the progress bar's loss and SAM's
+    diagnostic sums (they had a sync of their own); the means are read_diagnostics' and the next
+    interval's sums start from zero."""
+    from sam_bench.engine.trainer import _read_log_interval
+
+    want = _sam_after_steps(3).read_diagnostics()
+    assert set(want) == {"sam/grad_norm", "sam/eps_norm", "sam/loss_gap", "sam/cosine"} and want["sam/grad_norm"] > 0
+    for guard in (FiniteGuard(torch.device("cpu")), None):
+        opt = _sam_after_steps(3)
+        if guard is not None:
+            guard.update(torch.tensor(1.0))
+        syncs = []
+        for name in ("tolist", "item", "__bool__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: syncs.append(_n) or _o(self))
+        running, sums = _read_log_interval(guard, 4, 0, torch.tensor(0.25), opt.take_diagnostics())
+        monkeypatch.undo()
+        assert syncs == ["tolist"] and running == 0.25
+        assert opt.diagnostics_means(sums) == want
+        assert opt.read_diagnostics() == {}
+    assert _read_log_interval(None, 4, 0, None, None) == (None, None)
+
+
 def test_a_divergence_says_whether_it_is_recorded_already_and_keeps_it_when_pickled():
     import pickle
 
@@ -953,14 +991,23 @@ def test_a_resumed_run_shows_each_tensorboard_point_once(compose_train, tmp_path
     assert steps == sorted(set(steps)) and len(steps) == 2
 
 
-def test_sam_diagnostics_are_logged_every_log_interval_of_the_global_step_and_at_the_end(compose_train, tmp_path):
+def test_sam_diagnostics_are_logged_every_log_interval_of_the_global_step_and_at_the_end(compose_train, tmp_path, monkeypatch):
     """12 steps (2 epochs of 6), log_every_steps=5: the sam/* means land at global steps 5 and 10, and
     the last 2 steps' at step 12 (before, the interval counted steps within the epoch: points at 5
     and 11, intervals of 5 and 6, the last step never written; an epoch shorter than the interval,
-    as the quick start's 62 against 50 after the first, logged nothing or lost its tail)."""
+    as the quick start's 62 against 50 after the first, logged nothing or lost its tail). Within
+    the epochs they are read in the finite check's sync (take_diagnostics), never by a sync of their
+    own (read_diagnostics: once, at the end)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from sam_bench.optim import SAM
+
+    reads, takes = [], []
+    for name, calls in (("read_diagnostics", reads), ("take_diagnostics", takes)):
+        original = getattr(SAM, name)
+        monkeypatch.setattr(SAM, name, lambda self, _o=original, _c=calls: _c.append(1) or _o(self))
     fit(compose_train([*TINY, "trainer.epochs=2", "trainer.log_every_steps=5", "trainer.checkpoint=false"]), tmp_path)
+    assert len(takes) == 3 and len(reads) == 1  # steps 5 and 10; the end's (read_diagnostics takes once more)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("sam/cosine")] == [5, 10, 12]

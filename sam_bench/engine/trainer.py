@@ -283,11 +283,10 @@ def train_one_epoch(
 ) -> tuple[dict[str, float], int]:
     """Train for one epoch (from ``partial['epoch_step']`` when resuming); returns (stats, global step).
 
-    Host syncs of this loop: at every ``log_every``-th global step one that reads the finite check
-    together with the progress bar's running loss (under torchrun the all-reduce by which the ranks
-    agree on the check and on a preemption), and one more when SAM's diagnostics are on
-    (``optimizer.diagnostics``: ``on_log`` gets them); two at the end (the finite check, the epoch's
-    totals). ``after_step(epoch, global_step, progress)`` runs after every step (checkpoints,
+    Host syncs of this loop: at every ``log_every``-th global step one, which reads the finite check
+    (under torchrun the all-reduce by which the ranks agree on the check and on a preemption)
+    together with the progress bar's running loss and SAM's diagnostics (``optimizer.diagnostics``:
+    ``on_log`` gets their means); two at the end (the finite check, the epoch's totals). ``after_step(epoch, global_step, progress)`` runs after every step (checkpoints,
     preemption).
     """
     model.train()
@@ -316,14 +315,12 @@ def train_one_epoch(
         fault_point("step")  # (tests) a signal here is one the check below, at a log interval, carries to every rank
         if global_step % log_every == 0:  # intervals of the global step: the same whatever the epoch length
             running = None if bar.disable else acc["loss_sum"] / acc["seen"]  # the progress bar's, read with the check
-            if guard is not None:
-                shown = guard.check(global_step, epoch, extra=running)
-            else:
-                shown = [] if running is None else [running.item()]
-            if on_log is not None:
-                on_log(global_step, optimizer.read_diagnostics())  # SAM's diagnostics: a sync of their own when they are on
-            if shown:
-                bar.set_postfix(loss=f"{shown[0]:.3f}")
+            diag = optimizer.take_diagnostics() if on_log is not None else None
+            running_loss, diag_sums = _read_log_interval(guard, global_step, epoch, running, diag)
+            if diag_sums is not None:
+                on_log(global_step, optimizer.diagnostics_means(diag_sums))
+            if running_loss is not None:
+                bar.set_postfix(loss=f"{running_loss:.3f}")
         acc["time_s"] = time.perf_counter() - t0
         if after_step is not None:
             after_step(epoch, global_step, acc)
@@ -334,6 +331,19 @@ def train_one_epoch(
                                          torch.tensor(float(acc["seen"]), device=device, dtype=torch.float64)]), dist_info)
     loss_sum, correct, seen = totals.tolist()
     return {"train_loss": loss_sum / seen, "train_error": 100.0 * (1.0 - correct / seen)}, global_step
+
+
+def _read_log_interval(guard: FiniteGuard | None, global_step: int, epoch: int, running: torch.Tensor | None,
+                       diag: torch.Tensor | None) -> tuple[float | None, list[float] | None]:
+    """The log interval's one host sync: the finite check (when guarded) with the running loss and
+    the diagnostics' sums read along; returns (running loss, diagnostics' sums), None for either not given."""
+    extra = [t.detach().double().reshape(-1) for t in (running, diag) if t is not None]
+    if guard is not None:
+        values = guard.check(global_step, epoch, extra=torch.cat(extra) if extra else None)
+    else:
+        values = torch.cat(extra).tolist() if extra else []
+    running_loss = values.pop(0) if running is not None else None
+    return running_loss, (values if diag is not None else None)
 
 
 @torch.no_grad()

@@ -683,17 +683,29 @@ class SAM(torch.optim.Optimizer):
         if self.diagnostics:
             self._accumulate(2, perturbed_loss.detach().double() - clean_loss.detach().double())
 
-    def read_diagnostics(self) -> dict[str, float]:
-        """Means since the last read (one host sync); {} when nothing was recorded."""
+    def take_diagnostics(self) -> torch.Tensor | None:
+        """The running sums since the last take, as a device tensor (the sums restart from zero; no
+        sync): for a caller that reads them in a host sync it makes anyway, then turns the values
+        into means with :meth:`diagnostics_means`. None when diagnostics are off or nothing ran."""
         if self._diag is None:
-            return {}
-        values = self._diag.tolist()
+            return None
+        sums = self._diag.clone()
         self._diag.zero_()
-        count = values[-1]
+        return sums
+
+    def diagnostics_means(self, sums: list[float]) -> dict[str, float]:
+        """The values of :meth:`take_diagnostics`, read on the host, as means per step; {} when no
+        step was recorded."""
+        count = sums[-1]
         if not count:
             return {}
-        return {f"sam/{name}": v / count for name, v in zip(DIAGNOSTICS, values)
+        return {f"sam/{name}": v / count for name, v in zip(DIAGNOSTICS, sums)
                 if self.second_order or name not in SECOND_ORDER_DIAGNOSTICS}
+
+    def read_diagnostics(self) -> dict[str, float]:
+        """Means since the last read (one host sync of its own); {} when nothing was recorded."""
+        sums = self.take_diagnostics()
+        return {} if sums is None else self.diagnostics_means(sums.tolist())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
