@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_determinism():
+def _same_torch_seed_for_every_test():
+    """Each test starts from torch seed 0, whatever ran before it."""
     torch.manual_seed(0)
     yield
 

@@ -23,6 +23,7 @@ from sam_bench.cli import _register
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.rundir import ensure_writable, run_lock
 from sam_bench.engine.signals import PREEMPTED_EXIT_CODE, Preempted, PreemptionHandler
+from sam_bench.engine.step import train_step
 from sam_bench.engine.trainer import FiniteGuard, fit
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
 from sam_bench.paths import config_dir
@@ -397,11 +398,37 @@ def test_preempted_during_the_epoch_end_checkpoint_keeps_the_previous_epoch(comp
     assert ckpt.read_checkpoint(tmp_path / ckpt.kept_name(2))["epoch"] == 2
 
 
-def test_nonfinite_state_is_never_checkpointed(compose_train, tmp_path):
-    cfg = compose_train([*TINY, "trainer.checkpoint_every_steps=2", "optimizer.lr=1e30", "optimizer.grad_clip=null"])
-    with pytest.raises(TrainingDiverged, match=r"non-finite training loss or gradient at step \d+ \(epoch 1\)"):
+@pytest.mark.parametrize("poison, message", [
+    ("loss", r"non-finite training loss or gradient at step 3 \(epoch 1\)"),
+    # a BatchNorm running mean: train-mode forwards never read it, so the loss stays finite and only
+    # the check of the weights and buffers before the write can see it
+    ("buffer", r"non-finite weights after step 4 \(epoch 1\)"),
+])
+def test_nonfinite_state_is_never_checkpointed(compose_train, tmp_path, monkeypatch, poison, message):
+    """A run whose loss, or only a buffer, goes non-finite at step 3, between the checkpoints of steps
+    2 and 4: it stops with TrainingDiverged naming the step and the last good checkpoint, and the
+    files on disk are step 2's, all finite (the checkpoint of step 4 would hold the bad state)."""
+    import sam_bench.engine.trainer as trainer_module
+
+    steps = []
+
+    def poisoned_step(model, *args, **kwargs):
+        loss, logits = train_step(model, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            if poison == "buffer":
+                next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean.fill_(float("inf"))
+            else:
+                loss = loss * float("nan")
+        return loss, logits
+
+    monkeypatch.setattr(trainer_module, "train_step", poisoned_step)
+    cfg = compose_train([*TINY, "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1000"])
+    with pytest.raises(TrainingDiverged, match=message + r".*checkpoint.pt, step 2\b"):
         fit(cfg, tmp_path)
-    for path in ckpt.checkpoint_files(tmp_path):
+    files = ckpt.checkpoint_files(tmp_path)
+    assert files and _newest_step(tmp_path) == 2
+    for path in files:
         state = ckpt.read_checkpoint(path)
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
