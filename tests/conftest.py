@@ -92,6 +92,42 @@ def _cli_forkserver() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def _fit_child(cfg, run_dir: str, fault: str | None, env: dict) -> None:
+    """In a child of the forkserver: ``fit(cfg, run_dir)`` under ``env``, dying at ``fault``
+    (``SAM_BENCH_FAULT``) if given; exits 0, PREEMPTED_EXIT_CODE, 1 (an error, printed) or by the signal."""
+    import traceback
+
+    from sam_bench.engine.signals import PREEMPTED_EXIT_CODE, Preempted
+    from sam_bench.engine.trainer import fit
+
+    os.environ.clear()
+    os.environ.update(env)
+    if fault:
+        os.environ["SAM_BENCH_FAULT"] = fault
+    try:
+        fit(cfg, run_dir)
+    except Preempted:
+        os._exit(PREEMPTED_EXIT_CODE)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def fit_forked(cfg, run_dir: Path, fault: str | None = None, timeout: float = 120) -> int:
+    """``fit(cfg, run_dir)`` in a child of the forkserver (see :func:`sam_bench_forked` for why not a
+    fork of the test process), with this process's environment, optionally dying at a fault point
+    (``SAM_BENCH_FAULT``); its exit status (negative: killed by that signal)."""
+    proc = _cli_forkserver().Process(target=_fit_child, args=(cfg, str(run_dir), fault, dict(os.environ)))
+    proc.start()
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise subprocess.TimeoutExpired(["fit", str(run_dir)], timeout)
+    return proc.exitcode
+
+
 def sam_bench_forked(args: list[str], env: dict, timeout: float = 300, cwd: str | None = None) -> subprocess.CompletedProcess:
     """`python -m sam_bench <args>` without the interpreter start-up: the same ``main()`` in a child of
     a forkserver that has imported the CLI's modules (once per test session: the first forked run

@@ -3,14 +3,12 @@ and one clear line for every bad input."""
 
 import errno
 import json
-import multiprocessing
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import sam_bench_cmd, sam_bench_forked
+from conftest import _cli_forkserver, fit_forked, sam_bench_cmd, sam_bench_forked
 from sam_bench.cli import _register
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.rundir import ensure_writable, run_lock
@@ -263,7 +261,7 @@ def test_the_ranks_agree_on_a_divergence_and_a_stop_request():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
+    ctx = _cli_forkserver()  # not a fork of the test process (conftest.sam_bench_forked says why)
     results = ctx.Queue()
     procs = [ctx.Process(target=_guard_rank, args=(rank, port, results)) for rank in (0, 1)]
     for p in procs:
@@ -286,25 +284,23 @@ def compose_train():
     GlobalHydra.instance().clear()
 
 
-def _child(cfg, run_dir: str, fault: str | None) -> None:
-    if fault:
-        os.environ["SAM_BENCH_FAULT"] = fault
-    try:
-        fit(cfg, run_dir)
-    except Preempted:
-        os._exit(PREEMPTED_EXIT_CODE)
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
 def _run_child(cfg, run_dir: Path, fault: str | None = None) -> int:
-    """fit() in a forked process (no interpreter start-up), optionally dying at a fault point."""
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(cfg, str(run_dir), fault))
-    proc.start()
-    proc.join(120)
-    return proc.exitcode
+    """fit() in a pre-imported child (conftest.fit_forked), optionally dying at a fault point."""
+    return fit_forked(cfg, run_dir, fault)
+
+
+def _preempt_here(cfg, run_dir: Path, step: int, monkeypatch) -> None:
+    """fit() in this process, preempted (SIGTERM) after ``step`` steps: for a test whose monkeypatches
+    must reach the run, which they would not in a pre-imported child (:func:`_run_child`)."""
+    from collections import Counter
+
+    from sam_bench.engine import faults
+
+    monkeypatch.setattr(faults, "_reached", Counter())
+    monkeypatch.setenv(faults.ENV, f"step@{step}:TERM")
+    with pytest.raises(Preempted):
+        fit(cfg, run_dir)
+    monkeypatch.delenv(faults.ENV)
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +492,7 @@ def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path,
     # 4 steps: stopped after 2, 2 resumed (CPU fp16 convolutions are slow; a fresh scaler's 1.0 would
     # still be far below the saved scale's half at the end)
     cfg = compose_train([*TINY, "trainer.epochs=1", "trainer.precision=fp16", "dataset.train_size=128"])
-    assert _run_child(cfg, tmp_path, "step@2:TERM") == PREEMPTED_EXIT_CODE
+    _preempt_here(cfg, tmp_path, 2, monkeypatch)
     saved = float(ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"])
     assert saved in (1234.0, 617.0)  # 617 if a step overflowed and backed off
     init_scale["value"] = 1.0  # the resumed run builds a fresh scaler; the checkpoint must win
@@ -749,7 +745,7 @@ def test_a_key_added_by_a_newer_version_resumes_at_its_default_and_records_both_
     import sam_bench.engine.trainer as trainer
 
     monkeypatch.setattr(trainer, "git_commit", lambda: "old")
-    assert _run_child(compose_train([*TINY, "trainer.epochs=1"]), tmp_path, "step@3:TERM") == PREEMPTED_EXIT_CODE
+    _preempt_here(compose_train([*TINY, "trainer.epochs=1"]), tmp_path, 3, monkeypatch)
     state, _ = ckpt.load_checkpoint(tmp_path)
     del state["config"]["optimizer"]["sync_perturbation"]
     ckpt.save_checkpoint(tmp_path, {k: v for k, v in state.items() if k != "checksum"})
