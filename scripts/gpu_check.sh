@@ -5,7 +5,7 @@
 #   and on request a Fashion-MNIST SGD-vs-SAM training run (stage fmnist) and, with
 #   GPU_CHECK_WRN=1, the full WRN-28-10 grid of scripts/bench.py (eager + compiled + reference loop).
 # Needs: the repo, wheels of hydra-core/omegaconf/antlr4 in .whl/ (when the machine lacks them)
-# and, for the Fashion-MNIST run, the gzip IDX files in .fmnist/. Writes under $OUT (default
+# and, for the Fashion-MNIST run, the gzip IDX files in .fmnist/ (scripts/gpu_carry.sh makes both). Writes under $OUT (default
 # ./gpu_check_out) summary.log (environment + the tail of every stage), one log per stage run (stage
 # fmnist's is fmnist_sgd_vs_sam.log) and the JSON of stages bench_sam, bench_resnet50 and msam_graphed:
 # 7 files with the default stages, 17 with every stage and GPU_CHECK_WRN=1. Each stage has its own
