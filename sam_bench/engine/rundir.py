@@ -5,12 +5,21 @@ second one therefore fails at once (``fcntl.flock`` on ``.lock``, released by th
 the holder exits or dies, so a killed run never leaves a stale lock behind). ``sam-bench train``
 takes it before Hydra writes the command's ``.hydra/`` files into the directory, and the trainer
 takes it over from there.
+
+Hydra writes those files before any code of ours can look at the directory in a sweep point (in
+``run_job``, before the ``on_job_start`` callbacks) and on every rank under torchrun, so a command
+the trainer refuses there (another config's run) would leave its files describing a run it never
+trained. The run that owns the directory therefore records its own in :data:`OWNER_FILE` once the
+trainer's checks passed (:func:`claim_hydra_files`), and a command refused or failing before that
+point puts them back (:func:`restore_hydra_files`), in every launch mode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import logging
 import os
 import sys
 import tempfile
@@ -22,6 +31,11 @@ from hydra.experimental.callback import Callback
 from sam_bench.errors import ConfigError
 
 LOCK_FILE = ".lock"
+#: the ``.hydra/`` files of the run that owns the directory, as its command's Hydra wrote them (JSON:
+#: file name -> text, null for one that did not exist), which a refused command puts back
+OWNER_FILE = ".hydra_owner.json"
+
+log = logging.getLogger("sam_bench")
 
 
 def ensure_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
@@ -58,6 +72,8 @@ HYDRA_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
 _early_locks: dict[str, Any] = {}
 #: the ``.hydra/`` files of those directories as they were before Hydra rewrote them (None: absent)
 _hydra_before: dict[str, dict[str, bytes | None]] = {}
+#: this command's ``.hydra/`` files, noted when :func:`run_lock` began, until :func:`claim_hydra_files`
+_hydra_mine: dict[str, dict[str, bytes | None]] = {}
 
 
 def _key(run_dir: Path) -> str:
@@ -84,38 +100,134 @@ def _take_lock(run_dir: Path):
     return f
 
 
+def _read_hydra_files(run_dir: Path) -> dict[str, bytes | None]:
+    """``run_dir``'s ``.hydra/`` :data:`HYDRA_FILES` as they are now (None for one that does not exist)."""
+    files = {}
+    for name in HYDRA_FILES:
+        try:
+            files[name] = (Path(run_dir) / ".hydra" / name).read_bytes()
+        except OSError:
+            files[name] = None
+    return files
+
+
 def lock_before_hydra(run_dir: Path) -> None:
     """Take ``run_dir``'s lock (ConfigError if a running sam-bench holds it) before Hydra writes this
     command's ``.hydra/`` files there, and note those files as they are. The trainer's
     :func:`run_lock` takes the lock over, so no other command gets in between (a lock taken only
     once the trainer ran, seconds later, let a second command rewrite a running job's ``.hydra/``);
-    a command the trainer refuses puts the noted files back (:func:`hydra_files_before`)."""
+    a command the trainer refuses puts the noted files back (:func:`restore_hydra_files`)."""
     run_dir = Path(run_dir)
     _early_locks[_key(run_dir)] = _take_lock(run_dir)
-    before = {}
-    for name in HYDRA_FILES:
+    _hydra_before[_key(run_dir)] = _read_hydra_files(run_dir)
+
+
+def _owner_files(run_dir: Path) -> dict[str, bytes | None] | None:
+    """The files :data:`OWNER_FILE` records; None when there is none (a directory no run has claimed
+    yet, or one of a version before the record) or it cannot be read."""
+    try:
+        saved = json.loads((Path(run_dir) / OWNER_FILE).read_text())
+        # surrogateescape: the bytes as Hydra wrote them, whatever they are
+        return {name: None if saved[name] is None else saved[name].encode("utf-8", "surrogateescape") for name in HYDRA_FILES}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_owner_files(run_dir: Path, files: dict[str, bytes | None]) -> None:
+    from sam_bench.tracking.results import atomic_write_bytes
+
+    text = {name: None if data is None else data.decode("utf-8", "surrogateescape") for name, data in files.items()}
+    atomic_write_bytes(Path(run_dir) / OWNER_FILE, (json.dumps(text, indent=1) + "\n").encode())
+
+
+def _put_back(run_dir: Path, files: dict[str, bytes | None]) -> None:
+    """Make ``.hydra/``'s :data:`HYDRA_FILES` ``files`` (None: absent), rewriting only those that differ
+    (each atomically); the folder goes when none was there and nothing else is in it."""
+    from sam_bench.tracking.results import atomic_write_bytes
+
+    hydra_dir = Path(run_dir) / ".hydra"
+    now = _read_hydra_files(run_dir)
+    for name, data in files.items():
+        if data == now[name]:
+            continue
+        if data is None:
+            (hydra_dir / name).unlink(missing_ok=True)
+        else:
+            hydra_dir.mkdir(exist_ok=True)
+            atomic_write_bytes(hydra_dir / name, data)
+    if not any(files.values()) and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+        hydra_dir.rmdir()
+
+
+def restore_hydra_files(run_dir: Path) -> bool:
+    """Put back ``run_dir``'s ``.hydra/`` files, which this command's Hydra rewrote before the trainer
+    could refuse it: as the CLI noted them (:func:`lock_before_hydra`, a single run), else as the run
+    that owns the directory recorded them (:data:`OWNER_FILE`: a sweep point, torchrun, a submitit
+    job). False when neither is known (a directory of an older version, or no run has claimed it).
+    Rank 0 alone calls it, once every rank is inside the trainer (past ``init_process_group``, so past
+    Hydra's writing): no rank writes them again after it."""
+    run_dir = Path(run_dir)
+    files = _hydra_before.get(_key(run_dir))
+    if files is None:
+        files = _owner_files(run_dir)
+    if files is None:
+        return False
+    if (run_dir / ".hydra").is_dir():  # else this command wrote none (hydra.output_subdir=null): nothing to undo
         try:
-            before[name] = (run_dir / ".hydra" / name).read_bytes()
-        except OSError:
-            before[name] = None
-    _hydra_before[_key(run_dir)] = before
+            _put_back(run_dir, files)
+        except OSError as e:  # the refusal is the news: say this, and let it be told
+            log.warning("could not put back %s/.hydra/ as it was (%s)", run_dir, e.strerror or e)
+    return True
 
 
-def hydra_files_before(run_dir: Path) -> dict[str, bytes | None] | None:
-    """``run_dir``'s ``.hydra/`` files as they were before Hydra wrote this command's (None for one that
-    did not exist); None when this process did not note them (no :func:`lock_before_hydra`: a
-    sweep point, torchrun, or :func:`~sam_bench.engine.trainer.fit` called directly)."""
-    return _hydra_before.get(_key(run_dir))
+def claim_hydra_files(run_dir: Path) -> None:
+    """This command passed the trainer's checks: ``run_dir`` is its run now. Record its ``.hydra/``
+    files (as they were when it took the lock) in :data:`OWNER_FILE`, for a command refused there
+    later to put back, and rewrite ``.hydra/`` with them where a command refused meanwhile (a sweep
+    point meeting the busy directory before this claim) put back the previous owner's. Once per
+    :func:`run_lock`; a no-op without one (torchrun's other ranks)."""
+    mine = _hydra_mine.pop(_key(run_dir), None)
+    if mine is None:
+        return
+    try:
+        if _owner_files(run_dir) != mine:
+            _write_owner_files(run_dir, mine)
+        _put_back(run_dir, mine)
+    except OSError as e:  # the run itself can go on; only a later refused command's clean-up is at stake
+        log.warning("could not record %s/.hydra/ in %s (%s): a command refused there later may leave its own",
+                    run_dir, OWNER_FILE, e.strerror or e)
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the duration of the block; fail fast if taken.
-    A lock this process took already (:func:`lock_before_hydra`) is taken over, not taken again."""
-    f = _early_locks.pop(_key(run_dir), None) or _take_lock(Path(run_dir))
+    A lock this process took already (:func:`lock_before_hydra`) is taken over, not taken again.
+
+    Keeps the directory's ``.hydra/`` files those of the run that owns it: refused by the lock, or
+    leaving the block with an exception before :func:`claim_hydra_files` (a refusal, a bad setting,
+    a crash before training), this command puts the owner's back (:func:`restore_hydra_files`);
+    leaving it normally (finished, or nothing to do) it claims the directory."""
+    run_dir = Path(run_dir)
+    key = _key(run_dir)
+    f = _early_locks.pop(key, None)
+    if f is None:
+        try:
+            f = _take_lock(run_dir)
+        except ConfigError:  # a sweep point or torchrun: Hydra has rewritten the running job's files
+            restore_hydra_files(run_dir)
+            raise
+    _hydra_mine[key] = _read_hydra_files(run_dir)
     try:
         yield
+    except BaseException:
+        if key in _hydra_mine and (run_dir / OWNER_FILE).exists():  # never owned it: the owner's files go back
+            restore_hydra_files(run_dir)
+        raise
+    else:
+        claim_hydra_files(run_dir)
     finally:
+        _hydra_mine.pop(key, None)
+        _hydra_before.pop(key, None)
         f.close()  # closing the descriptor releases the lock
 
 

@@ -38,7 +38,7 @@ from sam_bench.engine.distributed import (
 )
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
-from sam_bench.engine.rundir import ensure_writable, hydra_files_before, run_lock
+from sam_bench.engine.rundir import claim_hydra_files, ensure_writable, restore_hydra_files, run_lock
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -462,6 +462,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     wait_for_all_ranks(dist_info, device)  # no rank reads the directory while rank 0 cleans it
     hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
     _resume(cfg, run_dir, run, state, guard, config, dist_info, device)
+    if main:  # its checks passed: the directory's .hydra/ files are this run's now (kept for a refused command to put back)
+        claim_hydra_files(run_dir)
     commit = git_commit()
     if not state.commits or state.commits[-1] != commit:
         state.commits.append(commit)
@@ -938,22 +940,13 @@ def _check_compute_version(saved: int | None, path: Path, config: dict) -> None:
 
 def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) -> None:
     """Hydra rewrote ``.hydra/`` with the refused command's files before the trainer ran: put them
-    back as they were when the CLI noted them (:func:`~sam_bench.engine.rundir.lock_before_hydra`),
-    else (a sweep point, torchrun) the config the directory's run was trained with (the report names
-    an unfinished run from config.yaml) and, when ``files`` holds them (a checkpoint's, those written
-    since they were added), the command line files of the command that wrote it."""
+    back as they were (:func:`~sam_bench.engine.rundir.restore_hydra_files`: as the CLI noted them, or
+    as the run that owns the directory recorded them), else (a directory of an older version, outside
+    a single run) the config the directory's run was trained with (the report names an unfinished run
+    from config.yaml) and, when ``files`` holds them (a checkpoint's, those written since they were
+    added), the command line files of the command that wrote it."""
     hydra_dir = Path(run_dir) / ".hydra"
-    if not hydra_dir.is_dir():
-        return
-    before = hydra_files_before(run_dir)
-    if before is not None:
-        for name, data in before.items():
-            if data is None:
-                (hydra_dir / name).unlink(missing_ok=True)  # this command's: there was none
-            else:
-                atomic_write_bytes(hydra_dir / name, data)
-        if not any(before.values()) and not any(hydra_dir.iterdir()):
-            hydra_dir.rmdir()
+    if not hydra_dir.is_dir() or restore_hydra_files(run_dir):
         return
     atomic_write_bytes(hydra_dir / "config.yaml",
                        OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
