@@ -70,6 +70,7 @@ def test_a_refused_sweep_point_leaves_the_hydra_files_as_they_were(request, tmp_
     proc = sam_bench_forked(sweep_point(sweep, "optimizer.lr=0.05"), cli_env_under(tmp_path))
     what = "the finished result (result.json)" if by == "result" else "a checkpoint"
     assert proc.returncode == 2 and f"holds {what} of a different config (optimizer.lr: 0.1 -> 0.05)" in proc.stderr, proc.stderr
+    assert "use another run directory (hydra.sweep.dir=... or hydra.sweep.subdir=...)" in proc.stderr  # not hydra.run.dir
     assert hydra_files(sweep / "fixed") == before
 
 
@@ -80,6 +81,7 @@ def test_a_sweep_point_refused_on_a_busy_directory_leaves_its_hydra_files(finish
         _lock_or_refuse(held, sweep / "fixed")
         proc = sam_bench_forked(sweep_point(sweep, "optimizer.lr=0.05"), cli_env_under(tmp_path))
     assert proc.returncode == 2 and "is in use by another sam-bench process" in proc.stderr, proc.stderr
+    assert "its own directory with hydra.sweep.dir=... or hydra.sweep.subdir=..." in proc.stderr
     assert hydra_files(sweep / "fixed") == before
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sam_bench.engine.faults import fault_point
+from sam_bench.engine.rundir import own_directory_hint
 from sam_bench.errors import CheckpointError
 from sam_bench.tracking.results import WriteError, fix_for, fsync_dir
 
@@ -282,7 +283,7 @@ def check_config_matches(saved: dict, current: dict, run_dir: Path, what: str = 
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
         raise CheckpointError(
             f"{run_dir} holds {what} of a different config ({shown}); use another run directory "
-            "(hydra.run.dir=...) or delete this one to start over"
+            f"({own_directory_hint()}) or delete this one to start over"
         )
 
 

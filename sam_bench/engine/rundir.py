@@ -52,6 +52,20 @@ def ensure_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
         ) from None
 
 
+def own_directory_hint() -> str:
+    """How to give this command its own run directory: ``hydra.run.dir=...`` for a single run, the
+    sweep's keys for a point of a ``-m`` sweep (where ``hydra.run.dir`` changes nothing)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return "hydra.sweep.dir=... or hydra.sweep.subdir=..."
+    except Exception:  # noqa: BLE001 - no Hydra config (fit called directly): a single run's key
+        pass
+    return "hydra.run.dir=..."
+
+
 def _lock_or_refuse(f, run_dir: Path) -> None:
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,7 +74,7 @@ def _lock_or_refuse(f, run_dir: Path) -> None:
         holder = f.read().strip() or "unknown"
         raise ConfigError(
             f"{run_dir} is in use by another sam-bench process (pid {holder}); wait for it to finish, "
-            "or give this run its own directory with hydra.run.dir=..."
+            f"or give this run its own directory with {own_directory_hint()}"
         ) from None
 
 

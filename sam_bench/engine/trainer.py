@@ -38,7 +38,7 @@ from sam_bench.engine.distributed import (
 )
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
-from sam_bench.engine.rundir import claim_hydra_files, ensure_writable, restore_hydra_files, run_lock
+from sam_bench.engine.rundir import claim_hydra_files, ensure_writable, own_directory_hint, restore_hydra_files, run_lock
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -883,7 +883,7 @@ def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str, versio
                 f"{run_dir} holds {what} trained by {ranks_then} process(es) and this command runs {ranks_now}: the number "
                 "of ranks sets SAM's m (each perturbs with its own batch); re-run it as it was launched ("
                 + (f"torchrun --nproc_per_node={ranks_then} ..." if ranks_then > 1 else "without torchrun")
-                + "), or give this one its own directory (hydra.run.dir=...)")
+                + f"), or give this one its own directory ({own_directory_hint()})")
         before["ranks"], current["ranks"] = ranks_then, ranks_now
     else:
         current.pop("ranks", None)
