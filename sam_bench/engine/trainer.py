@@ -116,6 +116,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own random streams (dropout & co, SAM's random directions): ``seed``
+    itself on rank 0, so one process draws what it always drew, and a hash of (seed, rank) on the
+    others, which no other pair gives (``seed + rank`` gave run seed 0's rank 1 the draws of run seed
+    1's rank 0)."""
+    return seed if rank == 0 else derived_seed(seed, rank)
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every RNG as plain containers/tensors (loadable with weights_only=True)."""
     np_state = np.random.get_state()
@@ -595,7 +603,7 @@ def _build_run(cfg: DictConfig, config: dict, device: torch.device, dist_info: D
     if tr.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
     torch.use_deterministic_algorithms(tr.deterministic)
-    seed_everything(cfg.seed + dist_info.rank)  # dropout & co differ per rank; DDP broadcasts rank 0's weights
+    seed_everything(rank_seed(cfg.seed, dist_info.rank))  # dropout & co differ per rank; DDP broadcasts rank 0's weights
     channels_last = tr.channels_last and device.type == "cuda"
     data: DataBundle = build_data(cfg.dataset, tr.batch_size, tr.eval_batch_size, device, cfg.seed, channels_last)
     # same global batches on every rank, each keeps its slice
@@ -604,7 +612,7 @@ def _build_run(cfg: DictConfig, config: dict, device: torch.device, dist_info: D
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # each rank its own generator (optimizer.p=random: every device draws its own direction)
-    optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed if dist_info.rank == 0 else derived_seed(cfg.seed, dist_info.rank))
+    optimizer = build_optimizer(cfg.optimizer, model, seed=rank_seed(cfg.seed, dist_info.rank))
     scaler = LossScaler(device) if precision == "fp16" else None
     m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) else None
     if optimizer.two_pass:
