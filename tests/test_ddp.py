@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -181,3 +182,37 @@ def test_a_checkpoint_rotation_cut_by_a_kill_is_finished_by_rank_0_alone(cli_env
     assert max_diff(weights(victim), weights(clean_3_epochs)) == 0.0
     epochs = {name: torch.load(victim / name, weights_only=True)["epoch"] for name in ("checkpoint.pt", "checkpoint.prev.pt")}
     assert epochs == {"checkpoint.pt": 3, "checkpoint.prev.pt": 2}
+
+
+#: torchrun's entry for the test below: rank 0's checkpoint writes fail as on a full disk, then `sam-bench`
+RANK0_DISK_FULL = """
+import errno, os
+if os.environ["RANK"] == "0":
+    from sam_bench.engine import checkpoint as ckpt
+    def no_space(path, data):
+        raise ckpt.CheckpointWriteError(ckpt.write_failure(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path.parent))
+    ckpt._write_atomic = no_space
+from sam_bench.cli import main
+main()
+"""
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once_with_its_line(cli_env, tmp_path):
+    """Rank 0 cannot write the epoch-1 checkpoint (of 2): it stopped with its one line while rank 1 went
+    on into the next step's all-reduce, where gloo failed it once rank 0's process was gone (a "Connection
+    closed by peer" traceback), and NCCL would have held it until torchrun's SIGKILL. Now the ranks agree
+    on the write: both stop at once, rank 1 with rank 0's line."""
+    script = tmp_path / "rank0_disk_full.py"
+    script.write_text(RANK0_DISK_FULL)
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    proc = subprocess.run([*torchrun_cmd(2)[:3], str(script), "train", *ARGS, "trainer.epochs=2", f"hydra.run.dir={run_dir}"],
+                          env=cli_env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - started
+    line = (f"cannot write {run_dir / '.checkpoint.next.pt'} (No space left on device); no checkpoint was written yet: free "
+            "space (or raise the quota) and re-run the same command to train from the start")
+    assert proc.returncode != 0 and took < 120
+    assert f"sam-bench: error: {line}\n" in proc.stderr, proc.stderr[-3000:]
+    assert f"sam-bench: error: rank 0 stopped the run: {line}\n" in proc.stderr, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and "sam_bench/" not in proc.stderr  # no traceback of ours
+    assert (run_dir / "train.log").read_text().count(line) == 1  # rank 0's; rank 1 logs no line of its own

@@ -9,6 +9,7 @@ the global one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -16,7 +17,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from sam_bench.errors import ConfigError
+from sam_bench.errors import ConfigError, SamBenchError
+from sam_bench.tracking.results import WriteError
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,43 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+class RankFailed(WriteError):
+    """Another rank failed at what it alone does (rank 0 writing the run's files): this rank stops
+    with it, its message that rank's line (one line and exit status 1 from the CLI, as a WriteError)."""
+
+
+@contextlib.contextmanager
+def stop_together(info: DistInfo, device: torch.device) -> Iterator[None]:
+    """Around what one rank does alone while the others would go on (rank 0 writing a checkpoint,
+    metrics.jsonl, result.json): afterwards the ranks agree in one all-reduce whether any failed there,
+    and if one did, every rank raises: that rank its own error, the others :class:`RankFailed` with
+    its line. Without it the others went on into their next collective and waited there for the rank
+    that had stopped: on gloo until its process was gone (then a "Connection closed by peer"
+    traceback of their own), on NCCL until torchrun killed them (SIGKILL 30 s after its SIGTERM,
+    which the preemption handler takes as a request to stop) or NCCL's timeout. Only rank-local work
+    belongs inside: a collective that fails inside would fail this all-reduce too. In one process:
+    nothing."""
+    if not info.enabled:
+        yield
+        return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - raised again below, once the other ranks know
+        error = e
+    if not any_rank(error is not None, info, device):
+        return
+    lines: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(lines, None if error is None else _one_line(error))
+    if error is not None:
+        raise error
+    rank, line = next((r, line) for r, line in enumerate(lines) if line is not None)
+    raise RankFailed(f"rank {rank} stopped the run: {line}")
+
+
+def _one_line(error: Exception) -> str:
+    """``error`` as the CLI prints it: our errors' own line, another's type and first line."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text if isinstance(error, SamBenchError) else f"{type(error).__name__}: {text}"

@@ -29,11 +29,13 @@ from sam_bench.data.noisy import NOISE_FILE, noise_summary
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.distributed import (
     DistInfo,
+    RankFailed,
     all_reduce_sum,
     any_rank,
     init_distributed,
     per_rank_batch,
     shard,
+    stop_together,
     wait_for_all_ranks,
 )
 from sam_bench.engine.faults import fault_point
@@ -114,6 +116,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own random streams (dropout & co, SAM's random directions): ``seed``
+    itself on rank 0, so one process draws what it always drew, and a hash of (seed, rank) on the
+    others, which no other pair gives (``seed + rank`` gave run seed 0's rank 1 the draws of run seed
+    1's rank 0)."""
+    return seed if rank == 0 else derived_seed(seed, rank)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -221,7 +231,18 @@ def new_epoch_progress(device: torch.device) -> dict[str, Any]:
         "loss_sum": torch.zeros((), device=device),
         "correct": torch.zeros((), device=device, dtype=torch.long),
         "time_s": 0.0,
+        "first_steps": 0,  # first steps of a process among this epoch's (see _FirstStepTimer)
+        "first_steps_s": 0.0,  # their part of time_s
     }
+
+
+def steady_images_per_s(steps: int, batch: int, time_s: float, first_steps: int = 0, first_steps_s: float = 0.0) -> float | None:
+    """Training images per second of ``steps`` steps that took ``time_s``, without the ``first_steps``
+    first steps of a process among them (``first_steps_s`` of the time: under trainer.compile, torch.compile
+    compiles there, minutes against a step of milliseconds); over every step when no other one is left."""
+    if steps > first_steps and time_s > first_steps_s:
+        return (steps - first_steps) * batch / (time_s - first_steps_s)
+    return steps * batch / time_s if time_s > 0 else None
 
 
 def _gather_rank_rngs(optimizer: SAM, device: torch.device, dist_info: DistInfo) -> list[dict] | None:
@@ -393,7 +414,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     log.warning("could not record the divergence in %s (%s)", run_dir / DIVERGED_FILE, err.strerror or err)
             raise
         except WriteError as e:  # a full disk, say: the line the CLI prints goes to train.log too
-            _log_failure(e)
+            if not isinstance(e, RankFailed):  # rank 0's line is there already
+                _log_failure(e)
             raise
 
 
@@ -439,6 +461,7 @@ def _locked_by_rank0(run_dir: Path, dist_info: DistInfo, device_type: str):
 
 
 def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
+    started = time.perf_counter()  # this process's part of the run's wall time
     main = dist_info.is_main
     if cfg.optimizer.name == "sgd" and cfg.optimizer.rho != 0:
         log.info("optimizer=sgd: optimizer.rho=%s ignored (SGD is SAM with rho=0, one pass per step)", cfg.optimizer.rho)
@@ -456,10 +479,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                         f"began, nothing written; re-run the same command to {again}")
     run = _build_run(cfg, config, device, dist_info)
     guard = FiniteGuard(device, dist_info, stop_requested=lambda: preempt.requested)
-    state = _Progress()
-    if tr.checkpoint and main:  # rank 0 alone: another rank's cleanup could delete a temporary it is writing
-        ckpt.remove_stale_temporaries(run_dir)
-    wait_for_all_ranks(dist_info, device)  # no rank reads the directory while rank 0 cleans it
+    state = _Progress(started=started)
+    with stop_together(dist_info, device):  # also a barrier: no rank reads the directory while rank 0 cleans it
+        if tr.checkpoint and main:  # rank 0 alone: another rank's cleanup could delete a temporary it is writing
+            ckpt.remove_stale_temporaries(run_dir)
     hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
     _resume(cfg, run_dir, run, state, guard, config, dist_info, device)
     if main:  # its checks passed: the directory's .hydra/ files are this run's now (kept for a refused command to put back)
@@ -468,8 +491,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     if not state.commits or state.commits[-1] != commit:
         state.commits.append(commit)
     noise_sha = None  # rank 0 alone writes the noise file (and the result that names its hash)
-    if run.data.noise is not None and main:  # after the config check: a refused resume leaves the run's own noise file alone
-        noise_sha = _save_noise_file(run.data.noise, run_dir, tr.checkpoint)
+    with stop_together(dist_info, device):
+        if run.data.noise is not None and main:  # after the config check: a refused resume leaves the run's own noise file alone
+            noise_sha = _save_noise_file(run.data.noise, run_dir, tr.checkpoint)
     checkpoints = _Checkpointer(run_dir, tr, run, state, guard, preempt, dist_info, device,
                                 {"config": config, "config_hash": chash, "labels_hash": run.labels_hash, "hydra_files": hydra_files})
 
@@ -478,7 +502,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     rng = RngReplay(device) if cfg.optimizer.rng_replay and uses_randomness(run.model) else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
     amp = lambda: autocast(device, run.precision)  # noqa: E731
-    writer = _EventWriter(run_dir, state.global_step, tr.checkpoint) if main else _NullWriter()
+    with stop_together(dist_info, device):
+        writer = _EventWriter(run_dir, state.global_step, tr.checkpoint) if main else _NullWriter()
     n_params = sum(p.numel() for p in run.model.parameters())
     data, optimizer = run.data, run.optimizer
     steps_per_epoch = len(data.train)
@@ -487,19 +512,21 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
         cfg.dataset.name, cfg.model.arch, n_params / 1e6, method_label(cfg.optimizer), effective_rho(cfg.optimizer),
         tr.epochs, steps_per_epoch, tr.batch_size, device_name(device), run.precision,
     )
-    wall_start = time.perf_counter()
+    first_step = _FirstStepTimer(device, checkpoints.after_step, state.partial)
     with logging_redirect_tqdm():
         for epoch in range(state.start_epoch, tr.epochs):
-            partial, state.partial = state.partial, None
-            t0 = time.perf_counter() - (partial["time_s"] if partial else 0.0)
+            acc, state.partial = state.partial or new_epoch_progress(data.train.device), None  # the epoch's accumulators
+            t0 = time.perf_counter() - acc["time_s"]
             train_stats, state.global_step = train_one_epoch(
                 forward, data.train, optimizer, run.scheduler, epoch, state.global_step, loss_fn, amp,
                 bn if bn_mode == "clean" else None, bn if bn_mode == "frozen" else None, rng, tr.progress, tr.log_every_steps,
-                partial=partial, guard=guard, after_step=checkpoints.after_step, step_kwargs=run.step_kwargs, dist_info=dist_info,
+                partial=acc, guard=guard, after_step=first_step, step_kwargs=run.step_kwargs, dist_info=dist_info,
                 on_log=lambda step, diag: [writer.add_scalar(k, v, step) for k, v in diag.items()],
             )
             epoch_time = time.perf_counter() - t0  # train_one_epoch ends with a sync (.tolist())
             state.train_time += epoch_time
+            state.first_steps += acc["first_steps"]
+            state.first_steps_time += acc["first_steps_s"]
             last_epoch = epoch + 1 == tr.epochs
             evaluated = last_epoch or (epoch + 1) % tr.eval_every == 0
             eval_stats = evaluate(forward, data.test, amp, dist_info) if evaluated else {"test_loss": None, "test_error": None}
@@ -512,34 +539,39 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
                 **train_stats,
                 **eval_stats,
                 "epoch_time_s": epoch_time,
-                "images_per_s": steps_per_epoch * tr.batch_size / epoch_time,
+                "images_per_s": steady_images_per_s(steps_per_epoch, tr.batch_size, epoch_time, acc["first_steps"],
+                                                    acc["first_steps_s"]),
             }
             state.history.append(record)
             _log_epoch(writer, record, tr.epochs, evaluated, optimizer, last_epoch, cfg.optimizer.rho)
             writer.flush()  # before the checkpoint (a kill after it would lose the epoch's events); a failure waits
             due = last_epoch or (epoch + 1) % tr.checkpoint_every_epochs == 0 or (epoch + 1) in tr.keep_epochs
             written = checkpoints.save(epoch + 1, state.global_step, None) if tr.checkpoint and due else None
-            if main:
-                with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
-                    write_metrics(run_dir, state.history)
-            writer.raise_failure()  # a TensorBoard write error, now that the epoch's checkpoint and metrics are written
+            with stop_together(dist_info, device):
+                if main:
+                    with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+                        write_metrics(run_dir, state.history)
+                writer.raise_failure()  # a TensorBoard write error, now that the epoch's checkpoint and metrics are written
             if not last_epoch:  # after the last one, finishing (result.json) is quicker than stopping
                 checkpoints.stop_if_preempted(epoch + 1, state.global_step, None, written)
-    writer.close()
-    if main and state.start_epoch >= tr.epochs:  # killed between the last checkpoint and metrics.jsonl: resumed to here
-        with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
-            write_metrics(run_dir, state.history)
+    with stop_together(dist_info, device):
+        writer.close()
+        if main and state.start_epoch >= tr.epochs:  # killed between the last checkpoint and metrics.jsonl: resumed to here
+            with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+                write_metrics(run_dir, state.history)
     sharpness = _final_sharpness(cfg, run.model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info, run.m) \
         if tr.final_sharpness else None
 
-    result = _result_record(cfg, run, state, config, chash, commit, sharpness, n_params, device, wall_start)
     if data.noise is not None:
         fitted = 100.0 - evaluate(forward, data.noisy_train, amp, dist_info)["test_error"] if data.noisy_train is not None else None
+    result = _result_record(cfg, run, state, config, chash, commit, sharpness, n_params, device)
+    if data.noise is not None:
         result.update(noise_summary(state.history, fitted, data.noise, noise_sha))
-    if main:
-        with _writing(run_dir / RESULT_FILE, run_dir, tr.checkpoint):
-            atomic_write_json(run_dir / RESULT_FILE, result)
-        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an earlier config's record (this one completed)
+    with stop_together(dist_info, device):  # every rank's exit status says whether the result was written
+        if main:
+            with _writing(run_dir / RESULT_FILE, run_dir, tr.checkpoint):
+                atomic_write_json(run_dir / RESULT_FILE, result)
+            (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # an earlier config's record (this one completed)
     log.info("done: final test error %.2f%% -> %s", result["final_test_error"], run_dir / RESULT_FILE)
     return result
 
@@ -607,7 +639,7 @@ def _build_run(cfg: DictConfig, config: dict, device: torch.device, dist_info: D
     if tr.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
     torch.use_deterministic_algorithms(tr.deterministic)
-    seed_everything(cfg.seed + dist_info.rank)  # dropout & co differ per rank; DDP broadcasts rank 0's weights
+    seed_everything(rank_seed(cfg.seed, dist_info.rank))  # dropout & co differ per rank; DDP broadcasts rank 0's weights
     channels_last = tr.channels_last and device.type == "cuda"
     data: DataBundle = build_data(cfg.dataset, tr.batch_size, tr.eval_batch_size, device, cfg.seed, channels_last)
     # same global batches on every rank, each keeps its slice
@@ -616,7 +648,7 @@ def _build_run(cfg: DictConfig, config: dict, device: torch.device, dist_info: D
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # each rank its own generator (optimizer.p=random: every device draws its own direction)
-    optimizer = build_optimizer(cfg.optimizer, model, seed=cfg.seed if dist_info.rank == 0 else derived_seed(cfg.seed, dist_info.rank))
+    optimizer = build_optimizer(cfg.optimizer, model, seed=rank_seed(cfg.seed, dist_info.rank))
     scaler = LossScaler(device) if precision == "fp16" else None
     m = cfg.optimizer.m if cfg.optimizer.m not in (None, rank_batch) else None
     if optimizer.two_pass:
@@ -640,6 +672,17 @@ class _Progress:
     train_time: float = 0.0
     partial: dict[str, Any] | None = None  # a partly trained epoch's accumulators (new_epoch_progress)
     commits: list = field(default_factory=list)  # the code versions this run trained with, oldest first (a resume may bring a newer one)
+    first_steps: int = 0  # the first steps of a process among the completed epochs' (_FirstStepTimer) ...
+    first_steps_time: float = 0.0  # ... and their part of train_time
+    earlier_wall_time: float = 0.0  # the wall time of the run's earlier processes, each up to its last checkpoint
+    started: float = 0.0  # time.perf_counter() when this process began the run (not checkpointed)
+
+    def wall_time(self) -> float:
+        """The run's wall time so far: the earlier processes' (as their last checkpoint recorded it) and this one's."""
+        return self.earlier_wall_time + self.process_wall_time()
+
+    def process_wall_time(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def _resume(cfg: DictConfig, run_dir: Path, run: _Run, state: _Progress, guard: FiniteGuard, config: dict,
@@ -661,19 +704,24 @@ def _resume(cfg: DictConfig, run_dir: Path, run: _Run, state: _Progress, guard: 
     _restore_rank_rngs(saved, run.optimizer, device, dist_info)
     state.start_epoch, state.global_step, state.history, state.train_time = saved["epoch"], saved["step"], saved["history"], saved["train_time"]
     state.commits = list(saved.get("git_commits") or [])
+    # recorded since 2026-11-29: an older checkpoint's processes count as 0 s, and their first steps are not known
+    state.earlier_wall_time = saved.get("wall_time", 0.0)
+    state.first_steps, state.first_steps_time = saved.get("first_steps", 0), saved.get("first_steps_time", 0.0)
     if saved.get("partial") is not None:
         partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved["partial"].items()}
+        partial = {"first_steps": 0, "first_steps_s": 0.0, **partial}  # not in an older checkpoint's: none known
         if dist_info.rank != 0:  # the checkpoint holds the sums over ranks: rank 0 carries them
             partial.update(seen=0, loss_sum=torch.zeros_like(partial["loss_sum"]), correct=torch.zeros_like(partial["correct"]))
         state.partial = partial
     guard.checked_step = state.global_step
     guard.last_checkpoint = f"{path}, step {state.global_step}"
     wait_for_all_ranks(dist_info, device)  # every rank has read the checkpoint before rank 0 renames files
-    if main:
-        path = ckpt.complete_rotation(run_dir, path)
-        ckpt.set_aside_damaged_newest(run_dir, path)
-        with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
-            write_metrics(run_dir, state.history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
+    with stop_together(dist_info, device):
+        if main:
+            path = ckpt.complete_rotation(run_dir, path)
+            ckpt.set_aside_damaged_newest(run_dir, path)
+            with _writing(run_dir / METRICS_FILE, run_dir, tr.checkpoint):
+                write_metrics(run_dir, state.history)  # a kill between the checkpoint and its metrics.jsonl left that a line short
     if state.start_epoch >= tr.epochs:
         log.info("%s holds the finished training (epoch %d of %d); writing its result", path, state.start_epoch, tr.epochs)
     else:
@@ -702,14 +750,19 @@ class _Checkpointer:
 
     def save(self, epoch_done: int, step: int, progress: dict[str, Any] | None) -> Path:
         """Checkpoint the full state; refuses (TrainingDiverged) to write non-finite weights."""
-        run, tr, dist_info = self.run, self.tr, self.dist_info
+        run, dist_info = self.run, self.dist_info
         epoch = epoch_done if progress is not None else epoch_done - 1  # 0-based epoch being trained
         self.guard.check(step, epoch, weights=run.model)  # the loss, the gradient and the weights (on every rank)
         if progress is not None and dist_info.enabled:  # the epoch's running stats over all ranks
             progress = _summed_over_ranks(progress, dist_info)
         ranks_rng = _gather_rank_rngs(run.optimizer, self.device, dist_info)
-        if not dist_info.is_main:  # rank 0 writes; the others hold the same state
-            return self.run_dir / ckpt.CHECKPOINT
+        with stop_together(dist_info, self.device):  # rank 0 writes; the others hold the same state
+            path = self._write(epoch_done, step, progress, ranks_rng) if dist_info.is_main else self.run_dir / ckpt.CHECKPOINT
+        return path
+
+    def _write(self, epoch_done: int, step: int, progress: dict[str, Any] | None, ranks_rng: list[dict] | None) -> Path:
+        """Rank 0's part of :meth:`save`: the checkpoint file."""
+        run, tr = self.run, self.tr
         keep = ckpt.kept_name(epoch_done) if progress is None and epoch_done in tr.keep_epochs else None
         path = ckpt.save_checkpoint(self.run_dir, {
             "epoch": epoch_done,  # completed epochs
@@ -722,6 +775,9 @@ class _Checkpointer:
             "rng_ranks": ranks_rng,
             "history": self.state.history,
             "train_time": self.state.train_time,
+            "first_steps": self.state.first_steps,
+            "first_steps_time": self.state.first_steps_time,
+            "wall_time": self.state.wall_time(),
             "config": self.identity["config"],
             "config_hash": self.identity["config_hash"],
             "labels_hash": self.identity["labels_hash"],
@@ -763,6 +819,30 @@ class _Checkpointer:
             self.save(epoch, step, progress)  # mid-epoch recovery point (the epoch end writes its own)
 
 
+class _FirstStepTimer:
+    """train_one_epoch's ``after_step`` hook (``then``, the checkpointer's, runs after it): times this
+    process's first training step into the epoch's accumulators (``first_steps``, ``first_steps_s``), for
+    the throughput figures to leave out. torch.compile compiles its graphs in that step (minutes for a
+    large model, against milliseconds a step); caches and allocators warm up there too. It reads the
+    epoch clock train_one_epoch keeps (``time_s``) and waits once, in that first step only, for the
+    device to finish it: no cost in any later step but one test."""
+
+    def __init__(self, device: torch.device, then: Callable[[int, int, dict[str, Any]], None], partial: dict[str, Any] | None):
+        self.device, self.then = device, then
+        self.clock_at_start: float | None = partial["time_s"] if partial else 0.0  # the epoch clock as this process begins
+
+    def __call__(self, epoch: int, step: int, progress: dict[str, Any]) -> None:
+        if self.clock_at_start is not None:
+            entered = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the step's queued kernels belong to it
+            step_s = progress["time_s"] - self.clock_at_start + time.perf_counter() - entered
+            progress["first_steps"] += 1
+            progress["first_steps_s"] += step_s
+            self.clock_at_start = None
+        self.then(epoch, step, progress)
+
+
 def _wrap_model(model: nn.Module, tr: DictConfig, dist_info: DistInfo, device: torch.device, start_epoch: int
                 ) -> tuple[nn.Module, list]:
     """The module the steps run (DDP, SyncBatchNorm, torch.compile as configured) and the BatchNorm
@@ -779,7 +859,8 @@ def _wrap_model(model: nn.Module, tr: DictConfig, dist_info: DistInfo, device: t
     forward = compile_model(net, tr.compile_mode) if tr.compile else net
     if tr.compile:
         log.info("torch.compile (mode %s): the first training step and the first evaluation compile their graphs "
-                 "(minutes for a large model; Inductor's on-disk cache shortens reruns); epoch %d's time includes it",
+                 "(minutes for a large model; Inductor's on-disk cache shortens reruns); epoch %d's time includes it, "
+                 "the images/s figures leave that step out",
                  tr.compile_mode, start_epoch + 1)
     return forward, bn
 
@@ -809,7 +890,7 @@ def _log_epoch(writer, record: dict[str, Any], epochs: int, evaluated: bool, opt
 
 
 def _result_record(cfg: DictConfig, run: _Run, state: _Progress, config: dict, chash: str, commit: str | None,
-                   sharpness: float | None, n_params: int, device: torch.device, wall_start: float) -> dict[str, Any]:
+                   sharpness: float | None, n_params: int, device: torch.device) -> dict[str, Any]:
     """result.json's content (the label-noise summary aside)."""
     tr, data, last = cfg.trainer, run.data, state.history[-1]
     return {
@@ -836,9 +917,12 @@ def _result_record(cfg: DictConfig, run: _Run, state: _Progress, config: dict, c
         "device": device_name(device),
         "precision": run.precision,
         "num_params": n_params,
-        "wall_time_s": time.perf_counter() - wall_start,
+        "wall_time_s": state.wall_time(),  # every process of the run, each earlier one up to its last checkpoint
+        "wall_time_last_process_s": state.process_wall_time(),
         "train_time_s": state.train_time,
-        "images_per_s": state.global_step * tr.batch_size / state.train_time if state.train_time else None,
+        "first_step_time_s": state.first_steps_time,  # each process's first step (compiling, with trainer.compile)
+        "images_per_s": steady_images_per_s(state.global_step, tr.batch_size, state.train_time, state.first_steps,
+                                            state.first_steps_time),
         "peak_memory_mb": peak_memory_mb(device),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
