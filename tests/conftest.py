@@ -18,6 +18,32 @@ def _same_torch_seed_for_every_test():
     yield
 
 
+@pytest.fixture
+def compose_train():
+    """``compose_train(overrides)``: the train config as ``sam-bench train <overrides>`` composes it (no run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sam_bench.cli import _register
+    from sam_bench.paths import config_dir
+
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        yield lambda overrides=(): compose(config_name="train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def restore_torch_globals():
+    """fit() sets the thread count and deterministic mode process-wide; keep them local to a test
+    (modules that call fit use it for every test: ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def cli_env_under(root: Path) -> dict:
     """Environment for CLI subprocesses: runs and data under ``root``, no TTY progress bars."""
     env = dict(os.environ)

@@ -4,26 +4,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sam_bench.cli import _register
 from sam_bench.errors import ConfigError
 from sam_bench.paths import config_dir
 from sam_bench.schema import validate
 
 CONF = Path(config_dir())
 PAPER = Path(__file__).resolve().parents[1] / "sam_bench" / "report" / "paper" / "tables.yaml"
-
-
-@pytest.fixture
-def compose_train():
-    _register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides=(): compose(config_name="train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
 
 
 def group_options(group: str) -> list[str]:

@@ -391,21 +391,6 @@ def test_autoaugment_is_drawn_per_image_per_epoch_and_resumes(monkeypatch):
 # ---------------------------------------------------------------- trainer integration (in-process, tiny)
 
 
-@pytest.fixture
-def compose_train():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sam_bench.cli import _register
-    from sam_bench.paths import config_dir
-
-    _register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        yield lambda overrides=(): compose(config_name="train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-
-
 TINY = [
     "dataset=synthetic", "dataset.train_size=192", "dataset.test_size=64", "dataset.val_size=64", "model=wrn",
     "model.kwargs.depth=10", "model.kwargs.width=1", "trainer.batch_size=32", "trainer.eval_batch_size=64",

@@ -28,6 +28,8 @@ from sam_bench.paths import config_dir
 from sam_bench.schema import validate
 from sam_bench.tracking.results import WriteError
 
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
+
 TINY = [
     "dataset=synthetic",
     "dataset.train_size=192",
@@ -45,15 +47,6 @@ TINY = [
     "trainer.log_every_steps=4",
 ]
 TIMING_KEYS = ("epoch_time_s", "images_per_s")
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """fit() sets the thread count and deterministic mode process-wide; keep them local to a test."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def _state(step: int) -> dict:
@@ -273,15 +266,6 @@ def test_the_ranks_agree_on_a_divergence_and_a_stop_request():
 
 
 # ---------------------------------------------------------------- fault injection (in forked children)
-
-
-@pytest.fixture
-def compose_train():
-    _register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        yield lambda overrides=(): compose(config_name="train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
 
 
 def _run_child(cfg, run_dir: Path, fault: str | None = None) -> int:

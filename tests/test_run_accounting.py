@@ -10,36 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from sam_bench.cli import _register
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine import faults
 from sam_bench.engine import trainer
 from sam_bench.engine.distributed import DistInfo
 from sam_bench.engine.signals import Preempted
-from sam_bench.paths import config_dir
 from sam_bench.tracking.results import WriteError
 from test_reliability import TINY
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """fit() sets the thread count and deterministic mode process-wide; keep them local to a test."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
-@pytest.fixture
-def compose_train():
-    _register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        yield lambda overrides=(): compose(config_name="train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 # ---------------------------------------------------------------- per-rank seeds
