@@ -3,21 +3,18 @@ resumed run, the throughput without the compiling first step, and the ranks stop
 rank 0 fails at what it alone does."""
 
 import json
-import multiprocessing
 import socket
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sam_bench.engine import checkpoint as ckpt
-from sam_bench.engine import faults
 from sam_bench.engine import trainer
 from sam_bench.engine.distributed import DistInfo
-from sam_bench.engine.signals import Preempted
 from sam_bench.tracking.results import WriteError
-from test_reliability import TINY
+from conftest import _cli_forkserver
+from test_reliability import TINY, _preempt_here
 
 pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
@@ -74,15 +71,6 @@ def fake_clock(monkeypatch):
     return clock
 
 
-def _preempt_at_step(monkeypatch, step: int, cfg, run_dir) -> None:
-    """fit() in this process, stopped by SIGTERM after ``step`` (a checkpoint there, then Preempted)."""
-    monkeypatch.setattr(faults, "_reached", Counter())
-    monkeypatch.setenv(faults.ENV, f"step@{step}:TERM")
-    with pytest.raises(Preempted):
-        trainer.fit(cfg, run_dir)
-    monkeypatch.delenv(faults.ENV)
-
-
 def _images_per_s(run_dir) -> list[float]:
     return [json.loads(line)["images_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -92,7 +80,7 @@ def test_wall_time_and_throughput_count_every_process_of_a_resumed_run(compose_t
     wall_time_s is both processes' (it was the last one's), and images/s (per epoch and in the
     result) leaves out each process's first step (it was 32 x 12 / 210 = 1.8 img/s, not 32)."""
     cfg = compose_train([*TINY, "trainer.epochs=2"])  # 6 steps of 32 images an epoch
-    _preempt_at_step(monkeypatch, 8, cfg, tmp_path)
+    _preempt_here(cfg, tmp_path, 8, monkeypatch)
     assert ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)["wall_time"] == 107.0  # 100 + 7 x 1 s
     fake_clock.new_process()
     result = trainer.fit(cfg, tmp_path)
@@ -107,7 +95,7 @@ def test_a_checkpoint_from_before_the_wall_time_resumes_as_one_that_started_ther
     """A checkpoint written before it recorded the wall time and the first steps resumes; the earlier
     processes count as 0 s, and their first steps are not known to leave out."""
     cfg = compose_train([*TINY, "trainer.epochs=2"])
-    _preempt_at_step(monkeypatch, 8, cfg, tmp_path)
+    _preempt_here(cfg, tmp_path, 8, monkeypatch)
     state = ckpt.read_checkpoint(tmp_path / ckpt.CHECKPOINT)
     old = {k: v for k, v in state.items() if k not in ("wall_time", "first_steps", "first_steps_time", "format", "checksum")}
     old["partial"] = {k: v for k, v in state["partial"].items() if not k.startswith("first_steps")}
@@ -161,7 +149,7 @@ def _two_ranks(fail: bool) -> list:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
+    ctx = _cli_forkserver()  # not a fork of the test process (conftest.sam_bench_forked says why)
     results = ctx.Queue()
     procs = [ctx.Process(target=_together_rank, args=(rank, port, fail, results)) for rank in (0, 1)]
     for p in procs:
