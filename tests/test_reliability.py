@@ -473,9 +473,10 @@ def test_grad_scaler_state_is_checkpointed_and_restored(compose_train, tmp_path,
     monkeypatch.setattr(trainer, "LossScaler", lambda device: real(device, init_scale=init_scale["value"]))
     # fp16 is refused on the CPU (a CUDA mode); CPU autocast fp16 still exercises the scaler's checkpointing
     monkeypatch.setattr(trainer, "resolve_precision", lambda requested, device: requested)
-    # 4 steps: stopped after 2, 2 resumed (CPU fp16 convolutions are slow; a fresh scaler's 1.0 would
+    # 4 steps of 8x8 images: stopped after 2, 2 resumed (CPU fp16 convolutions are slow: 52 s at 32x32; a fresh scaler's 1.0 would
     # still be far below the saved scale's half at the end)
-    cfg = compose_train([*TINY, "trainer.epochs=1", "trainer.precision=fp16", "dataset.train_size=128"])
+    cfg = compose_train([*TINY, "trainer.epochs=1", "trainer.precision=fp16", "dataset.train_size=128", "dataset.image_size=8",
+                         "dataset.test_size=16"])
     _preempt_here(cfg, tmp_path, 2, monkeypatch)
     saved = float(ckpt.load_checkpoint(tmp_path)[0]["scaler"]["scale"])
     assert saved in (1234.0, 617.0)  # 617 if a step overflowed and backed off
