@@ -114,7 +114,7 @@ def _take_lock(run_dir: Path):
     return f
 
 
-def _read_hydra_files(run_dir: Path) -> dict[str, bytes | None]:
+def read_hydra_files(run_dir: Path) -> dict[str, bytes | None]:
     """``run_dir``'s ``.hydra/`` :data:`HYDRA_FILES` as they are now (None for one that does not exist)."""
     files = {}
     for name in HYDRA_FILES:
@@ -133,7 +133,7 @@ def lock_before_hydra(run_dir: Path) -> None:
     a command the trainer refuses puts the noted files back (:func:`restore_hydra_files`)."""
     run_dir = Path(run_dir)
     _early_locks[_key(run_dir)] = _take_lock(run_dir)
-    _hydra_before[_key(run_dir)] = _read_hydra_files(run_dir)
+    _hydra_before[_key(run_dir)] = read_hydra_files(run_dir)
 
 
 def _owner_files(run_dir: Path) -> dict[str, bytes | None] | None:
@@ -160,7 +160,7 @@ def _put_back(run_dir: Path, files: dict[str, bytes | None]) -> None:
     from sam_bench.tracking.results import atomic_write_bytes
 
     hydra_dir = Path(run_dir) / ".hydra"
-    now = _read_hydra_files(run_dir)
+    now = read_hydra_files(run_dir)
     for name, data in files.items():
         if data == now[name]:
             continue
@@ -230,7 +230,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except ConfigError:  # a sweep point or torchrun: Hydra has rewritten the running job's files
             restore_hydra_files(run_dir)
             raise
-    _hydra_mine[key] = _read_hydra_files(run_dir)
+    _hydra_mine[key] = read_hydra_files(run_dir)
     try:
         yield
     except BaseException:

@@ -40,7 +40,14 @@ from sam_bench.engine.distributed import (
 )
 from sam_bench.engine.faults import fault_point
 from sam_bench.engine.precision import LossScaler, autocast, resolve_device, resolve_precision
-from sam_bench.engine.rundir import claim_hydra_files, ensure_writable, own_directory_hint, restore_hydra_files, run_lock
+from sam_bench.engine.rundir import (
+    claim_hydra_files,
+    ensure_writable,
+    own_directory_hint,
+    read_hydra_files,
+    restore_hydra_files,
+    run_lock,
+)
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
 from sam_bench.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -483,7 +490,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     with stop_together(dist_info, device):  # also a barrier: no rank reads the directory while rank 0 cleans it
         if tr.checkpoint and main:  # rank 0 alone: another rank's cleanup could delete a temporary it is writing
             ckpt.remove_stale_temporaries(run_dir)
-    hydra_files = _hydra_files(run_dir)  # this command's, kept in the checkpoints it writes
+    hydra_files = _command_files(run_dir)  # this command's, kept in the checkpoints it writes
     _resume(cfg, run_dir, run, state, guard, config, dist_info, device)
     if main:  # its checks passed: the directory's .hydra/ files are this run's now (kept for a refused command to put back)
         claim_hydra_files(run_dir)
@@ -562,11 +569,11 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     sharpness = _final_sharpness(cfg, run.model, optimizer, data.train, loss_fn, amp, rng, bn_mode, dist_info, run.m) \
         if tr.final_sharpness else None
 
+    noise_stats = {}
     if data.noise is not None:
         fitted = 100.0 - evaluate(forward, data.noisy_train, amp, dist_info)["test_error"] if data.noisy_train is not None else None
-    result = _result_record(cfg, run, state, config, chash, commit, sharpness, n_params, device)
-    if data.noise is not None:
-        result.update(noise_summary(state.history, fitted, data.noise, noise_sha))
+        noise_stats = noise_summary(state.history, fitted, data.noise, noise_sha)
+    result = {**_result_record(cfg, run, state, config, chash, commit, sharpness, n_params, device), **noise_stats}
     with stop_together(dist_info, device):  # every rank's exit status says whether the result was written
         if main:
             with _writing(run_dir / RESULT_FILE, run_dir, tr.checkpoint):
@@ -928,10 +935,6 @@ def _result_record(cfg: DictConfig, run: _Run, state: _Progress, config: dict, c
     }
 
 
-#: Hydra's records of the command line a job ran with (besides config.yaml, rebuilt from the config)
-HYDRA_FILES = ("overrides.yaml", "hydra.yaml")
-
-
 def _run_config(cfg: DictConfig, dist_info: DistInfo) -> tuple[dict[str, Any], str]:
     """The run's config as a plain dict (with the number of ranks under torchrun: it sets SAM's m)
     and its hash, which identifies the run (resume, result, divergence record)."""
@@ -941,15 +944,13 @@ def _run_config(cfg: DictConfig, dist_info: DistInfo) -> tuple[dict[str, Any], s
     return config, config_hash(config)
 
 
-def _hydra_files(run_dir: Path) -> dict[str, str]:
-    """The text of each of ``.hydra/``'s :data:`HYDRA_FILES` that exists."""
-    out = {}
-    for name in HYDRA_FILES:
-        try:
-            out[name] = (Path(run_dir) / ".hydra" / name).read_text()
-        except OSError:
-            pass
-    return out
+#: Hydra's records of the command line a job ran with (besides config.yaml, rebuilt from the config)
+COMMAND_FILES = ("overrides.yaml", "hydra.yaml")
+
+
+def _command_files(run_dir: Path) -> dict[str, str]:
+    """The text of each of ``.hydra/``'s :data:`COMMAND_FILES` that exists."""
+    return {name: data.decode() for name, data in read_hydra_files(run_dir).items() if name in COMMAND_FILES and data is not None}
 
 
 def _check_resumable(saved: dict, config: dict, run_dir: Path, what: str, versioned: bool) -> None:
@@ -1034,7 +1035,7 @@ def _restore_hydra_config(run_dir: Path, config: dict, files: dict[str, str]) ->
         return
     atomic_write_bytes(hydra_dir / "config.yaml",
                        OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in config.items() if k != "ranks"})).encode())
-    for name in HYDRA_FILES:
+    for name in COMMAND_FILES:
         if name in files:
             atomic_write_bytes(hydra_dir / name, files[name].encode())
 
