@@ -1,9 +1,11 @@
 """A command refused in another run's directory leaves that run's ``.hydra/`` files byte for byte,
 in every launch mode: a single run (tests/test_reliability.py), a sweep point and torchrun (here).
 Hydra writes a sweep point's files in ``run_job`` before any callback, and every torchrun rank writes
-them, so only the record of the run that owns the directory (rundir.OWNER_FILE) can put them back."""
+them, so only the record of the run that owns the directory (rundir.OWNER_FILE) can put them back.
+Nor does it add a line to that run's train.log (rundir.RunLogHandler)."""
 
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +14,15 @@ import pytest
 
 from conftest import cli_env_under, sam_bench_forked
 from sam_bench.engine import checkpoint as ckpt
-from sam_bench.engine.rundir import OWNER_FILE, _lock_or_refuse, claim_hydra_files, restore_hydra_files, run_lock
+from sam_bench.engine.rundir import (
+    OWNER_FILE,
+    RunLogHandler,
+    _lock_or_refuse,
+    claim_hydra_files,
+    restore_hydra_files,
+    run_lock,
+    start_run_log,
+)
 from sam_bench.engine.signals import PREEMPTED_EXIT_CODE
 
 TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "model=wrn", "model.kwargs.depth=10",
@@ -136,3 +146,81 @@ def test_a_command_failing_before_its_claim_puts_the_owners_files_back(tmp_path)
     with pytest.raises(RuntimeError), run_lock(tmp_path):
         raise RuntimeError("the data could not be read")
     assert hydra_files(tmp_path) == owner
+
+
+# ---------------------------------------------------------------- train.log
+
+
+@pytest.mark.parametrize("launch", ["run", "sweep point"])
+def test_a_refused_command_adds_no_line_to_the_runs_train_log(tmp_path, launch):
+    """Hydra opens train.log before the trainer checks the directory: the refused command's lines (here
+    "rho ignored", logged before the config check) were appended to the other run's log (QA)."""
+    def command(*overrides: str) -> list[str]:
+        if launch == "run":
+            return ["train", *TINY, *overrides, f"hydra.run.dir={tmp_path / 'sweep' / 'fixed'}"]
+        return sweep_point(tmp_path / "sweep", *overrides)
+
+    env = cli_env_under(tmp_path)
+    assert sam_bench_forked(command("optimizer=sgd"), env).returncode == 0
+    log_file = tmp_path / "sweep" / "fixed" / "train.log"
+    before = log_file.read_bytes()
+    refused = sam_bench_forked(command("optimizer=sgd", "optimizer.rho=0.1", "optimizer.lr=0.05"), env)
+    assert refused.returncode == 2 and "of a different config (optimizer.lr: 0.1 -> 0.05)" in refused.stderr, refused.stderr
+    assert "optimizer.rho=0.1 ignored" in refused.stdout  # it did log a line, on the console alone
+    assert log_file.read_bytes() == before
+    again = sam_bench_forked(command("optimizer=sgd", "optimizer.rho=0.1"), env)  # the same run: its log goes on
+    assert again.returncode == 0, again.stderr
+    after = log_file.read_text()
+    assert after.startswith(before.decode()) and after.splitlines()[-1].endswith("; nothing to do")
+
+
+def test_a_killed_run_has_logged_its_lines_as_it_went(tmp_path):
+    """Held lines are written as soon as the checks pass, not when the command ends: a run killed
+    mid-epoch (no clean-up, no logging shutdown) has its header line in train.log."""
+    run = tmp_path / "r"
+    killed = sam_bench_forked(["train", *TINY, f"hydra.run.dir={run}"], {**cli_env_under(tmp_path), "SAM_BENCH_FAULT": "step@1"})
+    assert killed.returncode == -9, killed.stderr
+    assert "synthetic | wide_resnet_cifar" in (run / "train.log").read_text()
+
+
+def _log_into(run_dir: Path) -> tuple[logging.Logger, RunLogHandler]:
+    handler = RunLogHandler(str(run_dir / "train.log"))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger()
+    logger.addHandler(handler)
+    return logger, handler
+
+
+@pytest.fixture
+def info_level():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)
+    yield
+    root.setLevel(level)
+
+
+def test_the_run_log_holds_its_lines_until_the_run_owns_the_directory(tmp_path, info_level):
+    logger, handler = _log_into(tmp_path)
+    try:
+        logger.info("built the data")
+        assert not (tmp_path / "train.log").exists()  # not even opened: a refused command never touches it
+        start_run_log(tmp_path)
+        logger.info("epoch 1")
+        assert (tmp_path / "train.log").read_text() == "built the data\nepoch 1\n"
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_a_command_that_never_owned_the_directory_leaves_its_lines_only_where_no_run_owns_it(tmp_path, info_level, owned):
+    """A first run that failed before its checks passed keeps its lines; in another run's directory none are written."""
+    if owned:
+        (tmp_path / "train.log").write_text("the owner's line\n")
+        (tmp_path / OWNER_FILE).write_text("{}")
+    logger, handler = _log_into(tmp_path)
+    logger.info("a line before the failure")
+    logger.removeHandler(handler)
+    handler.close()
+    assert (tmp_path / "train.log").read_text() == ("the owner's line\n" if owned else "a line before the failure\n")

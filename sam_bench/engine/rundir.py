@@ -239,10 +239,60 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         raise
     else:
         claim_hydra_files(run_dir)
+        start_run_log(run_dir)
     finally:
         _hydra_mine.pop(key, None)
         _hydra_before.pop(key, None)
         f.close()  # closing the descriptor releases the lock
+
+
+class RunLogHandler(logging.FileHandler):
+    """``<run dir>/train.log`` (conf/hydra/job_logging/sam_bench.yaml), written from when this command
+    owns the run directory on. Hydra opens the job's log before the trainer has looked at the directory,
+    so the records are held until then: a command refused there (another config's run; a busy directory
+    in a sweep or under torchrun) adds no line to that run's log. Held records are written, in order and
+    with their own times, when the run takes the directory over (:func:`start_run_log`); at the end
+    (close) of a command that never did, only where no run owns the directory (:data:`OWNER_FILE`: a
+    first run that failed early keeps its lines)."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None) -> None:
+        super().__init__(filename, mode, encoding, delay=True)  # delay: a refused command does not even open it
+        self._held: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is None:
+            super().emit(record)
+        else:
+            self._held.append(record)
+
+    def write_held(self) -> None:
+        """Write the held records and every later one as it comes."""
+        self.acquire()
+        try:
+            held, self._held = self._held, None
+            for record in held or ():
+                super().emit(record)
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self._held and not (Path(self.baseFilename).parent / OWNER_FILE).exists():
+                self.write_held()
+            self._held = None  # else another run's directory: its log is not this command's
+        finally:
+            self.release()
+        super().close()
+
+
+def start_run_log(run_dir: Path) -> None:
+    """This process trains ``run_dir`` (its checks passed): its :class:`RunLogHandler` writes from now on.
+    A no-op without one (``fit`` called outside the CLI)."""
+    key = _key(run_dir)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogHandler) and _key(Path(handler.baseFilename).parent) == key:
+            handler.write_held()
 
 
 class OutputDirCheck(Callback):

@@ -47,6 +47,7 @@ from sam_bench.engine.rundir import (
     read_hydra_files,
     restore_hydra_files,
     run_lock,
+    start_run_log,
 )
 from sam_bench.engine.signals import PreemptionHandler, Preempted
 from sam_bench.engine.step import RngReplay, train_step, uses_randomness
@@ -494,6 +495,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     _resume(cfg, run_dir, run, state, guard, config, dist_info, device)
     if main:  # its checks passed: the directory's .hydra/ files are this run's now (kept for a refused command to put back)
         claim_hydra_files(run_dir)
+    start_run_log(run_dir)  # and its train.log (every rank: each one's handler holds its lines until now)
     commit = git_commit()
     if not state.commits or state.commits[-1] != commit:
         state.commits.append(commit)
