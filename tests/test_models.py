@@ -81,6 +81,9 @@ def test_bad_model_names_and_kwargs_are_clear():
         build_model("wide_resnet_cifar", 10, 3, depthh=3)
     with pytest.raises(ConfigError, match="6n\\+4"):
         build_model("wide_resnet_cifar", 10, 3, depth=27)
+    for width in (0, -1, 2.5):  # 0 built, and failed at the first forward pass with a traceback (QA)
+        with pytest.raises(ConfigError, match=f"width must be a positive integer .*got {width}"), torch.device("meta"):
+            build_model("wide_resnet_cifar", 10, 3, depth=10, width=width)
 
 
 def _tf_same(x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:

@@ -93,6 +93,9 @@ class WideResNet(nn.Module):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, 40, ...), got {depth}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:  # 0 built a model with no channels,
+            # which failed only at its first forward pass, with PyTorch's traceback (QA)
+            raise ValueError(f"WideResNet width must be a positive integer (1, 2, 4, 8, 10, ...), got {width!r}")
         if shortcut not in SHORTCUTS:
             raise ValueError(f"WideResNet shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
         n = (depth - 4) // 6
