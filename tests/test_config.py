@@ -62,6 +62,20 @@ def test_eval_every_is_not_part_of_the_runs_identity():
     assert experiment_hash(base) == experiment_hash({**base, "trainer": {"eval_every": 5, "epochs": 10}})
 
 
+def test_run_directory_names_leave_out_only_keys_that_change_nothing(compose_train):
+    """A key left out of the run directory's name must be one the run's identity ignores (else two
+    experiments would share a directory, the second refused); and the keys one changes to resume a run
+    differently (the README: trainer.eval_every; an evaluation batch that ran out of memory) are left
+    out, so the same command with another value finds the run (QA: eval_every=2 trained anew elsewhere)."""
+    from hydra import compose  # inside compose_train's initialised config directory
+
+    from sam_bench.schema import NON_SEMANTIC_KEYS
+
+    excluded = list(compose(config_name="train", return_hydra_config=True).hydra.job.config.override_dirname.exclude_keys)
+    assert {k for k in excluded if not k.startswith("hydra.")} <= set(NON_SEMANTIC_KEYS), excluded
+    assert {"trainer.eval_every", "trainer.eval_batch_size", "dataset.download", "trainer.num_threads"} <= set(excluded)
+
+
 @pytest.mark.parametrize("mode,expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
                                            ("max-autotune", "max-autotune")])
 def test_compile_mode_reaches_torch_compile(compose_train, monkeypatch, mode, expected):
