@@ -6,19 +6,21 @@ Nor does it add a line to that run's train.log (rundir.RunLogHandler)."""
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import cli_env_under, sam_bench_forked
+from conftest import REPO, cli_env_under, sam_bench_forked
 from sam_bench.engine import checkpoint as ckpt
 from sam_bench.engine.rundir import (
     OWNER_FILE,
     RunLogHandler,
     _lock_or_refuse,
     claim_hydra_files,
+    remove_unowned_leftovers,
     restore_hydra_files,
     run_lock,
     start_run_log,
@@ -224,3 +226,39 @@ def test_a_command_that_never_owned_the_directory_leaves_its_lines_only_where_no
     logger.removeHandler(handler)
     handler.close()
     assert (tmp_path / "train.log").read_text() == ("the owner's line\n" if owned else "a line before the failure\n")
+
+
+# ---------------------------------------------------------------- what a refused first command leaves
+
+
+def test_a_command_refused_before_it_trained_leaves_no_run_directory(tmp_path):
+    """Data found missing once training is being set up (or fp16 on a CPU): the directory held only
+    .lock and .hydra/, and the report listed it for good as an unfinished run (QA)."""
+    run = tmp_path / "runs" / "r"
+    proc = sam_bench_forked(["train", *TINY, "dataset=cifar10", "dataset.download=false", "optimizer=sgd", "optimizer.rho=0.1",
+                             f"hydra.run.dir={run}"], cli_env_under(tmp_path))
+    assert proc.returncode == 2 and "cifar-10-batches-py" in proc.stderr and "missing" in proc.stderr, proc.stderr
+    assert not run.exists() and (tmp_path / "runs").is_dir()
+    # its held log line ("rho ignored", logged before the data was looked for) is not written into the removed directory
+    assert "optimizer.rho=0.1 ignored" in proc.stdout and "Logging error" not in proc.stderr, proc.stderr
+
+
+def test_leftovers_are_removed_only_when_they_are_all_the_directory_holds(tmp_path):
+    (tmp_path / "fresh").mkdir()
+    with pytest.raises(ValueError), run_lock(tmp_path / "fresh"):
+        write_hydra(tmp_path / "fresh", "refused")
+        raise ValueError("fp16 needs CUDA")
+    assert not (tmp_path / "fresh").exists()
+    for extra in ("metrics.jsonl", "train.log", ".hydra/notes.txt", OWNER_FILE):  # something else: all of it is kept
+        run = tmp_path / extra.replace("/", "_")
+        write_hydra(run, "refused")
+        (run / extra).write_text("kept\n")
+        remove_unowned_leftovers(run)
+        assert (run / extra).read_text() == "kept\n" and (run / ".hydra" / "config.yaml").exists(), extra
+    write_hydra(tmp_path / "cwd", "refused")
+    os.chdir(tmp_path / "cwd")  # (pytest's monkeypatch-free chdir is undone below)
+    try:
+        remove_unowned_leftovers(Path("."))
+        assert (tmp_path / "cwd" / ".hydra").is_dir()
+    finally:
+        os.chdir(REPO)

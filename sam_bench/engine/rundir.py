@@ -212,6 +212,34 @@ def claim_hydra_files(run_dir: Path) -> None:
                     run_dir, OWNER_FILE, e.strerror or e)
 
 
+def remove_unowned_leftovers(run_dir: Path) -> None:
+    """Remove ``run_dir`` when it holds only what this command's CLI and Hydra wrote before the trainer
+    refused or failed (``.lock``, ``.hydra/``, an empty ``train.log``) and no run owns it: a bad setting
+    found while training was being set up (a precision the device lacks, missing data) left such a
+    directory, which the report then listed for good as an unfinished run (QA). Anything else there
+    (another file, a non-empty log) keeps it all; the working directory itself is never removed."""
+    run_dir = Path(run_dir)
+    try:
+        if run_dir.resolve() == Path.cwd().resolve() or (run_dir / OWNER_FILE).exists():
+            return
+        hydra_dir = run_dir / ".hydra"
+        if not {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, ".hydra", "train.log"}:
+            return
+        if hydra_dir.is_dir() and not {p.name for p in hydra_dir.iterdir()} <= set(HYDRA_FILES):
+            return
+        if (run_dir / "train.log").exists() and (run_dir / "train.log").stat().st_size:
+            return
+        for name in HYDRA_FILES:
+            (hydra_dir / name).unlink(missing_ok=True)
+        if hydra_dir.is_dir():
+            hydra_dir.rmdir()
+        for name in ("train.log", LOCK_FILE):  # the lock goes with the directory (its holder, this process, is leaving)
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
+    except OSError:  # best effort: the refusal is the news
+        pass
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` for the duration of the block; fail fast if taken.
@@ -234,8 +262,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if key in _hydra_mine and (run_dir / OWNER_FILE).exists():  # never owned it: the owner's files go back
-            restore_hydra_files(run_dir)
+        if key in _hydra_mine:  # it never owned the directory
+            if (run_dir / OWNER_FILE).exists():  # another run's: its files go back
+                restore_hydra_files(run_dir)
+            else:
+                remove_unowned_leftovers(run_dir)
         raise
     else:
         claim_hydra_files(run_dir)
@@ -252,8 +283,8 @@ class RunLogHandler(logging.FileHandler):
     so the records are held until then: a command refused there (another config's run; a busy directory
     in a sweep or under torchrun) adds no line to that run's log. Held records are written, in order and
     with their own times, when the run takes the directory over (:func:`start_run_log`); at the end
-    (close) of a command that never did, only where no run owns the directory (:data:`OWNER_FILE`: a
-    first run that failed early keeps its lines)."""
+    (close) of a command that never did, only where no run owns the directory (:data:`OWNER_FILE`) and
+    the directory is still there (:func:`remove_unowned_leftovers` removes a refused first run's)."""
 
     def __init__(self, filename: str, mode: str = "a", encoding: str | None = None) -> None:
         super().__init__(filename, mode, encoding, delay=True)  # delay: a refused command does not even open it
@@ -278,9 +309,10 @@ class RunLogHandler(logging.FileHandler):
     def close(self) -> None:
         self.acquire()
         try:
-            if self._held and not (Path(self.baseFilename).parent / OWNER_FILE).exists():
+            run_dir = Path(self.baseFilename).parent
+            if self._held and run_dir.is_dir() and not (run_dir / OWNER_FILE).exists():
                 self.write_held()
-            self._held = None  # else another run's directory: its log is not this command's
+            self._held = None  # else another run's directory (its log is not this command's), or none left
         finally:
             self.release()
         super().close()
