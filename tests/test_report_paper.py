@@ -252,6 +252,7 @@ def test_sweep_table_plot_and_chosen_rho(tmp_path):
     assert "| 0.05 | 5.05 ± 0.64 (n=2) ✓ | 5.50 | 6.05 ± 0.64 (n=2) ✓ | 6.50 | — | — |" in md
     assert "| 0 | — | — | — | — | 7.00 (n=1) | 7.20 |" in md
     png = tmp_path / "out" / f"sweep_{s.id}.png"
+    assert f"![error vs rho](sweep_{s.id}.png)" in md  # outdir.py knows its plots by these links
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     chosen = [r for r in csv.DictReader(io.StringIO((tmp_path / "out" / "sweeps.csv").read_text())) if r["chosen"] == "1"]
     assert sorted((r["series"], r["rho"]) for r in chosen) == [("sam m=16", "0.05"), ("sam m=4", "0.05")]
@@ -373,9 +374,11 @@ def test_png_bytes_stable(tmp_path):
     write_report([str(root)], str(tmp_path / "b"))
     pngs = sorted((tmp_path / "a").glob("sweep_*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes() == (tmp_path / "b" / pngs[0].name).read_bytes()
-    # a sweep that disappears takes its stale plot with it
+    # a sweep that disappears takes its stale plot with it, and only its own: not a plot of someone else's
+    (tmp_path / "a" / "sweep_mine.png").write_bytes(b"mine")
+    (tmp_path / "a" / "sweep_x-0123abcd.png").write_bytes(b"mine too")  # named as ours, yet not in our sweeps.md
     write_report([str(tmp_path / "nothing_here"), str(root / "r0.02")], str(tmp_path / "a"))
-    assert not list((tmp_path / "a").glob("sweep_*.png"))
+    assert sorted(p.name for p in (tmp_path / "a").glob("sweep_*.png")) == ["sweep_mine.png", "sweep_x-0123abcd.png"]
 
 
 def test_tensorboard_hparams_for_sweeps(tmp_path):
@@ -439,7 +442,8 @@ def test_without_matplotlib_tables_are_written_and_plots_skipped(tmp_path, monke
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     write_report([str(root)], str(tmp_path / "out"))
     assert not list((tmp_path / "out").glob("sweep_*.png"))
-    assert "matplotlib is not installed" in (tmp_path / "out" / "sweeps.md").read_text()
+    md = (tmp_path / "out" / "sweeps.md").read_text()
+    assert "matplotlib is not installed" in md and "](sweep_" not in md  # no link to a plot not written
 
 
 def test_committed_paper_tables_are_what_the_reporter_writes(tmp_path):
@@ -742,3 +746,35 @@ def test_runs_on_either_side_of_a_change_that_concerns_their_config_are_kept_apa
     aa = group_runs([result(0, None, "cifar10"), result(1, 4, "cifar10")])
     basic = group_runs([result(0, None, None), result(1, 4, None)])
     assert [g.seeds for g in aa] == [[0], [1]] and [g.seeds for g in basic] == [[0, 1]]
+
+
+def test_summary_rows_follow_the_name_and_computed_as_shows_only_where_it_tells_runs_apart(tmp_path):
+    """QA: a Table 5 Fashion-MNIST preset with SGD m=32 gave a `computed_as` column (3 for its SGD, 2 for
+    the rest: the last code change that concerns each config) that told no rows apart, and rows in the
+    order of the grouping config's JSON (computed_as first). Now rows sort by name, dataset, model,
+    method, ρ, epochs; the column and a note under the table come only where two rows differ in it alone."""
+    name = "table5/wrn28_10/basic/fashion_mnist"
+    config = json.loads(composed_config("experiment=paper/table5_wrn28_10_basic_fashion_mnist", "optimizer=sgd"))
+    config["optimizer"]["m"] = 32
+    root = tmp_path / "runs"
+    fake_run(root, "zz", "a_small", "sgd", 0.0, 0, 4.0)
+    fake_run(root, "t5sgd", name, "sgd", 0.0, 0, 5.0, config=config)
+    fake_run(root, "t5sam", name, "sam", 0.05, 0, 4.5, config={**config, "optimizer": {**config["optimizer"], "name": "sam", "rho": 0.05}})
+    fake_run(root, "syn", "synthetic", "sgd", 0.0, 0, 3.0)
+    write_report([str(root)], str(tmp_path / "out"))
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    rows = [line.split(" | ")[0:4] for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [["| a_small", "cifar10", "wide_resnet_cifar", "sgd"], ["| synthetic", "cifar10", "wide_resnet_cifar", "sgd"],
+                    [f"| {name}", "fashion_mnist", "wide_resnet_cifar", "sam"], [f"| {name}", "fashion_mnist", "wide_resnet_cifar", "sgd"]]
+    assert "computed_as" not in summary and "computed_as" not in (tmp_path / "out" / "summary.csv").read_text()
+    csv_names = [r["experiment"] for r in csv.DictReader(io.StringIO((tmp_path / "out" / "summary.csv").read_text()))]
+    assert csv_names == ["a_small", "synthetic", name, name]
+    # an AutoAugment run from before compute_version 4 beside one of today: the column tells them apart, the note says why
+    aa = json.loads(composed_config("experiment=paper/table5_wrn28_10_aa_svhn", "optimizer=sam"))
+    fake_run(root, "aa_v3", aa["name"], config=aa, extra={"compute_version": 3})
+    fake_run(root, "aa_now", aa["name"], seed=1, config={**aa, "seed": 1})
+    write_report([str(root)], str(tmp_path / "out"))
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| computed_as |" in summary and "| table5/wrn28_10/aa/svhn | svhn | wide_resnet_cifar | sam | 0.01 | 200 | 2 |" in summary
+    assert "\ncomputed_as: the last change to the code that concerns a row's config" in summary
+    assert "2 = since: strided 3x3 convolutions pad" in summary and "4 = since: AutoAugment is the official" in summary

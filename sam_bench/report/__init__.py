@@ -4,7 +4,9 @@ Files under ``out`` (nothing is written elsewhere): ``README.md`` (index), ``sum
 (every group), ``table<N>.md/.csv`` (paper | ours | Δ, compute and provenance), ``sweeps.md/.csv``
 and ``sweep_<id>.png``, ``hessian.md`` (the spectra of ``sam-bench hessian`` beside Fig. 3 left),
 and with ``tensorboard=true`` ``tensorboard/`` (HParams). Same inputs give the same bytes (except
-the TensorBoard event files).
+the TensorBoard event files). The reporter replaces and deletes only files it wrote itself
+(:mod:`sam_bench.report.outdir` says how it recognises them): a directory holding another README.md
+or table, such as a checkout's root (``out=.``), is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from sam_bench.errors import ConfigError
 from sam_bench.report.collect import find_runs, group_runs, root_problems, run_name
+from sam_bench.report.outdir import check_out_dir
 from sam_bench.report.paper import layouts
 from sam_bench.report.plots import sweep_png
 from sam_bench.report.spectra import find_spectra, spectra_markdown
@@ -28,6 +31,8 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
     """Write the report under ``out``; return the summary's Markdown text. ``default_roots``: ``roots``
     are the defaults (``runs`` and ``multirun``), not the user's: one of them missing is no typo (a
     quick start that only swept has no ``runs/``) and is passed over without a warning."""
+    if out is None or not str(out).strip():
+        raise ConfigError("out is empty: the report would go into the current directory; give a directory, e.g. out=results")
     if not any(Path(r).is_dir() for r in roots):
         raise ConfigError(f"none of the run roots {roots} is a directory; pass runs=[DIR,...] with the directories your runs went to")
     if default_roots:
@@ -41,6 +46,12 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
         tempfile.TemporaryFile(dir=out_dir).close()  # an existing directory may still be read-only
     except OSError as e:
         raise ConfigError(f"cannot write the report into out={out} ({e}); pass a writable out=DIR") from e
+    sweeps = find_sweeps(groups)
+    plots = _have_matplotlib()
+    fixed = ["summary.md", "summary.csv", "sweeps.md", "sweeps.csv", "hessian.md", "README.md"]
+    tables = [f"{layout.id}.{ext}" for layout in layouts() for ext in ("md", "csv")]
+    pngs = [f"sweep_{s.id}.png" for s in sweeps] if plots else []
+    previous_plots = check_out_dir(out_dir, fixed + tables + pngs, tensorboard)
 
     def write(name: str, data: str | bytes) -> None:
         try:
@@ -64,17 +75,13 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
         filled = sum(1 for _, cells in layout.rows for c in cells if c.key and c.key in by_key)
         index.append(f"- [{layout.caption.split(':')[0]}]({layout.id}.md) ({layout.id}.csv): {filled} cells with runs")
 
-    sweeps = find_sweeps(groups)
-    plots = _have_matplotlib()
-    md = sweeps_markdown(sweeps)
+    md = sweeps_markdown(sweeps, plots=plots)
     if sweeps and not plots:
         md += "\nNo plots: matplotlib is not installed (pip install 'sam-bench[plots]').\n"
     write("sweeps.md", md)
     write("sweeps.csv", sweeps_csv(sweeps))
-    keep = {f"sweep_{s.id}.png" for s in sweeps} if plots else set()
-    for stale in out_dir.glob("sweep_*.png"):  # plots of sweeps that no longer exist
-        if stale.name not in keep:
-            stale.unlink()
+    for stale in sorted(previous_plots - set(pngs)):  # our plots of sweeps that no longer exist
+        (out_dir / stale).unlink(missing_ok=True)
     for s in sweeps if plots else []:
         write(f"sweep_{s.id}.png", sweep_png(s))
     spectra = find_spectra(roots)

@@ -103,7 +103,9 @@ def _point(g: Group) -> str:
     return f"{g.mean:.2f}" + (f" ± {ci:.2f}" if ci is not None else "") + f" (n={len(g.runs)})"
 
 
-def sweeps_markdown(sweeps: list[Sweep]) -> str:
+def sweeps_markdown(sweeps: list[Sweep], plots: bool = True) -> str:
+    """The sweeps' tables; with ``plots`` each links its ``sweep_<id>.png`` (the report's outdir.py reads
+    these links to know which plots are its own), else no image links (no plot was written)."""
     lines = [
         "# ρ sweeps",
         "",
@@ -117,7 +119,7 @@ def sweeps_markdown(sweeps: list[Sweep]) -> str:
                                    "with two ρ or more in one series).", ""])
     for s in sweeps:
         labels = list(s.series)
-        lines += [f"## {s.name or '(unnamed)'} — `{s.id}`", "", f"![error vs rho](sweep_{s.id}.png)", ""]
+        lines += [f"## {s.name or '(unnamed)'} — `{s.id}`", ""] + ([f"![error vs rho](sweep_{s.id}.png)", ""] if plots else [])
         header = ["ρ"] + [h for lab in labels for h in (f"{lab} test", f"{lab} val")]
         lines += [md_row(header), "|" + "|".join("---" for _ in header) + "|"]
         for rho in s.rhos:

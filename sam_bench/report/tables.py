@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from sam_bench.paths import config_dir
 from sam_bench.report.collect import Group, ci95, failure_note, flatten, md_row
 from sam_bench.report.paper import Cell, Layout, layouts, paper_float
-from sam_bench.schema import grouping_config
+from sam_bench.schema import COMPUTE_CHANGES, grouping_config
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,42 @@ def _fmt(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def summary_order(groups: list[Group]) -> list[Group]:
+    """The summary's rows as a reader scans them: by experiment name, dataset, model, method, ρ and
+    epochs (the first columns), then by the rest of the config. Before, rows followed the JSON text
+    of the grouping config, whose first key is ``computed_as``: a preset's SGD rows sorted after
+    every other experiment's."""
+    def key(g: Group) -> tuple:
+        epochs = (g.config.get("trainer") or {}).get("epochs")
+        return (g.name, _fmt((g.config.get("dataset") or {}).get("name")), _fmt((g.config.get("model") or {}).get("arch")),
+                g.method, g.rho, epochs if isinstance(epochs, int) else -1, json_key(g))
+    return sorted(groups, key=key)
+
+
+def computed_as_needed(groups: list[Group]) -> bool:
+    """``computed_as`` (schema.computed_as: the last code change that concerns a config) tells apart
+    two groups only when their configs are otherwise equal: runs of one config on either side of a
+    change. Elsewhere it follows from the config (SGD with m: 3; AutoAugment: 4) and only puzzles."""
+    rest = {json.dumps({k: v for k, v in g.config.items() if k != "computed_as"}, sort_keys=True, default=str) for g in groups}
+    return len(rest) < len(groups)
+
+
+def computed_as_note(groups: list[Group]) -> str:
+    """What the ``computed_as`` column's values mean (under summary.md's table when it is shown)."""
+    values = sorted({int(g.config.get("computed_as") or 1) for g in groups})
+    meaning = [f"{v} = the original code (before any change listed in sam_bench/schema.py COMPUTE_CHANGES)" if v not in COMPUTE_CHANGES
+               else f"{v} = since: {COMPUTE_CHANGES[v][0]}" for v in values]
+    return ("\ncomputed_as: the last change to the code that concerns a row's config, as of the compute_version its "
+            "runs recorded; rows that differ only in it are one config trained by code that computed it otherwise "
+            "(kept apart, not averaged). " + "; ".join(meaning) + ".\n")
+
+
 def _config_cells(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     """The columns that tell the groups apart (the base ones, then every key that varies) and each
     group's values in them."""
     extra = varying_keys(groups)
+    if not computed_as_needed(groups):
+        extra = [k for k in extra if k != "computed_as"]
     body = []
     for g in groups:
         flat = {**flatten(g.config), "method": g.method}
@@ -69,10 +101,13 @@ def rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown(groups: list[Group], incomplete: list[str]) -> str:
+    groups = summary_order(groups)
     header, body = rows(groups)
     lines = [md_row(header), "|" + "|".join("---" for _ in header) + "|"]
     lines += [md_row(r) for r in body]
     text = "\n".join(lines) + "\n"
+    if "computed_as" in header:
+        text += computed_as_note(groups)
     if not groups:
         text = "No complete runs found.\n"
     if incomplete:
@@ -82,7 +117,8 @@ def markdown(groups: list[Group], incomplete: list[str]) -> str:
 
 def to_csv(groups: list[Group]) -> str:
     """summary.md's table with the statistics as numbers in columns of their own (std empty for
-    one seed), for plotting or diffing."""
+    one seed), for plotting or diffing; rows in summary.md's order."""
+    groups = summary_order(groups)
     header, body = _config_cells(groups)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
