@@ -146,7 +146,8 @@ def test_hessian_command_on_a_kept_epoch_checkpoint(cli_env, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where out= needs a directory: refused before any computation
     proc = run(["hessian", f"checkpoint={kept}", f"out={blocked / 'x.json'}"], cli_env, check=False, forked=True)
-    assert proc.returncode == 2 and f"output directory {blocked} is not writable" in proc.stderr and "out=" in proc.stderr
+    assert proc.returncode == 2 and f"output directory {blocked} is not writable" in proc.stderr, proc.stderr
+    assert "choose a writable place with out=/path/to/spectrum.json" in proc.stderr  # a file: not "out=/path/to/dir" (QA)
 
     # independently: the epoch-1 weights in eval mode on all 128 training images (order does not
     # change a mean) give the loss the command reports

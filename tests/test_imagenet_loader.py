@@ -45,6 +45,12 @@ def test_images_loose_beside_class_folders_are_refused(imagenet_root, split):
     assert "valprep.sh" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_class_count_other_than_num_classes_names_the_fix(imagenet_root):
+    with pytest.raises(DataError, match=r"imagenet/train has 2 class folders, but dataset.num_classes=1000; "
+                                        r"set dataset.num_classes=2 for a subset of ImageNet, or complete .*imagenet/train"):
+        build(imagenet_root, num_classes=1000)
+
+
 def test_a_flat_val_names_valprep(imagenet_root):
     val = imagenet_root / "imagenet" / "val"
     for f in list(val.rglob("*.JPEG")):

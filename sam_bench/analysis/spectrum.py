@@ -150,7 +150,7 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
         raise ConfigError(f"images must be >= 0 (a number of training images; 0 = all of them), got images={cfg.images}")
     state, path = read_any_checkpoint(Path(cfg.checkpoint))
     out = Path(cfg.out) if cfg.out else path.parent / f"hessian_{path.stem}.json"
-    ensure_writable(out.parent, key="out")  # before the computation, not after it
+    ensure_writable(out.parent, key="out", example="/path/to/spectrum.json")  # before the computation, not after it
     config = state["config"]
     if state.get("compute_version") is None:
         print(f"sam-bench hessian: warning: {unversioned_warning(path)}; the spectrum may be of another function", file=sys.stderr)

@@ -52,7 +52,7 @@ def build_finetune(ds, batch_size: int, eval_batch_size: int, device, seed: int,
     """(train, test) StreamLoaders for ``ds.name`` at ``ds.image_size``."""
     _, train_splits, test_split, _, classes = FINETUNE[ds.name]
     if ds.num_classes != classes:
-        raise DataError(f"{ds.name} has {classes} classes; dataset.num_classes={ds.num_classes}")
+        raise DataError(f"{ds.name} has {classes} classes, but dataset.num_classes={ds.num_classes}; set dataset.num_classes={classes}")
     tt = train_transform(ds.image_size) if augments(ds) else eval_transform(ds.image_size, ds.resize)
     parts = [_open(ds.name, s, data_dir(ds), ds.download, tt) for s in train_splits]
     train_ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)

@@ -149,7 +149,8 @@ def build_imagenet(ds, batch_size: int, eval_batch_size: int, device: torch.devi
     train_ds = image_folder(os.path.join(base, "train"), None if gpu else tt, raw_bytes if gpu else pil_rgb)
     test_ds = image_folder(os.path.join(base, "val"), None if gpu else eval_transform(ds.image_size, ds.resize), raw_bytes if gpu else pil_rgb)
     if len(train_ds.classes) != ds.num_classes:
-        raise DataError(f"{base}/train has {len(train_ds.classes)} class folders; dataset.num_classes={ds.num_classes}")
+        raise DataError(f"{base}/train has {len(train_ds.classes)} class folders, but dataset.num_classes={ds.num_classes}; "
+                        f"set dataset.num_classes={len(train_ds.classes)} for a subset of ImageNet, or complete {base}/train")
     _same_classes(train_ds, test_ds, base)
     _log_counts(base, len(train_ds), len(test_ds), ds.num_classes)
     common = dict(device=device, seed=seed, num_workers=ds.num_workers, channels_last=channels_last)

@@ -38,8 +38,9 @@ OWNER_FILE = ".hydra_owner.json"
 log = logging.getLogger("sam_bench")
 
 
-def ensure_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
-    """Create ``run_dir`` and prove a file can be written there, or say which key to change."""
+def ensure_writable(run_dir: Path, key: str = "hydra.run.dir", example: str = "/path/to/dir") -> None:
+    """Create ``run_dir`` and prove a file can be written there, or say which key to change (to
+    ``example``: a directory, or for a key naming a file, a file)."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,7 @@ def ensure_writable(run_dir: Path, key: str = "hydra.run.dir") -> None:
     except OSError as e:
         raise ConfigError(
             f"output directory {run_dir} is not writable ({e.strerror or type(e).__name__}); "
-            f"choose a writable place with {key}=/path/to/dir"
+            f"choose a writable place with {key}={example}"
         ) from None
 
 
