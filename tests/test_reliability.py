@@ -507,6 +507,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(cli_env, compose_t
     assert "sam-bench: preempted: stopped by SIGTERM at step" in err and "re-run the same command to resume" in err
     assert "Traceback" not in err and not (victim / "result.json").exists()
     assert 3 <= ckpt.read_checkpoint(victim / "checkpoint.pt")["step"] < 16
+    assert "] preempted: stopped by SIGTERM at step" in (victim / "train.log").read_text()  # the log says why it stopped (QA)
 
     resumed = sam_bench_forked(["train", *args, f"hydra.run.dir={victim}"], cli_env)  # the resume: no start-up needed
     assert resumed.returncode == 0 and "resuming" in resumed.stdout

@@ -819,7 +819,9 @@ class _Checkpointer:
         where = f"{written} written" if tr.checkpoint else "not written (trainer.checkpoint=false)"
         again = "re-run the same command to resume" if tr.checkpoint else "a re-run starts over from epoch 1"
         by = preempt.signal_name or "a preemption signal to another rank"  # under torchrun one rank may have got it
-        raise Preempted(f"stopped by {by} at step {step}; checkpoint {where}; {again}")
+        stopped = f"stopped by {by} at step {step}; checkpoint {where}; {again}"
+        log.warning("preempted: %s", stopped)  # in train.log too, between the last epoch line and the resume's
+        raise Preempted(stopped)
 
     def after_step(self, epoch: int, step: int, progress: dict[str, Any]) -> None:
         self.stop_if_preempted(epoch, step, progress)
