@@ -108,6 +108,15 @@ def _suggest_keys(compose_without: Callable[[str], object], text: str) -> str:
     return f" did you mean {' or '.join(similar)}?" if similar else ""
 
 
+def _extra_model_kwarg(text: str) -> str:
+    """' +model.kwargs.K=V passes K to the model's constructor ...;' for an unknown key under
+    model.kwargs (named in Hydra's ``text``): a model config lists only the keywords it sets."""
+    import re
+
+    found = re.search(r"use \+(model\.kwargs\.\S+)", text)
+    return f" +{found.group(1)} passes it to the model's constructor as an extra keyword;" if found else ""
+
+
 def _describe_composition_error(e: Exception, command: str, suggest: Callable[[str], str] = lambda text: "") -> str:
     """Hydra's multi-line composition report as one line that names the override and the fix
     (``suggest(text)`` adds a likely key for an unknown one)."""
@@ -132,7 +141,7 @@ def _describe_composition_error(e: Exception, command: str, suggest: Callable[[s
     if cause is not None:
         detail = str(cause).strip().splitlines()[0]
         if "not in" in detail:
-            detail += f" (no such key;{suggest(text)} `sam-bench {command} --help` lists every key)"
+            detail += f" (no such key;{suggest(text)}{_extra_model_kwarg(text)} `sam-bench {command} --help` lists every key)"
         return f"{head}: {detail}"
     return head
 
@@ -158,6 +167,47 @@ def _preset_sweeps(config_name: str, parsed: list) -> list[str]:
 PRINT_FLAGS = {"--cfg": "value", "-c": "value", "--package": "value", "-p": "value", "--resolve": "none",
                "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
 PRINT_FLAGS["-i"] = PRINT_FLAGS["--info"]
+
+
+#: Hydra's flags that each choose what the command does: Hydra takes one at a time (else a ValueError
+#: traceback). By the attribute of Hydra's parsed arguments, as they are named to the user.
+MODE_FLAGS = {"multirun": "-m/--multirun", "cfg": "--cfg", "info": "--info", "run": "--run", "shell_completion": "--shell-completion"}
+
+
+def _hydra_args(args: list[str]):
+    """``args`` as Hydra's own parser reads them (abbreviations such as ``--multi``, ``--cfg=job``)
+    intermixed with the overrides; None when it would refuse them or exit (``--version``): left to Hydra."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser  # what @hydra.main parses sys.argv with
+
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            return get_args_parser().parse_intermixed_args(args)  # as a user means them, overrides around a flag too
+    except SystemExit:
+        return None
+
+
+def _is_multirun_flag(arg: str) -> bool:
+    """``-m``, ``--multirun``, or an abbreviation of it that argparse accepts (``--multi``, ``--m``)."""
+    return arg == "-m" or (len(arg) > 2 and "--multirun".startswith(arg))
+
+
+def _refuse_two_modes(hydra_args, config_name: str) -> None:
+    """One line for two of Hydra's modes at once (``--cfg job -m``, ``--cfg=job --run``): Hydra's own
+    refusal is a traceback. Hydra answers ``--help`` before it looks, so that is left alone."""
+    if hydra_args is None or hydra_args.help or hydra_args.hydra_help:
+        return
+    modes = [flag for attr, flag in MODE_FLAGS.items() if getattr(hydra_args, attr) not in (None, False)]
+    if len(modes) < 2:
+        return
+    if modes[0] == "-m/--multirun":
+        _fail(f"{modes[1]} cannot be combined with -m/--multirun (Hydra does one or the other); drop -m to see "
+              f"one point, e.g. sam-bench {config_name} {modes[1]} job <that point's overrides>"
+              if modes[1] == "--cfg" else f"{modes[1]} cannot be combined with -m/--multirun; drop -m")
+    _fail(f"{modes[0]} cannot be combined with {modes[1]} (Hydra does one or the other); drop one")
 
 
 def _split_print_flags(args: list[str]) -> tuple[list[str] | None, bool]:
@@ -198,18 +248,17 @@ def _no_equals(arg: str, following: list[str], command: str) -> str:
 
 
 def _preflight(config_name: str) -> None:
-    """Compose (and for ``train`` validate, and build each distinct model on the meta device) every
-    point of the command line's sweep before Hydra runs any, so that a bad override, value or model
-    fails at once with one line naming it (exit 2), not with Hydra's multi-line report (exit 1) or
-    after the sweep's first jobs have trained. ``--cfg``/``--info`` are checked alike (the models
-    aside), then Hydra prints; other flags (--help, ...) and what this cannot judge are left to Hydra."""
-    args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
-    multirun = len(args) < len(sys.argv) - 1
-    exclusive = [a for a in args if a in ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc")]
-    if multirun and exclusive:  # Hydra's own refusal is a ValueError traceback
-        _fail(f"{exclusive[0]} cannot be combined with -m/--multirun (Hydra does one or the other); drop -m to see "
-              f"one point, e.g. sam-bench {config_name} {exclusive[0]} job <that point's overrides>"
-              if exclusive[0] in ("--cfg", "-c") else f"{exclusive[0]} cannot be combined with -m/--multirun; drop -m")
+    """Compose (and for ``train`` validate, ask the trainer whether this machine has the device and
+    precision, check CIFAR files under download=false, the SLURM tools, and build each distinct model
+    on the meta device) every point of the command line's sweep before Hydra runs any, so that a bad
+    override, value or model fails at once with one line naming it (exit 2), not with Hydra's
+    multi-line report (exit 1) or after the sweep's first jobs have trained. ``--cfg``/``--info`` are
+    checked alike (models, data and launcher aside), then Hydra prints; other flags (--help, ...) and
+    what this cannot judge are left to Hydra."""
+    hydra_args = _hydra_args(sys.argv[1:])
+    _refuse_two_modes(hydra_args, config_name)
+    args = [a for a in sys.argv[1:] if not _is_multirun_flag(a)]
+    multirun = hydra_args.multirun if hydra_args is not None else len(args) < len(sys.argv) - 1
     if multirun and config_name != "train":  # Hydra would make multirun/<date>/ dirs, which the report then reads
         _fail(f"-m/--multirun sweeps training runs; sam-bench {config_name} runs once: drop -m"
               + (" (one report reads every run under runs=[DIR,...])" if config_name == "report" else ""))
@@ -252,6 +301,7 @@ def _preflight(config_name: str) -> None:
         swept = [i for i, o in enumerate(parsed) if o.is_sweep_override()]
         models: dict[str, tuple] = {}  # each distinct model of the sweep, built once below
         warned: set = set()
+        data_checked: set = set()
         for point in points:
             where = f" (sweep point {' '.join(point[i] for i in swept)})" if len(points) > 1 else ""
             try:
@@ -272,7 +322,13 @@ def _preflight(config_name: str) -> None:
                 _fail(f"{e}{where}")
             if config_name == "train":
                 _warn_preset_rho(cfg, point, warned)
+                problem = _device_problem(cfg.trainer) or (multirun and not printing and _launcher_problem(cfg.hydra.launcher))
+                if problem:
+                    _fail(f"{problem}{where}")
             if config_name == "train" and not printing:
+                problem = _missing_data(cfg.dataset, data_checked)
+                if problem:
+                    _fail(f"{problem}{where}")
                 spec, use = _model_use(cfg)
                 if spec is not None:
                     models.setdefault(spec, ({}, where))[0].setdefault(use, where)
@@ -280,6 +336,65 @@ def _preflight(config_name: str) -> None:
         problem = _model_problem(json.loads(spec), uses)
         if problem:
             _fail(problem[0] + (problem[1] if len(points) > 1 else ""))
+
+
+def _device_problem(trainer) -> str | None:
+    """The trainer's own refusal of ``trainer.device``/``trainer.precision`` on this machine (CUDA, or
+    fp16, where there is no GPU), else None: a sweep point asking for it failed only after the points
+    before it had trained. torch is imported only when a point asks for CUDA or fp16."""
+    device = str(getattr(trainer.device, "value", trainer.device))
+    precision = str(getattr(trainer.precision, "value", trainer.precision))
+    if device != "cuda" and precision != "fp16":  # auto and cpu run anywhere; bf16 and fp32 on the CPU too
+        return None
+    from sam_bench.engine.precision import resolve_device, resolve_precision
+    from sam_bench.errors import SamBenchError
+
+    try:
+        resolve_precision(precision, resolve_device(device))
+    except SamBenchError as e:
+        return str(e)
+    return None
+
+
+def _launcher_problem(launcher) -> str | None:
+    """Why the SLURM launcher cannot submit from this machine (no ``sbatch``/``srun``), else None:
+    submitit's own refusal is a traceback."""
+    import shutil
+
+    if not str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        return None
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if not missing:
+        return None
+    return (f"hydra/launcher=slurm submits SLURM jobs, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            "not on PATH: run the command on the cluster's login node, or try the sweep on this machine with "
+            "hydra/launcher=submitit_local")
+
+
+def _missing_data(dataset, checked: set) -> str | None:
+    """The trainer's refusal of a CIFAR point whose files are missing or corrupt under
+    ``dataset.download=false`` (a sweep over ``dataset=synthetic,cifar10`` trained the synthetic point
+    first), else None. Each (dataset, directory) is checked once (an md5 pass, well under a second);
+    the other datasets are left to the run."""
+    base = str(dataset.name).removesuffix("_noisy")
+    if dataset.download or base not in ("cifar10", "cifar100"):
+        return None
+    from sam_bench.paths import data_dir
+
+    root = data_dir(dataset)
+    if (base, root) in checked:
+        return None
+    checked.add((base, root))
+    from sam_bench.data.cifar import CIFAR_CLASSES, _first_bad_file, load_cifar
+    from sam_bench.errors import SamBenchError
+
+    if _first_bad_file(CIFAR_CLASSES[base], root) is None:
+        return None
+    try:
+        load_cifar(base, root, download=False)  # raises the trainer's message before it reads anything
+    except SamBenchError as e:
+        return str(e)
+    return None
 
 
 def _warn_preset_rho(cfg, point: list[str], warned: set) -> None:
@@ -578,7 +693,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:  # as argparse does for a missing command
+        print(USAGE, end="", file=sys.stderr)
+        sys.exit(2)
+    if args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
     command = args[0]

@@ -184,6 +184,9 @@ def test_bad_input_fails_with_a_clear_message(cli_env, tmp_path, override, messa
         (["trainer.epoch=3"], "did you mean trainer.epochs?"),
         (["seeed=1"], "did you mean seed?"),
         (["nosuchkey=1"], "Key 'nosuchkey' not in 'TrainConfig' (no such key; `sam-bench train --help` lists every key)"),
+        # a keyword the model config does not list: passed to the constructor with +
+        (["model.kwargs.dropuot=0.1"], "Key 'dropuot' is not in struct (no such key; did you mean model.kwargs.dropout? "
+         "+model.kwargs.dropuot=0.1 passes it to the model's constructor as an extra keyword; `sam-bench train --help` lists every key)"),
         (["model=resnet9000"], "choose one of: "),
         (["optimizer.rho=[1,"], "cannot parse the overrides"),
         (["hydra/launcher=nosuch"], "Could not find 'hydra/launcher/nosuch'; choose one of: basic,"),
@@ -226,6 +229,59 @@ def test_composition_errors_are_one_line_before_anything_runs(cli_env, tmp_path,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "bad").exists() and not (tmp_path / "sweep").exists()
+
+
+needs_no_cuda = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="refused only where CUDA is absent")
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("args,message", [
+    (["-m", "trainer.precision=fp32,fp16"], "trainer.precision=fp16 needs CUDA (float16 autocast is GPU-only here); use "
+     "trainer.precision=fp32 or bf16 on the CPU (sweep point trainer.precision=fp16)"),
+    (["-m", "trainer.device=cpu,cuda"], "trainer.device=cuda but CUDA is not available (torch.cuda.is_available() is False); "
+     "use trainer.device=auto or cpu (sweep point trainer.device=cuda)"),
+    # --cfg job applies the run's checks: it printed these configs (exit 0)
+    (["--cfg", "job", "trainer.device=cuda"], "trainer.device=cuda but CUDA is not available"),
+    (["--cfg=job", "trainer.precision=fp16"], "trainer.precision=fp16 needs CUDA"),
+])
+def test_cuda_only_settings_fail_before_any_point_trains(cli_env, tmp_path, args, message):
+    """The fp32 point trained, then the fp16 one failed in the trainer: the preflight asks the trainer's own
+    resolve_device/resolve_precision for each point."""
+    proc = run(["train", *TINY, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], cli_env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_point_without_its_files_fails_before_any_point_trains(cli_env, tmp_path):
+    """dataset=synthetic,cifar10 dataset.download=false trained the synthetic point, then cifar10 failed."""
+    proc = run(["train", "-m", *TINY, "dataset=synthetic,cifar10", "dataset.download=false", f"data_root={tmp_path / 'empty'}",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}"], cli_env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"{tmp_path / 'empty' / 'cifar-10-batches-py' / 'data_batch_1'} is missing" in lines[0]
+    assert lines[0].endswith("or run with dataset.download=true (sweep point dataset=cifar10)")
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cfg=job", "-m"], "--cfg cannot be combined with -m/--multirun (Hydra does one or the other); drop -m"),
+    (["--multi", "--cfg", "job"], "--cfg cannot be combined with -m/--multirun"),
+    (["--multirun", "--info"], "--info cannot be combined with -m/--multirun; drop -m"),
+    (["--cfg", "job", "--run"], "--cfg cannot be combined with --run (Hydra does one or the other); drop one"),
+    (["-r", "--info", "defaults"], "--info cannot be combined with --run"),
+])
+def test_two_of_hydras_modes_are_one_line(cli_env, args, message):
+    """Hydra refuses --run/--multirun/--cfg/--info together with a ValueError traceback; only `-m ... --cfg`
+    was caught, not --cfg=job, abbreviations (--multi) or --run."""
+    proc = run(["train", "optimizer=sgd", *args], cli_env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_no_command_prints_the_usage_on_stderr_and_exits_2(cli_env):
+    proc = run([], cli_env, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith("usage: sam-bench <command>")
 
 
 def test_missing_dataset_names_directory_file_and_url(cli_env, tmp_path):

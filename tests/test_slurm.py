@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -67,3 +68,15 @@ def test_a_diverged_job_fails_under_the_submitit_launcher_and_the_others_still_r
     assert "non-finite training loss or gradient" in proc.stdout + proc.stderr
     assert json.loads((sweep / "0" / "result.json").read_text())["status"] == "complete"
     assert not (sweep / "1" / "result.json").exists()
+
+
+def test_the_slurm_launcher_off_a_cluster_is_one_line(cli_env, tmp_path):
+    """Without sbatch/srun on PATH, submitit's refusal was a traceback after the sweep had started."""
+    env = {**cli_env, "PATH": os.path.dirname(sys.executable)}  # no SLURM tools, whatever this machine has
+    proc = subprocess.run(sam_bench_cmd() + ["train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", *TINY,
+                                             "optimizer=sgd,sam", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "sam-bench: error: hydra/launcher=slurm submits SLURM jobs, but sbatch and srun are not on PATH: run the command on the "
+        "cluster's login node, or try the sweep on this machine with hydra/launcher=submitit_local (sweep point optimizer=sgd)"], proc.stderr
+    assert not (tmp_path / "sweep").exists()
