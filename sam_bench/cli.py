@@ -381,7 +381,7 @@ def _missing_data(dataset, checked: set) -> str | None:
         return None
     from sam_bench.paths import data_dir
 
-    root = data_dir(dataset)
+    root = os.path.abspath(data_dir(dataset))  # as the trainer names it (a relative data_root: from where the command ran)
     if (base, root) in checked:
         return None
     checked.add((base, root))

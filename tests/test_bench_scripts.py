@@ -85,6 +85,7 @@ def test_table8_sweeps_every_rho_of_the_papers_table_8():
     (["--warmup", "-1"], "--warmup -1: must be >= 0"),
     (["--precision", "fp8"], "--precision fp8: a comma list of bf16,fp16,fp32"),
     (["--compile", "2"], "--compile 2: a comma list of 0,1"),
+    (["--models", "wrn16_4,nosuch"], "--models wrn16_4,nosuch: nosuch is not a registered model; `sam-bench models` lists them"),
 ])
 def test_bench_refuses_bad_arguments_before_running(bench, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(bench, "practical_peak", lambda device: (_ for _ in ()).throw(Reached()))
