@@ -58,9 +58,16 @@ def _register() -> None:
         OmegaConf.register_new_resolver("run_dirname", _sanitize_dirname)
 
 
+def _say(line: str) -> None:
+    """``line`` and its newline on stderr in one write: under torchrun every rank's stderr is the same
+    pipe, and print's two writes let another rank's line land between a line and its newline (CI)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _fail(message: str, status: int = 2) -> None:
     """One line on stderr and exit ``status``: 2 for bad input (the default), 1 for other errors."""
-    print(f"sam-bench: error: {message}", file=sys.stderr)
+    _say(f"sam-bench: error: {message}")
     sys.exit(status)
 
 
@@ -539,7 +546,7 @@ def train() -> None:
         except SamBenchError as e:
             _fail(str(e))
         except Preempted as e:
-            print(f"sam-bench: preempted: {e}", file=sys.stderr)
+            _say(f"sam-bench: preempted: {e}")
             sys.exit(PREEMPTED_EXIT_CODE)
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (loading, compiling)
             print("sam-bench: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

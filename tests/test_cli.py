@@ -427,3 +427,21 @@ def test_report_into_a_read_only_directory_is_one_line(cli_env, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sam-bench: error: cannot write the report into out=/proc/self ("), proc.stderr
+
+
+def test_an_error_line_reaches_stderr_in_one_write(monkeypatch):
+    """Under torchrun the ranks share one stderr pipe: print's two writes (the line, then its newline) let
+    rank 0's line land between rank 1's and its newline, and the two lines ran together (CI, test_ddp)."""
+    from sam_bench import cli
+
+    writes = []
+
+    class Recording(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+    monkeypatch.setattr(cli.sys, "stderr", Recording())
+    with pytest.raises(SystemExit):
+        cli._fail("cannot write x (No space left on device)", status=1)
+    assert writes == ["sam-bench: error: cannot write x (No space left on device)\n"]
