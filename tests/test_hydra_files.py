@@ -183,6 +183,7 @@ def test_a_killed_run_has_logged_its_lines_as_it_went(tmp_path):
     killed = sam_bench_forked(["train", *TINY, f"hydra.run.dir={run}"], {**cli_env_under(tmp_path), "SAM_BENCH_FAULT": "step@1"})
     assert killed.returncode == -9, killed.stderr
     assert "synthetic | wide_resnet_cifar" in (run / "train.log").read_text()
+    assert "| 1 epoch x 2 steps, batch 32 |" in (run / "train.log").read_text()  # not "1 epochs" (QA)
 
 
 def _log_into(run_dir: Path) -> tuple[logging.Logger, RunLogHandler]:

@@ -517,9 +517,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preempt: PreemptionHandler, dist_info: 
     data, optimizer = run.data, run.optimizer
     steps_per_epoch = len(data.train)
     log.info(
-        "%s | %s (%.2fM params) | %s rho=%g | %d epochs x %d steps, batch %d | %s %s",
+        "%s | %s (%.2fM params) | %s rho=%g | %d epoch%s x %d steps, batch %d | %s %s",
         cfg.dataset.name, cfg.model.arch, n_params / 1e6, method_label(cfg.optimizer), effective_rho(cfg.optimizer),
-        tr.epochs, steps_per_epoch, tr.batch_size, device_name(device), run.precision,
+        tr.epochs, "" if tr.epochs == 1 else "s", steps_per_epoch, tr.batch_size, device_name(device), run.precision,
     )
     first_step = _FirstStepTimer(device, checkpoints.after_step, state.partial)
     with logging_redirect_tqdm():
