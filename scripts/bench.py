@@ -202,8 +202,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cuda: bool)
         p.error(f"--batch {args.batch!r}: a comma list of integers")
     if not batches or min(batches) < 1:
         p.error(f"--batch {args.batch}: every batch size must be >= 1")
-    unknown_models = [m for m in parse_list(args.models) if not timm.is_model(m)]
-    if unknown_models or not parse_list(args.models):  # timm's own refusal is a traceback, after the peak measurement
+    models = parse_list(args.models)
+    unknown_models = [m for m in models if not timm.is_model(m)]
+    if unknown_models or not models:  # timm's own refusal is a traceback, after the peak measurement
         p.error(f"--models {args.models}: {', '.join(unknown_models) or 'none given'} is not a registered model; "
                 "`sam-bench models` lists them (e.g. wrn16_4, wrn28_10, resnet50)")
     if args.m < 0:

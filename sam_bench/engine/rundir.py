@@ -221,11 +221,11 @@ def remove_unowned_leftovers(run_dir: Path) -> None:
     (another file, a non-empty log) keeps it all; the working directory itself is never removed."""
     run_dir = Path(run_dir)
     try:
-        if run_dir.resolve() == Path.cwd().resolve() or (run_dir / OWNER_FILE).exists():
+        if run_dir.resolve() == Path.cwd().resolve():
+            return
+        if not {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, ".hydra", "train.log"}:  # OWNER_FILE too keeps it
             return
         hydra_dir = run_dir / ".hydra"
-        if not {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, ".hydra", "train.log"}:
-            return
         if hydra_dir.is_dir() and not {p.name for p in hydra_dir.iterdir()} <= set(HYDRA_FILES):
             return
         if (run_dir / "train.log").exists() and (run_dir / "train.log").stat().st_size:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sam_bench.errors import ConfigError
 from sam_bench.report.collect import find_runs, group_runs, root_problems, run_name
-from sam_bench.report.outdir import check_out_dir
+from sam_bench.report.outdir import HEADERS, check_out_dir
 from sam_bench.report.paper import layouts
 from sam_bench.report.plots import sweep_png
 from sam_bench.report.spectra import find_spectra, spectra_markdown
@@ -48,7 +48,7 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
         raise ConfigError(f"cannot write the report into out={out} ({e}); pass a writable out=DIR") from e
     sweeps = find_sweeps(groups)
     plots = _have_matplotlib()
-    fixed = ["summary.md", "summary.csv", "sweeps.md", "sweeps.csv", "hessian.md", "README.md"]
+    fixed = list(HEADERS)  # the files of fixed names it writes: each recognised by its header
     tables = [f"{layout.id}.{ext}" for layout in layouts() for ext in ("md", "csv")]
     pngs = [f"sweep_{s.id}.png" for s in sweeps] if plots else []
     previous_plots = check_out_dir(out_dir, fixed + tables + pngs, tensorboard)
