@@ -490,9 +490,23 @@ def check_known_keys(cfg: Any, schema: type, command: str) -> None:
                           + f" `sam-bench {command} --help` lists every key")
 
 
+def _check_output_subdir(cfg: Any) -> None:
+    """A run keeps its Hydra record in ``.hydra/`` (or none): the report finds an unfinished run by
+    ``.hydra/config.yaml``, and a command refused in another run's directory puts back that run's
+    ``.hydra/`` files (engine/rundir.py), which under another name it would overwrite for good. Only
+    the CLI's pre-check composes the ``hydra`` node; the trainer's config has none."""
+    hydra = cfg.get("hydra") if hasattr(cfg, "get") else None
+    subdir = None if hydra is None else hydra.get("output_subdir", ".hydra")
+    if subdir not in (".hydra", None):
+        raise ConfigError(f"hydra.output_subdir={subdir} is not supported: sam-bench keeps a run's Hydra record in .hydra/ "
+                          "(the report and the run-directory checks read it there); drop the override, or set "
+                          "hydra.output_subdir=null to write none")
+
+
 def validate(cfg: Any) -> None:
     """Checks that relate values or bound them; raises :class:`ConfigError` naming key and fix."""
     check_known_keys(cfg, TrainConfig, "train")
+    _check_output_subdir(cfg)
     opt, tr, ds = cfg.optimizer, cfg.trainer, cfg.dataset
     if opt.name not in ("sgd", "sam"):
         raise ConfigError(f"optimizer.name={opt.name!r} is unknown: use optimizer=sgd or optimizer=sam")

@@ -165,3 +165,17 @@ def test_a_key_added_with_plus_must_be_a_schema_key(compose_train):
         with pytest.raises(ConfigError, match=message):
             validate(compose_train(overrides))
     validate(compose_train(["+model.kwargs.pretrained_cfg_overlay.file=/x.pth", "+model.kwargs.drop_rate=0.1"]))
+
+
+@pytest.mark.parametrize("subdir, refused", [("cfg", True), (".hydra", False), ("null", False)])
+def test_a_custom_hydra_output_subdir_is_refused(compose_train, subdir, refused):
+    """The report and the run-directory checks read a run's record in .hydra/: another name would
+    leave a refused command's files in another run's record for good."""
+    from hydra import compose  # inside compose_train's initialised config directory
+
+    cfg = compose(config_name="train", overrides=[f"hydra.output_subdir={subdir}"], return_hydra_config=True)
+    if refused:
+        with pytest.raises(ConfigError, match=r"hydra.output_subdir=cfg is not supported: .*hydra.output_subdir=null"):
+            validate(cfg)
+    else:
+        validate(cfg)
