@@ -268,7 +268,8 @@ def _preflight(config_name: str) -> None:
     override, value or model fails at once with one line naming it (exit 2), not with Hydra's
     multi-line report (exit 1) or after the sweep's first jobs have trained. ``--cfg``/``--info`` are
     checked alike (models, data and launcher aside), then Hydra prints; other flags (--help, ...) and
-    what this cannot judge are left to Hydra."""
+    what this cannot judge are left to Hydra. The command line is read once, by Hydra's own parser, with
+    overrides on both sides of a flag (``train a=1 -m b=2``), and handed on in an order Hydra takes."""
     args = sys.argv[1:]
     hydra_args = _hydra_args(args)
     _refuse_two_modes(hydra_args, config_name)
