@@ -168,33 +168,59 @@ def _preset_sweeps(config_name: str, parsed: list) -> list[str]:
     return [f"{key}={value}" for key, value in params.items() if key not in given]
 
 
-#: Hydra's flags that print (the composed config, or how it was composed) instead of running: the
-#: overrides beside them are checked as for a run, then Hydra prints. Each with what it takes after
-#: it: a value, or one of some choices when given (``--info``'s is optional).
-PRINT_FLAGS = {"--cfg": "value", "-c": "value", "--package": "value", "-p": "value", "--resolve": "none",
-               "--info": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
-PRINT_FLAGS["-i"] = PRINT_FLAGS["--info"]
-
-
 #: Hydra's flags that each choose what the command does: Hydra takes one at a time (else a ValueError
 #: traceback). By the attribute of Hydra's parsed arguments, as they are named to the user.
 MODE_FLAGS = {"multirun": "-m/--multirun", "cfg": "--cfg", "info": "--info", "run": "--run", "shell_completion": "--shell-completion"}
 
 
-def _hydra_args(args: list[str]):
-    """``args`` as Hydra's own parser reads them (abbreviations such as ``--multi``, ``--cfg=job``)
-    intermixed with the overrides; None when it would refuse them or exit (``--version``): left to Hydra."""
+#: Hydra's flags that are left to Hydra, the overrides beside them unchecked: help, another config
+#: (path, name or directory), a rerun, shell completion, --run. By the attribute of Hydra's parsed arguments.
+LEFT_TO_HYDRA = ("help", "hydra_help", "run", "shell_completion", "config_path", "config_name", "config_dir", "experimental_rerun")
+
+
+def _hydra_args(args: list[str], intermixed: bool = True):
+    """``args`` as Hydra's own parser reads them (abbreviations such as ``--multi``, ``--cfg=job``),
+    ``intermixed``: with the overrides on both sides of a flag, as a user means them (@hydra.main's
+    parse_args is not); None when it would refuse them or exit (``--version``): left to Hydra."""
     import contextlib
     import io
 
     from hydra._internal.utils import get_args_parser  # what @hydra.main parses sys.argv with
 
+    parser = get_args_parser()
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            return get_args_parser().parse_intermixed_args(args)  # as a user means them, overrides around a flag too
+            return parser.parse_intermixed_args(args) if intermixed else parser.parse_args(args)
     except SystemExit:
         return None
+
+
+def _override_positions(args: list[str]) -> list[int]:
+    """Where the overrides are in ``args``: each token that Hydra's parser puts among the overrides
+    when the token is replaced by a marker (a NUL, which no argument holds). A flag's value is not one,
+    even when it is spelt like an override (``--package a=1``), nor a value --cfg or --info chooses."""
+    def is_override(i: int) -> bool:
+        marker = f"\0{i}"
+        parsed = _hydra_args([*args[:i], marker, *args[i + 1:]])
+        return parsed is not None and marker in parsed.overrides
+
+    return [i for i, arg in enumerate(args) if not arg.startswith("-") and is_override(i)]
+
+
+def _overrides_first(args: list[str], hydra_args, config_name: str) -> list[str]:
+    """``args`` in an order @hydra.main's parse_args reads as the intermixed parse did (``hydra_args``):
+    as given where it does, else the overrides first, in their order, then every flag with its value
+    as typed (``train optimizer=sam -m seed=0,1`` was Hydra's multi-line usage error). Not flags first:
+    a bare --info there would take the first override for its value."""
+    if _hydra_args(args, intermixed=False) == hydra_args:
+        return args
+    overrides = _override_positions(args)
+    moved = [args[i] for i in overrides] + [arg for i, arg in enumerate(args) if i not in overrides]
+    if _hydra_args(moved, intermixed=False) != hydra_args:  # a guard: not reached by any argument list known
+        _fail(f"cannot pass {' '.join(args)!r} on to Hydra in this order; put the flags before the overrides: "
+              f"sam-bench {config_name} -m a=1 b=2")
+    return moved
 
 
 def _is_multirun_flag(arg: str) -> bool:
@@ -215,25 +241,6 @@ def _refuse_two_modes(hydra_args, config_name: str) -> None:
               f"one point, e.g. sam-bench {config_name} {modes[1]} job <that point's overrides>"
               if modes[1] == "--cfg" else f"{modes[1]} cannot be combined with -m/--multirun; drop -m")
     _fail(f"{modes[0]} cannot be combined with {modes[1]} (Hydra does one or the other); drop one")
-
-
-def _split_print_flags(args: list[str]) -> tuple[list[str] | None, bool]:
-    """(the overrides, whether a printing flag is given) of ``args``; None for the overrides when
-    another flag (--help, --run, ...) is there: that is left to Hydra."""
-    overrides, printing, i = [], False, 0
-    while i < len(args):
-        flag, eq, _ = args[i].partition("=")
-        takes = PRINT_FLAGS.get(flag)
-        if takes is not None:
-            printing = True
-            given = i + 1 < len(args) and (takes == "value" or (takes != "none" and args[i + 1] in takes))
-            i += 1 if eq or not given else 2
-        elif args[i].startswith("-"):
-            return None, printing
-        else:
-            overrides.append(args[i])
-            i += 1
-    return overrides, printing
 
 
 def _no_equals(arg: str, following: list[str], command: str) -> str:
@@ -261,17 +268,22 @@ def _preflight(config_name: str) -> None:
     override, value or model fails at once with one line naming it (exit 2), not with Hydra's
     multi-line report (exit 1) or after the sweep's first jobs have trained. ``--cfg``/``--info`` are
     checked alike (models, data and launcher aside), then Hydra prints; other flags (--help, ...) and
-    what this cannot judge are left to Hydra."""
-    hydra_args = _hydra_args(sys.argv[1:])
+    what this cannot judge are left to Hydra. The command line is read once, by Hydra's own parser, with
+    overrides on both sides of a flag (``train a=1 -m b=2``), and handed on in an order Hydra takes."""
+    args = sys.argv[1:]
+    hydra_args = _hydra_args(args)
     _refuse_two_modes(hydra_args, config_name)
-    args = [a for a in sys.argv[1:] if not _is_multirun_flag(a)]
-    multirun = hydra_args.multirun if hydra_args is not None else len(args) < len(sys.argv) - 1
+    multirun = hydra_args.multirun if hydra_args is not None else any(_is_multirun_flag(a) for a in args)
     if multirun and config_name != "train":  # Hydra would make multirun/<date>/ dirs, which the report then reads
         _fail(f"-m/--multirun sweeps training runs; sam-bench {config_name} runs once: drop -m"
               + (" (one report reads every run under runs=[DIR,...])" if config_name == "report" else ""))
-    overrides, printing = _split_print_flags(args)
-    if overrides is None:
+    if hydra_args is None or "--" in args:  # after "--" parse_args reads flags as overrides, the intermixed parse does not
         return
+    sys.argv = [sys.argv[0], *_overrides_first(args, hydra_args, config_name)]
+    if any(getattr(hydra_args, attr) not in (None, False) for attr in LEFT_TO_HYDRA):
+        return
+    overrides = hydra_args.overrides
+    printing = hydra_args.cfg is not None or hydra_args.info is not None  # Hydra prints instead of running
     bare = next((i for i, a in enumerate(overrides) if "=" not in a and not a.startswith("~")), None)
     if bare is not None:
         _fail(_no_equals(overrides[bare], overrides[bare + 1:], config_name))
@@ -332,6 +344,8 @@ def _preflight(config_name: str) -> None:
                 problem = _device_problem(cfg.trainer) or (multirun and not printing and _launcher_problem(cfg.hydra.launcher))
                 if problem:
                     _fail(f"{problem}{where}")
+            if config_name == "hessian" and (problem := _hessian_device_problem(cfg.device)):
+                _fail(problem)
             if config_name == "train" and not printing:
                 problem = _missing_data(cfg.dataset, data_checked)
                 if problem:
@@ -361,6 +375,18 @@ def _device_problem(trainer) -> str | None:
     except SamBenchError as e:
         return str(e)
     return None
+
+
+def _hessian_device_problem(device) -> str | None:
+    """Why ``sam-bench hessian device=cuda`` cannot run here (no CUDA), else None: it failed only after
+    the checkpoint was loaded, in the trainer's words (``trainer.device``, no key of hessian's)."""
+    if str(getattr(device, "value", device)) != "cuda":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "device=cuda but CUDA is not available (torch.cuda.is_available() is False); use device=auto or cpu"
 
 
 def _launcher_problem(launcher) -> str | None:
