@@ -405,29 +405,21 @@ def _launcher_problem(launcher) -> str | None:
 
 
 def _missing_data(dataset, checked: set) -> str | None:
-    """The trainer's refusal of a CIFAR point whose files are missing or corrupt under
-    ``dataset.download=false`` (a sweep over ``dataset=synthetic,cifar10`` trained the synthetic point
-    first), else None. Each (dataset, directory) is checked once (an md5 pass, well under a second);
-    the other datasets are left to the run."""
-    base = str(dataset.name).removesuffix("_noisy")
-    if dataset.download or base not in ("cifar10", "cifar100"):
-        return None
+    """The trainer's refusal of a point whose dataset files are missing or corrupt where it would not
+    download them (a sweep over ``dataset=synthetic,cifar10`` trained the synthetic point first),
+    else None; ``sam_bench.data.files_problem`` says what each dataset's check reads (an md5 pass
+    over CIFAR's files: well under a second, and kept for the trainer's own check in this process).
+    Each distinct (dataset, directory, options the check reads) is checked once."""
+    from sam_bench.data import files_problem
     from sam_bench.paths import data_dir
 
     root = os.path.abspath(data_dir(dataset))  # as the trainer names it (a relative data_root: from where the command ran)
-    if (base, root) in checked:
+    key = (str(dataset.name).removesuffix("_noisy"), root, bool(dataset.download), dataset.system_dir, bool(dataset.svhn_extra),
+           int(dataset.num_classes))
+    if key in checked:
         return None
-    checked.add((base, root))
-    from sam_bench.data.cifar import CIFAR_CLASSES, _first_bad_file, load_cifar
-    from sam_bench.errors import SamBenchError
-
-    if _first_bad_file(CIFAR_CLASSES[base], root) is None:
-        return None
-    try:
-        load_cifar(base, root, download=False)  # raises the trainer's message before it reads anything
-    except SamBenchError as e:
-        return str(e)
-    return None
+    checked.add(key)
+    return files_problem(dataset, root)
 
 
 def _warn_preset_rho(cfg, point: list[str], warned: set) -> None:

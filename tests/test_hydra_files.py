@@ -236,9 +236,13 @@ def test_a_command_refused_before_it_trained_leaves_no_run_directory(tmp_path):
     """Data found missing once training is being set up (or fp16 on a CPU): the directory held only
     .lock and .hydra/, and the report listed it for good as an unfinished run (QA)."""
     run = tmp_path / "runs" / "r"
-    proc = sam_bench_forked(["train", *TINY, "dataset=svhn", "dataset.download=false", "optimizer=sgd", "optimizer.rho=0.1",
-                             f"hydra.run.dir={run}"], cli_env_under(tmp_path))  # (CIFAR's files the CLI checks before Hydra runs)
-    assert proc.returncode == 2 and "svhn/train_32x32.mat is missing" in proc.stderr, proc.stderr
+    system = tmp_path / "system"  # gzip files that are there but unreadable: the CLI's check before Hydra runs looks no further
+    system.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (system / f"{name}.gz").write_bytes(b"not gzip")
+    proc = sam_bench_forked(["train", *TINY, "dataset=fashion_mnist", f"dataset.system_dir={system}", "dataset.download=false",
+                             "optimizer=sgd", "optimizer.rho=0.1", f"hydra.run.dir={run}"], cli_env_under(tmp_path))
+    assert proc.returncode == 2 and "cannot decompress" in proc.stderr, proc.stderr
     assert not run.exists() and (tmp_path / "runs").is_dir()
     # its held log line ("rho ignored", logged before the data was looked for) is not written into the removed directory
     assert "optimizer.rho=0.1 ignored" in proc.stdout and "Logging error" not in proc.stderr, proc.stderr

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sam_bench.data import cifar, fashion_mnist, finetune, imagenet, svhn
 from sam_bench.data.cifar import load_cifar
 from sam_bench.data.fashion_mnist import load_fashion_mnist
 from sam_bench.data.finetune import FINETUNE, build_finetune
@@ -27,7 +28,7 @@ DATASETS = IN_MEMORY + STREAMED
 
 log = logging.getLogger("sam_bench")
 
-__all__ = ["DATASETS", "DataBundle", "DeviceLoader", "StreamLoader", "build_data", "load_arrays", "split_validation"]
+__all__ = ["DATASETS", "DataBundle", "DeviceLoader", "StreamLoader", "build_data", "files_problem", "load_arrays", "split_validation"]
 
 
 @dataclass
@@ -47,7 +48,7 @@ def load_arrays(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     if base in ("cifar10", "cifar100"):
         arrays = load_cifar(base, data_dir(ds), ds.download)
     elif ds.name == "fashion_mnist":
-        arrays = load_fashion_mnist(data_dir(ds), ds.system_dir and os.path.expanduser(ds.system_dir), ds.download)
+        arrays = load_fashion_mnist(data_dir(ds), _system_dir(ds), ds.download)
     elif ds.name == "svhn":
         arrays = load_svhn(data_dir(ds), ds.download, ds.svhn_extra)
     elif ds.name == "synthetic":
@@ -66,6 +67,29 @@ def load_arrays(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     for split, y in (("training", train_y), ("test", test_y)):
         _check_labels(ds, split, y)
     return train_x, train_y, test_x, test_y
+
+
+def _system_dir(ds) -> str | None:
+    return ds.system_dir and os.path.expanduser(ds.system_dir)
+
+
+def files_problem(ds, root: str) -> str | None:
+    """The one-line refusal the loader of ``ds`` would raise for its files under ``root`` (missing,
+    corrupt, or not where it looks), from checks cheap enough to run for each point of a sweep before
+    the first one trains (each module's ``files_problem`` says what it reads); None when they pass,
+    where a download would be tried, and for the synthetic set."""
+    base = ds.name.removesuffix("_noisy")
+    if base in cifar.CIFAR_CLASSES:
+        return cifar.files_problem(base, root, ds.download)
+    if ds.name == "fashion_mnist":
+        return fashion_mnist.files_problem(root, _system_dir(ds), ds.download)
+    if ds.name == "svhn":
+        return svhn.files_problem(root, ds.download, ds.svhn_extra)
+    if ds.name == "imagenet":
+        return imagenet.files_problem(root, ds.num_classes)
+    if ds.name in FINETUNE:
+        return finetune.files_problem(ds.name, root, ds.download)
+    return None
 
 
 def _check_labels(ds, split: str, labels: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ import zlib
 import torch
 from torchvision.datasets import FashionMNIST
 
+from sam_bench.data.integrity import file_md5
 from sam_bench.errors import DataError
 from sam_bench.tracking.results import FILE_MODE
 
@@ -42,17 +43,9 @@ def _missing_raw(root: str) -> list[str]:
     return [f for f in (os.path.splitext(g)[0] for g in _GZ_FILES) if not os.path.isfile(os.path.join(_raw_dir(root), f))]
 
 
-def _md5_of(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _wrong_md5(name: str, got: str, where: str, fix: str) -> DataError:
-    return DataError(f"fashion_mnist: {where} is not the official {name} (md5 {got}, expected {RAW_MD5[name]}): "
-                     f"the file is damaged or another dataset's; {fix}")
+def _wrong_md5(name: str, got: str, where: str, fix: str) -> str:
+    return (f"fashion_mnist: {where} is not the official {name} (md5 {got}, expected {RAW_MD5[name]}): "
+            f"the file is damaged or another dataset's; {fix}")
 
 
 def _extract_from(system_dir: str, root: str) -> None:
@@ -81,45 +74,81 @@ def _extract_from(system_dir: str, root: str) -> None:
             raise DataError(f"fashion_mnist: cannot decompress {src} ({e}); {reinstall}") from e
         if digest.hexdigest() != RAW_MD5[name]:
             os.unlink(tmp)
-            raise _wrong_md5(name, digest.hexdigest(), f"{src} decompressed", reinstall)
+            raise DataError(_wrong_md5(name, digest.hexdigest(), f"{src} decompressed", reinstall))
         os.replace(tmp, dst)
 
 
-def _check_raw_files(root: str) -> None:
-    """Each IDX file in torchvision's raw folder is the official one (about 0.1-0.2 s for the four files)."""
+def _raw_files_problem(root: str) -> str | None:
+    """Each IDX file in torchvision's raw folder is the official one (about 0.1-0.2 s for the four
+    files, once per process: :mod:`sam_bench.data.integrity`), else the refusal."""
     for name, expected in RAW_MD5.items():
         path = os.path.join(_raw_dir(root), name)
-        got = _md5_of(path)
+        got = file_md5(path)
         if got != expected:
-            raise _wrong_md5(name, got, os.path.abspath(path),
-                             f"delete {os.path.abspath(_raw_dir(root))} to extract or download it again")
+            return _wrong_md5(name, got, os.path.abspath(path), f"delete {os.path.abspath(_raw_dir(root))} to extract or download it again")
+    return None
+
+
+def _gz_source(root: str, system_dir: str | None) -> str | None:
+    """The directory holding the four gzip files: Debian's, or torchvision's raw folder they were copied into."""
+    return next((d for d in (system_dir, _raw_dir(root)) if d and all(os.path.isfile(os.path.join(d, g)) for g in _GZ_FILES)), None)
+
+
+def _incomplete_system_dir(system_dir: str | None) -> str | None:
+    """The refusal of a system directory that exists without all four gzip files (refused even where
+    a download would be possible: the package is damaged)."""
+    if not (system_dir and os.path.isdir(system_dir)):
+        return None
+    lacking = [g for g in _GZ_FILES if not os.path.isfile(os.path.join(system_dir, g))]
+    return (f"fashion_mnist: dataset.system_dir={system_dir} lacks {', '.join(lacking)}; reinstall the package "
+            "(apt-get install --reinstall dataset-fashion-mnist) or set dataset.system_dir=null")
+
+
+def _without_a_copy(root: str, system_dir: str | None, download: bool) -> str | None:
+    """With neither the raw files nor gzip files to extract: the refusal, else None (a download is tried)."""
+    if problem := _incomplete_system_dir(system_dir):
+        return problem
+    if download:
+        return None
+    return (f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))}; install "
+            "dataset-fashion-mnist (apt-get) or run with dataset.download=true")
+
+
+def files_problem(root: str, system_dir: str | None, download: bool) -> str | None:
+    """The one-line refusal :func:`load_fashion_mnist` would raise without a download, else None:
+    the raw IDX files' md5s (cached for the loader), or, without them, whether the gzip files are
+    there to extract (existence only: they are decompressed and checked as they are extracted) or
+    a download would be tried."""
+    if not _missing_raw(root):
+        return _raw_files_problem(root)
+    if _gz_source(root, system_dir):
+        return None
+    return _without_a_copy(root, system_dir, download)
+
+
+def _download(root: str) -> None:
+    try:
+        FashionMNIST(root, train=True, download=True)
+    except Exception as e:
+        raise DataError(
+            f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))} and the download from "
+            f"{FashionMNIST.mirrors[0]} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Install "
+            "Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or copy the four gzip IDX files there."
+        ) from e
 
 
 def load_fashion_mnist(root: str, system_dir: str | None, download: bool) -> tuple[torch.Tensor, ...]:
     """Train and test images as uint8 (N, 1, 28, 28) and labels as int64."""
     if _missing_raw(root):
-        gz_here = [d for d in (system_dir, _raw_dir(root)) if d and all(os.path.isfile(os.path.join(d, g)) for g in _GZ_FILES)]
-        if gz_here:  # Debian's directory, or the gzip files copied into torchvision's raw folder
-            _extract_from(gz_here[0], root)
-        elif system_dir and os.path.isdir(system_dir):
-            lacking = [g for g in _GZ_FILES if not os.path.isfile(os.path.join(system_dir, g))]
-            raise DataError(f"fashion_mnist: dataset.system_dir={system_dir} lacks {', '.join(lacking)}; reinstall the package "
-                            "(apt-get install --reinstall dataset-fashion-mnist) or set dataset.system_dir=null")
-        elif download:
-            try:
-                FashionMNIST(root, train=True, download=True)
-            except Exception as e:
-                raise DataError(
-                    f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))} and the download from "
-                    f"{FashionMNIST.mirrors[0]} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Install "
-                    "Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or copy the four gzip IDX files there."
-                ) from e
+        source = _gz_source(root, system_dir)
+        if source:  # Debian's directory, or the gzip files copied into torchvision's raw folder
+            _extract_from(source, root)
+        elif problem := _without_a_copy(root, system_dir, download):
+            raise DataError(problem)
         else:
-            raise DataError(
-                f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))}; install "
-                "dataset-fashion-mnist (apt-get) or run with dataset.download=true"
-            )
-    _check_raw_files(root)
+            _download(root)
+    if problem := _raw_files_problem(root):
+        raise DataError(problem)
     out: list[torch.Tensor] = []
     for train in (True, False):
         try:

@@ -48,6 +48,22 @@ def _open(name: str, split: str, root: str, download: bool, transform) -> Datase
         raise DataError(f"{name}: the {split!r} split under {root} is missing or corrupt ({type(e).__name__}: {reason}); {fix}") from e
 
 
+def files_problem(name: str, root: str, download: bool) -> str | None:
+    """The one-line refusal :func:`build_finetune` would raise for a split that is not there, else
+    None (also when a download would be tried): each split's torchvision class is built as the
+    loader builds it, which checks its folders (and the md5 of Flowers-102's two small .mat files)
+    and reads its index files; no image is opened."""
+    if download:
+        return None
+    _, train_splits, test_split, _, _ = FINETUNE[name]
+    try:
+        for split in (*train_splits, test_split):
+            _open(name, split, root, download=False, transform=None)
+    except DataError as e:
+        return str(e)
+    return None
+
+
 def build_finetune(ds, batch_size: int, eval_batch_size: int, device, seed: int, channels_last: bool):
     """(train, test) StreamLoaders for ``ds.name`` at ``ds.image_size``."""
     _, train_splits, test_split, _, classes = FINETUNE[ds.name]

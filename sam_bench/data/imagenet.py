@@ -90,26 +90,35 @@ def eval_transform(size: int, resize: int) -> v2.Transform:
     return v2.Compose([eval_resize(resize), v2.CenterCrop(size), v2.PILToTensor()])
 
 
-def _loose_images(path: str) -> tuple[int, int]:
-    """(image files directly in ``path``, sub-folders of ``path``)."""
-    images = folders = 0
+def _top_level(path: str) -> tuple[int, list[str]]:
+    """(image files directly in ``path``, its sub-folders sorted as ImageFolder's classes)."""
+    images, folders = 0, []
     with os.scandir(path) as entries:
         for e in entries:
             if e.is_dir():
-                folders += 1
+                folders.append(e.name)
             elif e.is_file() and has_file_allowed_extension(e.name, IMG_EXTENSIONS):
                 images += 1
-    return images, folders
+    return images, sorted(folders)
+
+
+def _split_classes(path: str) -> list[str]:
+    """The class folders of a split folder, from its top-level listing alone (the images below are
+    not listed); a DataError when it is missing, has none, or has images loose beside them."""
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is missing; prepare ImageNet in the ImageFolder layout (see sam_bench/data/imagenet.py) or set data_root=...")
+    loose, classes = _top_level(path)
+    if loose and classes:  # ImageFolder would skip the loose files silently: an interrupted valprep.sh
+        raise DataError(f"{path} holds {loose} image files at its top level beside {len(classes)} class folders, which would be "
+                        f"skipped (a half-sorted val/?); {VALPREP}")
+    if not classes:
+        raise DataError(f"{path}: no class folder in it; it needs one sub-folder of images per class ({VALPREP})")
+    return classes
 
 
 def image_folder(path: str, transform: Callable | None, loader: Callable = pil_rgb) -> ImageFolder:
     """torchvision's ImageFolder with clear errors for a missing or empty folder."""
-    if not os.path.isdir(path):
-        raise DataError(f"{path} is missing; prepare ImageNet in the ImageFolder layout (see sam_bench/data/imagenet.py) or set data_root=...")
-    loose, folders = _loose_images(path)
-    if loose and folders:  # ImageFolder would skip the loose files silently: an interrupted valprep.sh
-        raise DataError(f"{path} holds {loose} image files at its top level beside {folders} class folders, which would be "
-                        f"skipped (a half-sorted val/?); {VALPREP}")
+    _split_classes(path)
     try:
         return ImageFolder(path, transform=transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
@@ -122,14 +131,30 @@ def augments(ds) -> bool:
     return getattr(ds, "augment", "basic") != "none"
 
 
-def _same_classes(train_ds: ImageFolder, test_ds: ImageFolder, base: str) -> None:
-    """Labels are folder positions: a class folder missing from (or extra in) val would shift every
-    later label, so the two folder lists must be equal."""
-    if test_ds.classes != train_ds.classes:
-        only_train = sorted(set(train_ds.classes) - set(test_ds.classes))
-        only_val = sorted(set(test_ds.classes) - set(train_ds.classes))
+def _check_classes(base: str, train: list[str], val: list[str], num_classes: int) -> None:
+    """As many class folders in train/ as ``num_classes``, and the same in val/: labels are folder
+    positions, so a class folder missing from (or extra in) val would shift every later label."""
+    if len(train) != num_classes:
+        raise DataError(f"{base}/train has {len(train)} class folders, but dataset.num_classes={num_classes}; "
+                        f"set dataset.num_classes={len(train)} for a subset of ImageNet, or complete {base}/train")
+    if val != train:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
         raise DataError(f"{base}/val has other class folders than {base}/train (only in train: {only_train[:5]}, only in val: "
                         f"{only_val[:5]}); labels are folder positions, so val needs exactly train's class folders")
+
+
+def files_problem(root: str, num_classes: int) -> str | None:
+    """The one-line refusal :func:`build_imagenet` would raise before reading an image, from the
+    top-level listings of train/ and val/ alone, else None (ImageNet is never downloaded). The
+    1.28 M files below are listed by ImageFolder at load, which also refuses a class folder without
+    images."""
+    base = os.path.join(root, "imagenet")
+    try:
+        train, val = [_split_classes(os.path.join(base, split)) for split in ("train", "val")]
+        _check_classes(base, train, val, num_classes)
+    except DataError as e:
+        return str(e)
+    return None
 
 
 def _log_counts(base: str, n_train: int, n_val: int, num_classes: int) -> None:
@@ -145,13 +170,13 @@ def build_imagenet(ds, batch_size: int, eval_batch_size: int, device: torch.devi
     """(train, val) StreamLoaders over ``<root>/imagenet/{train,val}``; val is the reported split."""
     base = os.path.join(data_dir(ds), "imagenet")
     gpu = ds.gpu_decode
+    if gpu and device.type != "cuda":  # decode_jpeg(device="cpu") then decodes in the training process, one batch at a time
+        log.warning("dataset.gpu_decode=true: no CUDA device (training on %s), JPEGs are decoded on the CPU in the training "
+                    "process, not in the loader's workers; drop dataset.gpu_decode or train on a GPU", device)
     tt = train_transform(ds.image_size) if augments(ds) else eval_transform(ds.image_size, ds.resize)
     train_ds = image_folder(os.path.join(base, "train"), None if gpu else tt, raw_bytes if gpu else pil_rgb)
     test_ds = image_folder(os.path.join(base, "val"), None if gpu else eval_transform(ds.image_size, ds.resize), raw_bytes if gpu else pil_rgb)
-    if len(train_ds.classes) != ds.num_classes:
-        raise DataError(f"{base}/train has {len(train_ds.classes)} class folders, but dataset.num_classes={ds.num_classes}; "
-                        f"set dataset.num_classes={len(train_ds.classes)} for a subset of ImageNet, or complete {base}/train")
-    _same_classes(train_ds, test_ds, base)
+    _check_classes(base, train_ds.classes, test_ds.classes, ds.num_classes)
     _log_counts(base, len(train_ds), len(test_ds), ds.num_classes)
     common = dict(device=device, seed=seed, num_workers=ds.num_workers, channels_last=channels_last)
     te_gpu = v2.Compose([eval_resize(ds.resize), v2.CenterCrop(ds.image_size)])
