@@ -263,7 +263,7 @@ def _no_equals(arg: str, following: list[str], command: str) -> str:
 
 def _preflight(config_name: str) -> None:
     """Compose (and for ``train`` validate, ask the trainer whether this machine has the device and
-    precision, check CIFAR files under download=false, the SLURM tools, and build each distinct model
+    precision, check each dataset's files (data.files_problem), the SLURM tools, and build each distinct model
     on the meta device) every point of the command line's sweep before Hydra runs any, so that a bad
     override, value or model fails at once with one line naming it (exit 2), not with Hydra's
     multi-line report (exit 1) or after the sweep's first jobs have trained. ``--cfg``/``--info`` are
