@@ -196,6 +196,16 @@ def test_fashion_mnist_system_dir_missing_one_file_names_it(tmp_path):
         load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "system"), download=False)
 
 
+def test_fashion_mnist_nowhere_names_the_system_dir_it_looked_in(tmp_path):
+    """A dataset.system_dir that does not exist is named (it was left out: the fix 'install the
+    package' read as if the package were missing from its default place)."""
+    with pytest.raises(DataError, match=r"raw; install") as plain:
+        load_fashion_mnist(str(tmp_path / "root"), None, download=False)
+    assert "system_dir" not in str(plain.value)
+    with pytest.raises(DataError, match=r"is missing in .*raw and dataset.system_dir=.*nowhere does not exist; install dataset-fashion-mnist"):
+        load_fashion_mnist(str(tmp_path / "root"), str(tmp_path / "nowhere"), download=False)
+
+
 def test_a_data_root_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
     """dataset.root=~/data used to be read as a folder named '~' in the working directory."""
     from types import SimpleNamespace

@@ -110,7 +110,8 @@ def _without_a_copy(root: str, system_dir: str | None, download: bool) -> str | 
         return problem
     if download:
         return None
-    return (f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))}; install "
+    where = f" and dataset.system_dir={system_dir} does not exist" if system_dir else ""
+    return (f"fashion_mnist: {_missing_raw(root)[0]} is missing in {os.path.abspath(_raw_dir(root))}{where}; install "
             "dataset-fashion-mnist (apt-get) or run with dataset.download=true")
 
 
