@@ -36,19 +36,28 @@ def paper_spectra() -> list[dict]:
     return paper_data()["figures_with_numbers"]["figure_3_left_hessian"]["values"]
 
 
+def _spectrum_files(roots: list[str]) -> list[Path]:
+    """Every ``hessian_*.json`` under ``roots``, once each even when roots overlap (``runs=[a,a]``,
+    ``runs=[a,a/run]``: compared resolved, the path shown is the first one found)."""
+    found: dict[Path, Path] = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("hessian_*.json")) if Path(root).exists() else []:
+            found.setdefault(path.resolve(), path)
+    return list(found.values())
+
+
 def find_spectra(roots: list[str]) -> list[dict]:
     """Every readable ``hessian_*.json`` under the roots (sorted by path; unreadable files skipped)."""
     found = []
-    for root in roots:
-        for path in sorted(Path(root).rglob("hessian_*.json")) if Path(root).exists() else []:
-            try:
-                spectrum = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(spectrum, dict) and spectrum.get("eigenvalues"):
-                config = training_config(spectrum, path)
-                found.append({**spectrum, "path": str(path), "method": spectrum_method(spectrum, config),
-                              "experiment_hash": spectrum_experiment(spectrum, config)})
+    for path in _spectrum_files(roots):
+        try:
+            spectrum = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(spectrum, dict) and spectrum.get("eigenvalues"):
+            config = training_config(spectrum, path)
+            found.append({**spectrum, "path": str(path), "method": spectrum_method(spectrum, config),
+                          "experiment_hash": spectrum_experiment(spectrum, config)})
     return mark_mid_epoch(sorted(found, key=lambda s: s["path"]))
 
 
