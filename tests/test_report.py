@@ -262,3 +262,47 @@ def test_cli_report_refuses_an_empty_out_and_a_checkout_root(tmp_path, cli_env):
         assert len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "runs"]
     assert (tmp_path / "README.md").read_text() == "# my repo\n"
+
+
+def test_overlapping_roots_list_each_spectrum_once(tmp_path):
+    """runs=[a,a] or runs=[a,a/run] listed every hessian_*.json once per root, counted them twice in
+    the README's index, and averaged a file without a training seed in twice."""
+    from sam_bench.report.spectra import find_spectra
+
+    run = fake_run(tmp_path / "runs", "sam_s0", "sam", 0.05, 0, 3.0)
+    (run / "hessian_checkpoint.json").write_text(json.dumps({"arch": "wrn40_10_nobn", "dataset": "cifar10", "optimizer": "sam",
+                                                            "rho": 0.05, "epoch": 1, "eigenvalues": [20.0, 2.0],
+                                                            "lambda_max": 20.0}))
+    roots = [str(tmp_path / "runs"), str(tmp_path / "runs"), str(run)]
+    assert [s["path"] for s in find_spectra(roots)] == [str(run / "hessian_checkpoint.json")]
+    write_report(roots, str(tmp_path / "out"))
+    assert "- [Hessian spectra, Fig. 3 left](hessian.md): 1 spectra" in (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "hessian.md").read_text().count("hessian_checkpoint.json") == 1
+
+
+def test_an_out_inside_a_run_directory_is_refused_before_anything_is_written(tmp_path):
+    """out=<a run directory> wrote the report's 28 files among the run's own (deleting the run to
+    retry it, as a diverged run asks, then deleted the report)."""
+    from sam_bench.errors import ConfigError
+
+    run = fake_run(tmp_path / "runs", "good", "sgd", 0.0, 0, 3.0)
+    before = sorted(p.name for p in run.iterdir())
+    for out in (run, run / "report"):
+        with pytest.raises(ConfigError, match=rf"^out={out} is inside the run directory {run} \(it holds result.json\): .*"
+                                              r"pass out=DIR outside the run directories, e\.g\. out=results$"):
+            write_report([str(tmp_path / "runs")], str(out))
+    assert sorted(p.name for p in run.iterdir()) == before
+    write_report([str(tmp_path / "runs")], str(tmp_path / "runs" / "report"))  # beside the runs, in their root: allowed
+
+
+def test_an_out_that_is_a_file_is_named_as_such(tmp_path):
+    """out=<a file> said "cannot write ... ([Errno 17] File exists: ...)": the file is named a file."""
+    from sam_bench.errors import ConfigError
+
+    fake_run(tmp_path / "runs", "good", "sgd", 0.0, 0, 3.0)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "sub"):
+        with pytest.raises(ConfigError, match=rf"^out={out} is not a directory: {tmp_path / 'notes.txt'} is a file; "
+                                              r"pass out=DIR \(a directory, or a path to create\)$"):
+            write_report([str(tmp_path / "runs")], str(out))
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"

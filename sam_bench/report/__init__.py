@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sam_bench.errors import ConfigError
 from sam_bench.report.collect import find_runs, group_runs, root_problems, run_name
-from sam_bench.report.outdir import HEADERS, check_out_dir
+from sam_bench.report.outdir import HEADERS, check_not_a_file, check_not_in_a_run, check_out_dir
 from sam_bench.report.paper import layouts
 from sam_bench.report.plots import sweep_png
 from sam_bench.report.spectra import find_spectra, spectra_markdown
@@ -33,6 +33,8 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
     quick start that only swept has no ``runs/``) and is passed over without a warning."""
     if out is None or not str(out).strip():
         raise ConfigError("out is empty: the report would go into the current directory; give a directory, e.g. out=results")
+    check_not_in_a_run(out)
+    check_not_a_file(out)
     if not any(Path(r).is_dir() for r in roots):
         raise ConfigError(f"none of the run roots {roots} is a directory; pass runs=[DIR,...] with the directories your runs went to")
     if default_roots:

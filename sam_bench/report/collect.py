@@ -137,6 +137,10 @@ def root_problems(roots: list[str]) -> list[str]:
     return problems
 
 
+#: The files whose directory is a run directory (``.hydra/config.yaml``: its grandparent).
+RUN_MARKERS = ("result.json", "checkpoint.pt", ".hydra/config.yaml")
+
+
 def _run_dirs(roots: list[str]) -> list[Path]:
     """Every run directory under ``roots``, once each even when roots overlap (compared resolved;
     the path shown is the first one found)."""
@@ -145,7 +149,7 @@ def _run_dirs(roots: list[str]) -> list[Path]:
         root_path = Path(root)
         if not root_path.is_dir():
             continue
-        for marker in ("result.json", "checkpoint.pt", ".hydra/config.yaml"):
+        for marker in RUN_MARKERS:
             for p in sorted(root_path.rglob(marker)):
                 run_dir = p.parent if marker != ".hydra/config.yaml" else p.parent.parent
                 found.setdefault(run_dir.resolve(), run_dir)

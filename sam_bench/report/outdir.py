@@ -17,6 +17,7 @@ the same way whatever the runs:
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -80,6 +81,40 @@ def tensorboard_is_ours(root: Path) -> bool:
         if p.is_dir() and depth > 2 or p.is_file() and (depth != 3 or not p.name.startswith("events.out.tfevents")):
             return False
     return True
+
+
+def enclosing_run_dir(out_dir: Path) -> tuple[Path, str] | None:
+    """(the run directory, the marker file it holds) when ``out_dir`` is a run directory or lies inside
+    one, else None."""
+    from sam_bench.report.collect import RUN_MARKERS
+
+    path = Path(os.path.abspath(out_dir))
+    for d in (path, *path.parents):
+        marker = next((m for m in RUN_MARKERS if (d / m).is_file()), None)
+        if marker:
+            return d, marker
+    return None
+
+
+def check_not_in_a_run(out: str) -> None:
+    """Refuse (ConfigError) an ``out`` inside a run directory: the report's files would mix with the
+    run's, and deleting the run (to retry it, as a diverged run asks) would delete the report."""
+    found = enclosing_run_dir(Path(out))
+    if found:
+        run, marker = found
+        raise ConfigError(f"out={out} is inside the run directory {run} (it holds {marker}): the report would mix its "
+                          "files with the run's; pass out=DIR outside the run directories, e.g. out=results")
+
+
+def check_not_a_file(out: str) -> None:
+    """Refuse (ConfigError) an ``out`` that is a file or lies under one: mkdir's "File exists" or
+    "Not a directory" did not say which path was the file."""
+    for d in (Path(out), *Path(out).parents):
+        if d.exists() or d.is_symlink():
+            if not d.is_dir():
+                what = "a file" if d.is_file() else "not a directory (a broken link, a socket, ...)"
+                raise ConfigError(f"out={out} is not a directory: {d} is {what}; pass out=DIR (a directory, or a path to create)")
+            return
 
 
 def check_out_dir(out_dir: Path, names: list[str], tensorboard: bool) -> set[str]:
