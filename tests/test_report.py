@@ -306,3 +306,17 @@ def test_an_out_that_is_a_file_is_named_as_such(tmp_path):
                                               r"pass out=DIR \(a directory, or a path to create\)$"):
             write_report([str(tmp_path / "runs")], str(out))
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_run_root_without_runs_is_warned_about_unless_it_is_a_default(tmp_path, caplog):
+    """runs=[multirun,multirun_old] with the second one empty (a typo'd sweep dir) said nothing: its
+    runs were silently missing from every mean."""
+    fake_run(tmp_path / "runs", "good", "sgd", 0.0, 0, 3.0)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    roots = [str(tmp_path / "runs"), str(tmp_path / "empty")]
+    warning = (f"Warning: run root {tmp_path / 'empty'} holds no run directory (no result.json, checkpoint.pt or "
+               ".hydra/config.yaml under it): skipped (check runs=[...]).")
+    with caplog.at_level("WARNING"):
+        assert warning in write_report(roots, str(tmp_path / "out"))
+    assert f"run root {tmp_path / 'empty'} holds no run directory" in caplog.text
+    assert "holds no run directory" not in write_report(roots, str(tmp_path / "out"), default_roots=True)

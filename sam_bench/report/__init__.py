@@ -39,7 +39,7 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
         raise ConfigError(f"none of the run roots {roots} is a directory; pass runs=[DIR,...] with the directories your runs went to")
     if default_roots:
         roots = [r for r in roots if Path(r).exists()]
-    skipped_roots = root_problems(roots)
+    skipped_roots = root_problems(roots, check_empty=not default_roots)
     results, incomplete = find_runs(roots)
     groups = group_runs(results)
     out_dir = Path(out)

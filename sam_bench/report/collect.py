@@ -125,20 +125,30 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def root_problems(roots: list[str]) -> list[str]:
-    """One line per run root that is not a directory (a typo in ``runs=[...]``), also logged."""
+#: The files whose directory is a run directory (``.hydra/config.yaml``: its grandparent).
+RUN_MARKERS = ("result.json", "checkpoint.pt", ".hydra/config.yaml")
+
+
+def root_problems(roots: list[str], check_empty: bool = True) -> list[str]:
+    """One line per run root that is not a directory (a typo in ``runs=[...]``) or, with ``check_empty``
+    (roots the user named), holds no run directory (a typo'd or wrong directory), also logged."""
     problems = []
     for root in roots:
         path = Path(root)
         if not path.is_dir():
             what = "does not exist" if not path.exists() else "is not a directory"
-            problems.append(f"run root {root} {what}: skipped (check runs=[...])")
-            log.warning("sam-bench report: %s", problems[-1])
+        elif check_empty and not _holds_a_run(path):
+            what = f"holds no run directory (no {', '.join(RUN_MARKERS[:-1])} or {RUN_MARKERS[-1]} under it)"
+        else:
+            continue
+        problems.append(f"run root {root} {what}: skipped (check runs=[...])")
+        log.warning("sam-bench report: %s", problems[-1])
     return problems
 
 
-#: The files whose directory is a run directory (``.hydra/config.yaml``: its grandparent).
-RUN_MARKERS = ("result.json", "checkpoint.pt", ".hydra/config.yaml")
+def _holds_a_run(root: Path) -> bool:
+    """Whether any run marker lies under ``root`` (stops at the first one found)."""
+    return any(True for marker in RUN_MARKERS for _ in root.rglob(marker))
 
 
 def _run_dirs(roots: list[str]) -> list[Path]:
