@@ -320,3 +320,12 @@ def test_a_run_root_without_runs_is_warned_about_unless_it_is_a_default(tmp_path
         assert warning in write_report(roots, str(tmp_path / "out"))
     assert f"run root {tmp_path / 'empty'} holds no run directory" in caplog.text
     assert "holds no run directory" not in write_report(roots, str(tmp_path / "out"), default_roots=True)
+
+
+def test_an_empty_runs_list_is_named_as_such(tmp_path):
+    """runs=[] said "none of the run roots [] is a directory"."""
+    from sam_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^runs=\[\] names no run root; pass runs=\[DIR,...\] with the directories your runs went to$"):
+        write_report([], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -35,6 +35,8 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
         raise ConfigError("out is empty: the report would go into the current directory; give a directory, e.g. out=results")
     check_not_in_a_run(out)
     check_not_a_file(out)
+    if not roots:
+        raise ConfigError("runs=[] names no run root; pass runs=[DIR,...] with the directories your runs went to")
     if not any(Path(r).is_dir() for r in roots):
         raise ConfigError(f"none of the run roots {roots} is a directory; pass runs=[DIR,...] with the directories your runs went to")
     if default_roots:
