@@ -329,3 +329,19 @@ def test_an_empty_runs_list_is_named_as_such(tmp_path):
     with pytest.raises(ConfigError, match=r"^runs=\[\] names no run root; pass runs=\[DIR,...\] with the directories your runs went to$"):
         write_report([], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_run_says_how_far_it_got(tmp_path):
+    """A run killed at epoch 4 of 50 and one that has not finished an epoch both said only "not
+    finished": the epochs its metrics.jsonl holds and its config's trainer.epochs are named."""
+    runs = tmp_path / "runs"
+    for name, epochs_done in (("killed", 4), ("started", 0)):
+        d = fake_run(runs, name, "sgd", 0.0, 0, None, status=None)
+        (d / ".hydra" / "config.yaml").write_text("seed: 0\ntrainer:\n  epochs: 50\n")
+        if epochs_done:
+            (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "test_error": 50.0}) + "\n"
+                                                     for e in range(1, epochs_done + 1)))
+    fake_run(runs, "good", "sgd", 0.0, 1, 3.0)
+    text = write_report([str(runs)], str(tmp_path / "out"))
+    assert f"- {runs / 'killed'} (no result.json: not finished; 4 of 50 epochs done)" in text
+    assert f"- {runs / 'started'} (no result.json: not finished; 0 of 50 epochs done)" in text

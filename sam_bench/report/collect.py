@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from sam_bench.schema import grouping_config, method_label
-from sam_bench.tracking.results import RESULT_FILE, read_divergence
+from sam_bench.tracking.results import METRICS_FILE, RESULT_FILE, read_divergence
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,51 @@ def read_result(run_dir: Path) -> tuple[dict | None, str]:
     """(result, "") for a finished run directory; (None, why not) otherwise."""
     path = Path(run_dir) / RESULT_FILE
     if not path.exists():
-        return None, f"no {RESULT_FILE}: not finished"
+        return None, f"no {RESULT_FILE}: not finished{progress(Path(run_dir))}"
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return None, f"{RESULT_FILE} unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     problem = result_problem(result)
     return (None, problem) if problem else (result, "")
+
+
+def progress(run_dir: Path) -> str:
+    """'; E of N epochs done' for an unfinished run (E: the last epoch its metrics.jsonl holds, N: its
+    config's trainer.epochs), so a run killed early reads apart from one about to finish; '' when
+    neither is known."""
+    done, total = _epochs_done(run_dir / METRICS_FILE), _epochs_planned(run_dir / ".hydra" / "config.yaml")
+    if total is None:
+        return "" if done is None else f"; {done} epochs done"
+    return f"; {done or 0} of {total} epochs done"
+
+
+def _epochs_done(metrics: Path) -> int | None:
+    """The highest ``epoch`` in ``metrics.jsonl`` (one line per finished epoch); None without one."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    epochs = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and not isinstance(record["epoch"], bool):
+            epochs.append(record["epoch"])
+    return max(epochs, default=None)
+
+
+def _epochs_planned(config_file: Path) -> int | None:
+    """``trainer.epochs`` of the run's saved Hydra config; None when it cannot be read."""
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    epochs = trainer.get("epochs") if isinstance(trainer, dict) else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def result_problem(result: object) -> str:
