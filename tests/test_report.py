@@ -345,3 +345,13 @@ def test_an_unfinished_run_says_how_far_it_got(tmp_path):
     text = write_report([str(runs)], str(tmp_path / "out"))
     assert f"- {runs / 'killed'} (no result.json: not finished; 4 of 50 epochs done)" in text
     assert f"- {runs / 'started'} (no result.json: not finished; 0 of 50 epochs done)" in text
+
+
+def test_the_missing_validation_hint_fits_any_dataset(tmp_path):
+    """sweeps.md told a sweep on 128 synthetic images to run with dataset.val_size=5000 (CIFAR's 10 %)."""
+    for seed, rho in enumerate((0.02, 0.05)):
+        fake_run(tmp_path / "runs", f"r{rho}", "sam", rho, 0, 3.0 + seed)
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "sweeps.md").read_text()
+    assert ("No ρ marked for sam: not every point recorded `final_val_error` (run with dataset.val_size=N: the paper holds "
+            "out 10 % of the training set, 5000 images on CIFAR).") in md

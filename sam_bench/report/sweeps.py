@@ -133,7 +133,8 @@ def sweeps_markdown(sweeps: list[Sweep], plots: bool = True) -> str:
         unmarked = [lab for lab in labels
                     if len({g.rho for g in s.series[lab]}) > 1 and s.chosen(lab) is None]
         if unmarked:
-            lines += ["", f"No ρ marked for {', '.join(unmarked)}: not every point recorded `final_val_error` (run with dataset.val_size=5000)."]
+            lines += ["", f"No ρ marked for {', '.join(unmarked)}: not every point recorded `final_val_error` "
+                      "(run with dataset.val_size=N: the paper holds out 10 % of the training set, 5000 images on CIFAR)."]
         lines.append("")
     return "\n".join(lines)
 
