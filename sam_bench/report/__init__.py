@@ -41,15 +41,15 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
         raise ConfigError(f"none of the run roots {roots} is a directory; pass runs=[DIR,...] with the directories your runs went to")
     if default_roots:
         roots = [r for r in roots if Path(r).exists()]
-    skipped_roots = root_problems(roots, check_empty=not default_roots)
-    results, incomplete = find_runs(roots)
-    groups = group_runs(results)
     out_dir = Path(out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # an existing directory may still be read-only
     except OSError as e:
         raise ConfigError(f"cannot write the report into out={out} ({e}); pass a writable out=DIR") from e
+    skipped_roots = root_problems(roots, check_empty=not default_roots)
+    results, incomplete = find_runs(roots)
+    groups = group_runs(results)
     sweeps = find_sweeps(groups)
     plots = _have_matplotlib()
     fixed = list(HEADERS)  # the files of fixed names it writes: each recognised by its header
