@@ -355,3 +355,25 @@ def test_the_missing_validation_hint_fits_any_dataset(tmp_path):
     md = (tmp_path / "out" / "sweeps.md").read_text()
     assert ("No ρ marked for sam: not every point recorded `final_val_error` (run with dataset.val_size=N: the paper holds "
             "out 10 % of the training set, 5000 images on CIFAR).") in md
+
+
+def test_a_sweep_names_its_points_that_failed_or_did_not_finish(tmp_path):
+    """A ρ grid whose largest ρ diverged showed the other ρ only: the failed point vanished from
+    sweeps.md without a word (summary.md listed it, far from the sweep)."""
+    runs = tmp_path / "runs"
+    for rho in (0.02, 0.05):
+        fake_run(runs, f"sam_{rho}", "sam", rho, 0, 3.0)
+    fake_run(runs, "sgd", "sgd", 0.0, 0, 3.5)
+    for name, optimizer, rho, seed in (("sam_big", "sam", 5.0, 0), ("sgd_s1", "sgd", 0.05, 1)):  # both unfinished
+        d = fake_run(runs, name, optimizer, rho, seed, None, status=None)
+        config = {**json.loads((runs / "sam_0.02" / "result.json").read_text())["config"], "seed": seed}
+        config["optimizer"] = {"name": optimizer, "rho": rho}
+        (d / ".hydra" / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    other = fake_run(runs, "other_model", "sam", 5.0, 0, None, status=None)  # another experiment: not this sweep's
+    (other / ".hydra" / "config.yaml").write_text(json.dumps({**config, "model": {"arch": "resnet18", "kwargs": {}}}))
+    write_report([str(runs)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "sweeps.md").read_text()
+    assert ("Not averaged here (unfinished or failed; see summary.md):\n"
+            f"- sam ρ=5 seed 0: {runs / 'sam_big'} (no result.json: not finished; 0 of 200 epochs done)\n"
+            f"- sgd ρ=0 seed 1: {runs / 'sgd_s1'} (no result.json: not finished; 0 of 200 epochs done)\n") in md
+    assert "other_model" not in md

@@ -20,7 +20,7 @@ from sam_bench.report.outdir import HEADERS, check_not_a_file, check_not_in_a_ru
 from sam_bench.report.paper import layouts
 from sam_bench.report.plots import sweep_png
 from sam_bench.report.spectra import find_spectra, spectra_markdown
-from sam_bench.report.sweeps import find_sweeps, sweeps_csv, sweeps_markdown
+from sam_bench.report.sweeps import find_sweeps, sweeps_csv, sweeps_markdown, unaveraged_runs
 from sam_bench.report.tables import index_groups, markdown, off_preset_groups, paper_csv, paper_markdown, to_csv
 from sam_bench.tracking.results import atomic_write_bytes
 
@@ -79,7 +79,7 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
         filled = sum(1 for _, cells in layout.rows for c in cells if c.key and c.key in by_key)
         index.append(f"- [{layout.caption.split(':')[0]}]({layout.id}.md) ({layout.id}.csv): {filled} cells with runs")
 
-    md = sweeps_markdown(sweeps, plots=plots)
+    md = sweeps_markdown(sweeps, plots=plots, unaveraged=unaveraged_runs(incomplete))
     if sweeps and not plots:
         md += "\nNo plots: matplotlib is not installed (pip install 'sam-bench[plots]').\n"
     write("sweeps.md", md)

@@ -284,6 +284,19 @@ def failure_note(run_dir: str) -> str:
     return f" ({why})" if why else ""
 
 
+def run_config(run_dir: str) -> dict | None:
+    """The config of a (possibly unfinished) run: its ``result.json``'s, else Hydra's saved one."""
+    for path in (Path(run_dir) / RESULT_FILE, Path(run_dir) / ".hydra" / "config.yaml"):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        config = data.get("config") if isinstance(data, dict) and path.name == RESULT_FILE else data
+        if isinstance(config, dict):
+            return config
+    return None
+
+
 def run_name(run_dir: str) -> str:
     """The experiment ``name`` of a (possibly unfinished) run, read from Hydra's saved config."""
     for path in (Path(run_dir) / RESULT_FILE, Path(run_dir) / ".hydra" / "config.yaml"):

@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass, field
 from statistics import fmean
 
-from sam_bench.report.collect import Group, ci95, md_row
+from sam_bench.report.collect import Group, ci95, failure_note, md_row, run_config
 from sam_bench.report.paper import slug
-from sam_bench.schema import semantic_config
+from sam_bench.schema import grouping_config, semantic_config
 
 SWEEP_DROP = ("optimizer.rho", "optimizer.m", "optimizer.p", "optimizer.name")
 # keys that only shape the ascent: an SGD run (no ascent) is the same run whatever they say
@@ -36,6 +36,8 @@ class Sweep:
     id: str  # file-name safe, stable: slug of the name + hash of the shared config
     name: str
     series: dict[str, list[Group]] = field(default_factory=dict)  # label -> groups by ρ
+    key: str = ""  # the family key of its non-SGD groups (:func:`_family_key` without SWEEP_DROP)
+    baseline_key: str = ""  # the same without the SAM-only keys: an SGD run with it is this sweep's baseline
 
     def chosen(self, label: str) -> Group | None:
         """The point with the lowest mean validation error, or None if any point lacks one or the
@@ -90,7 +92,8 @@ def find_sweeps(groups: list[Group]) -> list[Sweep]:
         if not any(len(rhos) >= 2 for rhos in rhos_of.values()):
             continue  # one ρ per series (SGD beside SAM, or p = 2 beside p = ∞) is a comparison, not a sweep
         name = members[0].name
-        sweep = Sweep(f"{slug(name) or 'unnamed'}-{hashlib.sha256(_id_key(members).encode()).hexdigest()[:8]}", name)
+        sweep = Sweep(f"{slug(name) or 'unnamed'}-{hashlib.sha256(_id_key(members).encode()).hexdigest()[:8]}", name,
+                      key=key, baseline_key=baseline_of[key])
         for g in sorted(members, key=lambda g: g.rho):
             sweep.series.setdefault(series_label(g), []).append(g)
         sweep.series = {k: sweep.series[k] for k in sorted(sweep.series, key=_series_order)}
@@ -98,14 +101,45 @@ def find_sweeps(groups: list[Group]) -> list[Sweep]:
     return sweeps
 
 
+def unaveraged_runs(incomplete: list[str]) -> list[tuple[str, Group, object]]:
+    """(run directory, a one-run Group of its grouping config, its seed) for each unfinished or failed
+    run whose config can be read, so a sweep can name the points it lacks."""
+    out = []
+    for run_dir in incomplete:
+        config = run_config(run_dir)
+        try:
+            out.append((run_dir, Group(config=grouping_config(config)), config.get("seed")))
+        except (TypeError, ValueError, AttributeError, KeyError):  # no config, or one damaged by hand
+            continue
+    return out
+
+
+def _belongs_to(s: Sweep, g: Group) -> bool:
+    """Whether a run's group is a point of sweep ``s`` (SGD: as its baseline, as :func:`find_sweeps` joins it)."""
+    if g.method == "sgd":
+        return _family_key(g, SWEEP_DROP + SAM_ONLY) == s.baseline_key
+    return _family_key(g, SWEEP_DROP) == s.key
+
+
+def unaveraged_lines(s: Sweep, unaveraged: list[tuple[str, Group, object]]) -> list[str]:
+    """The sweep's runs that are not in its table (a diverged ρ vanished from it without a word)."""
+    mine = sorted(((series_label(g), g.rho, str(seed), d) for d, g, seed in unaveraged if _belongs_to(s, g)),
+                  key=lambda t: (_series_order(t[0]), t[1], t[2], t[3]))
+    if not mine:
+        return []
+    return ["", "Not averaged here (unfinished or failed; see summary.md):",
+            *[f"- {label} ρ={rho:g} seed {seed}: {d}{failure_note(d)}" for label, rho, seed, d in mine]]
+
+
 def _point(g: Group) -> str:
     ci = ci95(g.errors)
     return f"{g.mean:.2f}" + (f" ± {ci:.2f}" if ci is not None else "") + f" (n={len(g.runs)})"
 
 
-def sweeps_markdown(sweeps: list[Sweep], plots: bool = True) -> str:
+def sweeps_markdown(sweeps: list[Sweep], plots: bool = True, unaveraged: list[tuple[str, Group, object]] | None = None) -> str:
     """The sweeps' tables; with ``plots`` each links its ``sweep_<id>.png`` (the report's outdir.py reads
-    these links to know which plots are its own), else no image links (no plot was written)."""
+    these links to know which plots are its own), else no image links (no plot was written).
+    ``unaveraged`` (:func:`unaveraged_runs`): each sweep names those of its runs below its table."""
     lines = [
         "# ρ sweeps",
         "",
@@ -135,6 +169,7 @@ def sweeps_markdown(sweeps: list[Sweep], plots: bool = True) -> str:
         if unmarked:
             lines += ["", f"No ρ marked for {', '.join(unmarked)}: not every point recorded `final_val_error` "
                       "(run with dataset.val_size=N: the paper holds out 10 % of the training set, 5000 images on CIFAR)."]
+        lines += unaveraged_lines(s, unaveraged or [])
         lines.append("")
     return "\n".join(lines)
 
