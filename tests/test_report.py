@@ -377,3 +377,15 @@ def test_a_sweep_names_its_points_that_failed_or_did_not_finish(tmp_path):
             f"- sam ρ=5 seed 0: {runs / 'sam_big'} (no result.json: not finished; 0 of 200 epochs done)\n"
             f"- sgd ρ=0 seed 1: {runs / 'sgd_s1'} (no result.json: not finished; 0 of 200 epochs done)\n") in md
     assert "other_model" not in md
+
+
+def test_a_tilde_in_runs_or_out_is_the_home_directory(tmp_path, monkeypatch):
+    """The shell expands no ~ inside runs=[~/multirun] (nor after out= under sh): the root was said not
+    to exist, and out=~/results made a directory named ~ in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    fake_run(tmp_path / "runs", "good", "sgd", 0.0, 0, 3.0)
+    text = write_report(["~/runs"], "~/out")
+    assert "| 3.00 | 1 | 0 |" in text and "Warning" not in text
+    assert (tmp_path / "out" / "summary.md").is_file() and not (tmp_path / "cwd" / "~").exists()

@@ -11,6 +11,7 @@ or table, such as a checkout's root (``out=.``), is refused before anything is w
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def write_report(roots: list[str], out: str, tensorboard: bool = False, default_
     quick start that only swept has no ``runs/``) and is passed over without a warning."""
     if out is None or not str(out).strip():
         raise ConfigError("out is empty: the report would go into the current directory; give a directory, e.g. out=results")
+    # no shell expands the ~ of runs=[~/multirun], nor sh the one of out=~/results
+    out, roots = os.path.expanduser(str(out)), [os.path.expanduser(str(r)) for r in roots]
     check_not_in_a_run(out)
     check_not_a_file(out)
     if not roots:
