@@ -389,3 +389,17 @@ def test_a_tilde_in_runs_or_out_is_the_home_directory(tmp_path, monkeypatch):
     text = write_report(["~/runs"], "~/out")
     assert "| 3.00 | 1 | 0 |" in text and "Warning" not in text
     assert (tmp_path / "out" / "summary.md").is_file() and not (tmp_path / "cwd" / "~").exists()
+
+
+def test_the_summary_says_how_many_runs_repeat_a_seed_it_already_counts(tmp_path):
+    """Two runs of one config and seed (SGD in a ρ sweep, a re-run) are one seed in n; the other was
+    left out without a word, and a re-run with another error silently replaced the first."""
+    for rho in (0.02, 0.05, 0.1):  # SGD of a three-ρ sweep: one run per ρ, seed 0
+        fake_run(tmp_path / "runs", f"sgd_{rho}", "sgd", rho, 0, 3.0)
+    text = write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    assert "| 3.00 | 1 | 0 |" in text
+    assert ("\nn counts a seed once: 2 more runs repeat the config and seed of a row (SGD in a ρ sweep trains once per ρ; "
+            "a re-run); of each seed the one finished last is averaged.\n") in text
+    one = tmp_path / "one"
+    fake_run(one, "a", "sgd", 0.0, 0, 3.0)
+    assert "n counts a seed once" not in write_report([str(one)], str(tmp_path / "out"))

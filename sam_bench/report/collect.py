@@ -56,6 +56,7 @@ class Group:
 
     config: dict
     runs: list[dict] = field(default_factory=list)
+    repeats: int = 0  # runs left out because they repeat a seed in ``runs`` (SGD of a ρ sweep, a re-run)
 
     @property
     def errors(self) -> list[float]:
@@ -320,6 +321,7 @@ def group_runs(results: list[dict]) -> list[Group]:
         g = groups.setdefault(key, Group(config=cfg))
         same_seed = [x for x in g.runs if x["seed"] == r["seed"]]
         if same_seed:
+            g.repeats += 1
             if r.get("finished_at", "") <= same_seed[0].get("finished_at", ""):
                 continue
             g.runs.remove(same_seed[0])

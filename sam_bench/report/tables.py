@@ -108,11 +108,21 @@ def markdown(groups: list[Group], incomplete: list[str]) -> str:
     text = "\n".join(lines) + "\n"
     if "computed_as" in header:
         text += computed_as_note(groups)
+    text += repeats_note(groups)
     if not groups:
         text = "No complete runs found.\n"
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged):\n" + "".join(f"- {d}{failure_note(d)}\n" for d in incomplete)
     return text
+
+
+def repeats_note(groups: list[Group]) -> str:
+    """How many runs repeat a config and seed already counted (n counts seeds), or ''."""
+    repeats = sum(g.repeats for g in groups)
+    if not repeats:
+        return ""
+    return (f"\nn counts a seed once: {repeats} more run{'s repeat' if repeats > 1 else ' repeats'} the config and seed of a row "
+            "(SGD in a ρ sweep trains once per ρ; a re-run); of each seed the one finished last is averaged.\n")
 
 
 def to_csv(groups: list[Group]) -> str:
