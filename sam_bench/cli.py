@@ -601,6 +601,8 @@ def report() -> None:
             _fail(str(e))
         if cfg.print_table:
             print(table)
+        # on stderr: stdout is the table alone, for a pipe; this says where the files went (QA: nothing did)
+        _say(f"sam-bench: report written to {os.path.abspath(os.path.expanduser(str(cfg.out)))}/ (README.md there lists its tables)")
 
     _report()
 

@@ -410,6 +410,8 @@ def test_cli_report_writes_every_table(tree, cli_env):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.glob("table*.md")) == sorted(f"{lay.id}.md" for lay in layouts())
+    assert proc.stdout == ""  # print_table=false; where the files went is said on stderr, its last line
+    assert proc.stderr.splitlines()[-1] == f"sam-bench: report written to {out}/ (README.md there lists its tables)"
 
 
 def test_table_scripts_launch_presets_pass_overrides_and_regenerate(tmp_path):
