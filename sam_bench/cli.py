@@ -379,14 +379,18 @@ def _device_problem(trainer) -> str | None:
 
 def _hessian_device_problem(device) -> str | None:
     """Why ``sam-bench hessian device=cuda`` cannot run here (no CUDA), else None: it failed only after
-    the checkpoint was loaded, in the trainer's words (``trainer.device``, no key of hessian's)."""
-    if str(getattr(device, "value", device)) != "cuda":
+    the checkpoint was loaded. torch is imported only for cuda."""
+    device = str(getattr(device, "value", device))
+    if device != "cuda":
         return None
-    import torch
+    from sam_bench.engine.precision import resolve_device
+    from sam_bench.errors import SamBenchError
 
-    if torch.cuda.is_available():
-        return None
-    return "device=cuda but CUDA is not available (torch.cuda.is_available() is False); use device=auto or cpu"
+    try:
+        resolve_device(device, key="device")
+    except SamBenchError as e:
+        return str(e)
+    return None
 
 
 def _launcher_problem(launcher) -> str | None:

@@ -154,7 +154,7 @@ def hessian_spectrum(cfg) -> dict[str, Any]:
     config = state["config"]
     if state.get("compute_version") is None:
         print(f"sam-bench hessian: warning: {unversioned_warning(path)}; the spectrum may be of another function", file=sys.stderr)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     batches, num_classes, in_chans = training_images(config, cfg.images, cfg.batch_size, cfg.seed, device, cfg.data_root)
     model = build_model(config["model"]["arch"], num_classes, in_chans, **config["model"]["kwargs"])
     load_weights(model, state["model"], path, config["model"])

@@ -11,11 +11,13 @@ import torch
 from sam_bench.errors import ConfigError
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, key: str = "trainer.device") -> torch.device:
+    """``requested`` (auto, cpu, cuda) on this machine; ``key``: the config key the refusal names
+    (``device`` for sam-bench hessian)."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but CUDA is not available (torch.cuda.is_available() is False); use trainer.device=auto or cpu")
+        raise ConfigError(f"{key}=cuda but CUDA is not available (torch.cuda.is_available() is False); use {key}=auto or cpu")
     return torch.device(requested)
 
 
