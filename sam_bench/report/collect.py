@@ -184,7 +184,7 @@ def progress(run_dir: Path) -> str:
     """'; E of N epochs done' for an unfinished run (E: the last epoch its metrics.jsonl holds, N: its
     config's trainer.epochs), so a run killed early reads apart from one about to finish; '' when
     neither is known."""
-    done, total = _epochs_done(run_dir / METRICS_FILE), _epochs_planned(run_dir / ".hydra" / "config.yaml")
+    done, total = _epochs_done(run_dir / METRICS_FILE), _epochs_planned(run_config(str(run_dir)))
     if total is None:
         return "" if done is None else f"; {done} epochs done"
     return f"; {done or 0} of {total} epochs done"
@@ -207,13 +207,9 @@ def _epochs_done(metrics: Path) -> int | None:
     return max(epochs, default=None)
 
 
-def _epochs_planned(config_file: Path) -> int | None:
-    """``trainer.epochs`` of the run's saved Hydra config; None when it cannot be read."""
-    try:
-        config = yaml.safe_load(config_file.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    trainer = config.get("trainer") if isinstance(config, dict) else None
+def _epochs_planned(config: dict | None) -> int | None:
+    """``trainer.epochs`` of a run's config; None when it has none."""
+    trainer = config.get("trainer") if config else None
     epochs = trainer.get("epochs") if isinstance(trainer, dict) else None
     return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
@@ -299,17 +295,8 @@ def run_config(run_dir: str) -> dict | None:
 
 
 def run_name(run_dir: str) -> str:
-    """The experiment ``name`` of a (possibly unfinished) run, read from Hydra's saved config."""
-    for path in (Path(run_dir) / RESULT_FILE, Path(run_dir) / ".hydra" / "config.yaml"):
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(data, dict):
-            cfg = data.get("config", data)
-            if isinstance(cfg, dict) and cfg.get("name"):
-                return str(cfg["name"])
-    return ""
+    """The experiment ``name`` of a (possibly unfinished) run, read from its config (:func:`run_config`)."""
+    return str((run_config(run_dir) or {}).get("name") or "")
 
 
 def group_runs(results: list[dict]) -> list[Group]:
